@@ -1,0 +1,1 @@
+"""Jobs: compositions of the ``pipeline`` stages that run on a Dask cluster."""

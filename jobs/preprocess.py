@@ -1,0 +1,526 @@
+"""The preprocess job: a PhysioNet database -> beat spectrograms in a labelled Zarr store.
+
+Two phases of Dask tasks, composed from the stages in ``pipeline``:
+
+1. ``plan_record`` (one task per record): download the record's files (stage
+   ``download``), read its header, annotations and chosen lead (``records``), and
+   decide which beats it contributes (``labels``, ``segment``). It returns a small
+   ``RecordPlan``; nothing is written yet.
+2. ``write_chunk`` (one task per Zarr chunk of segments): for each record piece in
+   the chunk, read just that span of signal, cut the windows (``segment``), compute
+   the spectrograms in one vectorised call (``spectrogram``) and write the whole
+   chunk (``store``). Tasks own whole chunks, so no two ever write the same one.
+
+The driver (``run_preprocess``) lays the records out from the plans, compares each
+chunk's fingerprint with what the store holds, and only submits the chunks that
+differ: a killed or partly failed job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+from distributed import Client, as_completed
+
+import pipeline
+from pipeline import download, records, segment, spectrogram, store
+from pipeline.config import PreprocessConfig
+from pipeline.databases import Database, get_database
+from pipeline.errors import DownloadError, RecordError
+from pipeline.labels import AAMI_CLASSES, LABEL_MAPS, label_beats
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$ECG_PIPELINE_CACHE``, else ``$XDG_CACHE_HOME/ecg-pipeline``, else ``~/.cache/ecg-pipeline``."""
+    if os.environ.get("ECG_PIPELINE_CACHE"):
+        return Path(os.environ["ECG_PIPELINE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "ecg-pipeline"
+
+
+@dataclass(frozen=True)
+class PreprocessRequest:
+    """One run of the preprocess job.
+
+    Attributes
+    ----------
+    db
+        Database slug (a key of ``pipeline.databases.DATABASES``).
+    out
+        Store path or fsspec URL.
+    version
+        Database version; None takes the registry's default.
+    source
+        Root of a PhysioNet-style file tree (fsspec URL or path).
+    records
+        Subset of records; None takes the database's ``RECORDS`` file.
+    cache_dir
+        Local download cache on the workers; None takes ``default_cache_dir()`` there.
+    """
+
+    db: str
+    out: str
+    version: str | None = None
+    source: str = download.DEFAULT_SOURCE
+    records: tuple[str, ...] | None = None
+    cache_dir: str | None = None
+    config: PreprocessConfig = field(default_factory=PreprocessConfig)
+    overwrite: bool = False
+    storage_options: Mapping[str, Any] | None = None
+
+    @property
+    def database(self) -> Database:
+        return get_database(self.db)
+
+    @property
+    def db_version(self) -> str:
+        return self.version or self.database.version
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What every task needs; small and picklable."""
+
+    source: str
+    db: Database
+    version: str
+    cache_dir: str | None
+    config: PreprocessConfig
+    out: str
+    storage_options: Mapping[str, Any] | None
+
+    @property
+    def policy(self) -> download.RetryPolicy:
+        d = self.config.download
+        return download.RetryPolicy(d.retries, d.backoff_s, d.timeout_s)
+
+    def cache(self) -> Path:
+        root = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+        return root / "physionet" / self.db.name / self.version
+
+    def leads(self) -> tuple[str, ...]:
+        return self.config.leads or self.db.leads
+
+
+@dataclass
+class RecordPlan:
+    """Phase-1 result for one record: which beats it contributes, or why it failed."""
+
+    record: str
+    ok: bool = False
+    error: str = ""
+    checksum: str = ""
+    digest: str = ""  #: SHA-256 over the record's file digests (content identity)
+    files: tuple[tuple[str, str], ...] = ()  #: (name, sha256) of the files read
+    lead: str = ""
+    lead_index: int = -1
+    fs: float = 0.0
+    sig_len: int = 0
+    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    symbol: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
+    label: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
+    n_dropped_edge: int = 0
+    n_dropped_invalid: int = 0
+    n_dropped_unknown: int = 0
+    n_unknown: int = 0
+    n_nonbeat: int = 0
+    bytes_downloaded: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_beats(self) -> int:
+        return int(self.sample.shape[0]) if self.ok else 0
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[stage] += time.perf_counter() - self.t
+
+        return _Span()
+
+
+def _fetch(ctx: TaskContext, fs, root: str, name: str, expected: str | None, record: str) -> download.FetchResult:
+    if expected is None and ctx.config.download.require_checksums:
+        raise RecordError(record, "checksum", f"{name} is not listed in SHA256SUMS.txt (download.require_checksums)")
+    try:
+        return download.fetch_file(fs, root, name, ctx.cache(), expected, ctx.policy)
+    except download.ChecksumError as exc:
+        raise RecordError(record, "checksum", str(exc)) from exc
+    except DownloadError as exc:
+        raise RecordError(record, "download", str(exc)) from exc
+
+
+def _record_dir(record: str) -> str:
+    return record.rpartition("/")[0]
+
+
+def plan_record(ctx: TaskContext, record: str, sha256: Mapping[str, str]) -> RecordPlan:
+    """Phase 1 for one record (runs on a worker; record problems become ``plan.error``)."""
+    plan = RecordPlan(record)
+    timer = _Timer()
+    try:
+        download.safe_name(record)
+        fs, src_root = download.open_source(ctx.source, ctx.policy)
+        root = download.database_root(src_root, ctx.db.name, ctx.version)
+        fetched: list[download.FetchResult] = []
+        with timer("download"):
+            fetched.append(_fetch(ctx, fs, root, f"{record}.hea", sha256.get(f"{record}.hea"), record))
+        base = ctx.cache() / record
+        with timer("read_header"):
+            header = records.read_header(base, record)
+            lead = records.choose_lead(header, ctx.leads(), ctx.config.lead_fallback)
+        folder = _record_dir(record)
+        names = [f"{folder}/{f}" if folder else f for f in header.files] + [f"{record}.{ctx.db.annotator}"]
+        with timer("download"):
+            for name in names:
+                try:
+                    download.safe_name(name)
+                except ValueError as exc:
+                    raise RecordError(record, "header", str(exc)) from exc
+                fetched.append(_fetch(ctx, fs, root, name, sha256.get(name), record))
+        with timer("read_annotations"):
+            ann = records.read_annotations(base, record, ctx.db.annotator)
+        with timer("read_signal"):
+            # A full read of the chosen lead finds truncated or undecodable files now, before
+            # any segment is allotted to the record, and marks windows over invalid samples.
+            signal = records.read_signal(base, header, lead)
+        with timer("label"):
+            try:
+                beats = label_beats(ann.sample, ann.symbol, LABEL_MAPS[ctx.db.label_map], ctx.config.unknown_symbols)
+            except ValueError as exc:
+                raise RecordError(record, "annotations", str(exc)) from exc
+            spec = segment.WindowSpec.from_seconds(ctx.config.window.before_s, ctx.config.window.after_s, header.fs)
+            inside = segment.in_bounds(beats.sample, header.sig_len, spec)
+            finite = np.zeros_like(inside)
+            finite[inside] = segment.finite_windows(signal, beats.sample[inside], spec)
+            keep = inside & finite
+        # Unknown symbols dropped by policy are counted; kept ones are class Q already.
+        plan.n_dropped_unknown = beats.n_unknown if ctx.config.unknown_symbols == "drop" else 0
+        plan.n_dropped_edge = int((~inside).sum())
+        plan.n_dropped_invalid = int((inside & ~finite).sum())
+        plan.sample, plan.symbol, plan.label = beats.sample[keep], beats.symbol[keep], beats.label[keep]
+        plan.n_unknown, plan.n_nonbeat = beats.n_unknown, beats.n_nonbeat
+        plan.lead, plan.lead_index, plan.fs, plan.sig_len = lead.name, lead.index, header.fs, header.sig_len
+        plan.files = tuple((f.name, f.sha256) for f in fetched)
+        plan.digest = hashlib.sha256(repr(sorted(plan.files)).encode()).hexdigest()
+        plan.checksum = "verified" if all(f.checksum == "verified" for f in fetched) else "unlisted"
+        plan.bytes_downloaded = sum(f.bytes_downloaded for f in fetched)
+        plan.ok = True
+    except RecordError as exc:
+        plan.error = f"{exc.stage}: {exc.message}"
+    except ValueError as exc:  # unsafe record name
+        plan.error = f"download: {exc}"
+    plan.seconds = dict(timer.seconds)
+    return plan
+
+
+@dataclass
+class ChunkResult:
+    """Phase-2 result for one chunk."""
+
+    k: int
+    written: bool
+    failures: dict[str, str]  #: record -> error
+    seconds: dict[str, float]
+    n_segments: int
+
+
+def write_chunk(
+    ctx: TaskContext,
+    k: int,
+    parts: list[tuple[RecordPlan, int, int]],
+    segs: slice,
+    fingerprint: str,
+    spec: spectrogram.SpectrogramSpec,
+) -> ChunkResult:
+    """Phase 2 for one chunk: spectrograms of every record piece in it, written whole."""
+    timer = _Timer()
+    n = segs.stop - segs.start
+    out = np.full((n, spec.n_freq, spec.n_time), np.nan, dtype=np.float32)
+    labels = {name: np.empty(n, dtype=object) for name in ("record", "symbol", "aami", "lead")}
+    labels["sample"] = np.zeros(n, dtype=np.int64)
+    failures: dict[str, str] = {}
+    window = segment.WindowSpec(spec.n_before, spec.n_after)
+    pos = 0
+    for plan, lo, hi in parts:
+        rows = slice(pos, pos + hi - lo)
+        pos += hi - lo
+        sample = plan.sample[lo:hi]
+        labels["record"][rows] = plan.record
+        labels["sample"][rows] = sample
+        labels["symbol"][rows] = plan.symbol[lo:hi]
+        labels["aami"][rows] = plan.label[lo:hi]
+        labels["lead"][rows] = plan.lead
+        try:
+            with timer("download"):
+                # No-op on the worker that planned the record; fetches (verified) on any other machine.
+                fs, src_root = download.open_source(ctx.source, ctx.policy)
+                root = download.database_root(src_root, ctx.db.name, ctx.version)
+                for name, digest in plan.files:
+                    _fetch(ctx, fs, root, name, digest, plan.record)
+            base = ctx.cache() / plan.record
+            header = records.Header(plan.record, plan.fs, plan.sig_len, (), (), ())
+            lead = records.Lead(plan.lead_index, plan.lead, False)
+            first = int(sample[0]) - window.n_before
+            with timer("read_signal"):
+                sig = records.read_signal(base, header, lead, first, int(sample[-1]) + window.n_after)
+            with timer("segment"):
+                windows = segment.extract_windows(sig, sample, window, offset=first)
+            with timer("stft"):
+                out[rows] = spectrogram.spectrogram(windows, spec)
+        except RecordError as exc:
+            failures[plan.record] = f"{exc.stage}: {exc.message}"
+        except Exception as exc:  # noqa: BLE001 - one bad record must not sink the chunk
+            failures[plan.record] = f"spectrogram: {type(exc).__name__}: {exc}"
+    with timer("write"):
+        # A chunk with a failed piece is written (so the store stays readable) but keeps no
+        # fingerprint, so the next run computes it again.
+        store.write_chunk(ctx.out, k, segs, out, labels, "" if failures else fingerprint, ctx.storage_options)
+    return ChunkResult(k, not failures, failures, dict(timer.seconds), n)
+
+
+class ProgressBar(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+
+    def close(self) -> Any: ...
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class RecordOutcome:
+    """Final state of one record, as the per-record table holds it."""
+
+    record: str
+    status: str
+    error: str
+    checksum: str
+    lead: str
+    offset: int
+    n_beats: int
+    n_dropped_edge: int
+    n_dropped_invalid: int
+    n_dropped_unknown: int
+    n_unknown: int
+    n_nonbeat: int
+    fs: float
+    sig_len: int
+
+
+@dataclass
+class PreprocessReport:
+    """What a run did: per-record outcomes, class counts, timings."""
+
+    out: str
+    database: str
+    version: str
+    records: list[RecordOutcome]
+    beats_per_class: dict[str, int]
+    chunks_total: int
+    chunks_written: int
+    chunks_skipped: int
+    missing_source_files: tuple[str, ...]
+    listing_error: str | None
+    wall_s: float
+    phase_s: dict[str, float]
+    stage_s: dict[str, float]
+    bytes_downloaded: int
+
+    @property
+    def failed(self) -> list[RecordOutcome]:
+        return [r for r in self.records if r.status != "ok"]
+
+    @property
+    def n_segments(self) -> int:
+        return sum(r.n_beats for r in self.records)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _spec_for(ctx: TaskContext, fs: float) -> spectrogram.SpectrogramSpec:
+    c = ctx.config
+    w = segment.WindowSpec.from_seconds(c.window.before_s, c.window.after_s, fs)
+    return spectrogram.SpectrogramSpec(
+        fs=fs, n_before=w.n_before, n_after=w.n_after, nperseg=c.stft.nperseg, hop=c.stft.hop,
+        nfft=c.stft.nfft or c.stft.nperseg, window=c.stft.window, detrend=c.stft.detrend, log_eps=c.stft.log_eps,
+    )
+
+
+def run_preprocess(
+    request: PreprocessRequest,
+    client: Client,
+    progress: Callable[[str, int], ProgressBar] | None = None,
+) -> PreprocessReport:
+    """Run the job on ``client``'s cluster and return its report.
+
+    Record problems never raise: they are in the report and the store's per-record
+    table. Raises only for problems with the job as a whole (unknown database, no
+    record list, a store that cannot be resumed).
+    """
+    t0 = time.perf_counter()
+    progress = progress or (lambda desc, total: _NoProgress())
+    db = request.database
+    version = request.db_version
+    ctx = TaskContext(request.source, db, version, request.cache_dir, request.config, request.out,
+                      request.storage_options)
+    phase: dict[str, float] = {}
+
+    # Phase 0: what the source holds (on a worker: the client may not reach the source).
+    t = time.perf_counter()
+    manifest: download.Manifest = client.submit(
+        download.fetch_manifest, request.source, db.name, version, ctx.policy, pure=False
+    ).result()
+    names = request.records or manifest.records
+    if not names:
+        raise DownloadError(f"{request.source}: no RECORDS file for {db.name}/{version}; pass --records")
+    if manifest.missing:
+        log.warning("source lacks %d file(s) that SHA256SUMS.txt lists: %s", len(manifest.missing), ", ".join(manifest.missing))
+    if not manifest.has_checksums:
+        log.warning("%s/%s has no SHA256SUMS.txt at the source: files cannot be verified", db.name, version)
+    phase["manifest"] = time.perf_counter() - t
+
+    # Phase 1: download and plan every record.
+    t = time.perf_counter()
+    [sums] = client.scatter([dict(manifest.sha256)], broadcast=True)
+    futures = {client.submit(plan_record, ctx, r, sums, key=f"plan-{r}-{os.urandom(4).hex()}"): r for r in names}
+    plans: dict[str, RecordPlan] = {}
+    plan_futures: dict[str, Any] = {}
+    bar = progress("download + plan", len(names))
+    for fut in as_completed(futures):
+        r = futures[fut]
+        try:
+            plans[r] = fut.result()
+            plan_futures[r] = fut
+        except Exception as exc:  # noqa: BLE001 - a worker died or a bug: the record fails
+            plans[r] = RecordPlan(r, error=f"task: {type(exc).__name__}: {exc}")
+        bar.update(1)
+    bar.close()
+    phase["plan"] = time.perf_counter() - t
+
+    # Lay out the store: records in RECORDS order; the store's sampling rate is the database's first good record's.
+    fs_store = next((plans[r].fs for r in names if plans[r].ok), 0.0)
+    for r in names:
+        p = plans[r]
+        if p.ok and p.fs != fs_store:
+            p.ok, p.error = False, f"header: sampling frequency {p.fs} Hz differs from the store's {fs_store} Hz"
+    spec = _spec_for(ctx, fs_store or 1.0) if fs_store else None
+    n_freq, n_time = (spec.n_freq, spec.n_time) if spec else (0, 0)
+    layout = store.Layout(tuple(names), tuple(plans[r].n_beats for r in names), n_freq, n_time,
+                          request.config.store.chunk_size)
+    config_fp = request.config.fingerprint()
+    attrs = {
+        "schema_version": store.store_schema()["schema_version"],
+        "package": "ecg-pipeline",
+        "package_version": pipeline.__version__,
+        "database": db.name,
+        "database_version": version,
+        "database_title": db.title,
+        "citation": db.citation,
+        "source": request.source,
+        "label_map": dict(LABEL_MAPS[db.label_map]),
+        "classes": list(AAMI_CLASSES),
+        "config": request.config.to_dict(),
+        "config_fingerprint": config_fp,
+        "spectrogram": spec.attrs() if spec else {},
+        "created": store._now(),
+        "missing_source_files": list(manifest.missing),
+    }
+    coords = {"freq": spec.freqs() if spec else np.zeros(0, np.float32),
+              "time": spec.times() if spec else np.zeros(0, np.float32)}
+    held = store.prepare(request.out, layout, attrs, request.config.store.dtype, coords=coords,
+                         overwrite=request.overwrite, storage_options=request.storage_options)
+
+    # Phase 2: write the chunks whose content differs from what the store holds.
+    t = time.perf_counter()
+    chunk_futures = {}
+    skipped = 0
+    for k in range(layout.n_chunks):
+        pieces = layout.chunk_parts(k)
+        fp = store.chunk_fingerprint(config_fp, [(names[i], plans[names[i]].digest, lo, hi) for i, lo, hi in pieces])
+        if held[k] == fp:
+            skipped += 1
+            continue
+        parts = [(plan_futures[names[i]], lo, hi) for i, lo, hi in pieces]
+        fut = client.submit(write_chunk, ctx, k, parts, layout.chunk_slice(k), fp, spec,
+                            key=f"chunk-{k}-{os.urandom(4).hex()}", retries=1)
+        chunk_futures[fut] = (k, [names[i] for i, _, _ in pieces])
+    failures: dict[str, str] = {}
+    stage_s: Counter[str] = Counter()
+    for p in plans.values():
+        stage_s.update(p.seconds)
+    written = 0
+    bar = progress("spectrograms -> zarr", len(chunk_futures))
+    for fut in as_completed(chunk_futures):
+        k, recs = chunk_futures[fut]
+        try:
+            res: ChunkResult = fut.result()
+            written += res.written
+            failures.update(res.failures)
+            stage_s.update(res.seconds)
+        except Exception as exc:  # noqa: BLE001
+            for r in recs:
+                failures.setdefault(r, f"write: chunk {k}: {type(exc).__name__}: {exc}")
+        bar.update(1)
+    bar.close()
+    phase["write"] = time.perf_counter() - t
+
+    # The per-record table and the final attributes (driver only: one writer).
+    outcomes = []
+    for r, off, n in zip(names, layout.offsets, layout.n_beats):
+        p = plans[r]
+        error = p.error or failures.get(r, "")
+        outcomes.append(RecordOutcome(
+            record=r, status="ok" if not error else "failed", error=error, checksum=p.checksum, lead=p.lead,
+            offset=int(off), n_beats=int(n), n_dropped_edge=p.n_dropped_edge, n_dropped_invalid=p.n_dropped_invalid,
+            n_dropped_unknown=p.n_dropped_unknown, n_unknown=p.n_unknown, n_nonbeat=p.n_nonbeat, fs=p.fs,
+            sig_len=p.sig_len,
+        ))
+    table = {"record_id": np.array(names, dtype=object)}
+    for col in ("status", "error", "checksum", "lead", "offset", "n_beats", "n_dropped_edge", "n_dropped_invalid",
+                "n_dropped_unknown", "n_unknown", "n_nonbeat", "fs", "sig_len"):
+        table[f"record_{col}"] = np.array([getattr(o, col) for o in outcomes],
+                                          dtype=object if col in ("status", "error", "checksum", "lead") else None)
+    store.write_record_table(request.out, table, request.storage_options)
+    per_class = Counter()
+    for r in names:
+        if plans[r].ok:
+            per_class.update(plans[r].label.tolist())
+    beats_per_class = {c: int(per_class.get(c, 0)) for c in AAMI_CLASSES}
+    complete = written + skipped == layout.n_chunks
+    wall = time.perf_counter() - t0
+    store.finish(request.out, {"complete": complete, "beats_per_class": beats_per_class,
+                               "n_failed_records": sum(o.status != "ok" for o in outcomes)}, request.storage_options)
+    return PreprocessReport(
+        out=request.out, database=db.name, version=version, records=outcomes, beats_per_class=beats_per_class,
+        chunks_total=layout.n_chunks, chunks_written=written, chunks_skipped=skipped,
+        missing_source_files=manifest.missing, listing_error=manifest.listing_error, wall_s=wall, phase_s=phase,
+        stage_s=dict(stage_s), bytes_downloaded=sum(p.bytes_downloaded for p in plans.values()),
+    )

