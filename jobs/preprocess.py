@@ -456,7 +456,8 @@ def run_preprocess(
     coords = {"freq": spec.freqs() if spec else np.zeros(0, np.float32),
               "time": spec.times() if spec else np.zeros(0, np.float32)}
     held = store.prepare(request.out, layout, attrs, request.config.store.dtype, coords=coords,
-                         overwrite=request.overwrite, storage_options=request.storage_options)
+                         compressor=request.config.store.compressor, overwrite=request.overwrite,
+                         storage_options=request.storage_options)
 
     # Phase 2: write the chunks whose content differs from what the store holds.
     t = time.perf_counter()

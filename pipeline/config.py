@@ -47,6 +47,7 @@ class StoreConfig:
 
     dtype: Literal["float16", "float32"] = "float16"
     chunk_size: int = 2048
+    compressor: Literal["blosc-lz4", "zstd", "none"] = "blosc-lz4"
 
 
 @dataclass(frozen=True)

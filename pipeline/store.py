@@ -20,6 +20,7 @@ half-written store can never be read through stale consolidated metadata.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import hashlib
 import json
@@ -30,6 +31,8 @@ import jsonschema
 import numpy as np
 import xarray as xr
 import zarr
+import zarr.api.asynchronous
+from zarr.core.sync import sync
 
 import schemas
 from pipeline.errors import StoreError
@@ -116,16 +119,33 @@ def chunk_fingerprint(config_fingerprint: str, parts: Sequence[tuple[str, str, i
 
 
 def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None):
-    return zarr.open_group(store=path, mode=mode, zarr_format=3, storage_options=storage_options or None)
+    return zarr.open_group(store=path, mode=mode, zarr_format=3, storage_options=dict(storage_options or {}) or None,
+                           use_consolidated=False)
 
 
-def _create_array(group, name: str, spec: Mapping[str, Any], shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str):
+COMPRESSORS = {
+    # Log spectrograms are noisy: every codec gains ~1.2x on float16. Blosc LZ4 with byte
+    # shuffle writes a 3 MB chunk ~2x faster than zstd and reads it ~3x faster (loader).
+    "blosc-lz4": lambda: zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+    "zstd": lambda: zarr.codecs.ZstdCodec(level=1),
+    "none": lambda: None,
+}
+
+
+def _create_array(group, name: str, spec: Mapping[str, Any], shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str,
+                  compressor: str = "blosc-lz4"):
     attrs = dict(spec.get("attrs", {}))
     if name == "spectrogram":
         attrs["coordinates"] = " ".join(SEGMENT_COORDS)  # xarray reads these as coordinates
+    if dtype == "str":
+        compressors: Any = "auto"
+    else:
+        codec = COMPRESSORS[compressor]()
+        compressors = [codec] if codec is not None else None
     return group.create_array(
         name,
         shape=shape,
+        compressors=compressors,
         chunks=chunks,
         dtype=_zarr_dtype(dtype),
         fill_value=_fill(dtype),
@@ -146,6 +166,7 @@ def prepare(
     dtype: str,
     *,
     coords: Mapping[str, np.ndarray],
+    compressor: str = "blosc-lz4",
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
@@ -162,6 +183,8 @@ def prepare(
         existing store's unless ``overwrite``.
     dtype
         Storage dtype of ``spectrogram``.
+    compressor
+        Codec of the numeric arrays (a key of ``COMPRESSORS``).
     coords
         ``freq`` and ``time`` values.
 
@@ -198,7 +221,7 @@ def prepare(
                 )
         attrs["created"] = old.get("created", attrs["created"])
     else:
-        group = zarr.open_group(store=path, mode="w", zarr_format=3, storage_options=storage_options or None)
+        group = _open_group(path, "w", storage_options)
 
     sizes = _dim_sizes(layout)
     held: list[str] = [""] * layout.n_chunks
@@ -210,7 +233,7 @@ def prepare(
         want = dtype if name == "spectrogram" else spec["dtype"][0]
         existing = group.get(name)
         if existing is None:
-            _create_array(group, name, spec, shape, chunks, want)
+            _create_array(group, name, spec, shape, chunks, want, compressor)
         elif existing.shape != shape:  # dtype and chunks are fixed by the config fingerprint
             existing.resize(shape)
     group["freq"][:] = coords["freq"]
@@ -235,7 +258,7 @@ def prepare(
 def write_chunk(
     path: str,
     k: int,
-    layout_slice: slice,
+    segments: slice,
     spectrogram: np.ndarray,
     labels: Mapping[str, np.ndarray],
     fingerprint: str,
@@ -244,18 +267,29 @@ def write_chunk(
     """Write segment chunk ``k`` whole, then record its fingerprint.
 
     The fingerprint is cleared first and set last, so a task killed half-way leaves
-    a chunk that the next run sees as missing.
+    a chunk that the next run sees as missing. The six arrays of the chunk are
+    written concurrently (one event-loop round trip; codecs run in zarr's threads).
     """
-    group = _open_group(path, "r+", storage_options)
-    fp = group[f"{STATE_GROUP}/{FINGERPRINT}"]
-    fp[k] = ""
-    arr = group["spectrogram"]
-    if layout_slice.start % arr.chunks[0] or (layout_slice.stop % arr.chunks[0] and layout_slice.stop != arr.shape[0]):
-        raise StoreError(f"write {layout_slice} is not aligned to chunks of {arr.chunks[0]} segments")
-    arr[layout_slice] = spectrogram.astype(arr.dtype, copy=False)
-    for name in SEGMENT_COORDS:
-        group[name][layout_slice] = labels[name]
-    fp[k] = fingerprint
+    sync(_write_chunk(path, k, segments, spectrogram, labels, fingerprint, storage_options))
+
+
+async def _write_chunk(path, k, segments, spectrogram, labels, fingerprint, storage_options) -> None:
+    group = await zarr.api.asynchronous.open_group(
+        store=path, mode="r+", zarr_format=3, storage_options=dict(storage_options or {}) or None,
+        use_consolidated=False,
+    )
+    names = ("spectrogram", *SEGMENT_COORDS)
+    arrays = await asyncio.gather(group.getitem(f"{STATE_GROUP}/{FINGERPRINT}"), *(group.getitem(n) for n in names))
+    fp, spec_arr = arrays[0], arrays[1]
+    size = spec_arr.chunks[0]
+    if segments.start != k * size or segments.stop != min((k + 1) * size, spec_arr.shape[0]):
+        raise StoreError(f"write {segments} is not chunk {k} of {size} segments")
+    await fp.setitem(k, "")
+    values = (spectrogram.astype(spec_arr.dtype, copy=False), *(labels[n] for n in SEGMENT_COORDS))
+    # A chunk is never all fill value here: skip zarr's empty-chunk scan (2/3 of the write time).
+    data_arrays = [a.with_config({"write_empty_chunks": True}) for a in arrays[1:]]
+    await asyncio.gather(*(a.setitem(segments, v) for a, v in zip(data_arrays, values)))
+    await fp.setitem(k, fingerprint)
 
 
 def write_record_table(path: str, table: Mapping[str, np.ndarray], storage_options: Mapping[str, Any] | None = None) -> None:
