@@ -124,17 +124,23 @@ def _is_permanent(exc: BaseException) -> bool:
 
 def _retrying(what: str, policy: RetryPolicy, fn):
     """Call ``fn()``; retry transient errors with exponential back-off."""
+    error: BaseException | None = None
     for attempt in range(policy.retries + 1):
         try:
             return fn()
         except FileNotFoundError as exc:
-            raise SourceNotFound(f"{what}: not found at source") from exc
+            # fsspec's HTTP backend turns *any* failure of its info request (connection
+            # refused included) into FileNotFoundError: only a bare one or a 404 means "absent".
+            cause = exc.__cause__
+            if cause is None or isinstance(cause, FileNotFoundError) or getattr(cause, "status", None) == 404:
+                raise SourceNotFound(f"{what}: not found at source") from exc
+            error = cause
         except ChecksumError as exc:
-            error: BaseException = exc
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if _is_permanent(exc):
-                raise DownloadError(f"{what}: {type(exc).__name__}: {exc}") from exc
             error = exc
+        except Exception as exc:  # noqa: BLE001 - classified below
+            error = exc
+        if _is_permanent(error):
+            raise DownloadError(f"{what}: {type(error).__name__}: {error}") from error
         if attempt < policy.retries:
             delay = policy.backoff_s * 2**attempt
             log.warning("%s: attempt %d failed (%s); retrying in %.1fs", what, attempt + 1, error, delay)

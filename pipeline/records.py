@@ -49,6 +49,8 @@ def read_header(base: Path, record: str) -> Header:
         raise RecordError(
             record, "header", f"header lacks signals, length or sampling frequency (sig_name={h.sig_name}, sig_len={h.sig_len}, fs={h.fs})"
         )
+    if h.n_sig != len(h.sig_name):
+        raise RecordError(record, "header", f"header declares {h.n_sig} signals but describes {len(h.sig_name)}")
     files = tuple(dict.fromkeys(h.file_name))
     return Header(
         record=record,

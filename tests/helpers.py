@@ -1,0 +1,127 @@
+"""Test helpers: a real HTTP server on 127.0.0.1 and synthetic WFDB databases."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import wfdb
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = REPO.parent / "shared" / "physionet"
+
+
+@dataclass
+class Faults:
+    """Faults the test server injects (it is a real server; these are its settings)."""
+
+    fail_first: dict[str, int] = field(default_factory=dict)  #: path suffix -> 503s before serving
+    corrupt: set[str] = field(default_factory=set)  #: path suffixes served with one flipped byte
+    requests: list[str] = field(default_factory=list)
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    faults: Faults
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        self.faults.requests.append(self.path)
+        for suffix, n in list(self.faults.fail_first.items()):
+            if self.path.endswith(suffix) and n > 0:
+                self.faults.fail_first[suffix] = n - 1
+                self.send_error(503, "injected transient failure")
+                return
+        if any(self.path.endswith(s) for s in self.faults.corrupt):
+            path = Path(self.translate_path(self.path))
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(bytes(data))
+            return
+        super().do_GET()
+
+
+class HTTPMirror:
+    """Serve a folder on an ephemeral 127.0.0.1 port from a background thread."""
+
+    def __init__(self, root: Path, faults: Faults | None = None):
+        self.faults = faults or Faults()
+        handler = type("Handler", (_Handler,), {"faults": self.faults})
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "HTTPMirror":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def write_record(
+    folder: Path,
+    name: str,
+    *,
+    fs: float = 360.0,
+    seconds: float = 20.0,
+    leads: tuple[str, ...] = ("MLII", "V1"),
+    beats: np.ndarray | None = None,
+    symbols: list[str] | None = None,
+    seed: int = 0,
+    custom_labels=None,
+) -> dict:
+    """Write a synthetic two-lead record with one R-like spike per annotated beat.
+
+    Returns the beat samples and symbols that were annotated.
+    """
+    rng = np.random.default_rng(seed)
+    n = int(seconds * fs)
+    if beats is None:
+        beats = np.arange(int(0.1 * fs), n - 10, int(0.8 * fs))
+    if symbols is None:
+        symbols = ["N"] * len(beats)
+    t = np.arange(n)
+    sig = 0.05 * rng.standard_normal((n, len(leads)))
+    for b in beats:
+        sig[:, :] += np.exp(-0.5 * ((t - b) / 4.0) ** 2)[:, None]
+    wfdb.wrsamp(name, fs=fs, units=["mV"] * len(leads), sig_name=list(leads), p_signal=sig,
+                fmt=["212"] * len(leads), write_dir=str(folder))
+    wfdb.wrann(name, "atr", np.asarray(beats), np.asarray(symbols), write_dir=str(folder),
+               custom_labels=custom_labels)
+    return {"sample": np.asarray(beats), "symbol": list(symbols), "sig_len": n}
+
+
+def write_sums(folder: Path, exclude: tuple[str, ...] = ()) -> None:
+    """Write SHA256SUMS.txt for every file in ``folder`` (as PhysioNet does)."""
+    lines = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != "SHA256SUMS.txt" and p.name not in exclude:
+            lines.append(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}")
+    (folder / "SHA256SUMS.txt").write_text("\n".join(lines) + "\n")
+
+
+def make_db(root: Path, records: dict[str, dict], version: str = "0.0.1", sums: bool = True) -> Path:
+    """A synthetic ``mitdb/<version>`` folder under ``root``; returns the folder.
+
+    ``records`` maps record names to ``write_record`` keyword arguments.
+    """
+    folder = root / "mitdb" / version
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, kwargs in records.items():
+        write_record(folder, name, **kwargs)
+    (folder / "RECORDS").write_text("\n".join(records) + "\n")
+    if sums:
+        write_sums(folder)
+    return folder

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+from helpers import write_record
+from pipeline import records
+from pipeline.errors import RecordError
+
+
+def test_header_and_lead_choice(tmp_path):
+    write_record(tmp_path, "a", leads=("V5", "MLII"))
+    h = records.read_header(tmp_path / "a", "a")
+    assert (h.fs, h.sig_len, h.sig_names, h.files) == (360.0, 7200, ("V5", "MLII"), ("a.dat",))
+    assert records.choose_lead(h, ("MLII", "V5")) == records.Lead(1, "MLII", False)  # like record 114
+    assert records.choose_lead(h, ("mlii",)).name == "MLII"  # case-insensitive
+    assert records.choose_lead(h, ("V1", "V5")).name == "V5"  # declared fallback order
+    assert records.choose_lead(h, ("V1",), "first") == records.Lead(0, "V5", True)
+    with pytest.raises(RecordError, match=r"record a: lead: none of the leads \['V1'\] in signals \['V5', 'MLII'\]"):
+        records.choose_lead(h, ("V1",), "fail")
+
+
+def test_signal_and_annotations(tmp_path):
+    info = write_record(tmp_path, "b", symbols=None)
+    h = records.read_header(tmp_path / "b", "b")
+    lead = records.choose_lead(h, ("MLII",))
+    sig = records.read_signal(tmp_path / "b", h, lead)
+    assert sig.dtype == np.float32 and sig.shape == (h.sig_len,)
+    part = records.read_signal(tmp_path / "b", h, lead, 100, 200)
+    np.testing.assert_array_equal(part, sig[100:200])
+    ann = records.read_annotations(tmp_path / "b", "b", "atr")
+    np.testing.assert_array_equal(ann.sample, info["sample"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("c two 360 650000\nc.dat 212 200 11 1024 0 0 0 MLII\n", "record c: header: cannot parse c.hea: HeaderSyntaxError"),
+    ("c 2 360 650000\nc.dat 212 200 11 1024 0 0 0 MLII\n", "record c: header: header declares 2 signals but describes 1"),
+])
+def test_bad_header(tmp_path, text, message):
+    (tmp_path / "c.hea").write_text(text)
+    with pytest.raises(RecordError, match=message):
+        records.read_header(tmp_path / "c", "c")
+
+
+def test_truncated_signal(tmp_path):
+    write_record(tmp_path, "d")
+    h = records.read_header(tmp_path / "d", "d")
+    with open(tmp_path / "d.dat", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(RecordError, match="record d: signal: cannot read samples 0-7200 of d.dat"):
+        records.read_signal(tmp_path / "d", h, records.Lead(0, "MLII", False))
+
+
+def test_missing_annotations(tmp_path):
+    write_record(tmp_path, "e")
+    with pytest.raises(RecordError, match="record e: annotations: cannot read e.qrs"):
+        records.read_annotations(tmp_path / "e", "e", "qrs")
