@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # distributed sets its logger to INFO when imported; its start/stop chatter is only wanted with -vv.
+    import distributed  # noqa: F401
+
+    logging.getLogger("distributed").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
 
 def _progress(enabled: bool):

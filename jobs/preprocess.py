@@ -18,6 +18,7 @@ differ: a killed or partly failed job resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -365,6 +366,34 @@ class PreprocessReport:
         return not self.failed
 
 
+_TABLE_STR = ("status", "error", "checksum", "lead")
+
+
+def _outcomes(names, layout: store.Layout, plans, failures: Mapping[str, str], final: bool) -> list[RecordOutcome]:
+    """One row of the per-record table per record ("pending" until phase 2 is over)."""
+    rows = []
+    for r, off, n in zip(names, layout.offsets, layout.n_beats):
+        p = plans[r]
+        error = p.error or failures.get(r, "")
+        rows.append(RecordOutcome(
+            record=r, status="failed" if error else ("ok" if final else "pending"), error=error, checksum=p.checksum,
+            lead=p.lead, offset=int(off), n_beats=int(n), n_dropped_edge=p.n_dropped_edge,
+            n_dropped_invalid=p.n_dropped_invalid, n_dropped_unknown=p.n_dropped_unknown, n_unknown=p.n_unknown,
+            n_nonbeat=p.n_nonbeat, fs=p.fs, sig_len=p.sig_len,
+        ))
+    return rows
+
+
+def _record_table(rows: list[RecordOutcome]) -> dict[str, np.ndarray]:
+    """Columns ``record_id`` and ``record_*`` of the store's per-record table."""
+    table = {"record_id": np.array([r.record for r in rows], dtype=object)}
+    for f in dataclasses.fields(RecordOutcome):
+        if f.name != "record":
+            table[f"record_{f.name}"] = np.array([getattr(r, f.name) for r in rows],
+                                                 dtype=object if f.name in _TABLE_STR else None)
+    return table
+
+
 def _spec_for(ctx: TaskContext, fs: float) -> spectrogram.SpectrogramSpec:
     c = ctx.config
     w = segment.WindowSpec.from_seconds(c.window.before_s, c.window.after_s, fs)
@@ -459,6 +488,11 @@ def run_preprocess(
                          compressor=request.config.store.compressor, overwrite=request.overwrite,
                          storage_options=request.storage_options)
 
+    # The table says "pending" until phase 2 is done, so an interrupted store still opens
+    # (``open_dataset(..., require_complete=False)``) and shows where it stopped.
+    store.write_record_table(request.out, _record_table(_outcomes(names, layout, plans, {}, final=False)),
+                             request.storage_options)
+
     # Phase 2: write the chunks whose content differs from what the store holds.
     t = time.perf_counter()
     chunk_futures = {}
@@ -494,22 +528,8 @@ def run_preprocess(
     phase["write"] = time.perf_counter() - t
 
     # The per-record table and the final attributes (driver only: one writer).
-    outcomes = []
-    for r, off, n in zip(names, layout.offsets, layout.n_beats):
-        p = plans[r]
-        error = p.error or failures.get(r, "")
-        outcomes.append(RecordOutcome(
-            record=r, status="ok" if not error else "failed", error=error, checksum=p.checksum, lead=p.lead,
-            offset=int(off), n_beats=int(n), n_dropped_edge=p.n_dropped_edge, n_dropped_invalid=p.n_dropped_invalid,
-            n_dropped_unknown=p.n_dropped_unknown, n_unknown=p.n_unknown, n_nonbeat=p.n_nonbeat, fs=p.fs,
-            sig_len=p.sig_len,
-        ))
-    table = {"record_id": np.array(names, dtype=object)}
-    for col in ("status", "error", "checksum", "lead", "offset", "n_beats", "n_dropped_edge", "n_dropped_invalid",
-                "n_dropped_unknown", "n_unknown", "n_nonbeat", "fs", "sig_len"):
-        table[f"record_{col}"] = np.array([getattr(o, col) for o in outcomes],
-                                          dtype=object if col in ("status", "error", "checksum", "lead") else None)
-    store.write_record_table(request.out, table, request.storage_options)
+    outcomes = _outcomes(names, layout, plans, failures, final=True)
+    store.write_record_table(request.out, _record_table(outcomes), request.storage_options)
     per_class = Counter()
     for r in names:
         if plans[r].ok:

@@ -338,6 +338,9 @@ def validate(ds: xr.Dataset, *, require_complete: bool = True, where: str = "dat
         invalid attributes, an unfinished job, or a per-record table that does not add up.
     """
     schema = store_schema()
+    if require_complete and ds.attrs.get("package") == "ecg-pipeline" and not ds.attrs.get("complete"):
+        raise StoreError(f"{where}: the job that writes this store has not finished (attrs complete=false): "
+                         "re-run `ecg-pipeline preprocess` with the same --out to finish it")
     problems: list[str] = []
     for name, spec in schema["variables"].items():
         if name not in ds.variables:
@@ -357,14 +360,11 @@ def validate(ds: xr.Dataset, *, require_complete: bool = True, where: str = "dat
         if ds.attrs.get("n_segments") != ds.sizes.get("segment"):
             problems.append(f"attrs n_segments={ds.attrs.get('n_segments')} but dimension segment has {ds.sizes.get('segment')}")
         if require_complete:
-            if not ds.attrs.get("complete"):
-                problems.append("the job that writes this store has not finished (attrs complete=false): "
-                                "re-run `ecg-pipeline preprocess` with the same --out to finish it")
-            else:
-                n = ds["record_n_beats"].values
-                off = ds["record_offset"].values
-                if int(n.sum()) != ds.sizes["segment"] or (len(n) and not np.array_equal(off, np.concatenate([[0], np.cumsum(n)[:-1]]))):
-                    problems.append("per-record table (record_offset, record_n_beats) does not tile the segment dimension")
+            n = ds["record_n_beats"].values
+            off = ds["record_offset"].values
+            tiles = int(n.sum()) == ds.sizes["segment"] and np.array_equal(off, np.concatenate([[0], np.cumsum(n)[:-1]]))
+            if len(n) and not tiles:
+                problems.append("per-record table (record_offset, record_n_beats) does not tile the segment dimension")
     if problems:
         raise StoreError(f"{where} does not match {SCHEMA_FILE}:\n  " + "\n  ".join(problems))
     return ds
@@ -400,4 +400,16 @@ def open_dataset(
         raise StoreError(f"no Zarr store at {path}") from exc
     except Exception as exc:  # noqa: BLE001
         raise StoreError(f"cannot open {path} as a Zarr v3 store: {type(exc).__name__}: {exc}") from exc
-    return validate(ds, require_complete=require_complete, where=str(path))
+    ds = validate(ds, require_complete=require_complete, where=str(path))
+    # Labels and the per-record table are small (a few MB for MIT-BIH): load them so that
+    # selections such as ds.where(ds.aami == "V") or ds.sel(record_id=...) work directly;
+    # only the spectrogram stays lazy.
+    # Zarr v3 variable-length strings arrive as numpy StringDType, which xarray's where/concat
+    # cannot promote yet: hand them out as plain object arrays of str.
+    def _load(name):
+        var = ds[name].compute()
+        return var.astype(object) if var.dtype.kind == "T" else var
+
+    small = [name for name in ds.variables if "segment" not in ds[name].dims or name in SEGMENT_COORDS]
+    return ds.assign_coords({n: _load(n) for n in small if n in ds.coords}).assign(
+        {n: _load(n) for n in small if n in ds.data_vars})

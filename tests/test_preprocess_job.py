@@ -1,0 +1,173 @@
+"""The preprocess job end to end on synthetic WFDB databases, served over real loopback HTTP,
+on a real local Dask cluster: good records, every kind of bad input, and resuming."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from helpers import Faults, HTTPMirror, make_db, write_record, write_sums
+from jobs.preprocess import PreprocessRequest, run_preprocess
+from pipeline import store
+from pipeline.config import config_from_dict
+
+FAST = {"download": {"retries": 1, "backoff_s": 0.01, "timeout_s": 10}, "store": {"chunk_size": 16}}
+VERSION = "0.0.1"
+
+
+def _good_records():
+    return {
+        "100": {"seconds": 10},
+        "101": {"seconds": 12, "leads": ("V5", "MLII"), "seed": 1},  # MLII second, like 114
+        "102": {"seconds": 10, "leads": ("V5", "V2"), "seed": 2},  # no MLII, like 102 and 104
+        "103": {"seconds": 10, "beats": np.array([100, 400, 700, 1000, 1300]),
+                "symbols": ["N", "B", "V", "r", "+"], "seed": 3},  # B, r: beats outside EC57
+        "109": {"seconds": 10, "beats": np.array([5, 300, 600, 3595]), "symbols": ["N", "A", "N", "N"], "seed": 4},
+    }
+
+
+@pytest.fixture
+def bad_db(tmp_path):
+    """A database with five good records and one of each kind of bad input."""
+    root = tmp_path / "src"
+    records = {**_good_records(), "104": {"seconds": 10, "leads": ("ABP", "PLETH")}, "105": {"seconds": 10},
+               "106": {"seconds": 10}, "107": {"seconds": 10}, "108": {"seconds": 10}}
+    folder = make_db(root, records, VERSION, sums=False)
+    with open(folder / "106.dat", "r+b") as f:  # truncated, and published that way (checksum matches)
+        f.truncate(2000)
+    (folder / "107.hea").write_text("107 two 360\n107.dat 212 200 11 1024 0 0 0 MLII\n")
+    write_sums(folder)
+    (folder / "108.atr").unlink()  # listed in SHA256SUMS.txt, absent at the source
+    (folder / "RECORDS").write_text("\n".join([*records, "../evil"]) + "\n")
+    return root
+
+
+def _run(client, url, out, **kw):
+    config = config_from_dict({**FAST, **kw.pop("config", {})})
+    req = PreprocessRequest(db="mitdb", version=VERSION, source=url, out=str(out), config=config,
+                            cache_dir=str(out) + ".cache", **kw)
+    return run_preprocess(req, client)
+
+
+def _expected_beats(folder, record, before=90, after=162):
+    import wfdb
+
+    from pipeline.labels import label_beats
+
+    ann = wfdb.rdann(str(folder / record), "atr")
+    n = wfdb.rdheader(str(folder / record)).sig_len
+    b = label_beats(ann.sample, ann.symbol)
+    return int(((b.sample >= before) & (b.sample + after <= n)).sum())
+
+
+def test_bad_input_fails_alone_with_its_cause(client, bad_db, tmp_path):
+    out = tmp_path / "s.zarr"
+    with HTTPMirror(bad_db, Faults(corrupt={"105.dat"})) as srv:
+        report = _run(client, srv.url, out)
+    status = {r.record: (r.status, r.error) for r in report.records}
+    assert {r for r, (s, _) in status.items() if s == "ok"} == {"100", "101", "102", "103", "109"}
+    assert status["104"][1] == "lead: none of the leads ['MLII', 'V5', 'V1', 'V2', 'V4'] in signals ['ABP', 'PLETH']"
+    assert status["105"][1].startswith("checksum: 105.dat: SHA-256 mismatch")
+    assert status["106"][1].startswith("signal: cannot read samples 0-3600 of 106.dat")
+    assert status["107"][1].startswith("header: cannot parse 107.hea")
+    assert status["108"][1].startswith("download:") and "108.atr: not found at source" in status["108"][1]
+    assert status["../evil"][1].startswith("download: unsafe file name '../evil'")
+    assert report.missing_source_files == ("108.atr",)
+    assert not report.ok and len(report.failed) == 6
+
+    ds = store.open_dataset(str(out))
+    folder = bad_db / "mitdb" / VERSION
+    table = ds[["record_status", "record_n_beats", "record_lead", "record_n_unknown", "record_n_dropped_edge"]]
+    table = table.to_dataframe()
+    for rec in ("100", "101", "102", "103", "109"):
+        assert table.loc[rec, "record_n_beats"] == _expected_beats(folder, rec)
+        assert (ds.record.values == rec).sum() == _expected_beats(folder, rec)
+    assert table.loc["101", "record_lead"] == "MLII" and table.loc["102", "record_lead"] == "V5"
+    assert table.loc["103", "record_n_unknown"] == 2 and table.loc["109", "record_n_dropped_edge"] == 2
+    assert table.loc["105", "record_status"] == "failed" and table.loc["105", "record_n_beats"] == 0
+    r103 = ds.where(ds.record == "103", drop=True)
+    assert r103.symbol.values.tolist() == ["N", "B", "V", "r"] and r103.aami.values.tolist() == ["N", "Q", "V", "Q"]
+    assert np.isfinite(ds.spectrogram.values.astype(np.float32)).all()
+
+
+def test_rerun_finishes_failed_records_and_matches_a_clean_run(client, bad_db, tmp_path):
+    out = tmp_path / "s.zarr"
+    with HTTPMirror(bad_db, Faults(corrupt={"105.dat"})) as srv:
+        first = _run(client, srv.url, out)
+    assert {r.record for r in first.failed} >= {"105", "108"}
+    folder = bad_db / "mitdb" / VERSION
+    write_record(folder, "108", seconds=10)  # the source gets its file back
+    write_sums(folder)
+    (folder / "RECORDS").write_text("100\n101\n102\n103\n105\n108\n109\n")
+    with HTTPMirror(bad_db) as srv:  # and stops corrupting 105.dat
+        second = _run(client, srv.url, out)
+        clean = _run(client, srv.url, tmp_path / "clean.zarr")
+    assert second.ok and clean.ok
+    assert second.chunks_skipped > 0 and second.chunks_written < second.chunks_total
+    a, b = store.open_dataset(str(out)), store.open_dataset(str(tmp_path / "clean.zarr"))
+    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+
+
+def test_unknown_symbols_policies(client, tmp_path):
+    root = tmp_path / "src"
+    make_db(root, {"103": _good_records()["103"]}, VERSION)
+    with HTTPMirror(root) as srv:
+        dropped = _run(client, srv.url, tmp_path / "d.zarr", config={"unknown_symbols": "drop"})
+        failed = _run(client, srv.url, tmp_path / "f.zarr", config={"unknown_symbols": "fail"})
+    assert dropped.records[0].n_beats == 2 and dropped.records[0].n_dropped_unknown == 2
+    assert dropped.beats_per_class["Q"] == 0
+    assert failed.records[0].error == "annotations: unknown annotation symbols ['B', 'r'] (2 annotations)"
+
+
+def test_config_change_is_refused_on_resume(client, tmp_path):
+    root = tmp_path / "src"
+    make_db(root, {"100": {"seconds": 10}}, VERSION)
+    with HTTPMirror(root) as srv:
+        _run(client, srv.url, tmp_path / "s.zarr")
+        with pytest.raises(Exception, match="different config_fingerprint"):
+            _run(client, srv.url, tmp_path / "s.zarr", config={"window": {"before_s": 0.3}})
+        r = _run(client, srv.url, tmp_path / "s.zarr", config={"window": {"before_s": 0.3}}, overwrite=True)
+    assert r.ok and store.open_dataset(str(tmp_path / "s.zarr")).attrs["config"]["window"]["before_s"] == 0.3
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_exit_codes_and_summary(bad_db, tmp_path):
+    with HTTPMirror(bad_db) as srv:
+        ok = _cli("preprocess", "mitdb", "--version", VERSION, "--source", srv.url, "--out", str(tmp_path / "a.zarr"),
+                  "--records", "100,102", "--workers", "1", "--no-progress", "--cache-dir", str(tmp_path / "c"))
+        bad = _cli("preprocess", "mitdb", "--version", VERSION, "--source", srv.url, "--out", str(tmp_path / "b.zarr"),
+                   "--records", "100,104", "--workers", "1", "--no-progress", "--cache-dir", str(tmp_path / "c"))
+    assert ok.returncode == 0, ok.stderr
+    assert "records     2 done, 0 failed, 2 total" in ok.stdout and "Dask dashboard:" in ok.stderr
+    assert bad.returncode == 1
+    assert "1 failed" in bad.stdout and "104  lead: none of the leads" in bad.stdout
+    ins = _cli("inspect", str(tmp_path / "a.zarr"))
+    assert ins.returncode == 0 and "102      ok    V5" in ins.stdout
+
+
+def test_cli_unreachable_source_and_bad_config(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("download: {retries: 0}\n")
+    r = _cli("preprocess", "mitdb", "--source", "http://127.0.0.1:9/", "--out", str(tmp_path / "x.zarr"),
+             "--workers", "1", "--no-progress", "--config", str(cfg))
+    assert r.returncode == 2 and "ecg-pipeline: error:" in r.stderr and "127.0.0.1:9" in r.stderr
+    assert not (tmp_path / "x.zarr").exists()
+    cfg.write_text("stft: {nperseg: 1}\n")
+    r = _cli("preprocess", "mitdb", "--out", str(tmp_path / "x.zarr"), "--config", str(cfg))
+    assert r.returncode == 2 and "stft.nperseg: 1 is less than the minimum" in r.stderr
+
+
+def test_print_config_is_loadable(tmp_path):
+    r = _cli("preprocess", "mitdb", "--print-config")
+    assert r.returncode == 0
+    (tmp_path / "c.yaml").write_text(r.stdout)
+    from pipeline.config import PreprocessConfig, load_config
+
+    assert load_config(tmp_path / "c.yaml") == PreprocessConfig()

@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from pipeline import store
+from pipeline.errors import StoreError
+
+FP = "0" * 64
+
+
+def _attrs(**kw):
+    a = {"schema_version": 1, "package": "ecg-pipeline", "package_version": "0", "database": "mitdb",
+         "database_version": "1.0.0", "database_title": "t", "citation": "c", "source": "s", "label_map": {"N": "N"},
+         "classes": ["N"], "config": {}, "config_fingerprint": FP, "created": "now",
+         "spectrogram": {k: 1 for k in ("fs", "n_before", "n_after", "nperseg", "hop", "nfft", "window", "log_eps",
+                                        "transform")}}
+    a.update(kw)
+    return a
+
+
+def _write(path, layout, attrs=None, fill=True):
+    held = store.prepare(str(path), layout, attrs or _attrs(), "float16",
+                         coords={"freq": np.arange(layout.n_freq, dtype=np.float32),
+                                 "time": np.arange(layout.n_time, dtype=np.float32)})
+    if fill:
+        for k in range(layout.n_chunks):
+            sl = layout.chunk_slice(k)
+            n = sl.stop - sl.start
+            labels = {"record": np.array(["r"] * n, object), "sample": np.arange(sl.start, sl.stop),
+                      "symbol": np.array(["N"] * n, object), "aami": np.array(["N"] * n, object),
+                      "lead": np.array(["MLII"] * n, object)}
+            spec = np.full((n, layout.n_freq, layout.n_time), k, np.float32)
+            store.write_chunk(str(path), k, sl, spec, labels, f"fp{k}")
+        names = list(layout.records)
+        table = {"record_id": np.array(names, object)}
+        for name, spec in store.store_schema()["variables"].items():
+            if spec["dims"] == ["record_id"] and name != "record_id":
+                kind = spec["dtype"][0]
+                table[name] = np.array([""] * len(names), object) if kind == "str" else np.zeros(len(names), kind)
+        table["record_n_beats"] = np.array(layout.n_beats)
+        table["record_offset"] = layout.offsets
+        store.write_record_table(str(path), table)
+        store.finish(str(path), {"complete": True})
+    return held
+
+
+def test_layout_chunk_parts():
+    lay = store.Layout(("a", "b", "c"), (5, 0, 7), 3, 4, 4)
+    assert lay.n_segments == 12 and lay.n_chunks == 3 and lay.offsets.tolist() == [0, 5, 5]
+    assert lay.chunk_parts(0) == [(0, 0, 4)]
+    assert lay.chunk_parts(1) == [(0, 4, 5), (2, 0, 3)]
+    assert lay.chunk_parts(2) == [(2, 3, 7)]
+    assert lay.chunk_slice(2) == slice(8, 12)
+
+
+def test_roundtrip_through_xarray(tmp_path):
+    lay = store.Layout(("a", "b"), (6, 5), 3, 4, 4)
+    held = _write(tmp_path / "s.zarr", lay)
+    assert held == ["", "", ""]
+    ds = store.open_dataset(str(tmp_path / "s.zarr"))
+    assert dict(ds.spectrogram.sizes) == {"segment": 11, "freq": 3, "time": 4}
+    assert ds.spectrogram.dtype == np.float16 and ds.spectrogram.encoding["chunks"] == (4, 3, 4)
+    assert set(store.SEGMENT_COORDS) <= set(ds.coords)
+    assert ds.spectrogram[:, 0, 0].values.tolist() == [0] * 4 + [1] * 4 + [2] * 3
+    assert ds["sample"].values.tolist() == list(range(11))
+    # plain xarray sees the same dataset, and the bookkeeping group stays hidden
+    plain = xr.open_zarr(str(tmp_path / "s.zarr"), consolidated=False)
+    assert "chunk_fingerprint" not in plain.variables
+    assert store.read_fingerprints(str(tmp_path / "s.zarr")) == ["fp0", "fp1", "fp2"]
+
+
+def test_resume_keeps_fingerprints_and_resizes(tmp_path):
+    p = tmp_path / "s.zarr"
+    _write(p, store.Layout(("a",), (6,), 3, 4, 4))
+    held = store.prepare(str(p), store.Layout(("a", "b"), (6, 5), 3, 4, 4), _attrs(), "float16",
+                         coords={"freq": np.zeros(3, np.float32), "time": np.zeros(4, np.float32)})
+    assert held == ["fp0", "fp1", ""]
+    assert zarr.open_group(str(p), mode="r")["spectrogram"].shape == (11, 3, 4)
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    p = tmp_path / "s.zarr"
+    _write(p, store.Layout(("a",), (6,), 3, 4, 4))
+    with pytest.raises(StoreError, match="different config_fingerprint.*--overwrite"):
+        store.prepare(str(p), store.Layout(("a",), (6,), 3, 4, 4), _attrs(config_fingerprint="1" * 64), "float16",
+                      coords={"freq": np.zeros(3, np.float32), "time": np.zeros(4, np.float32)})
+
+
+def test_foreign_zarr_is_refused(tmp_path):
+    zarr.open_group(str(tmp_path / "x.zarr"), mode="w", zarr_format=3).attrs["hello"] = 1
+    with pytest.raises(StoreError, match="not an ecg-pipeline store"):
+        _write(tmp_path / "x.zarr", store.Layout(("a",), (6,), 3, 4, 4), fill=False)
+
+
+def test_open_refuses_unfinished_and_invalid_stores(tmp_path):
+    p = tmp_path / "s.zarr"
+    _write(p, store.Layout(("a",), (6,), 3, 4, 4), fill=False)
+    with pytest.raises(StoreError, match="has not finished"):
+        store.open_dataset(str(p))
+    with pytest.raises(StoreError, match="no Zarr store"):
+        store.open_dataset(str(tmp_path / "nothing.zarr"))
+
+
+def test_validate_lists_problems(tmp_path):
+    p = tmp_path / "s.zarr"
+    _write(p, store.Layout(("a",), (6,), 3, 4, 4))
+    ds = store.open_dataset(str(p))
+    bad = ds.drop_vars("aami").assign_attrs(schema_version=2)
+    bad["sample"] = bad["sample"].astype("float32")
+    with pytest.raises(StoreError) as e:
+        store.validate(bad)
+    msg = str(e.value)
+    assert "missing variable 'aami'" in msg and "sample: dtype float32" in msg and "schema_version" in msg
+
+
+def test_misaligned_write_is_refused(tmp_path):
+    p = tmp_path / "s.zarr"
+    lay = store.Layout(("a",), (8,), 3, 4, 4)
+    _write(p, lay, fill=False)
+    with pytest.raises(StoreError, match="not chunk 0"):
+        store.write_chunk(str(p), 0, slice(1, 5), np.zeros((4, 3, 4)), {}, "x")
