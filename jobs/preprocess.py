@@ -262,6 +262,8 @@ def write_chunk(
     labels["sample"] = np.zeros(n, dtype=np.int64)
     failures: dict[str, str] = {}
     window = segment.WindowSpec(spec.n_before, spec.n_after)
+    fs, src_root = download.open_source(ctx.source, ctx.policy)
+    root = download.database_root(src_root, ctx.db.name, ctx.version)
     pos = 0
     for plan, lo, hi in parts:
         rows = slice(pos, pos + hi - lo)
@@ -275,12 +277,11 @@ def write_chunk(
         try:
             with timer("download"):
                 # No-op on the worker that planned the record; fetches (verified) on any other machine.
-                fs, src_root = download.open_source(ctx.source, ctx.policy)
-                root = download.database_root(src_root, ctx.db.name, ctx.version)
                 for name, digest in plan.files:
                     _fetch(ctx, fs, root, name, digest, plan.record)
             base = ctx.cache() / plan.record
-            header = records.Header(plan.record, plan.fs, plan.sig_len, (), (), ())
+            signal_files = tuple(n for n, _ in plan.files[1:-1])  # files = (.hea, *signal files, annotations)
+            header = records.Header(plan.record, plan.fs, plan.sig_len, (), (), signal_files)
             lead = records.Lead(plan.lead_index, plan.lead, False)
             first = int(sample[0]) - window.n_before
             with timer("read_signal"):
