@@ -18,6 +18,7 @@ differ: a killed or partly failed job resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -144,20 +145,18 @@ class RecordPlan:
 
 
 class _Timer:
+    """Accumulates wall seconds per stage: ``with timer("stft"): ...``."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
 
+    @contextlib.contextmanager
     def __call__(self, stage: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[stage] += time.perf_counter() - self.t
-
-        return _Span()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t
 
 
 def _fetch(ctx: TaskContext, fs, root: str, name: str, expected: str | None, record: str) -> download.FetchResult:
@@ -480,7 +479,6 @@ def run_preprocess(
         "config": request.config.to_dict(),
         "config_fingerprint": config_fp,
         "spectrogram": spec.attrs() if spec else {},
-        "created": store._now(),
         "missing_source_files": list(manifest.missing),
     }
     coords = {"freq": spec.freqs() if spec else np.zeros(0, np.float32),

@@ -179,7 +179,7 @@ def prepare(
     layout
         Where the segments go; arrays are created or resized to it.
     attrs
-        Group attributes (see the schema); ``config_fingerprint`` and ``database`` must match an
+        Group attributes (see the schema; ``created`` is set here when absent); ``config_fingerprint`` and ``database`` must match an
         existing store's unless ``overwrite``.
     dtype
         Storage dtype of ``spectrogram``.
@@ -219,8 +219,9 @@ def prepare(
                     f"{path} was written with a different {key} ({old.get(key)!r}, now {attrs.get(key)!r}); "
                     "re-running can only resume an identical job: pass --overwrite or choose another --out"
                 )
-        attrs["created"] = old.get("created", attrs["created"])
+        attrs["created"] = old.get("created") or _now()
     else:
+        attrs.setdefault("created", _now())
         group = _open_group(path, "w", storage_options)
 
     sizes = _dim_sizes(layout)
