@@ -1,8 +1,9 @@
-"""Validated, immutable configuration of the preprocess job.
+"""Validated, immutable configuration of the jobs.
 
-A YAML file is checked against ``schemas/preprocess-config.schema.json`` and turned
-into a frozen ``PreprocessConfig``; the job passes that object to every stage, so
-no stage reads global state.
+A YAML file is checked against ``schemas/preprocess-config.schema.json`` (or
+``schemas/train-config.schema.json``) and turned into a frozen ``PreprocessConfig``
+(``TrainConfig``); the job passes that object to every stage, so no stage reads
+global state.
 """
 
 from __future__ import annotations
@@ -91,6 +92,18 @@ class PreprocessConfig:
 _SECTIONS = {"window": WindowConfig, "stft": StftConfig, "store": StoreConfig, "download": DownloadConfig}
 
 
+def _validated(data: Any, schema_name: str) -> dict[str, Any]:
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration must be a mapping, got {type(data).__name__}")
+    validator = jsonschema.Draft202012Validator(schemas.load(schema_name))
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    return data
+
+
 def config_from_dict(data: dict[str, Any] | None) -> PreprocessConfig:
     """Validate ``data`` against the config schema and build a ``PreprocessConfig``.
 
@@ -99,14 +112,7 @@ def config_from_dict(data: dict[str, Any] | None) -> PreprocessConfig:
     ConfigError
         Naming the offending key and why it is wrong.
     """
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ConfigError(f"configuration must be a mapping, got {type(data).__name__}")
-    validator = jsonschema.Draft202012Validator(schemas.load("preprocess-config.schema.json"))
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"  {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
-        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    data = _validated(data, "preprocess-config.schema.json")
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key in _SECTIONS:
@@ -123,9 +129,20 @@ def config_from_dict(data: dict[str, Any] | None) -> PreprocessConfig:
 
 
 def load_config(path: str | Path | None) -> PreprocessConfig:
-    """Read a YAML configuration file (``None`` gives the defaults)."""
+    """Read a preprocess YAML configuration file (``None`` gives the defaults)."""
+    return _load_yaml(path, config_from_dict, PreprocessConfig)
+
+
+def load_train_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
+    """Read a training YAML configuration file (``None`` gives the defaults); non-None ``overrides`` win."""
+    config = _load_yaml(path, train_config_from_dict, TrainConfig)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return train_config_from_dict({**config.to_dict(), **changes}) if changes else config
+
+
+def _load_yaml(path, from_dict, default):
     if path is None:
-        return PreprocessConfig()
+        return default()
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -136,6 +153,35 @@ def load_config(path: str | Path | None) -> PreprocessConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     try:
-        return config_from_dict(data)
+        return from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the training job needs besides the store, split and output.
+
+    The defaults are the configuration whose figures the README reports.
+    """
+
+    model: str = "spectrogram-cnn"
+    epochs: int = 30
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    class_weighting: Literal["none", "balanced", "sqrt"] = "sqrt"
+    balanced_sampling: bool = False
+    patience: int = 6
+    seed: int = 0
+    shuffle_chunks: int = 16
+    parallel_reads: int = 2
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def train_config_from_dict(data: dict[str, Any] | None) -> TrainConfig:
+    """Validate ``data`` against ``schemas/train-config.schema.json`` and build a ``TrainConfig``."""
+    return TrainConfig(**_validated(data, "train-config.schema.json"))

@@ -33,3 +33,23 @@ def client():
 
     with dask_client(n_workers=2, dashboard_address=None) as c:
         yield c
+
+
+SMALL_RECORDS = ("100", "119", "208", "209", "220")
+
+
+@pytest.fixture(scope="session")
+def small_store(mirror, tmp_path_factory):
+    """A real store of five MIT-BIH records (N, S, V and F beats) in chunks of 256 segments."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("small-store")
+    (tmp / "config.yaml").write_text("store:\n  chunk_size: 256\n")
+    out = tmp / "small.zarr"
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "preprocess", "mitdb", "--source", mirror.as_uri(),
+                        "--out", str(out), "--records", ",".join(SMALL_RECORDS), "--config", str(tmp / "config.yaml"),
+                        "--workers", "2", "--cache-dir", str(tmp / "cache"), "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out

@@ -1,0 +1,371 @@
+"""The training and evaluation jobs: store + split -> trained ``.keras`` model + metrics.
+
+``run_training`` composes the stages: ``store.open_dataset`` (labels, record
+table) -> ``splits.make_split`` -> ``loader.ZarrBeatLoader`` (train / val / test
+streams) -> ``models.build_model`` -> Keras ``fit`` with the ``RunState``
+callback (validation macro F1, early stopping, checkpoints for ``--resume``) ->
+``evaluate`` on the test part. It runs in this process or, with
+``submit_training``, as one task on a Dask worker that declares a GPU resource.
+
+Files written to ``out`` (see README, "Training"):
+``model.keras``, ``checkpoint.keras``, ``train_state.json``, ``history.json``,
+``history.csv``, ``split.json``, ``config.yaml``, ``run.json``, ``metrics.json``,
+``classification_report.txt``, ``curves.png``, ``confusion_counts.png``,
+``confusion_ratios.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import yaml
+
+import pipeline
+from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.evaluate import classification_metrics, format_report, plot_history, write_evaluation
+from pipeline.loader import LoaderOptions, ZarrBeatLoader
+from pipeline.models import ModelError, build_model, load_model, save_model
+from pipeline.splits import Split, make_split
+from pipeline.store import open_dataset
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE, CHECKPOINT_FILE, BEST_FILE, STATE_FILE = "model.keras", "checkpoint.keras", "best.keras", "train_state.json"
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One training run.
+
+    Attributes
+    ----------
+    store
+        Store written by ``ecg-pipeline preprocess`` (path or fsspec URL).
+    split
+        ``inter-patient``, ``intra-patient`` or a split file.
+    out
+        Run folder (on a shared file system when the job runs on a Dask worker).
+    resume
+        Continue the run saved in ``out`` from its last finished epoch.
+    overwrite
+        Start afresh even if ``out`` holds a run.
+    verbose
+        Keras progress: 1 a progress bar, 2 one line an epoch, 0 silent.
+    """
+
+    store: str
+    split: str
+    out: str
+    config: TrainConfig = field(default_factory=TrainConfig)
+    resume: bool = False
+    overwrite: bool = False
+    storage_options: Mapping[str, Any] | None = None
+    verbose: int = 1
+
+
+@dataclass
+class TrainResult:
+    out: str
+    model: str
+    epochs_run: int
+    best_epoch: int
+    best_val_macro_f1: float
+    stopped_early: bool
+    n_samples: dict[str, int]
+    train_s: float
+    wall_s: float
+    train_samples_per_s: float
+    device: str
+    test: dict[str, Any]
+
+
+def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype) -> dict[str, Any]:
+    a = ds.attrs
+    return {
+        "package": "ecg-pipeline",
+        "package_version": pipeline.__version__,
+        "task": "beat",
+        "classes": list(a["classes"]),
+        "input": {"shape": list(input_shape), "dtype": str(dtype), "variable": "spectrogram"},
+        "store": {
+            "database": a.get("database"), "database_version": a.get("database_version"),
+            "config_fingerprint": a.get("config_fingerprint"), "spectrogram": a.get("spectrogram"),
+            "preprocess_config": a.get("config"), "label_map": a.get("label_map"),
+        },
+        "split": split.to_dict(),
+        "train_config": config.to_dict(),
+    }
+
+
+def check_compatible(metadata: Mapping[str, Any], ds, model_path: str | Path) -> None:
+    """Refuse to apply a model to a store whose spectrograms were made differently."""
+    if not metadata:
+        raise ModelError(f"{model_path} carries no ecg-pipeline metadata: it was not saved by `ecg-pipeline train`, "
+                         "so the spectrogram parameters it expects are unknown")
+    want, have = metadata["store"]["spectrogram"], ds.attrs.get("spectrogram")
+    if want != have:
+        diff = sorted(k for k in set(want) | set(have or {}) if (have or {}).get(k) != want.get(k))
+        raise ModelError(f"{model_path} was trained on spectrograms made with other parameters than this store's "
+                         f"(differ in: {', '.join(diff)}); re-run preprocess with the model's settings")
+    if list(metadata["classes"]) != list(ds.attrs["classes"]):
+        raise ModelError(f"{model_path} predicts classes {metadata['classes']}, the store has {ds.attrs['classes']}")
+
+
+def _device() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"{len(gpus)} GPU ({', '.join(g.name for g in gpus)})" if gpus else f"CPU ({os.cpu_count()} cores)"
+
+
+def _set_precision(mode: str) -> str:
+    import keras
+    import tensorflow as tf
+
+    use = mode == "on" or (mode == "auto" and bool(tf.config.list_physical_devices("GPU")))
+    policy = "mixed_float16" if use else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def predict_classes(model, loader: ZarrBeatLoader) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and predicted class of every segment of ``loader``, in segment order."""
+    if not len(loader):
+        return np.zeros((0, len(loader.classes)), np.float32), np.zeros(0, np.int64)
+    prob = model.predict(loader.dataset().map(lambda x, *rest: x), verbose=0)
+    return prob, prob.argmax(axis=1)
+
+
+def _make_callback():
+    import keras
+
+    class RunState(keras.callbacks.Callback):
+        """Validation macro F1 each epoch, early stopping on it, and checkpoints for ``--resume``.
+
+        Keras' own ``EarlyStopping`` forgets its best score when training resumes; this
+        keeps it in ``train_state.json`` next to the last checkpoint.
+        """
+
+        def __init__(self, out: Path, val: ZarrBeatLoader, patience: int, state: dict[str, Any]):
+            super().__init__()
+            self.out, self.val, self.patience, self.state = out, val, patience, state
+            self._t0 = 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            train_s = time.perf_counter() - self._t0
+            prob, pred = predict_classes(self.model, self.val)
+            y = self.val.labels
+            m = classification_metrics(y, pred, self.val.classes)
+            p = np.clip(prob[np.arange(len(y)), y], 1e-7, 1.0)
+            logs.update(val_loss=float(-np.log(p).mean()), val_accuracy=m["accuracy"], val_macro_f1=m["macro_f1"])
+            for c, pc in m["per_class"].items():
+                if pc["support"]:
+                    logs[f"val_f1_{c}"] = pc["f1"]
+            st = self.state
+            st["epoch"] = epoch + 1
+            st["train_s"] = st.get("train_s", 0.0) + train_s
+            for k, v in logs.items():
+                st["history"].setdefault(k, []).append(float(v))
+            if m["macro_f1"] > st["best_val_macro_f1"]:
+                st.update(best_val_macro_f1=m["macro_f1"], best_epoch=epoch + 1, wait=0)
+                self.model.save(self.out / BEST_FILE)
+            else:
+                st["wait"] += 1
+                if st["wait"] >= self.patience:
+                    st["stopped_early"] = True
+                    self.model.stop_training = True
+            # Checkpoint first, state last: a crash in between resumes from the previous epoch.
+            tmp = self.out / (CHECKPOINT_FILE + ".tmp.keras")
+            self.model.save(tmp)
+            tmp.replace(self.out / CHECKPOINT_FILE)
+            _write_json(self.out / STATE_FILE, st)
+            log.info("epoch %d: val macro F1 %.4f (best %.4f at epoch %d), %.1f s", epoch + 1, m["macro_f1"],
+                     st["best_val_macro_f1"], st["best_epoch"], train_s)
+
+    return RunState
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _write_history(out: Path, history: Mapping[str, list[float]]) -> None:
+    _write_json(out / "history.json", history)
+    keys = list(history)
+    n = max((len(v) for v in history.values()), default=0)
+    rows = ["epoch," + ",".join(keys)]
+    for i in range(n):
+        rows.append(f"{i + 1}," + ",".join(f"{history[k][i]:.6g}" if i < len(history[k]) else "" for k in keys))
+    (out / "history.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    if n:
+        plot_history(history, out / "curves.png")
+
+
+def run_training(request: TrainRequest) -> TrainResult:
+    """Train, checkpoint, keep the best epoch by validation macro F1, and evaluate it on the test part.
+
+    Raises
+    ------
+    ConfigError
+        The split has no training or validation segments, or ``out`` holds another run.
+    StoreError, ModelError
+        The store or a checkpoint cannot be used.
+    """
+    import keras
+
+    t_start = time.perf_counter()
+    cfg = request.config
+    out = Path(request.out)
+    ds = open_dataset(request.store, storage_options=request.storage_options)
+    split = make_split(request.split, ds, seed=cfg.seed)
+    for part in ("train", "val"):
+        if not len(split[part]):
+            raise ConfigError(f"split {split.name} has no {part} segments in {request.store}")
+    state_path = out / STATE_FILE
+    if state_path.exists() and not (request.resume or request.overwrite):
+        raise ConfigError(f"{out} already holds a training run: pass --resume to continue it or --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+
+    keras.utils.set_random_seed(cfg.seed)
+    policy = _set_precision(cfg.mixed_precision)
+    state: dict[str, Any] = {"epoch": 0, "best_val_macro_f1": -1.0, "best_epoch": 0, "wait": 0,
+                             "stopped_early": False, "history": {}, "train_s": 0.0}
+    resumed = request.resume and state_path.exists() and (out / CHECKPOINT_FILE).exists()
+    if resumed:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        saved_split = json.loads((out / "split.json").read_text(encoding="utf-8"))
+        if saved_split.get("n_segments") != split.to_dict()["n_segments"]:
+            raise ConfigError(f"{out}: --resume with a different split or store than the saved run")
+    _write_json(out / "split.json", split.to_dict())
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+    def loader(part: str, train: bool) -> ZarrBeatLoader:
+        opts = LoaderOptions(batch_size=cfg.batch_size, shuffle=train, shuffle_chunks=cfg.shuffle_chunks,
+                             parallel_reads=cfg.parallel_reads,
+                             # a resumed run continues the per-epoch sequence instead of repeating epoch 1's order
+                             seed=cfg.seed + 1000 * state["epoch"] if train else cfg.seed,
+                             class_weighting=cfg.class_weighting if train else "none",
+                             balanced_sampling=cfg.balanced_sampling and train)
+        return ZarrBeatLoader(request.store, split[part], opts, storage_options=request.storage_options)
+
+    train_l, val_l = loader("train", True), loader("val", False)
+    test_part = "test" if len(split["test"]) else "val"
+    metadata = _metadata(ds, split, cfg, train_l.sample_shape, train_l.dtype)
+
+    if resumed:
+        model, _ = load_model(out / CHECKPOINT_FILE, compile=True)
+        log.info("resuming %s after epoch %d", out, state["epoch"])
+    else:
+        model = build_model(cfg.model, train_l.sample_shape, len(train_l.classes), input_dtype=str(train_l.dtype),
+                            options=cfg.model_options)
+        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    callback = _make_callback()(out, val_l, cfg.patience, state)
+    device = _device()
+    log.info("training %s on %s: %d train / %d val segments (%s), precision %s", cfg.model, device, len(train_l),
+             len(val_l), split.name, policy)
+    if state["epoch"] < cfg.epochs and not state.get("stopped_early"):
+        model.fit(train_l.dataset(), epochs=cfg.epochs, initial_epoch=state["epoch"], callbacks=[callback],
+                  verbose=request.verbose, shuffle=False)  # the loader shuffles
+    _write_history(out, state["history"])
+
+    best, _ = load_model(out / BEST_FILE)
+    metadata["train"] = {k: state[k] for k in ("epoch", "best_epoch", "best_val_macro_f1", "stopped_early")}
+    model_path = save_model(best, out / MODEL_FILE, metadata)
+    keras.mixed_precision.set_global_policy("float32")
+
+    test_l = loader(test_part, False) if test_part != "val" else val_l
+    _, pred = predict_classes(best, test_l)
+    metrics = classification_metrics(test_l.labels, pred, test_l.classes)
+    metrics.update(split=split.name, part=test_part, store=request.store, model=str(model_path))
+    write_evaluation(out, metrics, title=f"{cfg.model}, {split.name} split, {test_part} part")
+
+    n_trained = sum(len(train_l) for _ in range(state["epoch"]))
+    result = TrainResult(
+        out=str(out), model=str(model_path), epochs_run=state["epoch"], best_epoch=state["best_epoch"],
+        best_val_macro_f1=state["best_val_macro_f1"], stopped_early=bool(state.get("stopped_early")),
+        n_samples={p: int(len(split[p])) for p in ("train", "val", "test")}, train_s=state["train_s"],
+        wall_s=time.perf_counter() - t_start,
+        train_samples_per_s=n_trained / state["train_s"] if state["train_s"] else 0.0,
+        device=device, test=metrics)
+    _write_json(out / "run.json", asdict(result))
+    return result
+
+
+def run_evaluation(model_path: str, store: str, split_spec: str, *, part: str = "test", out: str | None = None,
+                   seed: int | None = None, batch_size: int = 512,
+                   storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Recompute the metrics of a saved model on a part of a split; write them to ``out`` if given.
+
+    The intra-patient split is recreated from ``seed`` (default: the seed the model was trained with).
+    """
+    model, metadata = load_model(model_path)
+    ds = open_dataset(store, storage_options=storage_options)
+    check_compatible(metadata, ds, model_path)
+    if seed is None:
+        seed = int(metadata.get("train_config", {}).get("seed", 0))
+    split = make_split(split_spec, ds, seed=seed)
+    if not len(split[part]):
+        raise ConfigError(f"split {split.name} has no {part} segments in {store}")
+    loader = ZarrBeatLoader(store, split[part], LoaderOptions(batch_size=batch_size, shuffle=False),
+                            storage_options=storage_options)
+    _, pred = predict_classes(model, loader)
+    metrics = classification_metrics(loader.labels, pred, loader.classes)
+    metrics.update(split=split.name, part=part, store=store, model=str(model_path))
+    if out:
+        write_evaluation(out, metrics, title=f"{Path(model_path).name}, {split.name} split, {part} part")
+    return metrics
+
+
+def submit_training(request: TrainRequest, client, resources: Mapping[str, float] | None = None) -> TrainResult:
+    """Run ``run_training`` as one task on a worker of ``client`` that has ``resources`` (e.g. ``{"GPU": 1}``).
+
+    Raises
+    ------
+    PipelineError
+        No worker of the cluster declares the resources (the task would wait forever).
+    """
+    if resources:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        fit = [w for w in workers if all(w.get("resources", {}).get(k, 0) >= v for k, v in resources.items())]
+        if not fit:
+            have = sorted({f"{k}={v}" for w in workers for k, v in w.get("resources", {}).items()}) or ["none"]
+            raise PipelineError(f"no worker of the cluster declares resources {dict(resources)} (declared: "
+                                f"{', '.join(have)}); start one with `dask worker ... --resources GPU=1` "
+                                "or pass --resources none")
+    future = client.submit(run_training, request, resources=dict(resources) if resources else None, pure=False,
+                           key=f"train-{Path(request.out).name}-{time.time_ns()}")
+    return future.result()
+
+
+def format_result(result: TrainResult) -> str:
+    """The end-of-run summary."""
+    t = result.test
+    lines = [
+        "",
+        f"run        {result.out}",
+        f"model      {result.model}",
+        f"device     {result.device}",
+        f"epochs     {result.epochs_run} run, best {result.best_epoch} (validation macro F1 {result.best_val_macro_f1:.4f})"
+        + (", stopped early" if result.stopped_early else ""),
+        f"segments   train {result.n_samples['train']:,}  val {result.n_samples['val']:,}  test {result.n_samples['test']:,}",
+        f"time       {result.train_s / 60:.1f} min training ({result.train_samples_per_s:,.0f} samples/s), "
+        f"{result.wall_s / 60:.1f} min in all",
+        "",
+        format_report(t, f"{t['split']} split, {t['part']} part"),
+    ]
+    return "\n".join(lines)

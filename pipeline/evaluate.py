@@ -1,0 +1,158 @@
+"""Stage 9: classification metrics, the text report and the plots of a run.
+
+``classification_metrics`` is the single source of the numbers: ``metrics.json``,
+the text report and the plots are all made from its output. Definitions follow
+scikit-learn's: precision = TP / (TP + FP), recall (sensitivity) = TP / (TP + FN),
+F1 their harmonic mean, 0 where a denominator is 0; the macro average is over
+the classes with support (beats in the reference) so that a class absent from a
+test set (Q in DS2 has 7 beats; a custom split may have none) does not count as 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts: row = reference class, column = predicted class."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
+    if y_true.size and (min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= n_classes):
+        raise ValueError(f"class indices must lie in [0, {n_classes})")
+    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1), 0.0)
+
+
+def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Per-class precision, recall, F1, support; accuracy; macro and weighted F1."""
+    cm = np.asarray(cm, dtype=np.int64)
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    precision = _ratio(tp, predicted.astype(float))
+    recall = _ratio(tp, support.astype(float))
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    present = support > 0
+    total = int(support.sum())
+    return {
+        "classes": list(classes),
+        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                          "support": int(support[i])} for i, c in enumerate(classes)},
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
+        "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+        "weighted_f1": float((f1 * support).sum() / total) if total else 0.0,
+        "macro_over": [c for c, p in zip(classes, present) if p],
+        "support": total,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Metrics of predicted class indices against reference class indices."""
+    return metrics_from_confusion(confusion_matrix(y_true, y_pred, len(classes)), classes)
+
+
+def format_report(metrics: Mapping[str, Any], title: str = "") -> str:
+    """A text table in the layout of scikit-learn's ``classification_report``."""
+    lines = [title] if title else []
+    lines.append(f"{'':>12} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}")
+    for c, m in metrics["per_class"].items():
+        lines.append(f"{c:>12} {m['precision']:>9.4f} {m['recall']:>9.4f} {m['f1']:>9.4f} {m['support']:>9d}")
+    lines.append("")
+    lines.append(f"{'accuracy':>12} {'':>9} {'':>9} {metrics['accuracy']:>9.4f} {metrics['support']:>9d}")
+    lines.append(f"{'macro avg':>12} {metrics['macro_precision']:>9.4f} {metrics['macro_recall']:>9.4f} "
+                 f"{metrics['macro_f1']:>9.4f} {metrics['support']:>9d}")
+    lines.append(f"{'weighted f1':>12} {'':>9} {'':>9} {metrics['weighted_f1']:>9.4f} {metrics['support']:>9d}")
+    if len(metrics["macro_over"]) < len(metrics["classes"]):
+        lines.append(f"(macro average over the classes with support: {', '.join(metrics['macro_over'])})")
+    cm = np.asarray(metrics["confusion_matrix"])
+    classes = metrics["classes"]
+    lines += ["", "confusion matrix (rows: reference, columns: predicted)",
+              f"{'':>12} " + " ".join(f"{c:>8}" for c in classes)]
+    lines += [f"{c:>12} " + " ".join(f"{v:>8d}" for v in row) for c, row in zip(classes, cm)]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(metrics: Mapping[str, Any], path: str | Path, *, normalize: bool, title: str = "") -> Path:
+    """Confusion matrix as counts, or as ratios of each reference class (rows sum to 1)."""
+    plt = _pyplot()
+    cm = np.asarray(metrics["confusion_matrix"], dtype=float)
+    classes = metrics["classes"]
+    shown = _ratio(cm, cm.sum(axis=1, keepdims=True)) if normalize else cm
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=120)
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(shown.max(), 1))
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("reference class")
+    ax.set_title(title or ("confusion matrix (row ratios)" if normalize else "confusion matrix (counts)"))
+    limit = (shown.max() or 1) / 2
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            text = f"{shown[i, j]:.2f}" if normalize else f"{int(shown[i, j]):,}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if shown[i, j] > limit else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_history(history: Mapping[str, Sequence[float]], path: str | Path) -> Path:
+    """Loss, accuracy and validation macro F1 per epoch."""
+    plt = _pyplot()
+    panels = [("loss", ("loss", "val_loss")), ("accuracy", ("accuracy", "val_accuracy")),
+              ("macro F1", ("val_macro_f1",))]
+    panels = [(t, [k for k in keys if k in history]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=120, squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for k in keys:
+            values = history[k]
+            ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=k.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_evaluation(out_dir: str | Path, metrics: Mapping[str, Any], *, prefix: str = "", title: str = "") -> dict[str, Path]:
+    """Write ``metrics.json``, ``classification_report.txt`` and both confusion plots into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "metrics": out / f"{prefix}metrics.json",
+        "report": out / f"{prefix}classification_report.txt",
+        "confusion_counts": out / f"{prefix}confusion_counts.png",
+        "confusion_ratios": out / f"{prefix}confusion_ratios.png",
+    }
+    paths["metrics"].write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    paths["report"].write_text(format_report(metrics, title), encoding="utf-8")
+    plot_confusion(metrics, paths["confusion_counts"], normalize=False, title=f"{title} (counts)" if title else "")
+    plot_confusion(metrics, paths["confusion_ratios"], normalize=True, title=f"{title} (row ratios)" if title else "")
+    return paths

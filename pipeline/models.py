@@ -1,0 +1,168 @@
+"""Stage 8: Keras 3 models over stored spectrograms, and their safe saving and loading.
+
+Every model takes the store's ``spectrogram`` exactly as stored (``(freq, time)``,
+in the store's dtype): the channel axis and the per-sample standardisation are
+layers of the model, so a saved model cannot be fed differently preprocessed
+input at scoring time. Only built-in layers are used, so ``.keras`` files load
+with ``safe_mode=True``.
+
+The parameters of the store a model was trained on (STFT, window, classes,
+config fingerprint) are written into the ``.keras`` archive as
+``ecg_pipeline.json`` and come back with ``load_model``.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pipeline.errors import PipelineError
+
+METADATA_NAME = "ecg_pipeline.json"
+
+
+class ModelError(PipelineError):
+    """A model file that cannot be loaded safely, or does not fit the store."""
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+def spectrogram_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dtype: str = "float16",
+                    width: int = 32, dense: int = 128, dropout: float = 0.3):
+    """Beat classifier: a Huang et al. (2019)-style 2D CNN over one beat's spectrogram.
+
+    Per-sample standardisation, then three conv stages (two 3x3 conv+BN+ReLU, then
+    2x2 max-pool; widths ``width``, ``2 width``, ``4 width``), global average
+    pooling, a dense layer with dropout and a softmax.
+    """
+    keras = _keras()
+    layers = keras.layers
+    n_freq, n_time = input_shape
+    x_in = keras.Input(shape=(n_freq, n_time), dtype=input_dtype, name="spectrogram")
+    x = layers.Reshape((n_freq, n_time, 1), name="channel")(x_in)
+    # Standardise each spectrogram over freq x time (LayerNormalization without its affine part).
+    x = layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1e-3, name="standardize")(x)
+    for stage, filters in enumerate((width, 2 * width, 4 * width)):
+        for j in range(2 if stage < 2 else 1):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{stage}_{j}")(x)
+            x = layers.BatchNormalization(name=f"bn{stage}_{j}")(x)
+            x = layers.ReLU(name=f"relu{stage}_{j}")(x)
+        if stage < 2:
+            x = layers.MaxPooling2D(2, padding="same", name=f"pool{stage}")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(dropout, name="drop0")(x)
+    x = layers.Dense(dense, activation="relu", name="dense")(x)
+    x = layers.Dropout(dropout, name="drop1")(x)
+    out = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probability")(x)
+    return keras.Model(x_in, out, name="spectrogram_cnn")
+
+
+def rhythm_cnn(input_shape: tuple[int, int | None], n_classes: int, *, input_dtype: str = "float32",
+               blocks: int = 4, convs_per_block: int = 4, width: int = 32, dropout: float = 0.15):
+    """Rhythm classifier of the PhysioNet/CinC 2017 reference: conv blocks, averaged over time.
+
+    Input is a whole recording's log spectrogram ``(freq, time)``; time may be
+    ``None`` (any length). Standardised per recording, then ``blocks`` blocks of
+    ``convs_per_block`` x (conv+BN+ReLU+dropout) followed by a 2x2 max-pool; a dense
+    layer maps each remaining time step to class scores, which are averaged over
+    time and passed through a softmax.
+    """
+    keras = _keras()
+    layers = keras.layers
+    n_freq, n_time = input_shape
+    x_in = keras.Input(shape=(n_freq, n_time), dtype=input_dtype, name="spectrogram")
+    x = layers.Reshape((n_freq, -1, 1), name="channel")(x_in)
+    x = layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1e-3, name="standardize")(x)
+    f = n_freq
+    for b in range(blocks):
+        for j in range(convs_per_block):
+            x = layers.Conv2D(width * 2 ** min(b, 2), 3, padding="same", use_bias=False, name=f"conv{b}_{j}")(x)
+            x = layers.BatchNormalization(name=f"bn{b}_{j}")(x)
+            x = layers.ReLU(name=f"relu{b}_{j}")(x)
+            x = layers.Dropout(dropout, name=f"drop{b}_{j}")(x)
+        x = layers.MaxPooling2D(2, padding="same", name=f"pool{b}")(x)
+        f = -(-f // 2)
+    x = layers.Permute((2, 1, 3), name="time_first")(x)  # (time, freq, channels)
+    x = layers.Reshape((-1, f * x.shape[-1]), name="frames")(x)
+    x = layers.Dense(n_classes, name="frame_scores")(x)
+    x = layers.GlobalAveragePooling1D(name="time_average")(x)
+    out = layers.Softmax(dtype="float32", name="probability")(x)
+    return keras.Model(x_in, out, name="rhythm_cnn")
+
+
+MODELS: dict[str, Callable[..., Any]] = {"spectrogram-cnn": spectrogram_cnn, "rhythm-cnn": rhythm_cnn}
+
+
+def build_model(name: str, input_shape: tuple[int, int], n_classes: int, *, input_dtype: str = "float16",
+                options: Mapping[str, Any] | None = None):
+    """Build model ``name`` of ``MODELS`` for inputs of ``input_shape`` (the store's ``(freq, time)``)."""
+    try:
+        fn = MODELS[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+    try:
+        return fn(input_shape, n_classes, input_dtype=input_dtype, **dict(options or {}))
+    except TypeError as exc:
+        raise ModelError(f"model {name}: bad model_options {dict(options or {})}: {exc}") from None
+
+
+def save_model(model, path: str | Path, metadata: Mapping[str, Any]) -> Path:
+    """Save ``model`` in the native ``.keras`` format with ``metadata`` inside the archive."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ModelError(f"{path}: models are saved in the native .keras format only")
+    tmp = path.with_name(path.name + ".tmp.keras")
+    model.save(tmp)
+    with zipfile.ZipFile(tmp, "a") as z:
+        z.writestr(METADATA_NAME, json.dumps(dict(metadata), indent=2, default=str))
+    tmp.replace(path)  # atomic: a crash never leaves a half-written model under the real name
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``ecg_pipeline.json`` metadata inside a ``.keras`` archive (``{}`` if absent)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            if METADATA_NAME not in z.namelist():
+                return {}
+            return json.loads(z.read(METADATA_NAME))
+    except zipfile.BadZipFile as exc:
+        raise ModelError(f"{path}: not a .keras archive ({exc})") from None
+
+
+def load_model(path: str | Path, *, compile: bool = False):
+    """Load a ``.keras`` model safely; return ``(model, metadata)``.
+
+    Only the native ``.keras`` format is accepted, with Keras safe mode on: formats
+    and layers that run arbitrary code on load (pickles, HDF5/SavedModel with
+    custom objects, ``Lambda`` layers) are refused.
+
+    Raises
+    ------
+    ModelError
+        Naming the file and the reason it was refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"no model file at {path}")
+    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
+        raise ModelError(f"{path}: only native .keras model archives are loaded (pickles, .h5 and SavedModel "
+                         "directories can run code on load and are refused)")
+    metadata = read_metadata(path)
+    keras = _keras()
+    try:
+        model = keras.models.load_model(path, compile=compile, safe_mode=True)
+    except ValueError as exc:
+        if "safe_mode" in str(exc) or "Lambda" in str(exc):
+            raise ModelError(f"{path}: refused by Keras safe mode, the model holds code that would run on load "
+                             f"({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"{path}: cannot load model: {exc}") from None
+    except (TypeError, KeyError, OSError) as exc:
+        raise ModelError(f"{path}: cannot load model: {type(exc).__name__}: {exc}") from None
+    return model, metadata

@@ -1,0 +1,60 @@
+"""Models take the stored spectrogram as is, save as .keras with metadata, and load only safely."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from pipeline.models import ModelError, build_model, load_model, read_metadata, save_model  # noqa: E402
+
+
+def test_beat_model_standardises_inside(tmp_path):
+    model = build_model("spectrogram-cnn", (33, 24), 5, input_dtype="float16", options={"width": 8})
+    assert model.input.shape == (None, 33, 24) and model.input.dtype == "float16"
+    x = np.random.default_rng(0).normal(size=(4, 33, 24)).astype("float16")
+    # Per-sample standardisation is a layer: shifting and scaling a spectrogram changes nothing.
+    p1 = model.predict(x, verbose=0)
+    p2 = model.predict((x * 3 + 5).astype("float16"), verbose=0)
+    assert p1.shape == (4, 5) and np.allclose(p1.sum(axis=1), 1, atol=1e-5)
+    assert np.allclose(p1, p2, atol=2e-3)
+    path = save_model(model, tmp_path / "m.keras", {"classes": list("NSVFQ"), "store": {"spectrogram": {"hop": 8}}})
+    loaded, meta = load_model(path)
+    assert meta["store"]["spectrogram"]["hop"] == 8 and read_metadata(path) == meta
+    assert np.allclose(loaded.predict(x, verbose=0), p1, atol=1e-6)
+
+
+def test_rhythm_model_takes_any_length():
+    model = build_model("rhythm-cnn", (33, None), 4, input_dtype="float32", options={"width": 4, "blocks": 2})
+    for n_time in (40, 97):
+        p = model.predict(np.zeros((2, 33, n_time), "float32") + np.arange(n_time, dtype="float32"), verbose=0)
+        assert p.shape == (2, 4) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+
+
+def test_unknown_model_and_options():
+    with pytest.raises(ModelError, match="unknown model"):
+        build_model("resnet-9000", (33, 24), 5)
+    with pytest.raises(ModelError, match="bad model_options"):
+        build_model("spectrogram-cnn", (33, 24), 5, options={"depth": 3})
+
+
+def test_unsafe_formats_are_refused(tmp_path):
+    inp = keras.Input((3,))
+    out = keras.layers.Lambda(lambda t: t * 2)(inp)
+    lam = tmp_path / "lambda.keras"
+    keras.Model(inp, out).save(lam)
+    with pytest.raises(ModelError, match="safe mode"):
+        load_model(lam)
+    pkl = tmp_path / "model.pkl"
+    pkl.write_bytes(pickle.dumps({"not": "a model"}))
+    with pytest.raises(ModelError, match="only native .keras"):
+        load_model(pkl)
+    fake = tmp_path / "fake.keras"
+    fake.write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="only native .keras"):
+        load_model(fake)
+    with pytest.raises(ModelError, match="no model file"):
+        load_model(tmp_path / "absent.keras")
