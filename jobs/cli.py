@@ -120,9 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--print-config", action="store_true", help="print the effective configuration as YAML and exit")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    tr.add_argument("--scheduler", metavar="ADDRESS",
-                    help="run as a task on this Dask cluster (tcp://host:8786); --out must be on a file system "
-                         "the worker shares")
+    grp = tr.add_mutually_exclusive_group()
+    grp.add_argument("--scheduler", metavar="ADDRESS",
+                     help="run as a task on this Dask cluster (tcp://host:8786); --store and --out must be "
+                          "reachable from the worker (shared file system or fsspec URL)")
+    grp.add_argument("--scheduler-file", metavar="FILE", help="the same, for the scheduler described by this file")
     tr.add_argument("--resources", default="GPU=1", metavar="SPEC",
                     help="worker resources the task needs with --scheduler, e.g. GPU=1; 'none' for any worker "
                          "(default: %(default)s)")
@@ -274,14 +276,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise PipelineError("--store and --out are required")
     from jobs.train import TrainRequest, format_result, run_training, submit_training
 
+    remote = bool(args.scheduler or args.scheduler_file)
+
     request = TrainRequest(store=args.store, split=args.split, out=args.out, config=config, resume=args.resume,
-                           overwrite=args.overwrite, verbose=2 if (args.no_progress or args.scheduler) else 1)
-    if args.scheduler:
+                           overwrite=args.overwrite, verbose=2 if (args.no_progress or remote) else 1)
+    if remote:
         from pipeline.cluster import dask_client
 
         resources = _resources_arg(args.resources)
-        with dask_client(args.scheduler) as client:
-            sys.stderr.write(f"submitting to {args.scheduler} (resources: {resources or 'any worker'})\n")
+        with dask_client(args.scheduler, args.scheduler_file) as client:
+            sys.stderr.write(f"submitting to {client.scheduler.address} (resources: {resources or 'any worker'})\n")
             result = submit_training(request, client, resources)
     else:
         result = run_training(request)

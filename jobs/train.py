@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,6 +85,8 @@ class TrainResult:
     wall_s: float
     train_samples_per_s: float
     device: str
+    host: str
+    pid: int
     test: dict[str, Any]
 
 
@@ -301,7 +304,7 @@ def run_training(request: TrainRequest) -> TrainResult:
         n_samples={p: int(len(split[p])) for p in ("train", "val", "test")}, train_s=state["train_s"],
         wall_s=time.perf_counter() - t_start,
         train_samples_per_s=n_trained / state["train_s"] if state["train_s"] else 0.0,
-        device=device, test=metrics)
+        device=device, host=socket.gethostname(), pid=os.getpid(), test=metrics)
     _write_json(out / "run.json", asdict(result))
     return result
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
+import os
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,3 +130,42 @@ def make_db(root: Path, records: dict[str, dict], version: str = "0.0.1", sums: 
     if sums:
         write_sums(folder)
     return folder
+
+
+@contextlib.contextmanager
+def dask_processes(tmp_path: Path, n_workers: int = 2, resources: str | None = None):
+    """Run `dask scheduler` and `dask worker` as separate processes on 127.0.0.1; yield the scheduler file.
+
+    The `dask` commands themselves are the child processes (not a shell chain), so
+    terminating them stops the cluster.
+    """
+    bin_dir = Path(sys.executable).parent
+    sched_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--no-dashboard", "--scheduler-file", str(sched_file)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    try:
+        for _ in range(300):
+            if sched_file.exists() and sched_file.stat().st_size:
+                break
+            time.sleep(0.1)
+        extra = ["--resources", resources] if resources else []
+        procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", "--scheduler-file", str(sched_file),
+                                       "--nworkers", str(n_workers), "--nthreads", "1", "--no-dashboard",
+                                       "--host", "127.0.0.1", "--local-directory", str(tmp_path / "dask-worker-space"),
+                                       *extra],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        from distributed import Client
+
+        with Client(scheduler_file=str(sched_file), timeout=60) as c:
+            c.wait_for_workers(n_workers, timeout=120)
+        yield sched_file
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -19,7 +19,7 @@ import pytest
 import wfdb
 import xarray as xr
 
-from helpers import HTTPMirror
+from helpers import HTTPMirror, dask_processes
 from pipeline import segment, spectrogram, store
 from pipeline.labels import AAMI_EC57, label_beats
 
@@ -101,33 +101,8 @@ def test_store_rows_match_a_direct_computation(full_run, mirror):
 @pytest.fixture
 def dask_cluster(tmp_path):
     """`dask scheduler` and `dask worker` as separate processes on 127.0.0.1."""
-    sched_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                               "--no-dashboard", "--scheduler-file", str(sched_file)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
-    try:
-        for _ in range(300):
-            if sched_file.exists() and sched_file.stat().st_size:
-                break
-            time.sleep(0.1)
-        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", "--scheduler-file", str(sched_file),
-                                       "--nworkers", "2", "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1",
-                                       "--local-directory", str(tmp_path / "dask-worker-space")],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
-        from distributed import Client
-
-        with Client(scheduler_file=str(sched_file), timeout=60) as c:
-            c.wait_for_workers(2, timeout=120)
+    with dask_processes(tmp_path, n_workers=2) as sched_file:
         yield sched_file
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def test_submit_to_a_dask_scheduler(dask_cluster, http, full_run, tmp_path):

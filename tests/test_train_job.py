@@ -1,0 +1,129 @@
+"""The training and evaluation jobs on a small real store (five MIT-BIH records): real TensorFlow training,
+resume from a checkpoint, the evaluate command, and submission to a real `dask scheduler` + `dask worker`
+that declares a GPU resource."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from helpers import dask_processes  # noqa: E402
+from pipeline.store import open_dataset  # noqa: E402
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+
+SPLIT = "train: ['208', '209', '220']\nval: ['119']\ntest: ['100']\n"
+CONFIG = "batch_size: 128\npatience: 5\nmodel_options: {width: 8, dense: 32}\n"
+OUTPUTS = ("model.keras", "metrics.json", "classification_report.txt", "curves.png", "confusion_counts.png",
+           "confusion_ratios.png", "history.json", "history.csv", "split.json", "config.yaml", "run.json",
+           "checkpoint.keras", "train_state.json")
+
+
+def _cli(*args, timeout=900):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train-files")
+    (tmp / "split.yaml").write_text(SPLIT)
+    (tmp / "config.yaml").write_text(CONFIG)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def run(small_store, files):
+    out = files / "run"
+    r = _cli("train", "--store", str(small_store), "--split", str(files / "split.yaml"), "--config",
+             str(files / "config.yaml"), "--epochs", "3", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r
+
+
+def test_training_writes_every_output_and_learns(run, small_store):
+    out, r = run
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["loss"]) == 3 and history["loss"][-1] < history["loss"][0]
+    assert len(history["val_macro_f1"]) == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["part"] == "test" and metrics["support"] == int(np.sum(metrics["confusion_matrix"]))
+    ds = open_dataset(str(small_store))
+    assert metrics["support"] == int(ds.record_n_beats.values[list(ds.record_id.values).index("100")])
+    assert metrics["accuracy"] > 0.5  # record 100 is ~99% N: a model that learnt anything gets most of it right
+    report = (out / "classification_report.txt").read_text()
+    assert f"{metrics['macro_f1']:.4f}" in report
+    assert "macro F1" in r.stdout or "macro avg" in r.stdout
+
+
+def test_saved_model_takes_the_store_as_stored(run, small_store):
+    from pipeline.models import load_model
+
+    out, _ = run
+    model, meta = load_model(out / "model.keras")
+    ds = open_dataset(str(small_store))
+    assert meta["store"]["spectrogram"] == ds.attrs["spectrogram"]
+    assert meta["classes"] == ds.attrs["classes"]
+    x = ds.spectrogram[:8].values  # float16, exactly as stored
+    p = model.predict(x, verbose=0)
+    assert p.shape == (8, 5) and np.allclose(p.sum(axis=1), 1, atol=1e-4)
+
+
+def test_evaluate_recomputes_the_metrics(run, small_store, files, tmp_path):
+    out, _ = run
+    r = _cli("evaluate", "--model", str(out / "model.keras"), "--store", str(small_store), "--split",
+             str(files / "split.yaml"), "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    saved = json.loads((out / "metrics.json").read_text())
+    assert again["confusion_matrix"] == saved["confusion_matrix"]
+    assert f"{saved['accuracy']:.4f}" in r.stdout
+
+
+def test_resume_continues_from_the_checkpoint(run, small_store, files, tmp_path):
+    out, _ = run
+    again = tmp_path / "run"
+    shutil.copytree(out, again)
+    r = _cli("train", "--store", str(small_store), "--split", str(files / "split.yaml"), "--out", str(again))
+    assert r.returncode == 2 and "--resume" in r.stderr  # never silently overwrites a run
+    r = _cli("train", "--store", str(small_store), "--split", str(files / "split.yaml"), "--config",
+             str(files / "config.yaml"), "--epochs", "4", "--out", str(again), "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = json.loads((out / "history.json").read_text())
+    after = json.loads((again / "history.json").read_text())
+    assert len(after["loss"]) == 4 and after["loss"][:3] == before["loss"]
+    assert json.loads((again / "train_state.json").read_text())["epoch"] == 4
+
+
+def test_bad_requests_exit_2(small_store, tmp_path):
+    r = _cli("train", "--store", str(tmp_path / "absent.zarr"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no Zarr store" in r.stderr
+    (tmp_path / "bad.yaml").write_text("epochs: -1\n")
+    r = _cli("train", "--store", str(small_store), "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "epochs" in r.stderr
+
+
+def test_submit_to_a_gpu_worker(small_store, files, tmp_path):
+    """A real `dask scheduler` and a `dask worker --resources GPU=1`; the task runs on it (on CPU here)."""
+    with dask_processes(tmp_path, n_workers=1, resources="GPU=1") as sched:
+        r = _cli("train", "--store", str(small_store), "--split", str(files / "split.yaml"), "--config",
+                 str(files / "config.yaml"), "--epochs", "1", "--out", str(tmp_path / "run"),
+                 "--scheduler-file", str(sched))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "resources: {'GPU': 1.0}" in r.stderr
+        run_info = json.loads((tmp_path / "run" / "run.json").read_text())
+        assert run_info["epochs_run"] == 1 and os.getpid() != run_info.get("pid")
+        r = _cli("train", "--store", str(small_store), "--split", str(files / "split.yaml"), "--epochs", "1",
+                 "--out", str(tmp_path / "run2"), "--scheduler-file", str(sched), "--resources", "FPGA=1")
+        assert r.returncode == 2 and "no worker of the cluster declares" in r.stderr
