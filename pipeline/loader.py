@@ -141,6 +141,7 @@ class ZarrBeatLoader:
         self.dtype = np.dtype(self._spec.dtype)
         self.chunk_size = int(self._spec.chunks[0])
         n = int(self._spec.shape[0])
+        self.n_segments_in_store = n
 
         idx = np.arange(n, dtype=np.int64) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
         if idx.size and (idx[0] < 0 or idx[-1] >= n):
@@ -180,34 +181,42 @@ class ZarrBeatLoader:
         b = batch_size or self.options.batch_size
         return len(self) // b if self.options.drop_remainder else -(-len(self) // b)
 
-    def read_chunks(self, positions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def read_chunks(self, positions: Sequence[int], order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Spectrograms and class indices of the selected segments in chunks ``self.chunks[positions]``.
 
         Each chunk is read with one Zarr call (the span of its selected segments).
+        With ``order`` (a permutation of the group's samples), the result is
+        ``x[order]``, written in place so that a group is copied once, not twice.
         """
-        xs, ys = [], []
-        for p in positions:
+        sizes = [len(self._local[p]) for p in positions]
+        total = int(sum(sizes))
+        x = np.empty((total, *self.sample_shape), self.dtype)
+        y = np.concatenate([self._codes[p] for p in positions]) if total else np.zeros(0, np.int32)
+        dest = np.arange(total) if order is None else np.argsort(order)
+        start = 0
+        for p, size in zip(positions, sizes):
             k, local = int(self.chunks[p]), self._local[p]
             lo = k * self.chunk_size
             block = self._spec[lo + int(local[0]): lo + int(local[-1]) + 1]
-            xs.append(block[local - local[0]])
-            ys.append(self._codes[p])
-        if not xs:
-            return np.zeros((0, *self.sample_shape), self.dtype), np.zeros(0, np.int32)
-        return np.concatenate(xs), np.concatenate(ys)
+            x[dest[start:start + size]] = block[local - local[0]]
+            start += size
+        return x, (y if order is None else y[order])
 
     def _read_group(self, positions: np.ndarray, seed: np.int64):
-        x, y = self.read_chunks(positions)
+        order = None
         if self.options.shuffle or self.options.balanced_sampling:
+            n = int(sum(len(self._local[p]) for p in positions))
             rng = np.random.default_rng(int(seed) & 0xFFFFFFFFFFFF)
             if self.options.balanced_sampling:
-                p = self._draw_weight[y]
-                order = rng.choice(len(y), size=len(y), replace=True, p=p / p.sum())
-            else:
-                order = rng.permutation(len(y))
-            x, y = x[order], y[order]
-        w = self.class_weights[y].astype(np.float32)
-        return x, y, w
+                y = np.concatenate([self._codes[p] for p in positions])
+                w = self._draw_weight[y]
+                draw = rng.choice(n, size=n, replace=True, p=w / w.sum())
+                x, y = self.read_chunks(positions)
+                x, y = x[draw], y[draw]
+                return x, y, self.class_weights[y].astype(np.float32)
+            order = rng.permutation(n)
+        x, y = self.read_chunks(positions, order)
+        return x, y, self.class_weights[y].astype(np.float32)
 
     def dataset(self, *, batch_size: int | None = None, shard: tuple[int, int] | None = None):
         """The ``tf.data.Dataset`` of one epoch (Keras re-iterates it, reshuffled, each epoch).
