@@ -258,7 +258,7 @@ def run_training(request: TrainRequest) -> TrainResult:
 
     def loader(part: str, train: bool) -> ZarrBeatLoader:
         opts = LoaderOptions(batch_size=cfg.batch_size, shuffle=train, shuffle_chunks=cfg.shuffle_chunks,
-                             parallel_reads=cfg.parallel_reads,
+                             interleave=cfg.interleave, parallel_reads=cfg.parallel_reads,
                              # a resumed run continues the per-epoch sequence instead of repeating epoch 1's order
                              seed=cfg.seed + 1000 * state["epoch"] if train else cfg.seed,
                              class_weighting=cfg.class_weighting if train else "none",

@@ -173,8 +173,9 @@ class TrainConfig:
     balanced_sampling: bool = False
     patience: int = 6
     seed: int = 0
-    shuffle_chunks: int = 16
-    parallel_reads: int = 2
+    shuffle_chunks: int = 8
+    interleave: int = 4
+    parallel_reads: int = 4
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     model_options: dict[str, Any] = field(default_factory=dict)
 

@@ -34,7 +34,7 @@ def _keras():
 
 
 def spectrogram_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dtype: str = "float16",
-                    width: int = 32, dense: int = 128, dropout: float = 0.3):
+                    width: int = 16, dense: int = 64, dropout: float = 0.3):
     """Beat classifier: a Huang et al. (2019)-style 2D CNN over one beat's spectrogram.
 
     Per-sample standardisation, then three conv stages (two 3x3 conv+BN+ReLU, then

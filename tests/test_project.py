@@ -41,3 +41,20 @@ def test_help_names_every_option_of_the_contract():
     for opt in ("--out", "--version", "--source", "--scheduler", "--scheduler-file", "--workers", "--records",
                 "--config"):
         assert opt in out.stdout
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--help"], capture_output=True, text=True)
+    for opt in ("--store", "--split", "--model", "--epochs", "--out", "--scheduler", "--resume", "--config",
+                "inter-patient", "intra-patient"):
+        assert opt in out.stdout
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "evaluate", "--help"], capture_output=True, text=True)
+    for opt in ("--model", "--store", "--split", "--part", "--out"):
+        assert opt in out.stdout
+
+
+def test_train_defaults_match_the_schema_and_print():
+    import yaml
+
+    from pipeline.config import TrainConfig, load_train_config
+
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--print-config"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert load_train_config(None) == TrainConfig() and yaml.safe_load(out.stdout) == TrainConfig().to_dict()
