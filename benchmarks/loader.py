@@ -15,7 +15,7 @@ after one warm-up epoch for the first two):
 
 Memory: in fresh processes, the peak resident-memory growth of streaming two
 epochs, for the whole store and for a quarter of it, with the default shuffle
-groups (4 x 8 chunks) and small ones (4 x 2 chunks). Memory bounded by the buffer and not
+group (16 chunks) and a small one (4 chunks). Memory bounded by the buffer and not
 by the dataset shows as growth that changes with the group, not with the data.
 
     python benchmarks/loader.py --store mitdb.zarr [--epochs 3] [--batch-size 256]
@@ -71,7 +71,7 @@ def epoch_rate(ds) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def bench_loader(store: str, batch: int, epochs: int, fraction: float = 1.0, shuffle_chunks: int = 8):
+def bench_loader(store: str, batch: int, epochs: int, fraction: float = 1.0, shuffle_chunks: int = 16):
     from pipeline.loader import LoaderOptions, ZarrBeatLoader
 
     n_all = ZarrBeatLoader(store, np.arange(1)).n_segments_in_store
@@ -139,7 +139,7 @@ def main() -> None:
     loader, first, rates, n, rss = bench_loader(args.store, args.batch_size, args.epochs)
     ours = statistics.median(rates)
     stored_mb = n * np.prod(loader.sample_shape) * loader.dtype.itemsize / 1e6
-    group = loader.options.interleave * loader.options.shuffle_chunks * loader.chunk_size
+    group = loader.options.shuffle_chunks * loader.chunk_size
 
     x = loader.read_chunks(np.arange(loader.n_chunks))[0]  # untimed: the ceiling's data in memory
     c_first, c_rates = bench_ceiling(x, loader.labels, args.batch_size, group, args.epochs)
@@ -158,7 +158,7 @@ def main() -> None:
     log.info("loader / peer    = %.0f    (target >= 10)", ours / peer)
     log.info("memory (fresh process each, 2 epochs): peak RSS growth")
     for fraction in (0.25, 1.0):
-        for chunks in (2, 8):
+        for chunks in (4, 16):
             grow, data = memory_probe(args.store, args.batch_size, fraction, chunks)
             log.info("  %4.0f%% of the store (%4.0f MB of spectrograms), group of %2d chunks: %5.0f MB",
                      100 * fraction, data, chunks, grow)

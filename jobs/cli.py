@@ -303,10 +303,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # TensorFlow's C++ start-up chatter (CPU features, oneDNN) is noise on a command line.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    # TensorFlow's C++ log (CPU features, "failed call to cuInit" on machines without a GPU, tf.data
+    # buffer notes) is noise on a command line; errors that matter reach Python as exceptions. -vv shows it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if getattr(args, "verbose", 0) >= 2 else "3")
     _setup_logging(getattr(args, "verbose", 0))
     try:
         commands = {"preprocess": cmd_preprocess, "train": cmd_train, "evaluate": cmd_evaluate, "inspect": cmd_inspect}

@@ -258,7 +258,7 @@ def run_training(request: TrainRequest) -> TrainResult:
 
     def loader(part: str, train: bool) -> ZarrBeatLoader:
         opts = LoaderOptions(batch_size=cfg.batch_size, shuffle=train, shuffle_chunks=cfg.shuffle_chunks,
-                             interleave=cfg.interleave, parallel_reads=cfg.parallel_reads,
+                             parallel_reads=cfg.parallel_reads,
                              # a resumed run continues the per-epoch sequence instead of repeating epoch 1's order
                              seed=cfg.seed + 1000 * state["epoch"] if train else cfg.seed,
                              class_weighting=cfg.class_weighting if train else "none",
@@ -278,11 +278,14 @@ def run_training(request: TrainRequest) -> TrainResult:
         model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     callback = _make_callback()(out, val_l, cfg.patience, state)
+    # After RunState, so that it sees the val_macro_f1 RunState adds to the epoch logs.
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_macro_f1", mode="max", factor=cfg.lr_factor,
+                                                patience=cfg.lr_patience, min_lr=cfg.learning_rate / 64, verbose=0)
     device = _device()
     log.info("training %s on %s: %d train / %d val segments (%s), precision %s", cfg.model, device, len(train_l),
              len(val_l), split.name, policy)
     if state["epoch"] < cfg.epochs and not state.get("stopped_early"):
-        model.fit(train_l.dataset(), epochs=cfg.epochs, initial_epoch=state["epoch"], callbacks=[callback],
+        model.fit(train_l.dataset(), epochs=cfg.epochs, initial_epoch=state["epoch"], callbacks=[callback, plateau],
                   verbose=request.verbose, shuffle=False)  # the loader shuffles
     _write_history(out, state["history"])
 

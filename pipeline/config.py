@@ -168,14 +168,15 @@ class TrainConfig:
     model: str = "spectrogram-cnn"
     epochs: int = 30
     batch_size: int = 256
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
+    lr_factor: float = 0.5
+    lr_patience: int = 2
     class_weighting: Literal["none", "balanced", "sqrt"] = "sqrt"
     balanced_sampling: bool = False
     patience: int = 6
     seed: int = 0
-    shuffle_chunks: int = 8
-    interleave: int = 4
-    parallel_reads: int = 4
+    shuffle_chunks: int = 16
+    parallel_reads: int = 2
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     model_options: dict[str, Any] = field(default_factory=dict)
 

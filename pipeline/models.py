@@ -34,13 +34,17 @@ def _keras():
 
 
 def spectrogram_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dtype: str = "float16",
-                    width: int = 16, dense: int = 64, dropout: float = 0.3):
+                    width: int = 16, dense: int = 64, dropout: float = 0.3, head: str = "flatten"):
     """Beat classifier: a Huang et al. (2019)-style 2D CNN over one beat's spectrogram.
 
     Per-sample standardisation, then three conv stages (two 3x3 conv+BN+ReLU, then
-    2x2 max-pool; widths ``width``, ``2 width``, ``4 width``), global average
-    pooling, a dense layer with dropout and a softmax.
+    2x2 max-pool; widths ``width``, ``2 width``, ``4 width``), then ``head``:
+    ``flatten`` keeps where in the beat each feature is (as Huang et al.'s fully
+    connected head does), ``gap`` averages it away; a dense layer with dropout and
+    a softmax.
     """
+    if head not in ("flatten", "gap"):
+        raise ValueError(f"head must be flatten or gap, not {head!r}")
     keras = _keras()
     layers = keras.layers
     n_freq, n_time = input_shape
@@ -55,7 +59,7 @@ def spectrogram_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dtype
             x = layers.ReLU(name=f"relu{stage}_{j}")(x)
         if stage < 2:
             x = layers.MaxPooling2D(2, padding="same", name=f"pool{stage}")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Flatten(name="flatten")(x) if head == "flatten" else layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="drop0")(x)
     x = layers.Dense(dense, activation="relu", name="dense")(x)
     x = layers.Dropout(dropout, name="drop1")(x)
@@ -108,7 +112,7 @@ def build_model(name: str, input_shape: tuple[int, int], n_classes: int, *, inpu
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
     try:
         return fn(input_shape, n_classes, input_dtype=input_dtype, **dict(options or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ModelError(f"model {name}: bad model_options {dict(options or {})}: {exc}") from None
 
 
