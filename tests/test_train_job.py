@@ -127,3 +127,18 @@ def test_submit_to_a_gpu_worker(small_store, files, tmp_path):
         r = _cli("train", "--store", str(small_store), "--split", str(files / "split.yaml"), "--epochs", "1",
                  "--out", str(tmp_path / "run2"), "--scheduler-file", str(sched), "--resources", "FPGA=1")
         assert r.returncode == 2 and "no worker of the cluster declares" in r.stderr
+
+
+def test_evaluate_refuses_a_store_made_differently(run, mirror, tmp_path):
+    """A model never meets spectrograms made with other window/STFT settings than it was trained on."""
+    out, _ = run
+    (tmp_path / "wide.yaml").write_text("window: {before_s: 0.3, after_s: 0.5}\n")
+    store = tmp_path / "wide.zarr"
+    r = _cli("preprocess", "mitdb", "--source", mirror.as_uri(), "--out", str(store), "--records", "100",
+             "--config", str(tmp_path / "wide.yaml"), "--workers", "1", "--cache-dir", str(tmp_path / "cache"),
+             "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tmp_path / "split.yaml").write_text("train: ['100']\ntest: ['100']\n")
+    r = _cli("evaluate", "--model", str(out / "model.keras"), "--store", str(store), "--split",
+             str(tmp_path / "split.yaml"), "--part", "train")
+    assert r.returncode == 2 and "other parameters" in r.stderr and "n_after" in r.stderr, r.stderr[-2000:]
