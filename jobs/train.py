@@ -16,6 +16,7 @@ Files written to ``out`` (see README, "Training"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import yaml
@@ -129,14 +130,33 @@ def _device() -> str:
     return f"{len(gpus)} GPU ({', '.join(g.name for g in gpus)})" if gpus else f"CPU ({os.cpu_count()} cores)"
 
 
-def _set_precision(mode: str) -> str:
+@contextlib.contextmanager
+def _precision(mode: str) -> Iterator[str]:
+    """Keras' dtype policy for the models built inside: mixed_float16 on a GPU (``auto``) or when ``on``.
+
+    The policy is Keras-global, so it is put back to float32 on the way out, error or not.
+    """
     import keras
     import tensorflow as tf
 
     use = mode == "on" or (mode == "auto" and bool(tf.config.list_physical_devices("GPU")))
     policy = "mixed_float16" if use else "float32"
     keras.mixed_precision.set_global_policy(policy)
-    return policy
+    try:
+        yield policy
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _evaluate(model, loader: ZarrBeatLoader, split: Split, part: str, store: str, model_path: str | Path,
+              out: str | Path | None, title: str) -> dict[str, Any]:
+    """Metrics of ``model`` on ``loader`` (a part of ``split``); written to ``out`` when given."""
+    _, pred = predict_classes(model, loader)
+    metrics = classification_metrics(loader.labels, pred, loader.classes)
+    metrics.update(split=split.name, part=part, store=store, model=str(model_path))
+    if out:
+        write_evaluation(out, metrics, title=title)
+    return metrics
 
 
 def predict_classes(model, loader: ZarrBeatLoader) -> tuple[np.ndarray, np.ndarray]:
@@ -244,7 +264,6 @@ def run_training(request: TrainRequest) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(cfg.seed)
-    policy = _set_precision(cfg.mixed_precision)
     state: dict[str, Any] = {"epoch": 0, "best_val_macro_f1": -1.0, "best_epoch": 0, "wait": 0,
                              "stopped_early": False, "history": {}, "train_s": 0.0}
     resumed = request.resume and state_path.exists() and (out / CHECKPOINT_FILE).exists()
@@ -269,38 +288,35 @@ def run_training(request: TrainRequest) -> TrainResult:
     test_part = "test" if len(split["test"]) else "val"
     metadata = _metadata(ds, split, cfg, train_l.sample_shape, train_l.dtype)
 
-    if resumed:
-        model, _ = load_model(out / CHECKPOINT_FILE, compile=True)
-        log.info("resuming %s after epoch %d", out, state["epoch"])
-    else:
-        model = build_model(cfg.model, train_l.sample_shape, len(train_l.classes), input_dtype=str(train_l.dtype),
-                            options=cfg.model_options)
-        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
-                      loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
-    callback = _make_callback()(out, val_l, cfg.patience, state)
-    # After RunState, so that it sees the val_macro_f1 RunState adds to the epoch logs.
-    plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_macro_f1", mode="max", factor=cfg.lr_factor,
-                                                patience=cfg.lr_patience, min_lr=cfg.learning_rate / 64, verbose=0)
     device = _device()
-    log.info("training %s on %s: %d train / %d val segments (%s), precision %s", cfg.model, device, len(train_l),
-             len(val_l), split.name, policy)
-    if state["epoch"] < cfg.epochs and not state.get("stopped_early"):
-        model.fit(train_l.dataset(), epochs=cfg.epochs, initial_epoch=state["epoch"], callbacks=[callback, plateau],
-                  verbose=request.verbose, shuffle=False)  # the loader shuffles
-    _write_history(out, state["history"])
-
-    best, _ = load_model(out / BEST_FILE)
-    metadata["train"] = {k: state[k] for k in ("epoch", "best_epoch", "best_val_macro_f1", "stopped_early")}
-    model_path = save_model(best, out / MODEL_FILE, metadata)
-    keras.mixed_precision.set_global_policy("float32")
+    with _precision(cfg.mixed_precision) as policy:
+        if resumed:
+            model, _ = load_model(out / CHECKPOINT_FILE, compile=True)
+            log.info("resuming %s after epoch %d", out, state["epoch"])
+        else:
+            model = build_model(cfg.model, train_l.sample_shape, len(train_l.classes),
+                                input_dtype=str(train_l.dtype), options=cfg.model_options)
+            model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                          loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+        callback = _make_callback()(out, val_l, cfg.patience, state)
+        # After RunState, so that it sees the val_macro_f1 RunState adds to the epoch logs.
+        plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_macro_f1", mode="max", factor=cfg.lr_factor,
+                                                    patience=cfg.lr_patience, min_lr=cfg.learning_rate / 64)
+        log.info("training %s on %s: %d train / %d val segments (%s), precision %s", cfg.model, device,
+                 len(train_l), len(val_l), split.name, policy)
+        if state["epoch"] < cfg.epochs and not state.get("stopped_early"):
+            model.fit(train_l.dataset(), epochs=cfg.epochs, initial_epoch=state["epoch"],
+                      callbacks=[callback, plateau], verbose=request.verbose, shuffle=False)  # the loader shuffles
+        _write_history(out, state["history"])
+        best, _ = load_model(out / BEST_FILE)
+        metadata["train"] = {k: state[k] for k in ("epoch", "best_epoch", "best_val_macro_f1", "stopped_early")}
+        model_path = save_model(best, out / MODEL_FILE, metadata)
 
     test_l = loader(test_part, False) if test_part != "val" else val_l
-    _, pred = predict_classes(best, test_l)
-    metrics = classification_metrics(test_l.labels, pred, test_l.classes)
-    metrics.update(split=split.name, part=test_part, store=request.store, model=str(model_path))
-    write_evaluation(out, metrics, title=f"{cfg.model}, {split.name} split, {test_part} part")
+    metrics = _evaluate(best, test_l, split, test_part, request.store, model_path, out,
+                        f"{cfg.model}, {split.name} split, {test_part} part")
 
-    n_trained = sum(len(train_l) for _ in range(state["epoch"]))
+    n_trained = len(train_l) * state["epoch"]
     result = TrainResult(
         out=str(out), model=str(model_path), epochs_run=state["epoch"], best_epoch=state["best_epoch"],
         best_val_macro_f1=state["best_val_macro_f1"], stopped_early=bool(state.get("stopped_early")),
@@ -329,12 +345,8 @@ def run_evaluation(model_path: str, store: str, split_spec: str, *, part: str = 
         raise ConfigError(f"split {split.name} has no {part} segments in {store}")
     loader = ZarrBeatLoader(store, split[part], LoaderOptions(batch_size=batch_size, shuffle=False),
                             storage_options=storage_options)
-    _, pred = predict_classes(model, loader)
-    metrics = classification_metrics(loader.labels, pred, loader.classes)
-    metrics.update(split=split.name, part=part, store=store, model=str(model_path))
-    if out:
-        write_evaluation(out, metrics, title=f"{Path(model_path).name}, {split.name} split, {part} part")
-    return metrics
+    return _evaluate(model, loader, split, part, store, model_path, out,
+                     f"{Path(model_path).name}, {split.name} split, {part} part")
 
 
 def submit_training(request: TrainRequest, client, resources: Mapping[str, float] | None = None) -> TrainResult:

@@ -127,7 +127,6 @@ class ZarrBeatLoader:
                  storage_options: Mapping[str, Any] | None = None):
         self.path = str(path)
         self.options = options or LoaderOptions()
-        self._storage_options = dict(storage_options or {})
         group = _open_group(self.path, storage_options)
         attrs = dict(group.attrs)
         if attrs.get("package") != "ecg-pipeline":
@@ -203,19 +202,19 @@ class ZarrBeatLoader:
         return x, (y if order is None else y[order])
 
     def _read_group(self, positions: np.ndarray, seed: np.int64):
-        order = None
+        """One shuffle group: its samples permuted (or, for balanced sampling, drawn), with weights."""
+        order = draw = None
         if self.options.shuffle or self.options.balanced_sampling:
-            n = int(sum(len(self._local[p]) for p in positions))
             rng = np.random.default_rng(int(seed) & 0xFFFFFFFFFFFF)
+            y_all = np.concatenate([self._codes[p] for p in positions])
             if self.options.balanced_sampling:
-                y = np.concatenate([self._codes[p] for p in positions])
-                w = self._draw_weight[y]
-                draw = rng.choice(n, size=n, replace=True, p=w / w.sum())
-                x, y = self.read_chunks(positions)
-                x, y = x[draw], y[draw]
-                return x, y, self.class_weights[y].astype(np.float32)
-            order = rng.permutation(n)
+                w = self._draw_weight[y_all]
+                draw = rng.choice(len(y_all), size=len(y_all), replace=True, p=w / w.sum())
+            else:
+                order = rng.permutation(len(y_all))
         x, y = self.read_chunks(positions, order)
+        if draw is not None:
+            x, y = x[draw], y[draw]
         return x, y, self.class_weights[y].astype(np.float32)
 
     def dataset(self, *, batch_size: int | None = None, shard: tuple[int, int] | None = None):
