@@ -1,0 +1,136 @@
+"""Stage 1b: ECG archives (folders, ``.zip``, ``.tar``, ``.tar.gz``) -> WFDB records on local disk.
+
+Archives come from users, so they are untrusted: every member is checked
+before anything is written. Members with absolute paths, ``..`` parts or drive
+letters, links and device files are refused, as are archives whose declared
+size (or actual size, counted while extracting) exceeds ``max_bytes``. Members
+are extracted under a temporary folder that is renamed into place at the end,
+so a refused archive leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from pipeline.errors import PipelineError
+
+DEFAULT_MAX_BYTES = 8 * 2**30
+_CHUNK = 1 << 20
+
+
+class ArchiveError(PipelineError):
+    """An archive that cannot be opened safely."""
+
+
+def _safe_member(name: str, archive: Path) -> PurePosixPath:
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+        raise ArchiveError(f"{archive}: member {name!r} would be written outside the extraction folder; refused")
+    return p
+
+
+def _copy_limited(src, dst, budget: list[int], archive: Path, name: str) -> None:
+    while chunk := src.read(_CHUNK):
+        budget[0] -= len(chunk)
+        if budget[0] < 0:
+            raise ArchiveError(f"{archive}: expands beyond the size limit while extracting {name!r}; refused")
+        dst.write(chunk)
+
+
+def extract_archive(archive: str | Path, dest: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
+    """Extract a ``.zip``, ``.tar``, ``.tar.gz``/``.tgz`` or ``.tar.bz2`` safely into ``dest``; return ``dest``.
+
+    Raises
+    ------
+    ArchiveError
+        Naming the archive, the offending member and why; ``dest`` is then not created.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if dest.exists():
+        raise ArchiveError(f"{dest} already exists; extract into a new folder")
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    budget = [max_bytes]
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, tmp, budget, max_bytes)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, tmp, budget, max_bytes)
+        else:
+            raise ArchiveError(f"{archive}: not a zip or tar archive")
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _extract_zip(archive: Path, out: Path, budget: list[int], max_bytes: int) -> None:
+    try:
+        z = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:
+        raise ArchiveError(f"{archive}: corrupt zip archive ({exc})") from None
+    with z:
+        infos = z.infolist()
+        for info in infos:
+            _safe_member(info.filename, archive)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise ArchiveError(f"{archive}: member {info.filename!r} is a symbolic link; refused")
+        if sum(i.file_size for i in infos) > max_bytes:
+            raise ArchiveError(f"{archive}: declares {sum(i.file_size for i in infos):,} bytes, over the "
+                               f"limit of {max_bytes:,}; refused")
+        for info in infos:
+            target = out / _safe_member(info.filename, archive)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with z.open(info) as src, open(target, "wb") as dst:
+                    _copy_limited(src, dst, budget, archive, info.filename)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise ArchiveError(f"{archive}: cannot extract {info.filename!r}: {exc}") from None
+
+
+def _extract_tar(archive: Path, out: Path, budget: list[int], max_bytes: int) -> None:
+    try:
+        t = tarfile.open(archive)
+    except (tarfile.TarError, OSError) as exc:
+        raise ArchiveError(f"{archive}: corrupt tar archive ({exc})") from None
+    with t:
+        try:
+            members = t.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ArchiveError(f"{archive}: corrupt tar archive ({exc})") from None
+        for m in members:
+            _safe_member(m.name, archive)
+            if not (m.isfile() or m.isdir()):
+                kind = "link" if (m.issym() or m.islnk()) else "special file"
+                raise ArchiveError(f"{archive}: member {m.name!r} is a {kind}; refused")
+        if sum(m.size for m in members) > max_bytes:
+            raise ArchiveError(f"{archive}: declares {sum(m.size for m in members):,} bytes, over the "
+                               f"limit of {max_bytes:,}; refused")
+        for m in members:
+            target = out / _safe_member(m.name, archive)
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                src = t.extractfile(m)
+                with src, open(target, "wb") as dst:
+                    _copy_limited(src, dst, budget, archive, m.name)
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise ArchiveError(f"{archive}: cannot extract {m.name!r}: {exc}") from None
+
+
+def find_records(root: str | Path) -> list[Path]:
+    """WFDB records under ``root`` (nested folders too): the paths of their ``.hea`` files without the suffix."""
+    root = Path(root)
+    return sorted(p.with_suffix("") for p in root.rglob("*.hea") if p.is_file())
