@@ -10,12 +10,15 @@ so a refused archive leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
 import tarfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO, Callable
 
 from pipeline.errors import PipelineError
 
@@ -71,31 +74,56 @@ def extract_archive(archive: str | Path, dest: str | Path, *, max_bytes: int = D
     return dest
 
 
+@dataclass(frozen=True)
+class _Member:
+    """What the shared extraction needs to know of a zip or tar member."""
+
+    name: str
+    size: int
+    is_dir: bool
+    refusal: str  #: why the member may not be extracted ("" when it may)
+    open: Callable[[], IO[bytes]]
+
+
+def _extract_members(archive: Path, members: list[_Member], out: Path, budget: list[int], max_bytes: int,
+                     errors: tuple[type[BaseException], ...]) -> None:
+    """Check every member first (paths, kinds, declared size), then stream each file out under the size budget."""
+    for m in members:
+        _safe_member(m.name, archive)
+        if m.refusal:
+            raise ArchiveError(f"{archive}: member {m.name!r} is a {m.refusal}; refused")
+    declared = sum(m.size for m in members)
+    if declared > max_bytes:
+        raise ArchiveError(f"{archive}: declares {declared:,} bytes, over the limit of {max_bytes:,}; refused")
+    for m in members:
+        target = out / _safe_member(m.name, archive)
+        if m.is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with m.open() as src, open(target, "wb") as dst:
+                _copy_limited(src, dst, budget, archive, m.name)
+        except errors as exc:
+            raise ArchiveError(f"{archive}: cannot extract {m.name!r}: {exc}") from None
+
+
 def _extract_zip(archive: Path, out: Path, budget: list[int], max_bytes: int) -> None:
     try:
         z = zipfile.ZipFile(archive)
     except zipfile.BadZipFile as exc:
         raise ArchiveError(f"{archive}: corrupt zip archive ({exc})") from None
     with z:
-        infos = z.infolist()
-        for info in infos:
-            _safe_member(info.filename, archive)
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise ArchiveError(f"{archive}: member {info.filename!r} is a symbolic link; refused")
-        if sum(i.file_size for i in infos) > max_bytes:
-            raise ArchiveError(f"{archive}: declares {sum(i.file_size for i in infos):,} bytes, over the "
-                               f"limit of {max_bytes:,}; refused")
-        for info in infos:
-            target = out / _safe_member(info.filename, archive)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with z.open(info) as src, open(target, "wb") as dst:
-                    _copy_limited(src, dst, budget, archive, info.filename)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise ArchiveError(f"{archive}: cannot extract {info.filename!r}: {exc}") from None
+        members = [_Member(i.filename, i.file_size, i.is_dir(),
+                           "symbolic link" if stat.S_ISLNK(i.external_attr >> 16) else "",
+                           functools.partial(z.open, i)) for i in z.infolist()]
+        _extract_members(archive, members, out, budget, max_bytes, (zipfile.BadZipFile, OSError, EOFError))
+
+
+def _tar_refusal(m: tarfile.TarInfo) -> str:
+    if m.isfile() or m.isdir():
+        return ""
+    return "link" if (m.issym() or m.islnk()) else "special file"
 
 
 def _extract_tar(archive: Path, out: Path, budget: list[int], max_bytes: int) -> None:
@@ -105,29 +133,12 @@ def _extract_tar(archive: Path, out: Path, budget: list[int], max_bytes: int) ->
         raise ArchiveError(f"{archive}: corrupt tar archive ({exc})") from None
     with t:
         try:
-            members = t.getmembers()
+            infos = t.getmembers()
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ArchiveError(f"{archive}: corrupt tar archive ({exc})") from None
-        for m in members:
-            _safe_member(m.name, archive)
-            if not (m.isfile() or m.isdir()):
-                kind = "link" if (m.issym() or m.islnk()) else "special file"
-                raise ArchiveError(f"{archive}: member {m.name!r} is a {kind}; refused")
-        if sum(m.size for m in members) > max_bytes:
-            raise ArchiveError(f"{archive}: declares {sum(m.size for m in members):,} bytes, over the "
-                               f"limit of {max_bytes:,}; refused")
-        for m in members:
-            target = out / _safe_member(m.name, archive)
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                src = t.extractfile(m)
-                with src, open(target, "wb") as dst:
-                    _copy_limited(src, dst, budget, archive, m.name)
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                raise ArchiveError(f"{archive}: cannot extract {m.name!r}: {exc}") from None
+        members = [_Member(m.name, m.size, m.isdir(), _tar_refusal(m), functools.partial(t.extractfile, m))
+                   for m in infos]
+        _extract_members(archive, members, out, budget, max_bytes, (tarfile.TarError, OSError, EOFError))
 
 
 def find_records(root: str | Path) -> list[Path]:
