@@ -187,3 +187,67 @@ class TrainConfig:
 def train_config_from_dict(data: dict[str, Any] | None) -> TrainConfig:
     """Validate ``data`` against ``schemas/train-config.schema.json`` and build a ``TrainConfig``."""
     return TrainConfig(**_validated(data, "train-config.schema.json"))
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """R-peak detector parameters (``pipeline.detect.DetectorSpec``)."""
+
+    band_hz: tuple[float, float] = (5.0, 15.0)
+    integration_s: float = 0.150
+    refractory_s: float = 0.200
+    block_s: float = 3.0
+    threshold: float = 0.14
+    search_s: float = 0.075
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything the scoring job needs besides the model, input and output.
+
+    The beat window and STFT are not here: they come from the model, so scoring
+    cannot use other settings than the model was trained with.
+    """
+
+    leads: tuple[str, ...] | None = None
+    lead_fallback: Literal["fail", "first"] = "first"
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    piece_s: float = 1800.0
+    batch_size: int = 4096
+    match_tolerance_s: float = 0.150
+    chunk_size: int = 65536
+    max_archive_bytes: int = 8 * 2**30
+    flush_s: float = 2.0
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the keys that change which beats are found and how they are scored."""
+        d = self.to_dict()
+        content = {k: d[k] for k in ("leads", "lead_fallback", "detector", "match_tolerance_s")}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def score_config_from_dict(data: dict[str, Any] | None) -> ScoreConfig:
+    """Validate ``data`` against ``schemas/score-config.schema.json`` and build a ``ScoreConfig``."""
+    data = _validated(data, "score-config.schema.json")
+    kwargs: dict[str, Any] = dict(data)
+    if "detector" in data:
+        det = dict(data["detector"])
+        if "band_hz" in det:
+            det["band_hz"] = tuple(det["band_hz"])
+            if not det["band_hz"][0] < det["band_hz"][1]:
+                raise ConfigError(f"detector.band_hz {list(det['band_hz'])}: low edge must be below high edge")
+        kwargs["detector"] = DetectorConfig(**det)
+    if "download" in data:
+        kwargs["download"] = DownloadConfig(**data["download"])
+    if data.get("leads") is not None:
+        kwargs["leads"] = tuple(data["leads"])
+    return ScoreConfig(**kwargs)
+
+
+def load_score_config(path: str | Path | None) -> ScoreConfig:
+    """Read a scoring YAML configuration file (``None`` gives the defaults)."""
+    return _load_yaml(path, score_config_from_dict, ScoreConfig)

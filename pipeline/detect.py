@@ -32,8 +32,12 @@ class DetectorSpec:
     search_s: float = 0.075
 
 
-def detect_r_peaks(x: np.ndarray, fs: float, spec: DetectorSpec | None = None) -> np.ndarray:
+def detect_r_peaks(x: np.ndarray, fs: float, spec: DetectorSpec | None = None, origin: int = 0) -> np.ndarray:
     """Sample indices of R peaks in one lead ``x`` (physical units, NaNs allowed).
+
+    ``origin`` is the index of ``x[0]`` in the whole record: the local-level blocks
+    are laid on the record's grid, so pieces of a record cut with a few seconds of
+    margin find the same peaks as the whole record does.
 
     Returns
     -------
@@ -54,10 +58,11 @@ def detect_r_peaks(x: np.ndarray, fs: float, spec: DetectorSpec | None = None) -
 
     # Local level: a high percentile of each block, interpolated between block centres.
     block = max(int(spec.block_s * fs), width)
-    n_blocks = -(-n // block)
-    padded = np.pad(mwi, (0, n_blocks * block - n), mode="edge").reshape(n_blocks, block)
+    lead = origin % block  # samples of x before its first block boundary on the record's grid
+    n_blocks = -(-(n + lead) // block)
+    padded = np.pad(mwi, (lead, n_blocks * block - n - lead), mode="edge").reshape(n_blocks, block)
     level = np.percentile(padded, 98, axis=1)
-    centres = np.arange(n_blocks) * block + block / 2
+    centres = np.arange(n_blocks) * block + block / 2 - lead
     level = np.interp(np.arange(n), centres, level)
     peaks, _ = signal.find_peaks(mwi, height=spec.threshold * level, distance=max(int(spec.refractory_s * fs), 1))
     if not peaks.size:

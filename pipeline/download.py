@@ -165,7 +165,11 @@ def fetch_manifest(source: str, db: str, version: str, policy: RetryPolicy = Ret
     that needs one fails on its own download.
     """
     fs, root = open_source(source, policy)
-    base = database_root(root, db, version)
+    return read_manifest(fs, database_root(root, db, version), policy)
+
+
+def read_manifest(fs: AbstractFileSystem, base: str, policy: RetryPolicy = RetryPolicy()) -> Manifest:
+    """``fetch_manifest`` for any folder ``base`` of ``fs`` (``RECORDS`` and ``SHA256SUMS.txt`` are optional)."""
     try:
         # Names are checked (safe_name) by the task of each record, so one hostile entry fails alone.
         records = tuple(read_text(fs, posixpath.join(base, "RECORDS"), policy).split())

@@ -140,6 +140,51 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{path}: not a .keras archive ({exc})") from None
 
 
+def _class_names(config: Any) -> set[str]:
+    """Every ``class_name`` in a Keras config tree."""
+    names: set[str] = set()
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("class_name"), str):
+                names.add(node["class_name"])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return names
+
+
+def check_archive(path: str | Path) -> dict[str, Any]:
+    """Refuse a model file that is not a plain ``.keras`` archive, without importing TensorFlow.
+
+    A cheap first check for jobs that load the model elsewhere (on Dask workers):
+    the suffix, the zip container, a parseable ``config.json`` and no ``Lambda``
+    layer. ``load_model`` (Keras safe mode) stays the real gate. Returns the
+    ``ecg_pipeline.json`` metadata.
+
+    Raises
+    ------
+    ModelError
+        Naming the file and the reason.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"no model file at {path}")
+    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
+        raise ModelError(f"{path}: only native .keras model archives are loaded (pickles, .h5 and SavedModel "
+                         "directories can run code on load and are refused)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
+    except (KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{path}: not a Keras model archive (no readable config.json: {exc})") from None
+    if "Lambda" in _class_names(config):
+        raise ModelError(f"{path}: refused: the model holds a Lambda layer, whose code would run on load "
+                         "(Keras safe mode)")
+    return read_metadata(path)
+
+
 def load_model(path: str | Path, *, compile: bool = False):
     """Load a ``.keras`` model safely; return ``(model, metadata)``.
 
@@ -153,12 +198,7 @@ def load_model(path: str | Path, *, compile: bool = False):
         Naming the file and the reason it was refused.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"no model file at {path}")
-    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
-        raise ModelError(f"{path}: only native .keras model archives are loaded (pickles, .h5 and SavedModel "
-                         "directories can run code on load and are refused)")
-    metadata = read_metadata(path)
+    metadata = check_archive(path)
     keras = _keras()
     try:
         model = keras.models.load_model(path, compile=compile, safe_mode=True)

@@ -48,7 +48,7 @@ def store_schema() -> dict[str, Any]:
     return schemas.load(SCHEMA_FILE)
 
 
-def _now() -> str:
+def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -118,7 +118,7 @@ def chunk_fingerprint(config_fingerprint: str, parts: Sequence[tuple[str, str, i
     return hashlib.sha256(blob).hexdigest()
 
 
-def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None):
+def open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None):
     return zarr.open_group(store=path, mode=mode, zarr_format=3, storage_options=dict(storage_options or {}) or None,
                            use_consolidated=False)
 
@@ -132,11 +132,15 @@ COMPRESSORS = {
 }
 
 
-def _create_array(group, name: str, spec: Mapping[str, Any], shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str,
-                  compressor: str = "blosc-lz4"):
+def create_array(group, name: str, spec: Mapping[str, Any], shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str,
+                 compressor: str = "blosc-lz4", coordinates: Sequence[str] = ()):
+    """Create (or replace) array ``name`` of ``group`` as a schema entry ``spec`` describes it.
+
+    ``coordinates`` names variables xarray should read as this array's coordinates.
+    """
     attrs = dict(spec.get("attrs", {}))
-    if name == "spectrogram":
-        attrs["coordinates"] = " ".join(SEGMENT_COORDS)  # xarray reads these as coordinates
+    if coordinates:
+        attrs["coordinates"] = " ".join(coordinates)
     if dtype == "str":
         compressors: Any = "auto"
     else:
@@ -203,7 +207,7 @@ def prepare(
     group = None
     if not overwrite:
         try:
-            group = _open_group(path, "r+", storage_options)
+            group = open_group(path, "r+", storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             group = None
         except Exception as exc:  # noqa: BLE001 - e.g. a zarr v2 store or a plain folder
@@ -219,10 +223,10 @@ def prepare(
                     f"{path} was written with a different {key} ({old.get(key)!r}, now {attrs.get(key)!r}); "
                     "re-running can only resume an identical job: pass --overwrite or choose another --out"
                 )
-        attrs["created"] = old.get("created") or _now()
+        attrs["created"] = old.get("created") or now()
     else:
-        attrs.setdefault("created", _now())
-        group = _open_group(path, "w", storage_options)
+        attrs.setdefault("created", now())
+        group = open_group(path, "w", storage_options)
 
     sizes = _dim_sizes(layout)
     held: list[str] = [""] * layout.n_chunks
@@ -234,7 +238,8 @@ def prepare(
         want = dtype if name == "spectrogram" else spec["dtype"][0]
         existing = group.get(name)
         if existing is None:
-            _create_array(group, name, spec, shape, chunks, want, compressor)
+            create_array(group, name, spec, shape, chunks, want, compressor,
+                         coordinates=SEGMENT_COORDS if name == "spectrogram" else ())
         elif existing.shape != shape:  # dtype and chunks are fixed by the config fingerprint
             existing.resize(shape)
     group["freq"][:] = coords["freq"]
@@ -250,7 +255,7 @@ def prepare(
         held_old = list(fp[:]) if n_old else []
         fp.resize((layout.n_chunks,))
         held = [str(h) for h in held_old[: layout.n_chunks]] + [""] * max(0, layout.n_chunks - n_old)
-    attrs.update(complete=False, updated=_now(), n_segments=layout.n_segments, n_records=len(layout.records),
+    attrs.update(complete=False, updated=now(), n_segments=layout.n_segments, n_records=len(layout.records),
                  chunk_size=layout.chunk_size)
     group.attrs.update(attrs)
     return held
@@ -295,7 +300,7 @@ async def _write_chunk(path, k, segments, spectrogram, labels, fingerprint, stor
 
 def write_record_table(path: str, table: Mapping[str, np.ndarray], storage_options: Mapping[str, Any] | None = None) -> None:
     """(Re)write the per-record table: ``record_id`` and every ``record_*`` variable of the schema."""
-    group = _open_group(path, "r+", storage_options)
+    group = open_group(path, "r+", storage_options)
     n = len(table["record_id"])
     for name, spec in store_schema()["variables"].items():
         if spec["dims"] != ["record_id"]:
@@ -303,20 +308,20 @@ def write_record_table(path: str, table: Mapping[str, np.ndarray], storage_optio
         values = np.asarray(table[name], dtype=object if spec["dtype"][0] == "str" else spec["dtype"][0])
         if values.shape != (n,):
             raise StoreError(f"record table column {name} has shape {values.shape}, expected ({n},)")
-        arr = _create_array(group, name, spec, (n,), (max(n, 1),), spec["dtype"][0])
+        arr = create_array(group, name, spec, (n,), (max(n, 1),), spec["dtype"][0])
         if n:
             arr[:] = values
 
 
 def finish(path: str, attrs: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> None:
     """Update the group attributes at the end of a job (``complete`` and the summary)."""
-    group = _open_group(path, "r+", storage_options)
-    group.attrs.update({**attrs, "updated": _now()})
+    group = open_group(path, "r+", storage_options)
+    group.attrs.update({**attrs, "updated": now()})
 
 
 def read_fingerprints(path: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Per segment chunk, the fingerprint of what it holds ("" for nothing)."""
-    group = _open_group(path, "r", storage_options)
+    group = open_group(path, "r", storage_options)
     return [str(x) for x in group[f"{STATE_GROUP}/{FINGERPRINT}"][:]]
 
 
@@ -342,6 +347,23 @@ def validate(ds: xr.Dataset, *, require_complete: bool = True, where: str = "dat
     if require_complete and ds.attrs.get("package") == "ecg-pipeline" and not ds.attrs.get("complete"):
         raise StoreError(f"{where}: the job that writes this store has not finished (attrs complete=false): "
                          "re-run `ecg-pipeline preprocess` with the same --out to finish it")
+    problems = schema_problems(ds, schema)
+    if not problems:
+        if ds.attrs.get("n_segments") != ds.sizes.get("segment"):
+            problems.append(f"attrs n_segments={ds.attrs.get('n_segments')} but dimension segment has {ds.sizes.get('segment')}")
+        if require_complete:
+            n = ds["record_n_beats"].values
+            off = ds["record_offset"].values
+            tiles = int(n.sum()) == ds.sizes["segment"] and np.array_equal(off, np.concatenate([[0], np.cumsum(n)[:-1]]))
+            if len(n) and not tiles:
+                problems.append("per-record table (record_offset, record_n_beats) does not tile the segment dimension")
+    if problems:
+        raise StoreError(f"{where} does not match {SCHEMA_FILE}:\n  " + "\n  ".join(problems))
+    return ds
+
+
+def schema_problems(ds: xr.Dataset, schema: Mapping[str, Any]) -> list[str]:
+    """Mismatches between ``ds`` and a store schema: variables, dims, dtypes, coordinate roles, attributes."""
     problems: list[str] = []
     for name, spec in schema["variables"].items():
         if name not in ds.variables:
@@ -357,18 +379,7 @@ def validate(ds: xr.Dataset, *, require_complete: bool = True, where: str = "dat
     validator = jsonschema.Draft202012Validator(schema["attrs"])
     for err in validator.iter_errors(dict(ds.attrs)):
         problems.append(f"attribute {'.'.join(map(str, err.absolute_path)) or '<root>'}: {err.message}")
-    if not problems:
-        if ds.attrs.get("n_segments") != ds.sizes.get("segment"):
-            problems.append(f"attrs n_segments={ds.attrs.get('n_segments')} but dimension segment has {ds.sizes.get('segment')}")
-        if require_complete:
-            n = ds["record_n_beats"].values
-            off = ds["record_offset"].values
-            tiles = int(n.sum()) == ds.sizes["segment"] and np.array_equal(off, np.concatenate([[0], np.cumsum(n)[:-1]]))
-            if len(n) and not tiles:
-                problems.append("per-record table (record_offset, record_n_beats) does not tile the segment dimension")
-    if problems:
-        raise StoreError(f"{where} does not match {SCHEMA_FILE}:\n  " + "\n  ".join(problems))
-    return ds
+    return problems
 
 
 def open_dataset(

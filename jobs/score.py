@@ -1,0 +1,619 @@
+"""The scoring job: a trained beat model + an archive of ECG records -> per-beat scores in Zarr.
+
+Composed from the stages in ``pipeline``:
+
+1. ``sources.resolve_source`` (driver) turns ``--input`` into a record source
+   (a folder, an extracted archive, any fsspec folder, a PhysioNet database), and
+   one task lists its records (``prepare``) where the source is reachable.
+2. ``score_record`` (one task per record): fetch the record (``sources``), read
+   its header and one lead (``records``), find R peaks (``detect``), cut windows
+   (``segment``), compute spectrograms with the model's own STFT parameters
+   (``spectrogram``) and score them with the model, which a ``ModelPlugin``
+   loaded once on each worker. With reference annotations, detections are matched
+   to reference beats within 150 ms (``detect.match_beats``). Records longer than
+   ``piece_s`` come back as a list of pieces, and one task scores each.
+3. The driver commits finished records to the scores store (``scores``) every
+   ``flush_s`` seconds; records already in the store are skipped by a re-run.
+
+Nothing in the driver imports TensorFlow: the model is checked statically here and
+loaded in Keras safe mode on the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from distributed import Client, WorkerPlugin, as_completed, get_worker
+from scipy import signal as sps
+
+import pipeline
+from pipeline import detect, models, records, scores, segment, sources, spectrogram
+from pipeline.config import ScoreConfig
+from pipeline.databases import DATABASES
+from pipeline.download import RetryPolicy
+from pipeline.errors import PipelineError, RecordError
+from pipeline.evaluate import classification_metrics
+from pipeline.labels import label_beats
+
+log = logging.getLogger(__name__)
+
+MARGIN_S = 10.0  #: signal read on each side of a piece, so the detector and windows see the same context
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What scoring needs to know of a model, read from its ``ecg_pipeline.json`` (no TensorFlow)."""
+
+    path: str
+    sha256: str
+    spec: spectrogram.SpectrogramSpec
+    classes: tuple[str, ...]
+    input_dtype: str
+    label_map: Mapping[str, str]
+    database: str
+    leads: tuple[str, ...]
+    annotator: str
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ModelInfo":
+        """Check ``path`` (``models.check_archive``) and read its metadata.
+
+        Raises
+        ------
+        models.ModelError
+            Not a safe ``.keras`` archive, not a beat model, or no pipeline metadata.
+        """
+        meta = models.check_archive(path)
+        if not meta:
+            raise models.ModelError(f"{path}: has no ecg_pipeline.json metadata (not saved by `ecg-pipeline train`), "
+                                    "so the window and STFT it was trained with are unknown; refused")
+        if meta.get("task") != "beat":
+            raise models.ModelError(f"{path}: a {meta.get('task')!r} model; `score` scores beat models")
+        st = meta["store"]
+        sp = st["spectrogram"]
+        spec = spectrogram.SpectrogramSpec(
+            fs=float(sp["fs"]), n_before=int(sp["n_before"]), n_after=int(sp["n_after"]), nperseg=int(sp["nperseg"]),
+            hop=int(sp["hop"]), nfft=int(sp["nfft"]), window=sp["window"], detrend=sp.get("detrend", "constant"),
+            log_eps=float(sp["log_eps"]))
+        db = DATABASES.get(st.get("database", ""))
+        pre = st.get("preprocess_config") or {}
+        leads = tuple(pre.get("leads") or (db.leads if db else ()))
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        return cls(path=str(path), sha256=digest, spec=spec, classes=tuple(meta["classes"]),
+                   input_dtype=meta.get("input", {}).get("dtype", "float32"), label_map=dict(st.get("label_map", {})),
+                   database=st.get("database", ""), leads=leads, annotator=db.annotator if db else "atr")
+
+
+class ModelPlugin(WorkerPlugin):
+    """Loads the model once per worker (Keras safe mode), for every task of the job.
+
+    The plugin carries the model file's bytes, so workers need no access to the
+    driver's disk; a worker that joins (or restarts) later gets it too.
+    """
+
+    def __init__(self, info: ModelInfo):
+        self.name = f"ecg-pipeline-model-{info.sha256[:16]}"
+        self.info = info
+        self.payload = Path(info.path).read_bytes()
+        self.model = None
+
+    async def setup(self, worker) -> None:
+        # Importing TensorFlow and loading take seconds: off the worker's event loop, so heartbeats go on.
+        await asyncio.get_running_loop().run_in_executor(None, self._load, worker)
+
+    def _load(self, worker) -> None:
+        _limit_tf_threads(worker.state.nthreads)
+        folder = Path(getattr(worker, "local_directory", None) or tempfile.gettempdir())
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            path = Path(tmp) / "model.keras"
+            path.write_bytes(self.payload)
+            if hashlib.sha256(self.payload).hexdigest() != self.info.sha256:
+                raise models.ModelError(f"{self.info.path}: bytes changed in transit")
+            self.model, _ = models.load_model(path)
+        # Trace the model for a full and a smaller batch now: TensorFlow then generalises the batch
+        # dimension, so records of any length do not retrace it (about 1 s each) during the job.
+        shape = (self.info.spec.n_freq, self.info.spec.n_time)
+        for n in (256, 255):
+            self.model.predict_on_batch(np.zeros((n, *shape), dtype=self.info.input_dtype))
+
+    def teardown(self, worker) -> None:
+        self.model = None
+
+    def predict(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        return predict(self.model, x, batch_size)
+
+
+def _limit_tf_threads(n: int) -> None:
+    """One TensorFlow thread pool per worker thread: two workers on two cores must not each take both."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(max(int(n), 1))
+        tf.config.threading.set_inter_op_parallelism_threads(max(int(n), 1))
+    except RuntimeError:
+        pass  # TensorFlow already ran in this process: its pools are fixed
+
+
+def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities of ``x`` in batches (``predict_on_batch``: no per-call dataset set-up)."""
+    if not len(x):
+        return np.zeros((0, model.output_shape[-1]), np.float32)
+    return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + batch_size]), dtype=np.float32)
+                           for i in range(0, len(x), batch_size)])
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What every task needs; small and picklable (the source travels as a scattered future)."""
+
+    info: ModelInfo
+    config: ScoreConfig
+    annotator: str | None  #: annotation extension to compare with, None for no comparison
+    require_reference: bool  #: --annotations given explicitly
+    cache_dir: str | None
+    plugin: str
+
+    @property
+    def policy(self) -> RetryPolicy:
+        d = self.config.download
+        return RetryPolicy(d.retries, d.backoff_s, d.timeout_s)
+
+    def cache(self) -> Path:
+        from jobs.preprocess import default_cache_dir
+
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+    def leads(self) -> tuple[str, ...]:
+        return self.config.leads or self.info.leads
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples ``[start, stop)`` of a record (native sampling rate): one task's share of a long record."""
+
+    record: str
+    index: int
+    n_pieces: int
+    start: int
+    stop: int
+
+
+@dataclass
+class SpanScores:
+    """Beats found and scored in one piece."""
+
+    sample: np.ndarray  #: scored R peaks (record samples)
+    probability: np.ndarray
+    detected: np.ndarray  #: every R peak the piece owns, scored or not
+    n_dropped_edge: int
+    n_dropped_invalid: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[stage] += time.perf_counter() - self.t
+
+        return _Span()
+
+
+def resample(x: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
+    """``x`` at ``fs_out`` (polyphase FIR; the identity when the rates are equal)."""
+    if fs_in == fs_out:
+        return x
+    ratio = Fraction(fs_out / fs_in).limit_denominator(1000)
+    return sps.resample_poly(np.asarray(x, np.float64), ratio.numerator, ratio.denominator).astype(np.float32)
+
+
+def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, sig_len: int, info: ModelInfo,
+               config: ScoreConfig, predict_fn: Callable[[np.ndarray], np.ndarray]) -> SpanScores:
+    """Detect, window, transform and score the beats of ``[start, stop)``.
+
+    Parameters
+    ----------
+    x
+        The lead, record samples ``[first, first + len(x))`` at ``fs``, with margin
+        around ``[start, stop)`` where the record has it.
+    info
+        The model: its sampling rate, window and STFT (``x`` is resampled to its rate).
+    predict_fn
+        Spectrograms (model input dtype) -> probabilities.
+    """
+    timer = _Timer()
+    fsm = info.spec.fs
+    scale = fsm / fs
+    with timer("resample"):
+        xm = resample(x, fs, fsm)
+    with timer("detect"):
+        d = config.detector
+        peaks = detect.detect_r_peaks(xm, fsm, detect.DetectorSpec(d.band_hz, d.integration_s, d.refractory_s,
+                                                                  d.block_s, d.threshold, d.search_s),
+                                      origin=int(round(first * scale)))
+        native = first + np.round(peaks / scale).astype(np.int64)
+        own = (native >= start) & (native < stop)
+        peaks, native = peaks[own], native[own]
+    with timer("segment"):
+        window = segment.WindowSpec(info.spec.n_before, info.spec.n_after)
+        # Windows must lie inside the record; the span holds them wherever the record does.
+        inside = segment.in_bounds(peaks, len(xm), window)
+        finite = np.zeros_like(inside)
+        finite[inside] = segment.finite_windows(xm, peaks[inside], window)
+        keep = inside & finite
+        windows = segment.extract_windows(xm, peaks[keep], window)
+    with timer("stft"):
+        spec = spectrogram.spectrogram(windows, info.spec).astype(info.input_dtype)
+    with timer("model"):
+        prob = predict_fn(spec)
+    return SpanScores(native[keep], prob, native, int((~inside).sum()), int((inside & ~finite).sum()),
+                      dict(timer.seconds))
+
+
+@dataclass
+class PieceResult:
+    """One task's result: the scores of a piece, or the pieces a long record splits into."""
+
+    record: str
+    piece: int = 0
+    split: list[Piece] = field(default_factory=list)  #: non-empty: score these pieces instead
+    scores: scores.RecordScores | None = None
+    detected: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _reference(ctx: ScoreContext, local: sources.LocalRecord, start: int,
+               stop: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Reference beats of ``[start, stop)``: ``(sample, AAMI class)``, or None without annotations."""
+    if not ctx.annotator or not local.annotation:
+        if ctx.require_reference and ctx.annotator:
+            raise RecordError(local.record, "annotations", f"no {local.record}.{ctx.annotator} (asked for by --annotations)")
+        return None
+    ann = records.read_annotations(local.base, local.record, ctx.annotator)
+    beats = label_beats(ann.sample, ann.symbol, ctx.info.label_map, "Q")
+    sel = (beats.sample >= start) & (beats.sample < stop)
+    return beats.sample[sel], beats.label[sel].astype(object)
+
+
+def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, piece: Piece | None = None) -> PieceResult:
+    """Task: score one record, or one piece of a long one. Record problems become ``scores.status``."""
+    t0 = time.perf_counter()
+    out = PieceResult(record, piece.index if piece else 0)
+    result = scores.RecordScores(record)
+    try:
+        local = source.fetch(record, ctx.annotator, ctx.cache(), ctx.policy)
+        result.checksum = local.checksum
+        header = records.read_header(local.base, record)
+        lead = records.choose_lead(header, ctx.leads(), ctx.config.lead_fallback)
+        result.lead, result.lead_fallback, result.fs, result.sig_len = lead.name, lead.fallback, header.fs, header.sig_len
+        piece_len = int(ctx.config.piece_s * header.fs)
+        if piece is None and header.sig_len > piece_len:
+            n = -(-header.sig_len // piece_len)
+            out.split = [Piece(record, i, n, i * piece_len, min((i + 1) * piece_len, header.sig_len)) for i in range(n)]
+            return out
+        start, stop = (piece.start, piece.stop) if piece else (0, header.sig_len)
+        margin = int(MARGIN_S * header.fs)
+        first, last = max(start - margin, 0), min(stop + margin, header.sig_len)
+        x = records.read_signal(local.base, header, lead, first, last)
+        model = get_worker().plugins[ctx.plugin]
+        span = score_span(x, header.fs, first, start, stop, header.sig_len, ctx.info, ctx.config,
+                          lambda s: model.predict(s, ctx.config.batch_size))
+        result.sample, result.probability = span.sample, span.probability
+        result.n_detected, result.n_dropped_edge, result.n_dropped_invalid = (
+            len(span.detected), span.n_dropped_edge, span.n_dropped_invalid)
+        out.detected, out.seconds = span.detected, span.seconds
+        ref = _reference(ctx, local, start, stop)
+        result.reference = np.full(len(span.sample), "", dtype=object)
+        if ref is not None:
+            ref_sample, ref_label = ref
+            m = detect.match_beats(ref_sample, span.detected, header.fs, ctx.config.match_tolerance_s)
+            result.reference_file, result.n_reference = ctx.annotator or "", m.n_ref
+            result.tp, result.fn, result.fp = m.tp, m.n_ref - m.tp, m.n_det - m.tp
+            matched = np.full(len(span.detected), "", dtype=object)
+            matched[m.det_index] = ref_label[m.ref_index]
+            result.reference = matched[np.isin(span.detected, span.sample)]
+    except RecordError as exc:
+        result.status, result.error = "failed", f"{exc.stage}: {exc.message}"
+    except Exception as exc:  # noqa: BLE001 - one bad record must not sink the job
+        result.status, result.error = "failed", f"score: {type(exc).__name__}: {exc}"
+        log.exception("record %s", record)
+    result.seconds = time.perf_counter() - t0
+    out.scores = result
+    return out
+
+
+def merge_pieces(parts: Sequence[PieceResult], refractory_s: float) -> scores.RecordScores:
+    """One record's scores from its pieces (in order); a beat found on both sides of a cut is kept once."""
+    parts = sorted(parts, key=lambda p: p.piece)
+    failed = [p.scores for p in parts if p.scores.status != "ok"]
+    base = parts[0].scores
+    if failed:
+        return scores.RecordScores(base.record, "failed", failed[0].error, base.checksum, base.lead, base.lead_fallback,
+                                   base.fs, base.sig_len, seconds=sum(p.scores.seconds for p in parts))
+    r = [p.scores for p in parts]
+    sample = np.concatenate([s.sample for s in r])
+    # Only across cuts: within a piece the detector already keeps beats a refractory period apart.
+    keep = np.ones(len(sample), bool)
+    cuts = np.cumsum([len(s.sample) for s in r])[:-1]
+    for c in cuts:
+        if 0 < c < len(sample):
+            j = c
+            while j < len(sample) and sample[j] - sample[c - 1] < refractory_s * base.fs:
+                keep[j] = False
+                j += 1
+    out = scores.RecordScores(
+        base.record, "ok", "", base.checksum, base.lead, base.lead_fallback, base.fs, base.sig_len,
+        sample=sample[keep], probability=np.concatenate([s.probability for s in r])[keep],
+        reference=np.concatenate([s.reference for s in r])[keep],
+        n_detected=sum(s.n_detected for s in r) - int((~keep).sum()),
+        n_dropped_edge=sum(s.n_dropped_edge for s in r), n_dropped_invalid=sum(s.n_dropped_invalid for s in r),
+        reference_file=base.reference_file, n_reference=sum(s.n_reference for s in r), tp=sum(s.tp for s in r),
+        fn=sum(s.fn for s in r), fp=sum(s.fp for s in r), seconds=sum(s.seconds for s in r))
+    return out
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One run of the scoring job.
+
+    Attributes
+    ----------
+    model
+        ``model.keras`` written by ``ecg-pipeline train``.
+    out
+        Scores store (path or fsspec URL).
+    input
+        Folder, archive, or fsspec URL of records; or None with ``db``.
+    source, db, version
+        A PhysioNet-style database: ``<source>/<db>/<version>``.
+    records
+        Score only these records (names as the source lists them).
+    annotations
+        ``"auto"``: compare with the model database's annotation files where a
+        record has one; an extension (``"atr"``): compare, and fail records that lack
+        it; None: no comparison.
+    summary
+        Per-record table file (``.csv`` or ``.parquet``); None: ``<out stem>.records.csv``.
+    work_dir
+        Where archives are fetched and extracted; None: ``<cache>/archives``.
+    """
+
+    model: str
+    out: str
+    input: str | None = None
+    source: str | None = None
+    db: str | None = None
+    version: str | None = None
+    records: tuple[str, ...] | None = None
+    annotations: str | None = "auto"
+    config: ScoreConfig = field(default_factory=ScoreConfig)
+    cache_dir: str | None = None
+    work_dir: str | None = None
+    summary: str | None = None
+    overwrite: bool = False
+    storage_options: Mapping[str, Any] | None = None
+
+
+@dataclass
+class ScoreReport:
+    """What a run did."""
+
+    out: str
+    summary: str
+    input: str
+    n_records: int
+    n_scored: int  #: records scored by this run
+    n_skipped: int  #: records already in the store
+    failed: list[tuple[str, str]]
+    beats_per_class: dict[str, int]
+    n_beats: int
+    n_beats_run: int  #: beats scored by this run
+    reference: dict[str, Any] | None
+    wall_s: float
+    stage_s: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def beats_per_s(self) -> float:
+        return self.n_beats_run / self.wall_s if self.wall_s else 0.0
+
+
+def summary_path(out: str, summary: str | None) -> str:
+    if summary:
+        return summary
+    stem = out.rstrip("/")
+    stem = stem[: -len(".zarr")] if stem.endswith(".zarr") else stem
+    return stem + ".records.csv"
+
+
+def write_summary(frame, path: str) -> None:
+    """The per-record table as CSV, or Parquet for ``.parquet`` (needs pyarrow)."""
+    import fsspec
+
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise PipelineError(f"{path}: Parquet needs pyarrow (pip install 'ecg-pipeline[parquet]'); "
+                                "or name a .csv file") from None
+        with fsspec.open(path, "wb") as f:
+            frame.to_parquet(f, index=False)
+    else:
+        with fsspec.open(path, "w", newline="") as f:
+            frame.to_csv(f, index=False)
+
+
+def reference_metrics(ds_reference: np.ndarray, ds_predicted: np.ndarray, rows, classes: Sequence[str]) -> dict | None:
+    """Detector sensitivity / positive predictivity (EC57 gross) and per-class metrics of matched beats."""
+    with_ref = [r for r in rows if r["status"] == "ok" and r["reference"]]
+    if not with_ref:
+        return None
+    tp = sum(int(r["tp"]) for r in with_ref)
+    fn = sum(int(r["fn"]) for r in with_ref)
+    fp = sum(int(r["fp"]) for r in with_ref)
+    index = {c: i for i, c in enumerate(classes)}
+    matched = ds_reference != ""
+    y_true = np.array([index[c] for c in ds_reference[matched]], dtype=np.int64)
+    y_pred = np.array([index[c] for c in ds_predicted[matched]], dtype=np.int64)
+    cls = classification_metrics(y_true, y_pred, list(classes))
+    return {
+        "records": len(with_ref),
+        "detector": {"tp": tp, "fn": fn, "fp": fp, "sensitivity": tp / (tp + fn) if tp + fn else 0.0,
+                     "positive_predictivity": tp / (tp + fp) if tp + fp else 0.0,
+                     "tolerance_s": None},
+        "classification": cls,
+    }
+
+
+def run_scoring(request: ScoreRequest, client: Client,
+                progress: Callable[[str, int], Any] | None = None) -> ScoreReport:
+    """Run the job on ``client``'s cluster; return its report.
+
+    Record problems never raise (they are in the store's per-record table and the
+    summary). Raises ``PipelineError`` for problems with the job as a whole: an unsafe
+    model, an unreadable input, a store from another model.
+    """
+    from jobs.preprocess import _NoProgress, default_cache_dir
+
+    t0 = time.perf_counter()
+    progress = progress or (lambda desc, total: _NoProgress())
+    config = request.config
+    info = ModelInfo.read(request.model)
+    policy = RetryPolicy(config.download.retries, config.download.backoff_s, config.download.timeout_s)
+    cache = Path(request.cache_dir).expanduser() if request.cache_dir else default_cache_dir()
+    work_dir = Path(request.work_dir).expanduser() if request.work_dir else cache / "archives"
+    source = sources.resolve_source(request.input, source=request.source, db=request.db, version=request.version,
+                                    work_dir=work_dir, max_archive_bytes=config.max_archive_bytes, policy=policy)
+    annotator = None if request.annotations is None else (
+        info.annotator if request.annotations == "auto" else request.annotations)
+    plugin = ModelPlugin(info)
+
+    attrs = {
+        "schema_version": scores.scores_schema()["schema_version"], "kind": "beat-scores", "package": "ecg-pipeline",
+        "package_version": pipeline.__version__, "model": str(request.model), "model_sha256": info.sha256,
+        "model_database": info.database, "classes": list(info.classes), "label_map": dict(info.label_map),
+        "spectrogram": info.spec.attrs(), "detector": config.to_dict()["detector"], "input": source.description,
+        "config": config.to_dict(), "config_fingerprint": config.fingerprint(),
+    }
+    writer = scores.ScoresWriter(request.out, attrs, info.classes, config.chunk_size, overwrite=request.overwrite,
+                                 storage_options=request.storage_options)
+
+    # The source is listed where it is reachable, then shipped once to every worker.
+    source, names = client.submit(source.prepare, policy, pure=False).result()
+    if request.records:
+        unknown = sorted(set(request.records) - set(names))
+        if unknown:
+            raise sources.SourceError(f"{source.description}: no record(s) {', '.join(unknown)}")
+        names = tuple(r for r in names if r in set(request.records))
+    if not names:
+        raise sources.SourceError(f"{source.description}: no WFDB records (.hea files) found")
+    todo = [r for r in names if r not in writer.done]
+    skipped = len(names) - len(todo)
+    ctx = ScoreContext(info, config, annotator, request.annotations not in (None, "auto"), request.cache_dir,
+                       plugin.name)
+
+    stage_s: Counter[str] = Counter()
+    pending: list[scores.RecordScores] = []
+    beats_run = 0
+    if todo:
+        client.register_plugin(plugin)  # every worker loads the model now; a refused model raises here
+        try:
+            [src] = client.scatter([source], broadcast=True)
+            futures = {client.submit(score_record, ctx, src, r, key=f"score-{r}-{os.urandom(4).hex()}"): r
+                       for r in todo}
+            pieces: dict[str, list[PieceResult]] = {}
+            expected: dict[str, int] = {}
+            bar = progress("score records", len(todo))
+            last_flush = time.perf_counter()
+            done_iter = as_completed(futures)
+            for fut in done_iter:
+                r = futures.pop(fut)
+                try:
+                    res: PieceResult = fut.result()
+                except Exception as exc:  # noqa: BLE001 - the task itself died (worker lost too often, a bug)
+                    res = PieceResult(r, scores=scores.RecordScores(r, "failed", f"task: {type(exc).__name__}: {exc}"))
+                fut.release()
+                if res.split:
+                    expected[r] = len(res.split)
+                    for p in res.split:
+                        f = client.submit(score_record, ctx, src, r, p, key=f"score-{r}-{p.index}-{os.urandom(4).hex()}")
+                        futures[f] = r
+                        done_iter.add(f)
+                    continue
+                stage_s.update(res.seconds)
+                parts = pieces.setdefault(r, [])
+                parts.append(res)
+                if len(parts) < expected.get(r, 1):
+                    continue
+                rec = merge_pieces(parts, config.detector.refractory_s) if len(parts) > 1 else res.scores
+                del pieces[r]
+                pending.append(rec)
+                beats_run += rec.n_beats
+                bar.update(1)
+                if hasattr(bar, "set_postfix_str"):
+                    bar.set_postfix_str(f"{beats_run / (time.perf_counter() - t0):,.0f} beats/s", refresh=False)
+                if time.perf_counter() - last_flush >= config.flush_s:
+                    writer.commit(pending)
+                    pending, last_flush = [], time.perf_counter()
+            writer.commit(pending)
+            bar.close()
+        finally:
+            try:
+                client.unregister_worker_plugin(plugin.name)
+            except Exception:  # noqa: BLE001 - the cluster may be going away
+                log.debug("could not unregister %s", plugin.name)
+
+    # End of job: class counts, reference metrics over the whole store (earlier runs included).
+    rows = list(writer.rows.values())  # the whole store: earlier runs over other records included
+    failed = [(r["record"], r["error"]) for r in rows if r["status"] != "ok"]
+    per_class = scores.beats_per_class(rows, info.classes)
+    ref_metrics = None
+    if any(r["reference"] for r in rows):
+        g = writer.group
+        n = writer.n
+        ref = np.asarray(g["reference"][:n], dtype=object)
+        pred = np.asarray(g["predicted"][:n], dtype=object)
+        ref_metrics = reference_metrics(ref, pred, rows, info.classes)
+        ref_metrics["detector"]["tolerance_s"] = config.match_tolerance_s
+    writer.finish({"complete": all(r in writer.rows for r in names), "beats_per_class": per_class,
+                   "n_failed_records": len(failed), **({"reference_metrics": ref_metrics} if ref_metrics else {})})
+    summary = summary_path(request.out, request.summary)
+    frame = scores.records_frame(rows, info.classes).sort_values("record", kind="stable")
+    write_summary(frame, summary)
+    if ref_metrics:
+        with _open_text(summary.rsplit(".", 1)[0].removesuffix(".records") + ".metrics.json") as f:
+            json.dump(ref_metrics, f, indent=2)
+    return ScoreReport(
+        out=request.out, summary=summary, input=source.description, n_records=len(names), n_scored=len(todo),
+        n_skipped=skipped, failed=failed, beats_per_class=per_class, n_beats=sum(int(r["n_beats"]) for r in rows),
+        n_beats_run=beats_run, reference=ref_metrics, wall_s=time.perf_counter() - t0, stage_s=dict(stage_s))
+
+
+def _open_text(path: str):
+    import fsspec
+
+    return fsspec.open(path, "w")

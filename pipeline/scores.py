@@ -1,0 +1,288 @@
+"""Stage 10: the Zarr store of beat scores written by ``ecg-pipeline score``.
+
+Layout (``schemas/scores-v1.json`` is the contract, checked on open):
+
+* per beat, on dimension ``segment``: ``probability (segment, class)``, ``predicted``,
+  ``reference`` (the matched reference class, when the record has annotations) and
+  the coordinates ``record`` and ``sample`` (the R peak, at the record's sampling rate);
+* ``class``: the model's classes (N, S, V, F, Q);
+* the per-record table on ``record_id``: status and error, lead, beats per class,
+  ectopic share, detector counts against the reference (``record_tp/fn/fp``).
+
+Only the job's driver writes this store; workers return their results to it. Each
+commit appends the beats of finished records after the committed ones, then
+rewrites the small per-record table, then moves the ``n_segments`` attribute: that
+attribute is the commit point. A crash between the steps leaves arrays longer than
+``n_segments`` (or table rows past it), which the next run cuts back before it
+scores those records again, so no beat is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+
+import schemas
+from pipeline import store
+from pipeline.errors import StoreError
+
+SCHEMA_FILE = "scores-v1.json"
+BEAT_VARS = ("probability", "predicted", "reference", "record", "sample")
+BEAT_COORDS = ("record", "sample")
+ECTOPIC = ("S", "V", "F")
+
+
+def scores_schema() -> dict[str, Any]:
+    """The scores store schema (``schemas/scores-v1.json``)."""
+    return schemas.load(SCHEMA_FILE)
+
+
+@dataclass
+class RecordScores:
+    """The scores of one record (or the reason it has none), as a worker returns them."""
+
+    record: str
+    status: str = "ok"  #: ok or failed
+    error: str = ""  #: "<stage>: <cause>" when failed
+    checksum: str = ""
+    lead: str = ""
+    lead_fallback: bool = False
+    fs: float = 0.0
+    sig_len: int = 0
+    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    probability: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    reference: np.ndarray = field(default_factory=lambda: np.zeros(0, object))  #: "" where unmatched
+    n_detected: int = 0
+    n_dropped_edge: int = 0
+    n_dropped_invalid: int = 0
+    reference_file: str = ""  #: annotation extension compared with; "" without reference
+    n_reference: int = 0
+    tp: int = 0
+    fn: int = 0
+    fp: int = 0
+    seconds: float = 0.0
+
+    @property
+    def n_beats(self) -> int:
+        return int(self.sample.shape[0]) if self.status == "ok" else 0
+
+
+_TABLE_FIELDS = ("status", "error", "checksum", "lead", "lead_fallback", "fs", "sig_len", "n_detected",
+                 "n_dropped_edge", "n_dropped_invalid", "reference_file", "n_reference", "tp", "fn", "fp", "seconds")
+
+
+def table_row(r: RecordScores, offset: int, classes: Sequence[str]) -> dict[str, Any]:
+    """The per-record table row of ``r`` placed at segment ``offset``."""
+    row = {f: getattr(r, f) for f in _TABLE_FIELDS}
+    row["reference"] = row.pop("reference_file")
+    n = r.n_beats
+    predicted = np.argmax(r.probability, axis=1) if n else np.zeros(0, np.int64)
+    counts = np.bincount(predicted, minlength=len(classes))[: len(classes)] if n else np.zeros(len(classes), np.int64)
+    ectopic = sum(int(counts[i]) for i, c in enumerate(classes) if c in ECTOPIC)
+    row.update(record=r.record, offset=int(offset), n_beats=n, beats=counts.astype(np.int64),
+               ectopic_share=ectopic / n if n else float("nan"))
+    return row
+
+
+class ScoresWriter:
+    """The driver's handle on a scores store: create or resume it, commit finished records.
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL of the store.
+    attrs
+        Group attributes; an existing store must hold the same ``model_sha256`` and
+        ``config_fingerprint`` (scores of two models or detector settings never mix)
+        unless ``overwrite``.
+    classes
+        The model's classes (the ``class`` coordinate).
+    chunk_size
+        Beats per Zarr chunk.
+    """
+
+    def __init__(self, path: str, attrs: Mapping[str, Any], classes: Sequence[str], chunk_size: int, *,
+                 overwrite: bool = False, storage_options: Mapping[str, Any] | None = None):
+        self.path, self.classes, self.storage_options = path, tuple(classes), storage_options
+        self.schema = scores_schema()
+        attrs = dict(attrs)
+        group = None
+        if not overwrite:
+            try:
+                group = store.open_group(path, "r+", storage_options)
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+                group = None
+            except Exception as exc:  # noqa: BLE001 - a plain folder, a zarr v2 store
+                raise StoreError(f"{path} exists but is not a Zarr v3 group ({type(exc).__name__}: {exc}); "
+                                 "choose another --out or pass --overwrite") from exc
+        self.rows: dict[str, dict[str, Any]] = {}
+        if group is not None:
+            old = dict(group.attrs)
+            if old.get("kind") != "beat-scores":
+                raise StoreError(f"{path} is not a scores store written by `ecg-pipeline score`; choose another --out "
+                                 "or pass --overwrite")
+            for key, what in (("model_sha256", "model"), ("config_fingerprint", "detector/lead configuration"),
+                              ("schema_version", "schema version")):
+                if old.get(key) != attrs.get(key):
+                    raise StoreError(f"{path} holds scores from a different {what} ({key} {str(old.get(key))[:12]}, "
+                                     f"now {str(attrs.get(key))[:12]}); pass --overwrite or choose another --out")
+            attrs["created"] = old.get("created") or store.now()
+            self.n = int(old.get("n_segments", 0))
+            self._cut_back(group)
+        else:
+            group = store.open_group(path, "w", storage_options)
+            attrs.setdefault("created", store.now())
+            self.n = 0
+            self._create(group, chunk_size)
+        attrs.update(complete=False, updated=store.now(), n_segments=self.n, n_records=len(self.rows),
+                     chunk_size=chunk_size)
+        group.attrs.update(attrs)
+        self.group = group
+
+    def _create(self, group, chunk_size: int) -> None:
+        for name, spec in self.schema["variables"].items():
+            dims = spec["dims"]
+            if dims[0] == "record_id":
+                continue  # written whole by _write_table
+            shape = tuple(0 if d == "segment" else len(self.classes) for d in dims)
+            chunks = tuple(chunk_size if d == "segment" else max(len(self.classes), 1) for d in dims)
+            store.create_array(group, name, spec, shape, chunks, spec["dtype"][0],
+                               coordinates=BEAT_COORDS if name in ("probability", "predicted", "reference") else ())
+        group["class"][:] = np.asarray(self.classes, dtype=object)
+
+    def _cut_back(self, group) -> None:
+        """Drop what a crashed run wrote past the commit point (``n_segments``)."""
+        for name in BEAT_VARS:
+            a = group[name]
+            if a.shape[0] != self.n:
+                a.resize((self.n, *a.shape[1:]))
+        if "record_id" not in group:
+            return
+        table = {name: group[name][:] for name, spec in self.schema["variables"].items() if spec["dims"][0] == "record_id"}
+        for i, rec in enumerate(table["record_id"]):
+            row = {name.removeprefix("record_"): table[name][i] for name in table if name != "record_id"}
+            if int(row["offset"]) + int(row["n_beats"]) > self.n:
+                continue  # committed data never reached the commit point: score the record again
+            row["record"] = str(rec)
+            for k in ("status", "error", "checksum", "lead", "reference"):
+                row[k] = str(row[k])
+            self.rows[str(rec)] = row
+
+    @property
+    def done(self) -> set[str]:
+        """Records already scored (status ok); a re-run skips them. Failed records are tried again."""
+        return {r for r, row in self.rows.items() if row["status"] == "ok"}
+
+    def commit(self, results: Iterable[RecordScores]) -> None:
+        """Append the beats of ``results``, then their table rows, then move the commit point."""
+        results = list(results)
+        if not results:
+            return
+        beats = [r for r in results if r.n_beats]
+        n_new = self.n + sum(r.n_beats for r in beats)
+        if beats:
+            values = {
+                "probability": np.concatenate([r.probability for r in beats]).astype(np.float32),
+                "predicted": np.asarray(self.classes, dtype=object)[np.concatenate([r.probability.argmax(1) for r in beats])],
+                "reference": np.concatenate([np.asarray(r.reference, dtype=object) for r in beats]),
+                "record": np.concatenate([np.full(r.n_beats, r.record, dtype=object) for r in beats]),
+                "sample": np.concatenate([r.sample for r in beats]).astype(np.int64),
+            }
+            for name, v in values.items():
+                a = self.group[name]
+                a.resize((n_new, *a.shape[1:]))
+                a[self.n:n_new] = v
+        offset = self.n
+        for r in results:
+            self.rows[r.record] = table_row(r, offset, self.classes)
+            offset += r.n_beats
+        self._write_table()
+        self.n = n_new
+        self.group.attrs.update(n_segments=self.n, n_records=len(self.rows), updated=store.now())
+
+    def _write_table(self) -> None:
+        rows = list(self.rows.values())
+        n = len(rows)
+        for name, spec in self.schema["variables"].items():
+            if spec["dims"][0] != "record_id":
+                continue
+            key = "record" if name == "record_id" else name.removeprefix("record_")
+            dtype = spec["dtype"][0]
+            if spec["dims"] == ["record_id", "class"]:
+                values = np.asarray([r[key] for r in rows], dtype=np.int64).reshape(n, len(self.classes))
+                shape, chunks = (n, len(self.classes)), (max(n, 1), len(self.classes))
+            else:
+                values = np.asarray([r[key] for r in rows], dtype=object if dtype == "str" else dtype)
+                shape, chunks = (n,), (max(n, 1),)
+            arr = store.create_array(self.group, name, spec, shape, chunks, dtype)
+            if n:
+                arr[:] = values
+
+    def finish(self, attrs: Mapping[str, Any]) -> None:
+        """Set the end-of-job attributes (``complete``, class counts, reference metrics)."""
+        self.group.attrs.update({**attrs, "updated": store.now()})
+
+    def table(self) -> pd.DataFrame:
+        """The per-record table as a DataFrame (one column per class for the beat counts)."""
+        return records_frame(self.rows.values(), self.classes)
+
+
+def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]) -> pd.DataFrame:
+    """Per-record summary rows -> a DataFrame with ``beats_<class>`` columns, for CSV/Parquet."""
+    out = []
+    for r in rows:
+        d = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items() if k != "beats"}
+        d.update({f"beats_{c}": int(n) for c, n in zip(classes, r["beats"])})
+        out.append(d)
+    cols = ["record", "status", "error", "n_beats", *[f"beats_{c}" for c in classes], "ectopic_share", "lead",
+            "lead_fallback", "fs", "sig_len", "n_detected", "n_dropped_edge", "n_dropped_invalid", "reference",
+            "n_reference", "tp", "fn", "fp", "checksum", "offset", "seconds"]
+    return pd.DataFrame(out, columns=cols)
+
+
+def open_scores(path: str, *, storage_options: Mapping[str, Any] | None = None,
+                require_complete: bool = True) -> xr.Dataset:
+    """Open a scores store as a validated ``xarray.Dataset`` (beats past the commit point left out).
+
+    Raises
+    ------
+    StoreError
+        The path is not a scores store, does not match ``schemas/scores-v1.json``, or
+        its job has not finished (unless ``require_complete=False``).
+    """
+    try:
+        ds = xr.open_zarr(path, consolidated=False, zarr_format=3, storage_options=storage_options or None,
+                          chunks=None, decode_timedelta=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"no Zarr store at {path}") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise StoreError(f"cannot open {path} as a Zarr v3 store: {type(exc).__name__}: {exc}") from exc
+    problems = store.schema_problems(ds, scores_schema())
+    if problems:
+        raise StoreError(f"{path} does not match {SCHEMA_FILE}:\n  " + "\n  ".join(problems))
+    if require_complete and not ds.attrs.get("complete"):
+        raise StoreError(f"{path}: the scoring job has not finished (attrs complete=false): re-run "
+                         "`ecg-pipeline score` with the same --out to finish it")
+    ds = ds.isel(segment=slice(0, int(ds.attrs["n_segments"])))
+    # Zarr v3 strings arrive as numpy StringDType, which xarray's where/concat cannot promote yet.
+    return ds.map(lambda v: v.astype(object) if v.dtype.kind == "T" else v).assign_coords(
+        {n: ds[n].astype(object) if ds[n].dtype.kind == "T" else ds[n] for n in ds.coords})
+
+
+def beats_per_class(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]) -> dict[str, int]:
+    total = np.zeros(len(classes), np.int64)
+    for r in rows:
+        if r["status"] == "ok":
+            total += np.asarray(r["beats"], dtype=np.int64)
+    return {c: int(n) for c, n in zip(classes, total)}
+
+
+def as_dict(r: RecordScores) -> dict[str, Any]:
+    """``r`` without its per-beat arrays (for logs and reports)."""
+    return {k: v for k, v in dataclasses.asdict(r).items() if not isinstance(v, np.ndarray)}
