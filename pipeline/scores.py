@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -136,10 +137,14 @@ class ScoresWriter:
             self.n = int(old.get("n_segments", 0))
             self._cut_back(group)
         else:
+            local = Path(path)
+            if not overwrite and "://" not in path and local.is_dir() and any(local.iterdir()):
+                raise StoreError(f"{path} is a folder with other files in it, not a scores store; choose another --out")
             group = store.open_group(path, "w", storage_options)
             attrs.setdefault("created", store.now())
             self.n = 0
             self._create(group, chunk_size)
+            self._write_table(group)
         attrs.update(complete=False, updated=store.now(), n_segments=self.n, n_records=len(self.rows),
                      chunk_size=chunk_size)
         group.attrs.update(attrs)
@@ -202,11 +207,11 @@ class ScoresWriter:
         for r in results:
             self.rows[r.record] = table_row(r, offset, self.classes)
             offset += r.n_beats
-        self._write_table()
+        self._write_table(self.group)
         self.n = n_new
         self.group.attrs.update(n_segments=self.n, n_records=len(self.rows), updated=store.now())
 
-    def _write_table(self) -> None:
+    def _write_table(self, group) -> None:
         rows = list(self.rows.values())
         n = len(rows)
         for name, spec in self.schema["variables"].items():
@@ -220,7 +225,7 @@ class ScoresWriter:
             else:
                 values = np.asarray([r[key] for r in rows], dtype=object if dtype == "str" else dtype)
                 shape, chunks = (n,), (max(n, 1),)
-            arr = store.create_array(self.group, name, spec, shape, chunks, dtype)
+            arr = store.create_array(group, name, spec, shape, chunks, dtype)
             if n:
                 arr[:] = values
 
@@ -263,12 +268,12 @@ def open_scores(path: str, *, storage_options: Mapping[str, Any] | None = None,
         raise StoreError(f"no Zarr store at {path}") from exc
     except Exception as exc:  # noqa: BLE001
         raise StoreError(f"cannot open {path} as a Zarr v3 store: {type(exc).__name__}: {exc}") from exc
+    if require_complete and ds.attrs.get("kind") == "beat-scores" and not ds.attrs.get("complete"):
+        raise StoreError(f"{path}: the scoring job has not finished (attrs complete=false): re-run "
+                         "`ecg-pipeline score` with the same --out to finish it")
     problems = store.schema_problems(ds, scores_schema())
     if problems:
         raise StoreError(f"{path} does not match {SCHEMA_FILE}:\n  " + "\n  ".join(problems))
-    if require_complete and not ds.attrs.get("complete"):
-        raise StoreError(f"{path}: the scoring job has not finished (attrs complete=false): re-run "
-                         "`ecg-pipeline score` with the same --out to finish it")
     ds = ds.isel(segment=slice(0, int(ds.attrs["n_segments"])))
     # Zarr v3 strings arrive as numpy StringDType, which xarray's where/concat cannot promote yet.
     return ds.map(lambda v: v.astype(object) if v.dtype.kind == "T" else v).assign_coords(

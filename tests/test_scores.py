@@ -1,0 +1,206 @@
+"""The scores store (commit point, cut-back after a crash, refusal to mix models), record sources, piece merging
+and the scoring stage on a real record."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from helpers import HTTPMirror, write_record
+from jobs.score import PieceResult, ModelInfo, merge_pieces, resample, score_span
+from pipeline import records, sources
+from pipeline.config import ConfigError, ScoreConfig, score_config_from_dict
+from pipeline.errors import StoreError
+from pipeline.models import ModelError
+from pipeline.scores import RecordScores, ScoresWriter, open_scores
+
+CLASSES = ("N", "S", "V", "F", "Q")
+
+
+def _attrs(sha="a" * 64, fp="b" * 64):
+    return {"schema_version": 1, "kind": "beat-scores", "package": "ecg-pipeline", "package_version": "0",
+            "model": "m.keras", "model_sha256": sha, "model_database": "mitdb", "classes": list(CLASSES),
+            "spectrogram": {"fs": 360.0, "n_before": 90, "n_after": 162, "nperseg": 64, "hop": 8, "nfft": 64,
+                            "window": "hann", "log_eps": 1e-4},
+            "detector": {}, "input": "x", "config": {}, "config_fingerprint": fp}
+
+
+def _scores(record, n, seed=0, status="ok"):
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(5), size=n).astype(np.float32)
+    return RecordScores(record, status=status, error="" if status == "ok" else "signal: truncated",
+                        lead="MLII", fs=360.0, sig_len=1000 * n, sample=np.sort(rng.choice(1000 * n, n, replace=False)),
+                        probability=p, reference=np.array(["N"] * n, dtype=object), n_detected=n)
+
+
+def test_commit_resume_and_cut_back(tmp_path):
+    path = str(tmp_path / "s.zarr")
+    w = ScoresWriter(path, _attrs(), CLASSES, chunk_size=256)
+    w.commit([_scores("a", 300, 1), _scores("b", 0, 2, status="failed")])
+    w.commit([_scores("c", 200, 3)])
+    w.finish({"complete": True})
+    ds = open_scores(path)
+    assert ds.sizes["segment"] == 500 and list(ds["class"].values) == list(CLASSES)
+    assert list(ds.record_id.values) == ["a", "b", "c"] and list(ds.record_offset.values) == [0, 300, 300]
+    assert (ds.record.values[:300] == "a").all() and (ds.record.values[300:] == "c").all()
+    np.testing.assert_allclose(ds.probability.values.sum(axis=1), 1, rtol=1e-5)
+    assert (ds.predicted.values == np.array(CLASSES, dtype=object)[ds.probability.values.argmax(1)]).all()
+    assert ds.record_beats.sel(record_id="a").sum() == 300 and ds.record_status.sel(record_id="b") == "failed"
+    # Plain xarray opens it too (the store is the interface).
+    plain = xr.open_zarr(path, consolidated=False)
+    assert plain.probability.dims == ("segment", "class") and "record" in plain.coords
+
+    # A crash after the data and table writes of record "d" but before the commit point moved:
+    w2 = ScoresWriter(path, _attrs(), CLASSES, chunk_size=256)
+    assert w2.done == {"a", "c"} and w2.n == 500  # failed "b" is tried again
+    d = _scores("d", 100, 4)
+    g = zarr.open_group(path, mode="r+", use_consolidated=False)
+    for name in ("probability", "sample"):
+        a = g[name]
+        a.resize((600, *a.shape[1:]))
+    g["sample"][500:600] = d.sample
+    w3 = ScoresWriter(path, _attrs(), CLASSES, chunk_size=256)
+    assert w3.n == 500 and g["sample"].shape == (500,) and w3.done == {"a", "c"}
+    w3.commit([d, _scores("b", 50, 5)])
+    w3.finish({"complete": True})
+    ds = open_scores(path)
+    assert ds.sizes["segment"] == 650 and list(ds.record_id.values) == ["a", "b", "c", "d"]
+    assert ds.record_status.sel(record_id="b") == "ok" and int(ds.record_offset.sel(record_id="b")) == 600
+    np.testing.assert_array_equal(ds.sample.values[500:600], d.sample)
+
+
+def test_scores_of_another_model_are_not_mixed(tmp_path):
+    path = str(tmp_path / "s.zarr")
+    ScoresWriter(path, _attrs(), CLASSES, chunk_size=256).commit([_scores("a", 10)])
+    with pytest.raises(StoreError, match="different model"):
+        ScoresWriter(path, _attrs(sha="c" * 64), CLASSES, chunk_size=256)
+    with pytest.raises(StoreError, match="detector/lead configuration"):
+        ScoresWriter(path, _attrs(fp="d" * 64), CLASSES, chunk_size=256)
+    w = ScoresWriter(path, _attrs(sha="c" * 64), CLASSES, chunk_size=256, overwrite=True)
+    assert w.n == 0 and not w.done
+    with pytest.raises(StoreError, match="has not finished"):
+        open_scores(path)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="other files"):
+        ScoresWriter(str(tmp_path / "plain"), _attrs(), CLASSES, chunk_size=256)
+
+
+def test_merge_pieces_keeps_a_beat_at_a_cut_once():
+    a, b = _scores("r", 3), _scores("r", 3)
+    a.sample, b.sample = np.array([100, 500, 995]), np.array([1001, 1500, 1900])
+    merged = merge_pieces([PieceResult("r", 1, scores=b), PieceResult("r", 0, scores=a)], refractory_s=0.2)
+    np.testing.assert_array_equal(merged.sample, [100, 500, 995, 1500, 1900])
+    assert merged.probability.shape == (5, 5) and merged.n_detected == 5
+    b.status, b.error = "failed", "signal: truncated"
+    assert merge_pieces([PieceResult("r", 0, scores=a), PieceResult("r", 1, scores=b)], 0.2).error == "signal: truncated"
+
+
+def test_score_config_is_validated():
+    assert score_config_from_dict(None) == ScoreConfig()
+    assert score_config_from_dict({"detector": {"threshold": 0.2}}).detector.threshold == 0.2
+    with pytest.raises(ConfigError, match="piece_s"):
+        score_config_from_dict({"piece_s": 1})
+    with pytest.raises(ConfigError, match="band_hz"):
+        score_config_from_dict({"detector": {"band_hz": [15, 5]}})
+    with pytest.raises(ConfigError, match="window"):
+        score_config_from_dict({"window": {"before_s": 1}})  # the window comes from the model
+    a, b = ScoreConfig(), score_config_from_dict({"batch_size": 64})
+    assert a.fingerprint() == b.fingerprint() != score_config_from_dict({"leads": ["II"]}).fingerprint()
+
+
+def _synthetic(folder, name, annotate=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    write_record(folder, name, seconds=30, leads=("MLII",))
+    if not annotate:
+        (folder / f"{name}.atr").unlink()
+
+
+def test_folder_and_remote_sources_find_nested_records(tmp_path):
+    root = tmp_path / "archive"
+    _synthetic(root / "site1" / "day2", "r1")
+    _synthetic(root, "r2", annotate=False)
+    (root / "notes.txt").write_text("not a record")
+    src, names = sources.FolderSource(str(root)).prepare()
+    assert names == ("r2", "site1/day2/r1")
+    local = src.fetch("site1/day2/r1", "atr", tmp_path / "cache")
+    assert local.annotation and records.read_header(local.base, "r1").fs == 360
+    assert not src.fetch("r2", "atr", tmp_path / "cache").annotation
+    # The same folder served over HTTP: records from the listing, files fetched into the cache.
+    with HTTPMirror(tmp_path) as m:
+        remote, names = sources.RemoteSource(m.url + "archive").prepare()
+        assert names == ("r2", "site1/day2/r1")
+        local = remote.fetch("site1/day2/r1", "atr", tmp_path / "cache")
+        assert local.annotation and local.checksum == "unlisted"
+        assert records.read_header(local.base, "site1/day2/r1").sig_len == 360 * 30
+    with pytest.raises(sources.SourceError, match="no such"):
+        sources.resolve_source(str(tmp_path / "absent"), work_dir=tmp_path / "w")
+    with pytest.raises(sources.SourceError, match="not both"):
+        sources.resolve_source("x", db="mitdb", work_dir=tmp_path / "w")
+    s = sources.resolve_source(None, db="mitdb", source="http://127.0.0.1:1/", work_dir=tmp_path / "w")
+    assert s == sources.RemoteSource("http://127.0.0.1:1/mitdb/1.0.0")
+
+
+def test_archive_is_extracted_once(tmp_path):
+    root = tmp_path / "in"
+    _synthetic(root / "a", "r1")
+    archive = shutil.make_archive(str(tmp_path / "recs"), "gztar", root)
+    s1 = sources.resolve_source(archive, work_dir=tmp_path / "w")
+    s2 = sources.resolve_source(archive, work_dir=tmp_path / "w")
+    assert s1 == s2 and s1.prepare()[1] == ("a/r1",)
+
+
+def test_model_metadata_is_required(tmp_path):
+    keras = pytest.importorskip("keras")
+    from pipeline.models import save_model
+
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(inp))
+    bare = tmp_path / "bare.keras"
+    model.save(bare)
+    with pytest.raises(ModelError, match="no ecg_pipeline.json"):
+        ModelInfo.read(bare)
+    rhythm = save_model(model, tmp_path / "rhythm.keras", {"task": "rhythm", "classes": ["N", "A"]})
+    with pytest.raises(ModelError, match="'rhythm' model"):
+        ModelInfo.read(rhythm)
+
+
+def test_score_span_on_a_real_record_and_resampled(mirror):
+    """The stage itself on MIT-BIH 100, and on the same signal resampled to 250 Hz: the same beats are found."""
+    base = mirror / "mitdb" / "1.0.0" / "100"
+    header = records.read_header(base, "100")
+    lead = records.choose_lead(header, ("MLII",))
+    x = records.read_signal(base, header, lead, 0, 360 * 120)
+    info = ModelInfo(path="m.keras", sha256="0" * 64, spec=_spec(), classes=CLASSES, input_dtype="float16",
+                     label_map={}, database="mitdb", leads=("MLII",), annotator="atr")
+    seen = []
+
+    def fake_model(s):  # stands in for the network: the stage's job is to hand it the right spectrograms
+        seen.append(s)
+        return np.tile(np.eye(5, dtype=np.float32)[0], (len(s), 1))
+
+    full = score_span(x, 360.0, 0, 0, len(x), len(x), info, ScoreConfig(), fake_model)
+    assert seen[0].dtype == np.float16 and seen[0].shape == (len(full.sample), 33, 24)
+    ann = records.read_annotations(base, "100", "atr")
+    ref = ann.sample[(ann.sample < len(x)) & np.isin(ann.symbol, ["N", "A", "V"])]
+    assert abs(len(full.detected) - len(ref)) <= 2 and full.n_dropped_edge >= 0
+    # A piece with margin finds the piece's share of the same beats.
+    piece = score_span(x[3600 * 2 - 3600:3600 * 7 + 3600], 360.0, 3600, 7200, 25200, len(x), info, ScoreConfig(),
+                       fake_model)
+    np.testing.assert_array_equal(piece.sample, full.sample[(full.sample >= 7200) & (full.sample < 25200)])
+    # At 250 Hz the beats come back at the record's own sample positions, within a sample or two.
+    x250 = resample(x, 360.0, 250.0)
+    low = score_span(x250, 250.0, 0, 0, len(x250), len(x250), info, ScoreConfig(), fake_model)
+    expected = full.sample * 250 / 360
+    assert len(low.sample) == len(full.sample) and np.abs(low.sample - expected).max() <= 2
+
+
+def _spec():
+    from pipeline.spectrogram import SpectrogramSpec
+
+    return SpectrogramSpec(fs=360.0, n_before=90, n_after=162, nperseg=64, hop=8, nfft=64)
+
