@@ -22,6 +22,7 @@ loaded in Keras safe mode on the workers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -249,8 +250,7 @@ def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, sig_
         xm = resample(x, fs, fsm)
     with timer("detect"):
         d = config.detector
-        peaks = detect.detect_r_peaks(xm, fsm, detect.DetectorSpec(d.band_hz, d.integration_s, d.refractory_s,
-                                                                  d.block_s, d.threshold, d.search_s),
+        peaks = detect.detect_r_peaks(xm, fsm, detect.DetectorSpec(**dataclasses.asdict(d)),
                                       origin=int(round(first * scale)))
         native = first + np.round(peaks / scale).astype(np.int64)
         own = (native >= start) & (native < stop)

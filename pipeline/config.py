@@ -199,6 +199,7 @@ class DetectorConfig:
     block_s: float = 3.0
     threshold: float = 0.14
     search_s: float = 0.075
+    fiducial_band_hz: tuple[float, float] = (0.5, 40.0)
 
 
 @dataclass(frozen=True)
@@ -236,10 +237,11 @@ def score_config_from_dict(data: dict[str, Any] | None) -> ScoreConfig:
     kwargs: dict[str, Any] = dict(data)
     if "detector" in data:
         det = dict(data["detector"])
-        if "band_hz" in det:
-            det["band_hz"] = tuple(det["band_hz"])
-            if not det["band_hz"][0] < det["band_hz"][1]:
-                raise ConfigError(f"detector.band_hz {list(det['band_hz'])}: low edge must be below high edge")
+        for key in ("band_hz", "fiducial_band_hz"):
+            if key in det:
+                det[key] = tuple(det[key])
+                if not det[key][0] < det[key][1]:
+                    raise ConfigError(f"detector.{key} {list(det[key])}: low edge must be below high edge")
         kwargs["detector"] = DetectorConfig(**det)
     if "download" in data:
         kwargs["download"] = DownloadConfig(**data["download"])
