@@ -403,8 +403,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise PipelineError("--model and --out are required")
     if not args.input and not args.db:
         raise PipelineError("give --input (a folder, archive or URL), or --db (with --source) for a PhysioNet database")
-    from jobs.score import ScoreRequest, run_scoring
+    from jobs.score import ModelInfo, ScoreRequest, run_scoring
     from pipeline.cluster import dask_client
+
+    ModelInfo.read(args.model)  # refuse an unsafe or foreign model file before starting a cluster
 
     annotations = None if args.no_annotations else (args.annotations or "auto")
     request = ScoreRequest(model=args.model, out=args.out, input=args.input, source=args.source, db=args.db,

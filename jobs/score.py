@@ -316,13 +316,14 @@ def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, p
         margin = int(MARGIN_S * header.fs)
         first, last = max(start - margin, 0), min(stop + margin, header.sig_len)
         x = records.read_signal(local.base, header, lead, first, last)
+        read_s = time.perf_counter() - t0  # fetch (a no-op for local and cached files), header, signal
         model = get_worker().plugins[ctx.plugin]
         span = score_span(x, header.fs, first, start, stop, header.sig_len, ctx.info, ctx.config,
                           lambda s: model.predict(s, ctx.config.batch_size))
         result.sample, result.probability = span.sample, span.probability
         result.n_detected, result.n_dropped_edge, result.n_dropped_invalid = (
             len(span.detected), span.n_dropped_edge, span.n_dropped_invalid)
-        out.detected, out.seconds = span.detected, span.seconds
+        out.detected, out.seconds = span.detected, {"read": read_s, **span.seconds}
         ref = _reference(ctx, local, start, stop)
         result.reference = np.full(len(span.sample), "", dtype=object)
         if ref is not None:

@@ -109,9 +109,35 @@ def read_signal(base: Path, header: Header, lead: Lead, sampfrom: int = 0, sampt
         rec = wfdb.rdrecord(str(base), sampfrom=sampfrom, sampto=sampto, channels=[lead.index])
         sig = rec.p_signal[:, 0].astype(np.float32)
     except Exception as exc:  # noqa: BLE001
+        hint = _truncation(base)
         raise RecordError(
-            header.record, "signal", f"cannot read samples {sampfrom}-{sampto} of {', '.join(header.files)}: {type(exc).__name__}: {exc}"
+            header.record, "signal", hint or f"cannot read samples {sampfrom}-{sampto} of {', '.join(header.files)}: "
+                                             f"{type(exc).__name__}: {exc}"
         ) from exc
     if sig.shape[0] != sampto - sampfrom:
         raise RecordError(header.record, "signal", f"expected {sampto - sampfrom} samples, read {sig.shape[0]} (truncated file?)")
     return sig
+
+
+#: Bytes per sample of the WFDB signal formats with a fixed size.
+_BYTES_PER_SAMPLE = {"8": 1, "80": 1, "16": 2, "61": 2, "160": 2, "212": 1.5, "310": 4 / 3, "311": 4 / 3,
+                     "24": 3, "32": 4}
+
+
+def _truncation(base: Path) -> str:
+    """``"<file> is truncated (...)"`` when a signal file is shorter than its header says, else ``""``."""
+    try:
+        h = wfdb.rdheader(str(base))
+        per_file: dict[str, list[tuple[str, int]]] = {}
+        for name, fmt, offset in zip(h.file_name, h.fmt, h.byte_offset or [0] * len(h.file_name)):
+            per_file.setdefault(name, []).append((str(fmt), int(offset or 0)))
+        for name, sigs in per_file.items():
+            if any(fmt not in _BYTES_PER_SAMPLE for fmt, _ in sigs):
+                continue
+            expected = int(np.ceil(sigs[0][1] + h.sig_len * sum(_BYTES_PER_SAMPLE[f] for f, _ in sigs)))
+            actual = (Path(base).parent / name).stat().st_size
+            if actual < expected:
+                return f"{name} is truncated: {actual:,} bytes, the header implies {expected:,}"
+    except Exception:  # noqa: BLE001 - only a hint; the caller reports the original error
+        return ""
+    return ""

@@ -72,7 +72,7 @@ def test_bad_input_fails_alone_with_its_cause(client, bad_db, tmp_path):
     assert {r for r, (s, _) in status.items() if s == "ok"} == {"100", "101", "102", "103", "109"}
     assert status["104"][1] == "lead: none of the leads ['MLII', 'V5', 'V1', 'V2', 'V4'] in signals ['ABP', 'PLETH']"
     assert status["105"][1].startswith("checksum: 105.dat: SHA-256 mismatch")
-    assert status["106"][1].startswith("signal: cannot read samples 0-3600 of 106.dat")
+    assert status["106"][1].startswith("signal: 106.dat is truncated:")
     assert status["107"][1].startswith("header: cannot parse 107.hea")
     assert status["108"][1].startswith("download:") and "108.atr: not found at source" in status["108"][1]
     assert status["../evil"][1].startswith("download: unsafe file name '../evil'")

@@ -1,0 +1,154 @@
+"""Benchmark: the scoring job (detect + STFT + model) on the full MIT-BIH database.
+
+Side by side in one run, repeated (medians reported):
+
+* baseline: one process, one TensorFlow thread, the same stages in a plain loop
+  over the records (read the lead, detect R peaks, cut windows, one vectorised STFT,
+  ``predict_on_batch``);
+* job, cold: ``run_scoring`` on a fresh local Dask cluster of ``--workers``
+  processes: cluster start, TensorFlow import and model load on every worker included;
+* job, warm: ``run_scoring`` again on the running cluster (a new output store each
+  time; the model plugin is registered, and loaded, again per run).
+
+The model is ``--model`` or, by default, the training default ``spectrogram-cnn``
+(width 16, dense 64) with random weights on the default preprocess window: the
+compute is the same as a trained one's. Prints beats/s, the ratios to the baseline,
+the target (>= 5,000 beats/s on 2 workers) and the share of worker time per stage.
+
+    python benchmarks/score.py [--mirror ../shared/physionet] [--repeats 3] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from jobs.score import ModelInfo, ScoreRequest, predict, run_scoring  # noqa: E402
+from pipeline import detect, records, segment, spectrogram  # noqa: E402
+from pipeline.cluster import dask_client  # noqa: E402
+from pipeline.config import PreprocessConfig, ScoreConfig  # noqa: E402
+from pipeline.databases import get_database  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MIRROR = HERE.parent.parent / "shared" / "physionet"
+TARGET = 5000.0
+log = logging.getLogger("benchmarks.score")
+
+
+def default_model(path: Path) -> Path:
+    """The training default architecture with random weights and the default store's metadata."""
+    from jobs.preprocess import TaskContext, _spec_for
+    from pipeline.labels import AAMI_EC57
+    from pipeline.models import build_model, save_model
+
+    config = PreprocessConfig()
+    db = get_database("mitdb")
+    ctx = TaskContext("", db, db.version, None, config, "", None)
+    spec = _spec_for(ctx, 360.0)
+    model = build_model("spectrogram-cnn", (spec.n_freq, spec.n_time), 5, input_dtype="float16")
+    meta = {"package": "ecg-pipeline", "task": "beat", "classes": list("NSVFQ"),
+            "input": {"shape": [spec.n_freq, spec.n_time], "dtype": "float16", "variable": "spectrogram"},
+            "store": {"database": "mitdb", "database_version": db.version, "spectrogram": spec.attrs(),
+                      "preprocess_config": config.to_dict(), "label_map": dict(AAMI_EC57)}}
+    return save_model(model, path, meta)
+
+
+def baseline(db_dir: Path, names: list[str], info: ModelInfo, batch: int) -> tuple[float, int]:
+    """One process, one TensorFlow thread: the job's stages in a loop."""
+    import tensorflow as tf
+
+    from pipeline.models import load_model
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    model, _ = load_model(info.path)
+    predict(model, np.zeros((256, info.spec.n_freq, info.spec.n_time), info.input_dtype), batch)  # trace once
+    window = segment.WindowSpec(info.spec.n_before, info.spec.n_after)
+    t0 = time.perf_counter()
+    n = 0
+    for rec in names:
+        base = db_dir / rec
+        h = records.read_header(base, rec)
+        lead = records.choose_lead(h, info.leads, "first")
+        x = records.read_signal(base, h, lead)
+        peaks = detect.detect_r_peaks(x, h.fs)
+        peaks = peaks[segment.in_bounds(peaks, len(x), window)]
+        s = spectrogram.spectrogram(segment.extract_windows(x, peaks, window), info.spec).astype(info.input_dtype)
+        n += len(predict(model, s, batch))
+    return time.perf_counter() - t0, n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mirror", type=Path, default=DEFAULT_MIRROR, help="PhysioNet mirror root (default: %(default)s)")
+    p.add_argument("--model", type=Path, help="model.keras to score with (default: the default architecture, "
+                                              "random weights)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    db_dir = args.mirror / "mitdb" / "1.0.0"
+    if not (db_dir / "RECORDS").is_file():
+        sys.exit(f"no MIT-BIH mirror at {db_dir}")
+    names = (db_dir / "RECORDS").read_text().split()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
+    try:
+        model = args.model or default_model(tmp / "model.keras")
+        info = ModelInfo.read(model)
+        config = ScoreConfig()
+        base_runs = [baseline(db_dir, names, info, config.batch_size) for _ in range(args.repeats)]
+        base_s = statistics.median(t for t, _ in base_runs)
+        n_base = base_runs[0][1]
+
+        def request(i: int) -> ScoreRequest:
+            return ScoreRequest(model=str(model), out=str(tmp / f"scores-{i}.zarr"), input=str(db_dir),
+                                records=tuple(names), annotations=None, config=config, cache_dir=str(tmp / "cache"),
+                                summary=str(tmp / f"scores-{i}.csv"))
+
+        cold, warm, stages = [], [], Counter()
+        for i in range(args.repeats):
+            t0 = time.perf_counter()
+            # spawn: this process has imported TensorFlow (the baseline), which must not be forked.
+            with dask_client(n_workers=args.workers, dashboard_address=None, start_method="spawn") as client:
+                rep = run_scoring(request(2 * i), client)
+                cold.append((time.perf_counter() - t0, rep.n_beats_run))
+                rep = run_scoring(request(2 * i + 1), client)
+                warm.append((rep.wall_s, rep.n_beats_run))
+                stages.update(rep.stage_s)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def rate(runs):
+        return statistics.median(n / t for t, n in runs)
+
+    rows = [("baseline: 1 process, 1 thread, plain loop", n_base, base_s, n_base / base_s),
+            (f"job, {args.workers} workers, cold (cluster start + model load)", cold[0][1],
+             statistics.median(t for t, _ in cold), rate(cold)),
+            (f"job, {args.workers} workers, warm cluster", warm[0][1], statistics.median(t for t, _ in warm),
+             rate(warm))]
+    print(f"\nscoring MIT-BIH ({len(names)} records), model {'given' if args.model else 'default architecture'}, "
+          f"median of {args.repeats}")
+    print(f"{'case':<58} {'beats':>8} {'wall s':>8} {'beats/s':>9} {'x baseline':>11}")
+    for name, n, t, r in rows:
+        print(f"{name:<58} {n:>8,} {t:>8.1f} {r:>9,.0f} {r / rows[0][3]:>11.2f}")
+    total = sum(stages.values())
+    print("worker time per stage (warm runs): " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stages.items()))
+    best = max(rate(cold), rate(warm))
+    print(f"target >= {TARGET:,.0f} beats/s end to end: cold {rate(cold):,.0f}, warm {rate(warm):,.0f} -> "
+          f"{'met' if rate(cold) >= TARGET else ('met on a warm cluster' if best >= TARGET else 'NOT met')}")
+
+
+if __name__ == "__main__":
+    main()
