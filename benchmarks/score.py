@@ -67,12 +67,8 @@ def default_model(path: Path) -> Path:
 
 def baseline(db_dir: Path, names: list[str], info: ModelInfo, batch: int) -> tuple[float, int]:
     """One process, one TensorFlow thread: the job's stages in a loop."""
-    import tensorflow as tf
-
     from pipeline.models import load_model
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
     model, _ = load_model(info.path)
     predict(model, np.zeros((256, info.spec.n_freq, info.spec.n_time), info.input_dtype), batch)  # trace once
     window = segment.WindowSpec(info.spec.n_before, info.spec.n_after)
@@ -103,6 +99,11 @@ def main() -> None:
     if not (db_dir / "RECORDS").is_file():
         sys.exit(f"no MIT-BIH mirror at {db_dir}")
     names = (db_dir / "RECORDS").read_text().split()
+    import tensorflow as tf
+
+    # The baseline gets one TensorFlow thread, as each worker of the job does (one per worker thread).
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
     try:
         model = args.model or default_model(tmp / "model.keras")
@@ -117,15 +118,17 @@ def main() -> None:
                                 records=tuple(names), annotations=None, config=config, cache_dir=str(tmp / "cache"),
                                 summary=str(tmp / f"scores-{i}.csv"))
 
-        cold, warm, stages = [], [], Counter()
+        cold, warm, stages, cold_phases, warm_phases = [], [], Counter(), [], []
         for i in range(args.repeats):
             t0 = time.perf_counter()
             # spawn: this process has imported TensorFlow (the baseline), which must not be forked.
             with dask_client(n_workers=args.workers, dashboard_address=None, start_method="spawn") as client:
                 rep = run_scoring(request(2 * i), client)
                 cold.append((time.perf_counter() - t0, rep.n_beats_run))
+                cold_phases.append(rep.phase_s)
                 rep = run_scoring(request(2 * i + 1), client)
                 warm.append((rep.wall_s, rep.n_beats_run))
+                warm_phases.append(rep.phase_s)
                 stages.update(rep.stage_s)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -143,6 +146,9 @@ def main() -> None:
     print(f"{'case':<58} {'beats':>8} {'wall s':>8} {'beats/s':>9} {'x baseline':>11}")
     for name, n, t, r in rows:
         print(f"{name:<58} {n:>8,} {t:>8.1f} {r:>9,.0f} {r / rows[0][3]:>11.2f}")
+    for name, phases in (("cold", cold_phases), ("warm", warm_phases)):
+        print(f"driver phases, {name} (median s): " + ", ".join(
+            f"{k} {statistics.median(p[k] for p in phases):.1f}" for k in phases[0]))
     total = sum(stages.values())
     print("worker time per stage (warm runs): " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stages.items()))
     best = max(rate(cold), rate(warm))

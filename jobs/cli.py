@@ -370,7 +370,8 @@ def format_score_report(report) -> str:
         f"  records     {report.n_scored - len([f for f in report.failed])} scored now, {report.n_skipped} already "
         f"in the store, {len(report.failed)} failed, {report.n_records} listed",
         f"  beats       {report.n_beats:,} in the store, {report.n_beats_run:,} scored now "
-        f"({report.beats_per_s:,.0f} beats/s over {report.wall_s:.1f} s)",
+        f"({report.beats_per_s:,.0f} beats/s over {report.wall_s:.1f} s: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in report.phase_s.items()) + ")",
         "  predicted   " + "   ".join(f"{c} {n:,}" for c, n in report.beats_per_class.items()),
         f"  summary     {report.summary}",
     ]
@@ -403,10 +404,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise PipelineError("--model and --out are required")
     if not args.input and not args.db:
         raise PipelineError("give --input (a folder, archive or URL), or --db (with --source) for a PhysioNet database")
-    from jobs.score import ModelInfo, ScoreRequest, run_scoring
+    from jobs.score import ModelInfo, ScoreRequest, check_summary, run_scoring, summary_path
     from pipeline.cluster import dask_client
 
-    ModelInfo.read(args.model)  # refuse an unsafe or foreign model file before starting a cluster
+    # Refuse an unsafe or foreign model file, or a summary that cannot be written, before starting a cluster.
+    ModelInfo.read(args.model)
+    check_summary(summary_path(args.out, args.summary))
 
     annotations = None if args.no_annotations else (args.annotations or "auto")
     request = ScoreRequest(model=args.model, out=args.out, input=args.input, source=args.source, db=args.db,

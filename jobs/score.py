@@ -433,6 +433,7 @@ class ScoreReport:
     reference: dict[str, Any] | None
     wall_s: float
     stage_s: dict[str, float]
+    phase_s: dict[str, float] = field(default_factory=dict)  #: driver wall seconds: prepare, model_load, score, finish
 
     @property
     def ok(self) -> bool:
@@ -443,12 +444,27 @@ class ScoreReport:
         return self.n_beats_run / self.wall_s if self.wall_s else 0.0
 
 
-def summary_path(out: str, summary: str | None) -> str:
-    if summary:
-        return summary
+def sidecar(out: str, suffix: str) -> str:
+    """A file beside the store: ``scores.zarr`` -> ``scores<suffix>``."""
     stem = out.rstrip("/")
-    stem = stem[: -len(".zarr")] if stem.endswith(".zarr") else stem
-    return stem + ".records.csv"
+    return (stem[: -len(".zarr")] if stem.endswith(".zarr") else stem) + suffix
+
+
+def summary_path(out: str, summary: str | None) -> str:
+    """The per-record table's file: ``summary``, else ``<out stem>.records.csv``."""
+    return summary or sidecar(out, ".records.csv")
+
+
+def check_summary(path: str) -> None:
+    """Refuse a summary file the job could not write, before any work is done."""
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise PipelineError(f"--summary {path}: Parquet needs pyarrow (pip install 'ecg-pipeline[parquet]'); "
+                                "or name a .csv file") from None
+    elif not path.endswith(".csv"):
+        raise PipelineError(f"--summary {path}: name a .csv or .parquet file")
 
 
 def write_summary(frame, path: str) -> None:
@@ -456,11 +472,6 @@ def write_summary(frame, path: str) -> None:
     import fsspec
 
     if path.endswith(".parquet"):
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise PipelineError(f"{path}: Parquet needs pyarrow (pip install 'ecg-pipeline[parquet]'); "
-                                "or name a .csv file") from None
         with fsspec.open(path, "wb") as f:
             frame.to_parquet(f, index=False)
     else:
@@ -504,6 +515,8 @@ def run_scoring(request: ScoreRequest, client: Client,
     progress = progress or (lambda desc, total: _NoProgress())
     config = request.config
     info = ModelInfo.read(request.model)
+    summary = summary_path(request.out, request.summary)
+    check_summary(summary)
     policy = RetryPolicy(config.download.retries, config.download.backoff_s, config.download.timeout_s)
     cache = Path(request.cache_dir).expanduser() if request.cache_dir else default_cache_dir()
     work_dir = Path(request.work_dir).expanduser() if request.work_dir else cache / "archives"
@@ -525,6 +538,7 @@ def run_scoring(request: ScoreRequest, client: Client,
 
     # The source is listed where it is reachable, then shipped once to every worker.
     source, names = client.submit(source.prepare, policy, pure=False).result()
+    phase = {"prepare": time.perf_counter() - t0}
     if request.records:
         unknown = sorted(set(request.records) - set(names))
         if unknown:
@@ -541,7 +555,10 @@ def run_scoring(request: ScoreRequest, client: Client,
     pending: list[scores.RecordScores] = []
     beats_run = 0
     if todo:
+        t = time.perf_counter()
         client.register_plugin(plugin)  # every worker loads the model now; a refused model raises here
+        phase["model_load"] = time.perf_counter() - t
+        t = time.perf_counter()
         try:
             [src] = client.scatter([source], broadcast=True)
             futures = {client.submit(score_record, ctx, src, r, key=f"score-{r}-{os.urandom(4).hex()}"): r
@@ -588,7 +605,9 @@ def run_scoring(request: ScoreRequest, client: Client,
             except Exception:  # noqa: BLE001 - the cluster may be going away
                 log.debug("could not unregister %s", plugin.name)
 
+        phase["score"] = time.perf_counter() - t
     # End of job: class counts, reference metrics over the whole store (earlier runs included).
+    t = time.perf_counter()
     rows = list(writer.rows.values())  # the whole store: earlier runs over other records included
     failed = [(r["record"], r["error"]) for r in rows if r["status"] != "ok"]
     per_class = scores.beats_per_class(rows, info.classes)
@@ -602,16 +621,16 @@ def run_scoring(request: ScoreRequest, client: Client,
         ref_metrics["detector"]["tolerance_s"] = config.match_tolerance_s
     writer.finish({"complete": all(r in writer.rows for r in names), "beats_per_class": per_class,
                    "n_failed_records": len(failed), **({"reference_metrics": ref_metrics} if ref_metrics else {})})
-    summary = summary_path(request.out, request.summary)
     frame = scores.records_frame(rows, info.classes).sort_values("record", kind="stable")
     write_summary(frame, summary)
     if ref_metrics:
-        with _open_text(summary.rsplit(".", 1)[0].removesuffix(".records") + ".metrics.json") as f:
+        with _open_text(sidecar(request.out, ".metrics.json")) as f:
             json.dump(ref_metrics, f, indent=2)
     return ScoreReport(
         out=request.out, summary=summary, input=source.description, n_records=len(names), n_scored=len(todo),
         n_skipped=skipped, failed=failed, beats_per_class=per_class, n_beats=sum(int(r["n_beats"]) for r in rows),
-        n_beats_run=beats_run, reference=ref_metrics, wall_s=time.perf_counter() - t0, stage_s=dict(stage_s))
+        n_beats_run=beats_run, reference=ref_metrics, wall_s=time.perf_counter() - t0, stage_s=dict(stage_s),
+        phase_s={**phase, "finish": time.perf_counter() - t})
 
 
 def _open_text(path: str):

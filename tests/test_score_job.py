@@ -205,6 +205,21 @@ def test_unsafe_model_files_are_refused(mirror, tmp_path):
         assert why in r.stderr and not out.exists()
 
 
+def test_summary_format_is_checked_before_any_work(model, mirror, tmp_path):
+    args = ["score", "--model", str(model), "--input", str(mirror / "mitdb" / "1.0.0"), "--records", "100"]
+    r = _ok(_cli(*args, "--out", str(tmp_path / "a.zarr"), "--summary", str(tmp_path / "a.xlsx")), code=2)
+    assert "name a .csv or .parquet file" in r.stderr and not (tmp_path / "a.zarr").exists()
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        r = _ok(_cli(*args, "--out", str(tmp_path / "b.zarr"), "--summary", str(tmp_path / "b.parquet")), code=2)
+        assert "Parquet needs pyarrow" in r.stderr and not (tmp_path / "b.zarr").exists()
+    else:
+        _ok(_cli(*args, "--out", str(tmp_path / "b.zarr"), "--summary", str(tmp_path / "b.parquet"), "--workers", "1",
+                 "--no-progress"))
+        assert pd.read_parquet(tmp_path / "b.parquet").loc[0, "record"] == "100"
+
+
 def _wait_for(cond, timeout=240, what="condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
