@@ -72,12 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--records", type=_records_arg, metavar="LIST", help="comma-separated subset of records")
     pre.add_argument("--config", metavar="FILE", help="YAML configuration (schemas/preprocess-config.schema.json)")
     pre.add_argument("--print-config", action="store_true", help="print the effective configuration as YAML and exit")
-    grp = pre.add_mutually_exclusive_group()
-    grp.add_argument("--scheduler", metavar="ADDRESS", help="submit to this Dask scheduler (tcp://host:8786)")
-    grp.add_argument("--scheduler-file", metavar="FILE", help="submit to the Dask scheduler described by this file")
-    pre.add_argument("--workers", type=int, metavar="N", help="worker processes of the local cluster (default: cores)")
-    pre.add_argument("--cache-dir", metavar="DIR",
-                     help="download cache on the workers (default: $ECG_PIPELINE_CACHE or ~/.cache/ecg-pipeline)")
+    _cluster_args(pre, "submit to this Dask scheduler (tcp://host:8786)")
     pre.add_argument("--overwrite", action="store_true", help="replace --out instead of resuming it")
     pre.add_argument("--report", metavar="FILE", help="also write the run report as JSON")
     pre.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -195,14 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default: <out without .zarr>.records.csv)")
     sc.add_argument("--config", metavar="FILE", help="YAML scoring configuration (schemas/score-config.schema.json)")
     sc.add_argument("--print-config", action="store_true", help="print the effective configuration as YAML and exit")
-    grp = sc.add_mutually_exclusive_group()
-    grp.add_argument("--scheduler", metavar="ADDRESS",
-                     help="submit to this Dask scheduler (tcp://host:8786); folder and archive inputs must be on a "
-                          "file system the workers share")
-    grp.add_argument("--scheduler-file", metavar="FILE", help="submit to the Dask scheduler described by this file")
-    sc.add_argument("--workers", type=int, metavar="N", help="worker processes of the local cluster (default: cores)")
-    sc.add_argument("--cache-dir", metavar="DIR",
-                    help="download cache on the workers (default: $ECG_PIPELINE_CACHE or ~/.cache/ecg-pipeline)")
+    _cluster_args(sc, "submit to this Dask scheduler (tcp://host:8786); folder and archive inputs must be on a "
+                      "file system the workers share")
     sc.add_argument("--work-dir", metavar="DIR", help="where archives are extracted (default: <cache-dir>/archives)")
     sc.add_argument("--overwrite", action="store_true", help="replace --out instead of resuming it")
     sc.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -213,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("store", help="store path or fsspec URL")
     ins.add_argument("--allow-incomplete", action="store_true", help="show a store whose job has not finished")
     return parser
+
+
+def _cluster_args(parser: argparse.ArgumentParser, scheduler_help: str) -> None:
+    """--scheduler / --scheduler-file / --workers / --cache-dir, shared by the Dask jobs."""
+    grp = parser.add_mutually_exclusive_group()
+    grp.add_argument("--scheduler", metavar="ADDRESS", help=scheduler_help)
+    grp.add_argument("--scheduler-file", metavar="FILE", help="submit to the Dask scheduler described by this file")
+    parser.add_argument("--workers", type=int, metavar="N", help="worker processes of the local cluster (default: cores)")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="download cache on the workers (default: $ECG_PIPELINE_CACHE or ~/.cache/ecg-pipeline)")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -374,6 +373,7 @@ def format_score_report(report) -> str:
         + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in report.phase_s.items()) + ")",
         "  predicted   " + "   ".join(f"{c} {n:,}" for c, n in report.beats_per_class.items()),
         f"  summary     {report.summary}",
+        f"  model       loaded {report.model_loads} time(s): once per worker process that scored",
     ]
     total = sum(report.stage_s.values())
     if total:

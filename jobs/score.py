@@ -22,7 +22,6 @@ loaded in Keras safe mode on the workers.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 import logging
@@ -110,6 +109,7 @@ class ModelPlugin(WorkerPlugin):
         self.info = info
         self.payload = Path(info.path).read_bytes()
         self.model = None
+        self.load_id = ""
 
     async def setup(self, worker) -> None:
         # Importing TensorFlow and loading take seconds: off the worker's event loop, so heartbeats go on.
@@ -124,6 +124,7 @@ class ModelPlugin(WorkerPlugin):
             if hashlib.sha256(self.payload).hexdigest() != self.info.sha256:
                 raise models.ModelError(f"{self.info.path}: bytes changed in transit")
             self.model, _ = models.load_model(path)
+        self.load_id = f"{worker.address}/{os.getpid()}/{time.time_ns()}"  # one per load, for the report
         # Trace the model for a full and a smaller batch now: TensorFlow then generalises the batch
         # dimension, so records of any length do not retrace it (about 1 s each) during the job.
         shape = (self.info.spec.n_freq, self.info.spec.n_time)
@@ -249,8 +250,7 @@ def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, sig_
     with timer("resample"):
         xm = resample(x, fs, fsm)
     with timer("detect"):
-        d = config.detector
-        peaks = detect.detect_r_peaks(xm, fsm, detect.DetectorSpec(**dataclasses.asdict(d)),
+        peaks = detect.detect_r_peaks(xm, fsm, config.detector,
                                       origin=int(round(first * scale)))
         native = first + np.round(peaks / scale).astype(np.int64)
         own = (native >= start) & (native < stop)
@@ -281,6 +281,7 @@ class PieceResult:
     scores: scores.RecordScores | None = None
     detected: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     seconds: dict[str, float] = field(default_factory=dict)
+    model_load: str = ""  #: which load of the model scored it (worker, process, time)
 
 
 def _reference(ctx: ScoreContext, local: sources.LocalRecord, start: int,
@@ -318,6 +319,7 @@ def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, p
         x = records.read_signal(local.base, header, lead, first, last)
         read_s = time.perf_counter() - t0  # fetch (a no-op for local and cached files), header, signal
         model = get_worker().plugins[ctx.plugin]
+        out.model_load = model.load_id
         span = score_span(x, header.fs, first, start, stop, header.sig_len, ctx.info, ctx.config,
                           lambda s: model.predict(s, ctx.config.batch_size))
         result.sample, result.probability = span.sample, span.probability
@@ -434,6 +436,7 @@ class ScoreReport:
     wall_s: float
     stage_s: dict[str, float]
     phase_s: dict[str, float] = field(default_factory=dict)  #: driver wall seconds: prepare, model_load, score, finish
+    model_loads: int = 0  #: model loads that scored beats (one per worker process)
 
     @property
     def ok(self) -> bool:
@@ -552,6 +555,7 @@ def run_scoring(request: ScoreRequest, client: Client,
                        plugin.name)
 
     stage_s: Counter[str] = Counter()
+    loads: set[str] = set()
     pending: list[scores.RecordScores] = []
     beats_run = 0
     if todo:
@@ -583,6 +587,8 @@ def run_scoring(request: ScoreRequest, client: Client,
                         done_iter.add(f)
                     continue
                 stage_s.update(res.seconds)
+                if res.model_load:
+                    loads.add(res.model_load)
                 parts = pieces.setdefault(r, [])
                 parts.append(res)
                 if len(parts) < expected.get(r, 1):
@@ -630,7 +636,7 @@ def run_scoring(request: ScoreRequest, client: Client,
         out=request.out, summary=summary, input=source.description, n_records=len(names), n_scored=len(todo),
         n_skipped=skipped, failed=failed, beats_per_class=per_class, n_beats=sum(int(r["n_beats"]) for r in rows),
         n_beats_run=beats_run, reference=ref_metrics, wall_s=time.perf_counter() - t0, stage_s=dict(stage_s),
-        phase_s={**phase, "finish": time.perf_counter() - t})
+        phase_s={**phase, "finish": time.perf_counter() - t}, model_loads=len(loads))
 
 
 def _open_text(path: str):

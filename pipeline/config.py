@@ -19,6 +19,7 @@ import jsonschema
 import yaml
 
 import schemas
+from pipeline.detect import DetectorSpec
 from pipeline.errors import ConfigError
 
 
@@ -190,19 +191,6 @@ def train_config_from_dict(data: dict[str, Any] | None) -> TrainConfig:
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
-    """R-peak detector parameters (``pipeline.detect.DetectorSpec``)."""
-
-    band_hz: tuple[float, float] = (5.0, 15.0)
-    integration_s: float = 0.150
-    refractory_s: float = 0.200
-    block_s: float = 3.0
-    threshold: float = 0.14
-    search_s: float = 0.075
-    fiducial_band_hz: tuple[float, float] = (0.5, 40.0)
-
-
-@dataclass(frozen=True)
 class ScoreConfig:
     """Everything the scoring job needs besides the model, input and output.
 
@@ -212,7 +200,7 @@ class ScoreConfig:
 
     leads: tuple[str, ...] | None = None
     lead_fallback: Literal["fail", "first"] = "first"
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    detector: DetectorSpec = field(default_factory=DetectorSpec)
     piece_s: float = 1800.0
     batch_size: int = 4096
     match_tolerance_s: float = 0.150
@@ -242,7 +230,7 @@ def score_config_from_dict(data: dict[str, Any] | None) -> ScoreConfig:
                 det[key] = tuple(det[key])
                 if not det[key][0] < det[key][1]:
                     raise ConfigError(f"detector.{key} {list(det[key])}: low edge must be below high edge")
-        kwargs["detector"] = DetectorConfig(**det)
+        kwargs["detector"] = DetectorSpec(**det)
     if "download" in data:
         kwargs["download"] = DownloadConfig(**data["download"])
     if data.get("leads") is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -165,6 +166,8 @@ def test_zip_archive_with_nested_and_corrupt_records(ds2, model, mirror, tmp_pat
                  "--cache-dir", str(tmp_path / "cache"), "--summary", str(tmp_path / "summary.csv"), "--no-progress"),
             code=1)
     assert "broken/111" in r.stdout and "signal" in r.stdout
+    loads = int(re.search(r"loaded (\d+) time", r.stdout).group(1))
+    assert 1 <= loads <= 2  # once per worker of the 2-worker cluster, not once per record (3 were scored)
     table = pd.read_csv(tmp_path / "summary.csv", keep_default_na=False).set_index("record")
     assert table.loc["broken/111", "status"] == "failed" and "truncated" in table.loc["broken/111", "error"]
     assert (table.drop("broken/111").status == "ok").all() and len(table) == 4
