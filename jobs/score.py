@@ -230,8 +230,8 @@ def resample(x: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
     return sps.resample_poly(np.asarray(x, np.float64), ratio.numerator, ratio.denominator).astype(np.float32)
 
 
-def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, sig_len: int, info: ModelInfo,
-               config: ScoreConfig, predict_fn: Callable[[np.ndarray], np.ndarray]) -> SpanScores:
+def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, info: ModelInfo, config: ScoreConfig,
+               predict_fn: Callable[[np.ndarray], np.ndarray]) -> SpanScores:
     """Detect, window, transform and score the beats of ``[start, stop)``.
 
     Parameters
@@ -279,7 +279,6 @@ class PieceResult:
     piece: int = 0
     split: list[Piece] = field(default_factory=list)  #: non-empty: score these pieces instead
     scores: scores.RecordScores | None = None
-    detected: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     seconds: dict[str, float] = field(default_factory=dict)
     model_load: str = ""  #: which load of the model scored it (worker, process, time)
 
@@ -320,12 +319,12 @@ def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, p
         read_s = time.perf_counter() - t0  # fetch (a no-op for local and cached files), header, signal
         model = get_worker().plugins[ctx.plugin]
         out.model_load = model.load_id
-        span = score_span(x, header.fs, first, start, stop, header.sig_len, ctx.info, ctx.config,
+        span = score_span(x, header.fs, first, start, stop, ctx.info, ctx.config,
                           lambda s: model.predict(s, ctx.config.batch_size))
         result.sample, result.probability = span.sample, span.probability
         result.n_detected, result.n_dropped_edge, result.n_dropped_invalid = (
             len(span.detected), span.n_dropped_edge, span.n_dropped_invalid)
-        out.detected, out.seconds = span.detected, {"read": read_s, **span.seconds}
+        out.seconds = {"read": read_s, **span.seconds}
         ref = _reference(ctx, local, start, stop)
         result.reference = np.full(len(span.sample), "", dtype=object)
         if ref is not None:

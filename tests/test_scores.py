@@ -183,18 +183,17 @@ def test_score_span_on_a_real_record_and_resampled(mirror):
         seen.append(s)
         return np.tile(np.eye(5, dtype=np.float32)[0], (len(s), 1))
 
-    full = score_span(x, 360.0, 0, 0, len(x), len(x), info, ScoreConfig(), fake_model)
+    full = score_span(x, 360.0, 0, 0, len(x), info, ScoreConfig(), fake_model)
     assert seen[0].dtype == np.float16 and seen[0].shape == (len(full.sample), 33, 24)
     ann = records.read_annotations(base, "100", "atr")
     ref = ann.sample[(ann.sample < len(x)) & np.isin(ann.symbol, ["N", "A", "V"])]
     assert abs(len(full.detected) - len(ref)) <= 2 and full.n_dropped_edge >= 0
     # A piece with margin finds the piece's share of the same beats.
-    piece = score_span(x[3600 * 2 - 3600:3600 * 7 + 3600], 360.0, 3600, 7200, 25200, len(x), info, ScoreConfig(),
-                       fake_model)
+    piece = score_span(x[3600:3600 * 8], 360.0, 3600, 7200, 25200, info, ScoreConfig(), fake_model)
     np.testing.assert_array_equal(piece.sample, full.sample[(full.sample >= 7200) & (full.sample < 25200)])
     # At 250 Hz the beats come back at the record's own sample positions, within a sample or two.
     x250 = resample(x, 360.0, 250.0)
-    low = score_span(x250, 250.0, 0, 0, len(x250), len(x250), info, ScoreConfig(), fake_model)
+    low = score_span(x250, 250.0, 0, 0, len(x250), info, ScoreConfig(), fake_model)
     expected = full.sample * 250 / 360
     assert len(low.sample) == len(full.sample) and np.abs(low.sample - expected).max() <= 2
 
