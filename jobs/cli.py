@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-progress", action="store_true", help="no progress bar")
     sc.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
 
-    ins = sub.add_parser("inspect", help="validate a store and print its summary",
-                         description="Open a store with the schema check and print its per-record table and class counts.")
+    ins = sub.add_parser("inspect", help="validate a store (spectrograms or scores) and print its summary",
+                         description="Open a store written by `preprocess` or `score` with its schema check and print "
+                                     "its per-record table and class counts.")
     ins.add_argument("store", help="store path or fsspec URL")
     ins.add_argument("--allow-incomplete", action="store_true", help="show a store whose job has not finished")
     return parser
@@ -291,9 +292,36 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_RECORDS_FAILED
 
 
+def _inspect_scores(path: str, require_complete: bool) -> str:
+    from pipeline.scores import open_scores
+
+    ds = open_scores(path, require_complete=require_complete)
+    a = ds.attrs
+    classes = [str(c) for c in ds["class"].values]
+    out = [f"{path}: beat scores of {a['input']} by {a['model']} (sha256 {a['model_sha256'][:12]}), "
+           f"schema v{a['schema_version']}, complete={a['complete']}",
+           f"  {ds.sizes['segment']:,} beats, {ds.sizes['record_id']} records",
+           "  predicted   " + "   ".join(f"{c} {n:,}" for c, n in a.get("beats_per_class", {}).items()),
+           f"  {'record':>16} {'status':>7} {'beats':>7} " + " ".join(f"{c:>6}" for c in classes) + "  ectopic  error"]
+    for i in range(ds.sizes["record_id"]):
+        counts = " ".join(f"{int(n):>6}" for n in ds.record_beats.values[i])
+        out.append(f"  {ds.record_id.values[i]:>16} {ds.record_status.values[i]:>7} {int(ds.record_n_beats.values[i]):>7} "
+                   f"{counts}  {float(ds.record_ectopic_share.values[i]):>7.1%}  {ds.record_error.values[i]}")
+    return "\n".join(out) + "\n"
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import zarr
+
     from pipeline.store import open_dataset
 
+    try:
+        kind = zarr.open_group(args.store, mode="r", use_consolidated=False).attrs.get("kind")
+    except Exception:  # noqa: BLE001 - open_dataset below gives the clear error
+        kind = None
+    if kind == "beat-scores":
+        sys.stdout.write(_inspect_scores(args.store, not args.allow_incomplete))
+        return EXIT_OK
     ds = open_dataset(args.store, require_complete=not args.allow_incomplete)
     a = ds.attrs
     out = [f"{args.store}: {a['database']} {a['database_version']} ({a['database_title']}), "

@@ -144,6 +144,10 @@ def test_rerun_skips_scored_records(ds2, model, mirror):
     assert f"0 scored now, {len(DS2)} already in the store" in r.stdout
     after = zarr.open_group(str(out), mode="r", use_consolidated=False)["sample"][:]
     np.testing.assert_array_equal(before, after)
+    shown = _ok(_cli("inspect", str(out))).stdout  # the inspect command knows scores stores too
+    ds = open_scores(str(out))
+    row = next(line for line in shown.splitlines() if line.split()[:2] == ["232", "ok"])
+    assert int(row.split()[2]) == int(ds.record_n_beats.sel(record_id="232")) and "beat scores" in shown
 
 
 def _copy_record(mirror, rec: str, dest):
