@@ -19,7 +19,6 @@ scores those records again, so no beat is lost or written twice.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -287,7 +286,3 @@ def beats_per_class(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]) -
             total += np.asarray(r["beats"], dtype=np.int64)
     return {c: int(n) for c, n in zip(classes, total)}
 
-
-def as_dict(r: RecordScores) -> dict[str, Any]:
-    """``r`` without its per-beat arrays (for logs and reports)."""
-    return {k: v for k, v in dataclasses.asdict(r).items() if not isinstance(v, np.ndarray)}
