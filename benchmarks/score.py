@@ -6,7 +6,8 @@ Side by side in one run, repeated (medians reported):
   over the records (read the lead, detect R peaks, cut windows, one vectorised STFT,
   ``predict_on_batch``);
 * job, cold: ``run_scoring`` on a fresh local Dask cluster of ``--workers``
-  processes: cluster start, TensorFlow import and model load on every worker included;
+  processes, started as the CLI starts it: cluster start, TensorFlow import and
+  model load on every worker included;
 * job, warm: ``run_scoring`` again on the running cluster (a new output store each
   time; the model plugin is registered, and loaded, again per run).
 
@@ -25,6 +26,7 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,8 +69,13 @@ def default_model(path: Path) -> Path:
 
 def baseline(db_dir: Path, names: list[str], info: ModelInfo, batch: int) -> tuple[float, int]:
     """One process, one TensorFlow thread: the job's stages in a loop."""
+    import tensorflow as tf
+
     from pipeline.models import load_model
 
+    # One TensorFlow thread, as each worker of the job has (one per worker thread).
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
     model, _ = load_model(info.path)
     predict(model, np.zeros((256, info.spec.n_freq, info.spec.n_time), info.input_dtype), batch)  # trace once
     window = segment.WindowSpec(info.spec.n_before, info.spec.n_after)
@@ -93,25 +100,24 @@ def main() -> None:
                                               "random weights)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--make-model", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.make_model:
+        default_model(args.make_model)
+        return
     logging.basicConfig(level=logging.WARNING)
     db_dir = args.mirror / "mitdb" / "1.0.0"
     if not (db_dir / "RECORDS").is_file():
         sys.exit(f"no MIT-BIH mirror at {db_dir}")
     names = (db_dir / "RECORDS").read_text().split()
-    import tensorflow as tf
-
-    # The baseline gets one TensorFlow thread, as each worker of the job does (one per worker thread).
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
     try:
-        model = args.model or default_model(tmp / "model.keras")
+        model = args.model
+        if model is None:  # built in a child process: this one must not import TensorFlow before forking workers
+            model = tmp / "model.keras"
+            subprocess.run([sys.executable, __file__, "--make-model", str(model)], check=True)
         info = ModelInfo.read(model)
         config = ScoreConfig()
-        base_runs = [baseline(db_dir, names, info, config.batch_size) for _ in range(args.repeats)]
-        base_s = statistics.median(t for t, _ in base_runs)
-        n_base = base_runs[0][1]
 
         def request(i: int) -> ScoreRequest:
             return ScoreRequest(model=str(model), out=str(tmp / f"scores-{i}.zarr"), input=str(db_dir),
@@ -121,8 +127,9 @@ def main() -> None:
         cold, warm, stages, cold_phases, warm_phases = [], [], Counter(), [], []
         for i in range(args.repeats):
             t0 = time.perf_counter()
-            # spawn: this process has imported TensorFlow (the baseline), which must not be forked.
-            with dask_client(n_workers=args.workers, dashboard_address=None, start_method="spawn") as client:
+            # Workers start as the CLI starts them (forked on Linux): the jobs run before the baseline
+            # imports TensorFlow into this process.
+            with dask_client(n_workers=args.workers, dashboard_address=None) as client:
                 rep = run_scoring(request(2 * i), client)
                 cold.append((time.perf_counter() - t0, rep.n_beats_run))
                 cold_phases.append(rep.phase_s)
@@ -130,6 +137,9 @@ def main() -> None:
                 warm.append((rep.wall_s, rep.n_beats_run))
                 warm_phases.append(rep.phase_s)
                 stages.update(rep.stage_s)
+        base_runs = [baseline(db_dir, names, info, config.batch_size) for _ in range(args.repeats)]
+        base_s = statistics.median(t for t, _ in base_runs)
+        n_base = base_runs[0][1]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
