@@ -80,10 +80,11 @@ class FolderSource:
     """Records under a local folder, read in place."""
 
     root: str
+    origin: str = ""  #: the archive the folder was extracted from, if any
 
     @property
     def description(self) -> str:
-        return self.root
+        return f"{self.origin} (extracted to {self.root})" if self.origin else self.root
 
     def prepare(self, policy: download.RetryPolicy = download.RetryPolicy()) -> tuple["FolderSource", tuple[str, ...]]:
         root = Path(self.root)
@@ -228,11 +229,11 @@ def resolve_source(
         if path.is_dir():
             return FolderSource(str(path.resolve()))
         if path.is_file():
-            return FolderSource(str(extracted_folder(path, Path(work_dir), max_archive_bytes)))
+            return FolderSource(str(extracted_folder(path, Path(work_dir), max_archive_bytes)), origin=input)
         raise SourceError(f"{input}: no such file or folder")
     if is_archive(input):
         return FolderSource(str(extracted_folder(_fetch_archive(input, Path(work_dir), policy), Path(work_dir),
-                                                 max_archive_bytes)))
+                                                 max_archive_bytes)), origin=input)
     return RemoteSource(input.rstrip("/"))
 
 

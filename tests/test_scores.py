@@ -151,7 +151,7 @@ def test_archive_is_extracted_once(tmp_path):
     archive = shutil.make_archive(str(tmp_path / "recs"), "gztar", root)
     s1 = sources.resolve_source(archive, work_dir=tmp_path / "w")
     s2 = sources.resolve_source(archive, work_dir=tmp_path / "w")
-    assert s1 == s2 and s1.prepare()[1] == ("a/r1",)
+    assert s1 == s2 and s1.prepare()[1] == ("a/r1",) and s1.description.startswith(archive)
 
 
 def test_model_metadata_is_required(tmp_path):
