@@ -140,7 +140,8 @@ class ModelPlugin(WorkerPlugin):
 
 def _limit_tf_threads(n: int) -> None:
     """One TensorFlow thread pool per worker thread: two workers on two cores must not each take both."""
-    import tensorflow as tf
+    with models.quiet_native_stderr():
+        import tensorflow as tf
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(max(int(n), 1))

@@ -13,7 +13,10 @@ config fingerprint) are written into the ``.keras`` archive as
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -27,10 +30,32 @@ class ModelError(PipelineError):
     """A model file that cannot be loaded safely, or does not fit the store."""
 
 
-def _keras():
-    import keras
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence file descriptor 2 while TensorFlow starts, if ``TF_CPP_MIN_LOG_LEVEL`` asks for quiet.
 
-    return keras
+    TensorFlow 2.19+ logs its start-up notes (oneDNN, "Could not find cuda drivers")
+    through absl before it reads ``TF_CPP_MIN_LOG_LEVEL`` (tensorflow/tensorflow#100442),
+    so the variable alone does not silence them. Python exceptions are unaffected.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("2", "3"):
+        yield
+        return
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _keras():
+    if "keras" not in sys.modules:
+        with quiet_native_stderr():
+            import keras  # noqa: F401 - imports TensorFlow, the backend
+    return sys.modules["keras"]
 
 
 def spectrogram_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dtype: str = "float16",
