@@ -152,6 +152,11 @@ def test_archive_is_extracted_once(tmp_path):
     s1 = sources.resolve_source(archive, work_dir=tmp_path / "w")
     s2 = sources.resolve_source(archive, work_dir=tmp_path / "w")
     assert s1 == s2 and s1.prepare()[1] == ("a/r1",) and s1.description.startswith(archive)
+    # The same archive by URL: fetched over HTTP into the work folder, then extracted.
+    with HTTPMirror(tmp_path) as m:
+        s3 = sources.resolve_source(m.url + "recs.tar.gz", work_dir=tmp_path / "w2")
+    assert s3.prepare()[1] == ("a/r1",) and s3.description.startswith(m.url)
+    assert list((tmp_path / "w2" / "downloads").rglob("recs.tar.gz"))
 
 
 def test_model_metadata_is_required(tmp_path):
