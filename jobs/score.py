@@ -123,7 +123,10 @@ class ModelPlugin(WorkerPlugin):
             path.write_bytes(self.payload)
             if hashlib.sha256(self.payload).hexdigest() != self.info.sha256:
                 raise models.ModelError(f"{self.info.path}: bytes changed in transit")
-            self.model, _ = models.load_model(path)
+            try:
+                self.model, _ = models.load_model(path)
+            except models.ModelError as exc:  # name the user's file, not this worker's copy
+                raise models.ModelError(str(exc).replace(str(path), self.info.path)) from None
         self.load_id = f"{worker.address}/{os.getpid()}/{time.time_ns()}"  # one per load, for the report
         # Trace the model for a full and a smaller batch now: TensorFlow then generalises the batch
         # dimension, so records of any length do not retrace it (about 1 s each) during the job.
@@ -559,11 +562,17 @@ def run_scoring(request: ScoreRequest, client: Client,
     pending: list[scores.RecordScores] = []
     beats_run = 0
     if todo:
-        t = time.perf_counter()
-        client.register_plugin(plugin)  # every worker loads the model now; a refused model raises here
-        phase["model_load"] = time.perf_counter() - t
-        t = time.perf_counter()
         try:
+            t = time.perf_counter()
+            # Every worker loads the model now; a refused model raises here (and is unregistered below,
+            # so a long-lived cluster does not keep trying it on new workers).
+            try:
+                client.register_plugin(plugin)
+            except Exception:
+                writer.discard_if_new_and_empty()  # a refused model leaves no empty store behind
+                raise
+            phase["model_load"] = time.perf_counter() - t
+            t = time.perf_counter()
             [src] = client.scatter([source], broadcast=True)
             futures = {client.submit(score_record, ctx, src, r, key=f"score-{r}-{os.urandom(4).hex()}"): r
                        for r in todo}

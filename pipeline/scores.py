@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import fsspec
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -122,6 +123,7 @@ class ScoresWriter:
                 raise StoreError(f"{path} exists but is not a Zarr v3 group ({type(exc).__name__}: {exc}); "
                                  "choose another --out or pass --overwrite") from exc
         self.rows: dict[str, dict[str, Any]] = {}
+        self.created = group is None  #: this writer made the store (nothing was there)
         if group is not None:
             old = dict(group.attrs)
             if old.get("kind") != "beat-scores":
@@ -227,6 +229,12 @@ class ScoresWriter:
             arr = store.create_array(group, name, spec, shape, chunks, dtype)
             if n:
                 arr[:] = values
+
+    def discard_if_new_and_empty(self) -> None:
+        """Remove the store if this writer created it and nothing was committed (the job could not start)."""
+        if self.created and self.n == 0 and not self.rows:
+            fs, root = fsspec.core.url_to_fs(self.path, **dict(self.storage_options or {}))
+            fs.rm(root, recursive=True)
 
     def finish(self, attrs: Mapping[str, Any]) -> None:
         """Set the end-of-job attributes (``complete``, class counts, reference metrics)."""

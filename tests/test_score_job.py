@@ -198,18 +198,31 @@ def test_hostile_archive_is_refused(model, mirror, tmp_path):
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
 
 
-def test_unsafe_model_files_are_refused(mirror, tmp_path):
+def test_unsafe_model_files_are_refused(model, mirror, tmp_path):
     keras = pytest.importorskip("keras")
+    from pipeline.models import read_metadata, save_model
+
     inp = keras.Input((3,))
     lam = tmp_path / "lambda.keras"
     keras.Model(inp, keras.layers.Lambda(lambda t: t * 2)(inp)).save(lam)
     pkl = tmp_path / "model.pkl"
     pkl.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
-    for path, why in ((lam, "Lambda"), (pkl, "only native .keras"), (tmp_path / "absent.keras", "no model file")):
+
+    # A custom layer the workers do not know: it passes the static check, and Keras refuses it on the worker.
+    @keras.saving.register_keras_serializable(package="test_score_job")
+    class Twice(keras.layers.Layer):
+        def call(self, x):
+            return x * 2
+
+    spec_in = keras.Input((33, 24), dtype="float16")
+    head = keras.layers.Dense(5, activation="softmax")(keras.layers.Flatten()(Twice()(spec_in)))
+    custom = save_model(keras.Model(spec_in, head), tmp_path / "custom.keras", read_metadata(model))
+    for path, why in ((lam, "Lambda"), (pkl, "only native .keras"), (tmp_path / "absent.keras", "no model file"),
+                      (custom, f"{custom}: cannot load model")):
         out = tmp_path / f"{path.stem}.zarr"
         r = _ok(_cli("score", "--model", str(path), "--input", str(mirror / "mitdb" / "1.0.0"), "--records", "100",
-                     "--out", str(out), "--no-progress"), code=2)
-        assert why in r.stderr and not out.exists()
+                     "--out", str(out), "--workers", "1", "--no-progress"), code=2)
+        assert why in r.stderr and not out.exists(), r.stderr[-2000:]
 
 
 def test_summary_format_is_checked_before_any_work(model, mirror, tmp_path):
