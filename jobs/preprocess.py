@@ -18,21 +18,21 @@ differ: a killed or partly failed job resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from distributed import Client, as_completed
 
 import pipeline
+from jobs.common import NoProgress, ProgressBar, Timer, cache_root
 from pipeline import download, records, segment, spectrogram, store
 from pipeline.config import PreprocessConfig
 from pipeline.databases import Database, get_database
@@ -40,14 +40,6 @@ from pipeline.errors import DownloadError, RecordError
 from pipeline.labels import AAMI_CLASSES, LABEL_MAPS, label_beats
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    """``$ECG_PIPELINE_CACHE``, else ``$XDG_CACHE_HOME/ecg-pipeline``, else ``~/.cache/ecg-pipeline``."""
-    if os.environ.get("ECG_PIPELINE_CACHE"):
-        return Path(os.environ["ECG_PIPELINE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(base).expanduser() / "ecg-pipeline"
 
 
 @dataclass(frozen=True)
@@ -67,7 +59,7 @@ class PreprocessRequest:
     records
         Subset of records; None takes the database's ``RECORDS`` file.
     cache_dir
-        Local download cache on the workers; None takes ``default_cache_dir()`` there.
+        Local download cache on the workers; None takes ``jobs.common.default_cache_dir()`` there.
     """
 
     db: str
@@ -107,7 +99,7 @@ class TaskContext:
         return download.RetryPolicy(d.retries, d.backoff_s, d.timeout_s)
 
     def cache(self) -> Path:
-        root = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+        root = cache_root(self.cache_dir)
         return root / "physionet" / self.db.name / self.version
 
     def leads(self) -> tuple[str, ...]:
@@ -144,21 +136,6 @@ class RecordPlan:
         return int(self.sample.shape[0]) if self.ok else 0
 
 
-class _Timer:
-    """Accumulates wall seconds per stage: ``with timer("stft"): ...``."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] += time.perf_counter() - t
-
-
 def _fetch(ctx: TaskContext, fs, root: str, name: str, expected: str | None, record: str) -> download.FetchResult:
     if expected is None and ctx.config.download.require_checksums:
         raise RecordError(record, "checksum", f"{name} is not listed in SHA256SUMS.txt (download.require_checksums)")
@@ -177,7 +154,7 @@ def _record_dir(record: str) -> str:
 def plan_record(ctx: TaskContext, record: str, sha256: Mapping[str, str]) -> RecordPlan:
     """Phase 1 for one record (runs on a worker; record problems become ``plan.error``)."""
     plan = RecordPlan(record)
-    timer = _Timer()
+    timer = Timer()
     try:
         download.safe_name(record)
         fs, src_root = download.open_source(ctx.source, ctx.policy)
@@ -254,7 +231,7 @@ def write_chunk(
     spec: spectrogram.SpectrogramSpec,
 ) -> ChunkResult:
     """Phase 2 for one chunk: spectrograms of every record piece in it, written whole."""
-    timer = _Timer()
+    timer = Timer()
     n = segs.stop - segs.start
     out = np.full((n, spec.n_freq, spec.n_time), np.nan, dtype=np.float32)
     labels = {name: np.empty(n, dtype=object) for name in ("record", "symbol", "aami", "lead")}
@@ -298,20 +275,6 @@ def write_chunk(
         # fingerprint, so the next run computes it again.
         store.write_chunk(ctx.out, k, segs, out, labels, "" if failures else fingerprint, ctx.storage_options)
     return ChunkResult(k, not failures, failures, dict(timer.seconds), n)
-
-
-class ProgressBar(Protocol):
-    def update(self, n: int = 1) -> Any: ...
-
-    def close(self) -> Any: ...
-
-
-class _NoProgress:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -415,7 +378,7 @@ def run_preprocess(
     record list, a store that cannot be resumed).
     """
     t0 = time.perf_counter()
-    progress = progress or (lambda desc, total: _NoProgress())
+    progress = progress or (lambda desc, total: NoProgress())
     db = request.database
     version = request.db_version
     ctx = TaskContext(request.source, db, version, request.cache_dir, request.config, request.out,

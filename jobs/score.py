@@ -28,7 +28,7 @@ import logging
 import os
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -39,6 +39,7 @@ from distributed import Client, WorkerPlugin, as_completed, get_worker
 from scipy import signal as sps
 
 import pipeline
+from jobs.common import NoProgress, Timer, cache_root
 from pipeline import detect, models, records, scores, segment, sources, spectrogram
 from pipeline.config import ScoreConfig
 from pipeline.databases import DATABASES
@@ -178,9 +179,7 @@ class ScoreContext:
         return RetryPolicy(d.retries, d.backoff_s, d.timeout_s)
 
     def cache(self) -> Path:
-        from jobs.preprocess import default_cache_dir
-
-        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+        return cache_root(self.cache_dir)
 
     def leads(self) -> tuple[str, ...]:
         return self.config.leads or self.info.leads
@@ -209,23 +208,6 @@ class SpanScores:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def __call__(self, stage: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[stage] += time.perf_counter() - self.t
-
-        return _Span()
-
-
 def resample(x: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
     """``x`` at ``fs_out`` (polyphase FIR; the identity when the rates are equal)."""
     if fs_in == fs_out:
@@ -248,7 +230,7 @@ def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, info
     predict_fn
         Spectrograms (model input dtype) -> probabilities.
     """
-    timer = _Timer()
+    timer = Timer()
     fsm = info.spec.fs
     scale = fsm / fs
     with timer("resample"):
@@ -515,16 +497,14 @@ def run_scoring(request: ScoreRequest, client: Client,
     summary). Raises ``PipelineError`` for problems with the job as a whole: an unsafe
     model, an unreadable input, a store from another model.
     """
-    from jobs.preprocess import _NoProgress, default_cache_dir
-
     t0 = time.perf_counter()
-    progress = progress or (lambda desc, total: _NoProgress())
+    progress = progress or (lambda desc, total: NoProgress())
     config = request.config
     info = ModelInfo.read(request.model)
     summary = summary_path(request.out, request.summary)
     check_summary(summary)
     policy = RetryPolicy(config.download.retries, config.download.backoff_s, config.download.timeout_s)
-    cache = Path(request.cache_dir).expanduser() if request.cache_dir else default_cache_dir()
+    cache = cache_root(request.cache_dir)
     work_dir = Path(request.work_dir).expanduser() if request.work_dir else cache / "archives"
     source = sources.resolve_source(request.input, source=request.source, db=request.db, version=request.version,
                                     work_dir=work_dir, max_archive_bytes=config.max_archive_bytes, policy=policy)

@@ -240,10 +240,6 @@ class ScoresWriter:
         """Set the end-of-job attributes (``complete``, class counts, reference metrics)."""
         self.group.attrs.update({**attrs, "updated": store.now()})
 
-    def table(self) -> pd.DataFrame:
-        """The per-record table as a DataFrame (one column per class for the beat counts)."""
-        return records_frame(self.rows.values(), self.classes)
-
 
 def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]) -> pd.DataFrame:
     """Per-record summary rows -> a DataFrame with ``beats_<class>`` columns, for CSV/Parquet."""

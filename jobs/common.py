@@ -1,0 +1,52 @@
+"""What the jobs share: the download cache location, stage timers, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Protocol
+
+
+def default_cache_dir() -> Path:
+    """``$ECG_PIPELINE_CACHE``, else ``$XDG_CACHE_HOME/ecg-pipeline``, else ``~/.cache/ecg-pipeline``."""
+    if os.environ.get("ECG_PIPELINE_CACHE"):
+        return Path(os.environ["ECG_PIPELINE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "ecg-pipeline"
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    """``cache_dir`` (``~`` expanded), or ``default_cache_dir()`` when None."""
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+class Timer:
+    """Accumulates wall seconds per stage: ``with timer("stft"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t
+
+
+class ProgressBar(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+
+    def close(self) -> Any: ...
+
+
+class NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
