@@ -72,7 +72,7 @@ def epoch_rate(ds) -> tuple[float, int]:
 
 
 def bench_loader(store: str, batch: int, epochs: int, fraction: float = 1.0, shuffle_chunks: int = 16):
-    from pipeline.loader import LoaderOptions, ZarrBeatLoader
+    from ecg_pipeline.pipeline.loader import LoaderOptions, ZarrBeatLoader
 
     n_all = ZarrBeatLoader(store, np.arange(1)).n_segments_in_store
     idx = np.arange(int(n_all * fraction))

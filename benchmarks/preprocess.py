@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import wfdb
 
-from jobs.preprocess import PreprocessRequest, run_preprocess
-from pipeline import segment, spectrogram
-from pipeline.cluster import dask_client
-from pipeline.config import PreprocessConfig
-from pipeline.labels import AAMI_EC57, label_beats
+from ecg_pipeline.jobs.preprocess import PreprocessRequest, run_preprocess
+from ecg_pipeline.pipeline import segment, spectrogram
+from ecg_pipeline.pipeline.cluster import dask_client
+from ecg_pipeline.pipeline.config import PreprocessConfig
+from ecg_pipeline.pipeline.labels import AAMI_EC57, label_beats
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MIRROR = HERE.parent.parent / "shared" / "physionet"

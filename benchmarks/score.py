@@ -37,11 +37,11 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from jobs.score import ModelInfo, ScoreRequest, predict, run_scoring  # noqa: E402
-from pipeline import detect, records, segment, spectrogram  # noqa: E402
-from pipeline.cluster import dask_client  # noqa: E402
-from pipeline.config import PreprocessConfig, ScoreConfig  # noqa: E402
-from pipeline.databases import get_database  # noqa: E402
+from ecg_pipeline.jobs.score import ModelInfo, ScoreRequest, predict, run_scoring  # noqa: E402
+from ecg_pipeline.pipeline import detect, records, segment, spectrogram  # noqa: E402
+from ecg_pipeline.pipeline.cluster import dask_client  # noqa: E402
+from ecg_pipeline.pipeline.config import PreprocessConfig, ScoreConfig  # noqa: E402
+from ecg_pipeline.pipeline.databases import get_database  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MIRROR = HERE.parent.parent / "shared" / "physionet"
@@ -51,9 +51,9 @@ log = logging.getLogger("benchmarks.score")
 
 def default_model(path: Path) -> Path:
     """The training default architecture with random weights and the default store's metadata."""
-    from jobs.preprocess import TaskContext, _spec_for
-    from pipeline.labels import AAMI_EC57
-    from pipeline.models import build_model, save_model
+    from ecg_pipeline.jobs.preprocess import TaskContext, _spec_for
+    from ecg_pipeline.pipeline.labels import AAMI_EC57
+    from ecg_pipeline.pipeline.models import build_model, save_model
 
     config = PreprocessConfig()
     db = get_database("mitdb")
@@ -71,7 +71,7 @@ def baseline(db_dir: Path, names: list[str], info: ModelInfo, batch: int) -> tup
     """One process, one TensorFlow thread: the job's stages in a loop."""
     import tensorflow as tf
 
-    from pipeline.models import load_model
+    from ecg_pipeline.pipeline.models import load_model
 
     # One TensorFlow thread, as each worker of the job has (one per worker thread).
     tf.config.threading.set_intra_op_parallelism_threads(1)

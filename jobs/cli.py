@@ -18,11 +18,11 @@ from typing import Sequence
 
 import yaml
 
-import pipeline
-from pipeline.config import load_config, load_train_config
-from pipeline.databases import DATABASES
-from pipeline.download import DEFAULT_SOURCE
-from pipeline.errors import PipelineError
+from .. import pipeline
+from ..pipeline.config import load_config, load_train_config
+from ..pipeline.databases import DATABASES
+from ..pipeline.download import DEFAULT_SOURCE
+from ..pipeline.errors import PipelineError
 
 log = logging.getLogger("ecg-pipeline")
 
@@ -269,8 +269,8 @@ def _report_json(report) -> dict:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from jobs.preprocess import PreprocessRequest, run_preprocess
-    from pipeline.cluster import dask_client
+    from .preprocess import PreprocessRequest, run_preprocess
+    from ..pipeline.cluster import dask_client
 
     config = load_config(args.config)
     if args.print_config:
@@ -293,7 +293,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _inspect_scores(path: str, require_complete: bool) -> str:
-    from pipeline.scores import open_scores
+    from ..pipeline.scores import open_scores
 
     ds = open_scores(path, require_complete=require_complete)
     a = ds.attrs
@@ -313,7 +313,7 @@ def _inspect_scores(path: str, require_complete: bool) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import zarr
 
-    from pipeline.store import open_dataset
+    from ..pipeline.store import open_dataset
 
     try:
         kind = zarr.open_group(args.store, mode="r", use_consolidated=False).attrs.get("kind")
@@ -361,14 +361,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not args.store or not args.out:
         raise PipelineError("--store and --out are required")
-    from jobs.train import TrainRequest, format_result, run_training, submit_training
+    from .train import TrainRequest, format_result, run_training, submit_training
 
     remote = bool(args.scheduler or args.scheduler_file)
 
     request = TrainRequest(store=args.store, split=args.split, out=args.out, config=config, resume=args.resume,
                            overwrite=args.overwrite, verbose=2 if (args.no_progress or remote) else 1)
     if remote:
-        from pipeline.cluster import dask_client
+        from ..pipeline.cluster import dask_client
 
         resources = _resources_arg(args.resources)
         with dask_client(args.scheduler, args.scheduler_file) as client:
@@ -381,8 +381,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from jobs.train import run_evaluation
-    from pipeline.evaluate import format_report
+    from .train import run_evaluation
+    from ..pipeline.evaluate import format_report
 
     metrics = run_evaluation(args.model, args.store, args.split, part=args.part, out=args.out, seed=args.seed)
     sys.stdout.write(format_report(metrics, f"{args.model} on {args.store}: {metrics['split']} split, {args.part} part"))
@@ -412,7 +412,7 @@ def format_score_report(report) -> str:
         lines.append(f"  reference   {ref['records']} records with annotations: detector sensitivity "
                      f"{100 * d['sensitivity']:.2f}%, positive predictivity {100 * d['positive_predictivity']:.2f}% "
                      f"(TP {d['tp']:,}, FN {d['fn']:,}, FP {d['fp']:,}; match within {1000 * d['tolerance_s']:.0f} ms)")
-        from pipeline.evaluate import format_report as format_metrics
+        from ..pipeline.evaluate import format_report as format_metrics
 
         lines.append(format_metrics(ref["classification"], "  matched beats, reference class vs predicted"))
     if report.failed:
@@ -422,7 +422,7 @@ def format_score_report(report) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from pipeline.config import load_score_config
+    from ..pipeline.config import load_score_config
 
     config = load_score_config(args.config)
     if args.print_config:
@@ -432,8 +432,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise PipelineError("--model and --out are required")
     if not args.input and not args.db:
         raise PipelineError("give --input (a folder, archive or URL), or --db (with --source) for a PhysioNet database")
-    from jobs.score import ModelInfo, ScoreRequest, check_summary, run_scoring, summary_path
-    from pipeline.cluster import dask_client
+    from .score import ModelInfo, ScoreRequest, check_summary, run_scoring, summary_path
+    from ..pipeline.cluster import dask_client
 
     # Refuse an unsafe or foreign model file, or a summary that cannot be written, before starting a cluster.
     ModelInfo.read(args.model)

@@ -31,13 +31,13 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from distributed import Client, as_completed
 
-import pipeline
-from jobs.common import NoProgress, ProgressBar, Timer, cache_root
-from pipeline import download, records, segment, spectrogram, store
-from pipeline.config import PreprocessConfig
-from pipeline.databases import Database, get_database
-from pipeline.errors import DownloadError, RecordError
-from pipeline.labels import AAMI_CLASSES, LABEL_MAPS, label_beats
+from .. import pipeline
+from .common import NoProgress, ProgressBar, Timer, cache_root
+from ..pipeline import download, records, segment, spectrogram, store
+from ..pipeline.config import PreprocessConfig
+from ..pipeline.databases import Database, get_database
+from ..pipeline.errors import DownloadError, RecordError
+from ..pipeline.labels import AAMI_CLASSES, LABEL_MAPS, label_beats
 
 log = logging.getLogger(__name__)
 

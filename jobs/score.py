@@ -38,15 +38,15 @@ import numpy as np
 from distributed import Client, WorkerPlugin, as_completed, get_worker
 from scipy import signal as sps
 
-import pipeline
-from jobs.common import NoProgress, Timer, cache_root
-from pipeline import detect, models, records, scores, segment, sources, spectrogram
-from pipeline.config import ScoreConfig
-from pipeline.databases import DATABASES
-from pipeline.download import RetryPolicy
-from pipeline.errors import PipelineError, RecordError
-from pipeline.evaluate import classification_metrics
-from pipeline.labels import label_beats
+from .. import pipeline
+from .common import NoProgress, Timer, cache_root
+from ..pipeline import detect, models, records, scores, segment, sources, spectrogram
+from ..pipeline.config import ScoreConfig
+from ..pipeline.databases import DATABASES
+from ..pipeline.download import RetryPolicy
+from ..pipeline.errors import PipelineError, RecordError
+from ..pipeline.evaluate import classification_metrics
+from ..pipeline.labels import label_beats
 
 log = logging.getLogger(__name__)
 

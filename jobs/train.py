@@ -29,14 +29,14 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import yaml
 
-import pipeline
-from pipeline.config import TrainConfig
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.evaluate import classification_metrics, format_report, plot_history, write_evaluation
-from pipeline.loader import LoaderOptions, ZarrBeatLoader
-from pipeline.models import ModelError, build_model, load_model, save_model
-from pipeline.splits import Split, make_split
-from pipeline.store import open_dataset
+from .. import pipeline
+from ..pipeline.config import TrainConfig
+from ..pipeline.errors import ConfigError, PipelineError
+from ..pipeline.evaluate import classification_metrics, format_report, plot_history, write_evaluation
+from ..pipeline.loader import LoaderOptions, ZarrBeatLoader
+from ..pipeline.models import ModelError, build_model, load_model, save_model
+from ..pipeline.splits import Split, make_split
+from ..pipeline.store import open_dataset
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Callable
 
-from pipeline.errors import PipelineError
+from .errors import PipelineError
 
 DEFAULT_MAX_BYTES = 8 * 2**30
 _CHUNK = 1 << 20

@@ -18,9 +18,9 @@ from typing import Any, Literal
 import jsonschema
 import yaml
 
-import schemas
-from pipeline.detect import DetectorSpec
-from pipeline.errors import ConfigError
+from .. import schemas
+from .detect import DetectorSpec
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Literal, Mapping
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-from pipeline.errors import ChecksumError, DownloadError, SourceNotFound
+from .errors import ChecksumError, DownloadError, SourceNotFound
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import zarr
 
-from pipeline.errors import StoreError
+from .errors import StoreError
 
 log = logging.getLogger(__name__)
 

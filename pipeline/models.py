@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pipeline.errors import PipelineError
+from .errors import PipelineError
 
 METADATA_NAME = "ecg_pipeline.json"
 

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 import wfdb
 
-from pipeline.errors import RecordError
+from .errors import RecordError
 
 
 @dataclass(frozen=True)

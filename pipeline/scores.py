@@ -29,9 +29,9 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-import schemas
-from pipeline import store
-from pipeline.errors import StoreError
+from .. import schemas
+from . import store
+from .errors import StoreError
 
 SCHEMA_FILE = "scores-v1.json"
 BEAT_VARS = ("probability", "predicted", "reference", "record", "sample")

@@ -38,8 +38,8 @@ from typing import Literal, Mapping, Protocol
 
 import fsspec
 
-from pipeline import archives, download, records
-from pipeline.errors import DownloadError, PipelineError, RecordError, SourceNotFound
+from . import archives, download, records
+from .errors import DownloadError, PipelineError, RecordError, SourceNotFound
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def resolve_source(
 
 
 def _default_version(db: str) -> str:
-    from pipeline.databases import get_database
+    from .databases import get_database
 
     return get_database(db).version
 

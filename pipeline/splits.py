@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import yaml
 
-from pipeline.errors import ConfigError
+from .errors import ConfigError
 
 #: de Chazal, O'Dwyer & Reilly, IEEE TBME 51(7) 2004: the inter-patient split of MIT-BIH.
 DS1 = ("101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124", "201", "203", "205",

@@ -34,8 +34,8 @@ import zarr
 import zarr.api.asynchronous
 from zarr.core.sync import sync
 
-import schemas
-from pipeline.errors import StoreError
+from .. import schemas
+from .errors import StoreError
 
 SCHEMA_FILE = "store-v1.json"
 STATE_GROUP = "_state"

@@ -11,6 +11,10 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+if __name__ != "ecg_pipeline.schemas":  # the folder imported under its generic name, e.g. from a checkout
+    raise ImportError(f"this folder is the package 'ecg_pipeline.schemas', not {__name__!r}: install the project "
+                      "(pip install -e .) and import ecg_pipeline.schemas")
+
 
 @cache
 def load(name: str) -> dict[str, Any]:

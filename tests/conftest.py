@@ -29,7 +29,7 @@ def mirror():
 @pytest.fixture(scope="session")
 def client():
     """A real local Dask cluster: 2 worker processes, 1 thread each."""
-    from pipeline.cluster import dask_client
+    from ecg_pipeline.pipeline.cluster import dask_client
 
     with dask_client(n_workers=2, dashboard_address=None) as c:
         yield c
@@ -47,7 +47,7 @@ def small_store(mirror, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("small-store")
     (tmp / "config.yaml").write_text("store:\n  chunk_size: 256\n")
     out = tmp / "small.zarr"
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "preprocess", "mitdb", "--source", mirror.as_uri(),
+    r = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "preprocess", "mitdb", "--source", mirror.as_uri(),
                         "--out", str(out), "--records", ",".join(SMALL_RECORDS), "--config", str(tmp / "config.yaml"),
                         "--workers", "2", "--cache-dir", str(tmp / "cache"), "--no-progress"],
                        capture_output=True, text=True, timeout=600)

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from helpers import write_record
-from pipeline.archives import ArchiveError, extract_archive, find_records
+from ecg_pipeline.pipeline.archives import ArchiveError, extract_archive, find_records
 
 
 def _records(tmp_path):

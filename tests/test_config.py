@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from pipeline.config import PreprocessConfig, config_from_dict, load_config
-from pipeline.errors import ConfigError
+from ecg_pipeline.pipeline.config import PreprocessConfig, config_from_dict, load_config
+from ecg_pipeline.pipeline.errors import ConfigError
 
 
 def test_defaults_and_roundtrip(tmp_path):

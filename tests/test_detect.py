@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import wfdb
 
-from pipeline.detect import detect_r_peaks, match_beats
-from pipeline.labels import AAMI_EC57, label_beats
+from ecg_pipeline.pipeline.detect import detect_r_peaks, match_beats
+from ecg_pipeline.pipeline.labels import AAMI_EC57, label_beats
 
 
 def test_match_beats_by_hand():

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from helpers import Faults, HTTPMirror, make_db
-from pipeline import download
-from pipeline.errors import ChecksumError, DownloadError, SourceNotFound
+from ecg_pipeline.pipeline import download
+from ecg_pipeline.pipeline.errors import ChecksumError, DownloadError, SourceNotFound
 
 FAST = download.RetryPolicy(retries=2, backoff_s=0.01, timeout_s=5)
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.evaluate import classification_metrics, confusion_matrix, format_report, plot_history, write_evaluation
+from ecg_pipeline.pipeline.evaluate import classification_metrics, confusion_matrix, format_report, plot_history, write_evaluation
 
 CLASSES = ("N", "S", "V", "F", "Q")
 #            N  N  N  N  S  S  S  V  V  V  V  F

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.labels import AAMI_EC57, label_beats
+from ecg_pipeline.pipeline.labels import AAMI_EC57, label_beats
 
 
 def test_aami_ec57_groups_match_the_standard():

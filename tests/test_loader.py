@@ -11,8 +11,8 @@ import zarr
 tf = pytest.importorskip("tensorflow")
 
 from helpers import HTTPMirror  # noqa: E402
-from pipeline.errors import StoreError  # noqa: E402
-from pipeline.loader import LoaderOptions, ZarrBeatLoader, class_weights  # noqa: E402
+from ecg_pipeline.pipeline.errors import StoreError  # noqa: E402
+from ecg_pipeline.pipeline.loader import LoaderOptions, ZarrBeatLoader, class_weights  # noqa: E402
 
 pytestmark = pytest.mark.realdata
 
@@ -146,8 +146,8 @@ DISTRIBUTED = """
 import sys, numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from pipeline.loader import ZarrBeatLoader, LoaderOptions
-from pipeline.models import build_model
+from ecg_pipeline.pipeline.loader import ZarrBeatLoader, LoaderOptions
+from ecg_pipeline.pipeline.models import build_model
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 loader = ZarrBeatLoader(sys.argv[1], np.arange(1024), LoaderOptions(batch_size=128, seed=0))
 with strategy.scope():

@@ -20,15 +20,15 @@ import wfdb
 import xarray as xr
 
 from helpers import HTTPMirror, dask_processes
-from pipeline import segment, spectrogram, store
-from pipeline.labels import AAMI_EC57, label_beats
+from ecg_pipeline.pipeline import segment, spectrogram, store
+from ecg_pipeline.pipeline.labels import AAMI_EC57, label_beats
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", *args], capture_output=True, text=True, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_killed_job_resumes_to_the_same_content(http, tmp_path):
     out = tmp_path / "killed.zarr"
     common = ["--source", http.url, "--records", records, "--config", str(cfg), "--workers", "2", "--no-progress",
               "--cache-dir", str(tmp_path / "cache")]
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "preprocess", "mitdb", "--out", str(out), *common],
+    proc = subprocess.Popen([sys.executable, "-m", "ecg_pipeline.jobs.cli", "preprocess", "mitdb", "--out", str(out), *common],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     fp_dir = out / "_state" / "chunk_fingerprint" / "c"
     deadline = time.monotonic() + 300

@@ -9,7 +9,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from pipeline.models import ModelError, build_model, load_model, read_metadata, save_model  # noqa: E402
+from ecg_pipeline.pipeline.models import ModelError, build_model, load_model, read_metadata, save_model  # noqa: E402
 
 
 def test_beat_model_standardises_inside(tmp_path):

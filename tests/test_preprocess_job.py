@@ -11,9 +11,9 @@ import pytest
 import xarray as xr
 
 from helpers import Faults, HTTPMirror, make_db, write_record, write_sums
-from jobs.preprocess import PreprocessRequest, run_preprocess
-from pipeline import store
-from pipeline.config import config_from_dict
+from ecg_pipeline.jobs.preprocess import PreprocessRequest, run_preprocess
+from ecg_pipeline.pipeline import store
+from ecg_pipeline.pipeline.config import config_from_dict
 
 FAST = {"download": {"retries": 1, "backoff_s": 0.01, "timeout_s": 10}, "store": {"chunk_size": 16}}
 VERSION = "0.0.1"
@@ -56,7 +56,7 @@ def _run(client, url, out, **kw):
 def _expected_beats(folder, record, before=90, after=162):
     import wfdb
 
-    from pipeline.labels import label_beats
+    from ecg_pipeline.pipeline.labels import label_beats
 
     ann = wfdb.rdann(str(folder / record), "atr")
     n = wfdb.rdheader(str(folder / record)).sig_len
@@ -135,7 +135,7 @@ def test_config_change_is_refused_on_resume(client, tmp_path):
 
 
 def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_exit_codes_and_summary(bad_db, tmp_path):
@@ -168,6 +168,6 @@ def test_print_config_is_loadable(tmp_path):
     r = _cli("preprocess", "mitdb", "--print-config")
     assert r.returncode == 0
     (tmp_path / "c.yaml").write_text(r.stdout)
-    from pipeline.config import PreprocessConfig, load_config
+    from ecg_pipeline.pipeline.config import PreprocessConfig, load_config
 
     assert load_config(tmp_path / "c.yaml") == PreprocessConfig()

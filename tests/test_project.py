@@ -37,15 +37,15 @@ def test_readme_opens_with_the_commands_ci_runs():
 
 
 def test_help_names_every_option_of_the_contract():
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "preprocess", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "preprocess", "--help"], capture_output=True, text=True)
     for opt in ("--out", "--version", "--source", "--scheduler", "--scheduler-file", "--workers", "--records",
                 "--config"):
         assert opt in out.stdout
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "train", "--help"], capture_output=True, text=True)
     for opt in ("--store", "--split", "--model", "--epochs", "--out", "--scheduler", "--resume", "--config",
                 "inter-patient", "intra-patient"):
         assert opt in out.stdout
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "evaluate", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "evaluate", "--help"], capture_output=True, text=True)
     for opt in ("--model", "--store", "--split", "--part", "--out"):
         assert opt in out.stdout
 
@@ -53,8 +53,43 @@ def test_help_names_every_option_of_the_contract():
 def test_train_defaults_match_the_schema_and_print():
     import yaml
 
-    from pipeline.config import TrainConfig, load_train_config
+    from ecg_pipeline.pipeline.config import TrainConfig, load_train_config
 
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--print-config"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "train", "--print-config"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert load_train_config(None) == TrainConfig() and yaml.safe_load(out.stdout) == TrainConfig().to_dict()
+
+
+def test_installs_as_one_package_and_never_under_generic_names(tmp_path):
+    """The wheel's only top-level name is ecg_pipeline; `import pipeline|jobs|schemas` fails from anywhere,
+    and a user's own `pipeline/` folder on the path shadows nothing of ours."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("ecg_pipeline-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"ecg_pipeline"}, top
+    assert "ecg_pipeline/schemas/store-v1.json" in names and "ecg_pipeline/jobs/cli.py" in names
+
+    own = tmp_path / "user"
+    for name in ("pipeline", "jobs", "schemas"):
+        (own / name).mkdir(parents=True)
+        (own / name / "__init__.py").write_text("MINE = True\n")
+    probe = ("import importlib, sys\n"
+             "import ecg_pipeline.pipeline.store, ecg_pipeline.jobs.cli, ecg_pipeline.schemas as s\n"
+             "assert s.load('store-v1.json') and not hasattr(ecg_pipeline.pipeline, 'MINE')\n"
+             "for name in ('pipeline', 'jobs', 'schemas'):\n"
+             "    try:\n"
+             "        m = importlib.import_module(name)\n"
+             "    except ImportError:\n"
+             "        print(name, 'absent')\n"
+             "    else:\n"
+             "        print(name, 'mine' if getattr(m, 'MINE', False) else 'OURS')\n")
+    for cwd in (REPO, own, tmp_path):
+        r = subprocess.run([sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "OURS" not in r.stdout, (cwd, r.stdout)
+        if cwd == own:
+            assert r.stdout.split().count("mine") == 3

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from helpers import write_record
-from pipeline import records
-from pipeline.errors import RecordError
+from ecg_pipeline.pipeline import records
+from ecg_pipeline.pipeline.errors import RecordError
 
 
 def test_header_and_lead_choice(tmp_path):

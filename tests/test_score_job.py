@@ -26,9 +26,9 @@ import zarr
 pytest.importorskip("tensorflow")
 
 from helpers import HTTPMirror, dask_processes  # noqa: E402
-from pipeline.labels import LABEL_MAPS, label_beats  # noqa: E402
-from pipeline.scores import open_scores  # noqa: E402
-from pipeline.splits import DS1, DS2, DS1_VALIDATION, PACED  # noqa: E402
+from ecg_pipeline.pipeline.labels import LABEL_MAPS, label_beats  # noqa: E402
+from ecg_pipeline.pipeline.scores import open_scores  # noqa: E402
+from ecg_pipeline.pipeline.splits import DS1, DS2, DS1_VALIDATION, PACED  # noqa: E402
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -38,7 +38,7 @@ CLASSES = ["N", "S", "V", "F", "Q"]
 
 def _cli(*args, timeout=900, background=False):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    cmd = [sys.executable, "-m", "jobs.cli", *args]
+    cmd = [sys.executable, "-m", "ecg_pipeline.jobs.cli", *args]
     if background:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -125,7 +125,7 @@ def test_ds2_scores_agree_with_the_reference(ds2, model, mirror, work):
     evaluated = json.loads((work / "eval" / "metrics.json").read_text())
     sel = np.isin(ds.record.values, test) & (ds.reference.values != "")
     idx = {c: i for i, c in enumerate(CLASSES)}
-    from pipeline.evaluate import classification_metrics
+    from ecg_pipeline.pipeline.evaluate import classification_metrics
 
     scored = classification_metrics(np.array([idx[c] for c in ds.reference.values[sel]]),
                                     np.array([idx[c] for c in ds.predicted.values[sel]]), CLASSES)
@@ -200,7 +200,7 @@ def test_hostile_archive_is_refused(model, mirror, tmp_path):
 
 def test_unsafe_model_files_are_refused(model, mirror, tmp_path):
     keras = pytest.importorskip("keras")
-    from pipeline.models import read_metadata, save_model
+    from ecg_pipeline.pipeline.models import read_metadata, save_model
 
     inp = keras.Input((3,))
     lam = tmp_path / "lambda.keras"

@@ -11,12 +11,12 @@ import xarray as xr
 import zarr
 
 from helpers import HTTPMirror, write_record
-from jobs.score import PieceResult, ModelInfo, merge_pieces, resample, score_span
-from pipeline import records, sources
-from pipeline.config import ConfigError, ScoreConfig, score_config_from_dict
-from pipeline.errors import StoreError
-from pipeline.models import ModelError
-from pipeline.scores import RecordScores, ScoresWriter, open_scores
+from ecg_pipeline.jobs.score import PieceResult, ModelInfo, merge_pieces, resample, score_span
+from ecg_pipeline.pipeline import records, sources
+from ecg_pipeline.pipeline.config import ConfigError, ScoreConfig, score_config_from_dict
+from ecg_pipeline.pipeline.errors import StoreError
+from ecg_pipeline.pipeline.models import ModelError
+from ecg_pipeline.pipeline.scores import RecordScores, ScoresWriter, open_scores
 
 CLASSES = ("N", "S", "V", "F", "Q")
 
@@ -161,7 +161,7 @@ def test_archive_is_extracted_once(tmp_path):
 
 def test_model_metadata_is_required(tmp_path):
     keras = pytest.importorskip("keras")
-    from pipeline.models import save_model
+    from ecg_pipeline.pipeline.models import save_model
 
     inp = keras.Input((4,))
     model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(inp))
@@ -204,7 +204,7 @@ def test_score_span_on_a_real_record_and_resampled(mirror):
 
 
 def _spec():
-    from pipeline.spectrogram import SpectrogramSpec
+    from ecg_pipeline.pipeline.spectrogram import SpectrogramSpec
 
     return SpectrogramSpec(fs=360.0, n_before=90, n_after=162, nperseg=64, hop=8, nfft=64)
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.segment import WindowSpec, extract_windows, finite_windows, in_bounds
+from ecg_pipeline.pipeline.segment import WindowSpec, extract_windows, finite_windows, in_bounds
 
 
 def test_window_spec_from_seconds():

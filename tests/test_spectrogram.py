@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from pipeline.spectrogram import SpectrogramSpec, spectrogram
+from ecg_pipeline.pipeline.spectrogram import SpectrogramSpec, spectrogram
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.splits import DS1, DS1_VALIDATION, DS2, PACED, by_records, from_file, inter_patient, intra_patient
+from ecg_pipeline.pipeline.errors import ConfigError
+from ecg_pipeline.pipeline.splits import DS1, DS1_VALIDATION, DS2, PACED, by_records, from_file, inter_patient, intra_patient
 
 ALL = sorted(DS1 + DS2 + PACED)
 

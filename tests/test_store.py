@@ -3,8 +3,8 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline import store
-from pipeline.errors import StoreError
+from ecg_pipeline.pipeline import store
+from ecg_pipeline.pipeline.errors import StoreError
 
 FP = "0" * 64
 

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from helpers import dask_processes  # noqa: E402
-from pipeline.store import open_dataset  # noqa: E402
+from ecg_pipeline.pipeline.store import open_dataset  # noqa: E402
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -29,7 +29,7 @@ OUTPUTS = ("model.keras", "metrics.json", "classification_report.txt", "curves.p
 
 def _cli(*args, timeout=900):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
 
 
@@ -68,7 +68,7 @@ def test_training_writes_every_output_and_learns(run, small_store):
 
 
 def test_saved_model_takes_the_store_as_stored(run, small_store):
-    from pipeline.models import load_model
+    from ecg_pipeline.pipeline.models import load_model
 
     out, _ = run
     model, meta = load_model(out / "model.keras")
