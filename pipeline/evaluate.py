@@ -85,22 +85,21 @@ def format_report(metrics: Mapping[str, Any], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kw):
+    # A bare Figure renders to files through Agg without pyplot: no backend is chosen for the
+    # process, so a notebook or GUI importing this module keeps its own.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kw)
 
 
 def plot_confusion(metrics: Mapping[str, Any], path: str | Path, *, normalize: bool, title: str = "") -> Path:
     """Confusion matrix as counts, or as ratios of each reference class (rows sum to 1)."""
-    plt = _pyplot()
     cm = np.asarray(metrics["confusion_matrix"], dtype=float)
     classes = metrics["classes"]
     shown = _ratio(cm, cm.sum(axis=1, keepdims=True)) if normalize else cm
-    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=120)
+    fig = _figure(figsize=(5.2, 4.6), dpi=120)
+    ax = fig.subplots()
     im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(shown.max(), 1))
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_xticks(range(len(classes)), classes)
@@ -115,18 +114,17 @@ def plot_confusion(metrics: Mapping[str, Any], path: str | Path, *, normalize: b
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if shown[i, j] > limit else "black")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 
 def plot_history(history: Mapping[str, Sequence[float]], path: str | Path) -> Path:
     """Loss, accuracy and validation macro F1 per epoch."""
-    plt = _pyplot()
     panels = [("loss", ("loss", "val_loss")), ("accuracy", ("accuracy", "val_accuracy")),
               ("macro F1", ("val_macro_f1",))]
     panels = [(t, [k for k in keys if k in history]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=120, squeeze=False)
+    fig = _figure(figsize=(4.2 * len(panels), 3.4), dpi=120)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         for k in keys:
             values = history[k]
@@ -137,7 +135,6 @@ def plot_history(history: Mapping[str, Sequence[float]], path: str | Path) -> Pa
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 

@@ -20,7 +20,6 @@ half-written store can never be read through stale consolidated metadata.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as _dt
 import hashlib
 import json
@@ -31,8 +30,6 @@ import jsonschema
 import numpy as np
 import xarray as xr
 import zarr
-import zarr.api.asynchronous
-from zarr.core.sync import sync
 
 from .. import schemas
 from .errors import StoreError
@@ -273,29 +270,21 @@ def write_chunk(
     """Write segment chunk ``k`` whole, then record its fingerprint.
 
     The fingerprint is cleared first and set last, so a task killed half-way leaves
-    a chunk that the next run sees as missing. The six arrays of the chunk are
-    written concurrently (one event-loop round trip; codecs run in zarr's threads).
+    a chunk that the next run sees as missing.
     """
-    sync(_write_chunk(path, k, segments, spectrogram, labels, fingerprint, storage_options))
-
-
-async def _write_chunk(path, k, segments, spectrogram, labels, fingerprint, storage_options) -> None:
-    group = await zarr.api.asynchronous.open_group(
-        store=path, mode="r+", zarr_format=3, storage_options=dict(storage_options or {}) or None,
-        use_consolidated=False,
-    )
+    group = open_group(path, "r+", storage_options)
     names = ("spectrogram", *SEGMENT_COORDS)
-    arrays = await asyncio.gather(group.getitem(f"{STATE_GROUP}/{FINGERPRINT}"), *(group.getitem(n) for n in names))
-    fp, spec_arr = arrays[0], arrays[1]
+    fp = group[f"{STATE_GROUP}/{FINGERPRINT}"]
+    spec_arr = group["spectrogram"]
     size = spec_arr.chunks[0]
     if segments.start != k * size or segments.stop != min((k + 1) * size, spec_arr.shape[0]):
         raise StoreError(f"write {segments} is not chunk {k} of {size} segments")
-    await fp.setitem(k, "")
+    fp[k] = ""
     values = (spectrogram.astype(spec_arr.dtype, copy=False), *(labels[n] for n in SEGMENT_COORDS))
-    # A chunk is never all fill value here: skip zarr's empty-chunk scan (2/3 of the write time).
-    data_arrays = [a.with_config({"write_empty_chunks": True}) for a in arrays[1:]]
-    await asyncio.gather(*(a.setitem(segments, v) for a, v in zip(data_arrays, values)))
-    await fp.setitem(k, fingerprint)
+    for name, value in zip(names, values):
+        # A chunk is never all fill value here: skip zarr's empty-chunk scan (2/3 of the write time).
+        group[name].with_config({"write_empty_chunks": True})[segments] = value
+    fp[k] = fingerprint
 
 
 def write_record_table(path: str, table: Mapping[str, np.ndarray], storage_options: Mapping[str, Any] | None = None) -> None:
