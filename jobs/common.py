@@ -50,3 +50,8 @@ class NoProgress:
 
     def close(self) -> None:
         pass
+
+
+def prepare_source(source, cache_dir: str | None, policy):
+    """Task: ``source.prepare`` on a worker, with that worker's cache folder."""
+    return source.prepare(cache_root(cache_dir), policy)

@@ -19,7 +19,6 @@ differ: a killed or partly failed job resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -32,12 +31,12 @@ import numpy as np
 from distributed import Client, as_completed
 
 from .. import pipeline
-from .common import NoProgress, ProgressBar, Timer, cache_root
-from ..pipeline import download, records, segment, spectrogram, store
+from .common import NoProgress, ProgressBar, Timer, cache_root, prepare_source
+from ..pipeline import download, records, segment, sources, spectrogram, store
 from ..pipeline.config import PreprocessConfig
 from ..pipeline.databases import Database, get_database
-from ..pipeline.errors import DownloadError, RecordError
-from ..pipeline.labels import AAMI_CLASSES, LABEL_MAPS, label_beats
+from ..pipeline.errors import DownloadError, PipelineError, RecordError
+from ..pipeline.labels import LABEL_MAPS, BeatAnnotations, RecordInput
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +82,10 @@ class PreprocessRequest:
 
 @dataclass(frozen=True)
 class TaskContext:
-    """What every task needs; small and picklable."""
+    """What every task needs; small and picklable (the record source travels as a scattered future)."""
 
-    source: str
     db: Database
-    version: str
+    labels: BeatAnnotations
     cache_dir: str | None
     config: PreprocessConfig
     out: str
@@ -99,8 +97,7 @@ class TaskContext:
         return download.RetryPolicy(d.retries, d.backoff_s, d.timeout_s)
 
     def cache(self) -> Path:
-        root = cache_root(self.cache_dir)
-        return root / "physionet" / self.db.name / self.version
+        return cache_root(self.cache_dir)
 
     def leads(self) -> tuple[str, ...]:
         return self.config.leads or self.db.leads
@@ -115,7 +112,6 @@ class RecordPlan:
     error: str = ""
     checksum: str = ""
     digest: str = ""  #: SHA-256 over the record's file digests (content identity)
-    files: tuple[tuple[str, str], ...] = ()  #: (name, sha256) of the files read
     lead: str = ""
     lead_index: int = -1
     fs: float = 0.0
@@ -136,77 +132,36 @@ class RecordPlan:
         return int(self.sample.shape[0]) if self.ok else 0
 
 
-def _fetch(ctx: TaskContext, fs, root: str, name: str, expected: str | None, record: str) -> download.FetchResult:
-    if expected is None and ctx.config.download.require_checksums:
-        raise RecordError(record, "checksum", f"{name} is not listed in SHA256SUMS.txt (download.require_checksums)")
-    try:
-        return download.fetch_file(fs, root, name, ctx.cache(), expected, ctx.policy)
-    except download.ChecksumError as exc:
-        raise RecordError(record, "checksum", str(exc)) from exc
-    except DownloadError as exc:
-        raise RecordError(record, "download", str(exc)) from exc
-
-
-def _record_dir(record: str) -> str:
-    return record.rpartition("/")[0]
-
-
-def plan_record(ctx: TaskContext, record: str, sha256: Mapping[str, str]) -> RecordPlan:
+def plan_record(ctx: TaskContext, source: sources.RecordSource, record: str) -> RecordPlan:
     """Phase 1 for one record (runs on a worker; record problems become ``plan.error``)."""
     plan = RecordPlan(record)
     timer = Timer()
     try:
-        download.safe_name(record)
-        fs, src_root = download.open_source(ctx.source, ctx.policy)
-        root = download.database_root(src_root, ctx.db.name, ctx.version)
-        fetched: list[download.FetchResult] = []
         with timer("download"):
-            fetched.append(_fetch(ctx, fs, root, f"{record}.hea", sha256.get(f"{record}.hea"), record))
-        base = ctx.cache() / record
+            local = sources.fetch_record(source, record, (), ctx.cache(), ctx.policy,
+                                         required=ctx.labels.annotators)
         with timer("read_header"):
-            header = records.read_header(base, record)
+            header = records.read_header(local.base, record)
             lead = records.choose_lead(header, ctx.leads(), ctx.config.lead_fallback)
-        folder = _record_dir(record)
-        names = [f"{folder}/{f}" if folder else f for f in header.files] + [f"{record}.{ctx.db.annotator}"]
-        with timer("download"):
-            for name in names:
-                try:
-                    download.safe_name(name)
-                except ValueError as exc:
-                    raise RecordError(record, "header", str(exc)) from exc
-                fetched.append(_fetch(ctx, fs, root, name, sha256.get(name), record))
-        with timer("read_annotations"):
-            ann = records.read_annotations(base, record, ctx.db.annotator)
         with timer("read_signal"):
             # A full read of the chosen lead finds truncated or undecodable files now, before
             # any segment is allotted to the record, and marks windows over invalid samples.
-            signal = records.read_signal(base, header, lead)
+            signal = records.read_signal(local.base, header, lead)
         with timer("label"):
-            try:
-                beats = label_beats(ann.sample, ann.symbol, LABEL_MAPS[ctx.db.label_map], ctx.config.unknown_symbols)
-            except ValueError as exc:
-                raise RecordError(record, "annotations", str(exc)) from exc
-            spec = segment.WindowSpec.from_seconds(ctx.config.window.before_s, ctx.config.window.after_s, header.fs)
-            inside = segment.in_bounds(beats.sample, header.sig_len, spec)
-            finite = np.zeros_like(inside)
-            finite[inside] = segment.finite_windows(signal, beats.sample[inside], spec)
-            keep = inside & finite
+            segs = ctx.labels.segments(RecordInput(record, local.base, header.fs, header.sig_len, signal))
+            window = segment.WindowSpec.from_seconds(ctx.config.window.before_s, ctx.config.window.after_s, header.fs)
+            check = segment.check_windows(signal, segs.anchor, window)
         # Unknown symbols dropped by policy are counted; kept ones are class Q already.
-        plan.n_dropped_unknown = beats.n_unknown if ctx.config.unknown_symbols == "drop" else 0
-        plan.n_dropped_edge = int((~inside).sum())
-        plan.n_dropped_invalid = int((inside & ~finite).sum())
-        plan.sample, plan.symbol, plan.label = beats.sample[keep], beats.symbol[keep], beats.label[keep]
-        plan.n_unknown, plan.n_nonbeat = beats.n_unknown, beats.n_nonbeat
+        plan.n_dropped_unknown = segs.n_unknown if ctx.config.unknown_symbols == "drop" else 0
+        plan.n_dropped_edge, plan.n_dropped_invalid = check.n_edge, check.n_invalid
+        kept = segs.select(check.keep)
+        plan.sample, plan.symbol, plan.label = kept.anchor, kept.symbol, kept.label
+        plan.n_unknown, plan.n_nonbeat = segs.n_unknown, segs.n_nonbeat
         plan.lead, plan.lead_index, plan.fs, plan.sig_len = lead.name, lead.index, header.fs, header.sig_len
-        plan.files = tuple((f.name, f.sha256) for f in fetched)
-        plan.digest = hashlib.sha256(repr(sorted(plan.files)).encode()).hexdigest()
-        plan.checksum = "verified" if all(f.checksum == "verified" for f in fetched) else "unlisted"
-        plan.bytes_downloaded = sum(f.bytes_downloaded for f in fetched)
+        plan.digest, plan.checksum, plan.bytes_downloaded = local.digest, local.checksum, local.bytes_downloaded
         plan.ok = True
     except RecordError as exc:
         plan.error = f"{exc.stage}: {exc.message}"
-    except ValueError as exc:  # unsafe record name
-        plan.error = f"download: {exc}"
     plan.seconds = dict(timer.seconds)
     return plan
 
@@ -224,6 +179,7 @@ class ChunkResult:
 
 def write_chunk(
     ctx: TaskContext,
+    source: sources.RecordSource,
     k: int,
     parts: list[tuple[RecordPlan, int, int]],
     segs: slice,
@@ -237,9 +193,6 @@ def write_chunk(
     labels = {name: np.empty(n, dtype=object) for name in ("record", "symbol", "aami", "lead")}
     labels["sample"] = np.zeros(n, dtype=np.int64)
     failures: dict[str, str] = {}
-    window = segment.WindowSpec(spec.n_before, spec.n_after)
-    fs, src_root = download.open_source(ctx.source, ctx.policy)
-    root = download.database_root(src_root, ctx.db.name, ctx.version)
     pos = 0
     for plan, lo, hi in parts:
         rows = slice(pos, pos + hi - lo)
@@ -253,19 +206,16 @@ def write_chunk(
         try:
             with timer("download"):
                 # No-op on the worker that planned the record; fetches (verified) on any other machine.
-                for name, digest in plan.files:
-                    _fetch(ctx, fs, root, name, digest, plan.record)
-            base = ctx.cache() / plan.record
-            signal_files = tuple(n for n, _ in plan.files[1:-1])  # files = (.hea, *signal files, annotations)
-            header = records.Header(plan.record, plan.fs, plan.sig_len, (), (), signal_files)
+                local = source.fetch(plan.record, ctx.labels.annotators, ctx.cache(), ctx.policy)
+            if local.digest != plan.digest:
+                raise RecordError(plan.record, "download", "the record's files changed at the source during the job")
+            header = records.read_header(local.base, plan.record)
             lead = records.Lead(plan.lead_index, plan.lead, False)
-            first = int(sample[0]) - window.n_before
+            first = int(sample[0]) - spec.n_before
             with timer("read_signal"):
-                sig = records.read_signal(base, header, lead, first, int(sample[-1]) + window.n_after)
-            with timer("segment"):
-                windows = segment.extract_windows(sig, sample, window, offset=first)
+                sig = records.read_signal(local.base, header, lead, first, int(sample[-1]) + spec.n_after)
             with timer("stft"):
-                out[rows] = spectrogram.spectrogram(windows, spec)
+                out[rows] = segment.spectrograms(sig, sample, spec, offset=first)
         except RecordError as exc:
             failures[plan.record] = f"{exc.stage}: {exc.message}"
         except Exception as exc:  # noqa: BLE001 - one bad record must not sink the chunk
@@ -381,28 +331,33 @@ def run_preprocess(
     progress = progress or (lambda desc, total: NoProgress())
     db = request.database
     version = request.db_version
-    ctx = TaskContext(request.source, db, version, request.cache_dir, request.config, request.out,
-                      request.storage_options)
+    if not db.annotator:
+        raise PipelineError(f"{db.name}: has no beat annotations; this store schema (v1) holds beat spectrograms "
+                            "only (rhythm stores come with store schema v2)")
+    label_source = BeatAnnotations(db.annotator, db.label_map, request.config.unknown_symbols)
+    ctx = TaskContext(db, label_source, request.cache_dir, request.config, request.out, request.storage_options)
     phase: dict[str, float] = {}
 
     # Phase 0: what the source holds (on a worker: the client may not reach the source).
     t = time.perf_counter()
-    manifest: download.Manifest = client.submit(
-        download.fetch_manifest, request.source, db.name, version, ctx.policy, pure=False
-    ).result()
-    names = request.records or manifest.records
+    source = sources.database_source(db, request.source, version,
+                                     require_checksums=request.config.download.require_checksums)
+    listing: sources.Listing = client.submit(prepare_source, source, request.cache_dir, ctx.policy,
+                                             pure=False).result()
+    names = request.records or listing.records
     if not names:
-        raise DownloadError(f"{request.source}: no RECORDS file for {db.name}/{version}; pass --records")
-    if manifest.missing:
-        log.warning("source lacks %d file(s) that SHA256SUMS.txt lists: %s", len(manifest.missing), ", ".join(manifest.missing))
-    if not manifest.has_checksums:
+        raise DownloadError(f"{source.description}: no records (no RECORDS file, no .hea files); pass --records")
+    if listing.missing:
+        log.warning("source lacks %d file(s) that SHA256SUMS.txt lists: %s", len(listing.missing),
+                    ", ".join(listing.missing))
+    if not listing.has_checksums:
         log.warning("%s/%s has no SHA256SUMS.txt at the source: files cannot be verified", db.name, version)
     phase["manifest"] = time.perf_counter() - t
 
     # Phase 1: download and plan every record.
     t = time.perf_counter()
-    [sums] = client.scatter([dict(manifest.sha256)], broadcast=True)
-    futures = {client.submit(plan_record, ctx, r, sums, key=f"plan-{r}-{os.urandom(4).hex()}"): r for r in names}
+    [src] = client.scatter([listing.source], broadcast=True)
+    futures = {client.submit(plan_record, ctx, src, r, key=f"plan-{r}-{os.urandom(4).hex()}"): r for r in names}
     plans: dict[str, RecordPlan] = {}
     plan_futures: dict[str, Any] = {}
     bar = progress("download + plan", len(names))
@@ -438,11 +393,11 @@ def run_preprocess(
         "citation": db.citation,
         "source": request.source,
         "label_map": dict(LABEL_MAPS[db.label_map]),
-        "classes": list(AAMI_CLASSES),
+        "classes": list(label_source.classes),
         "config": request.config.to_dict(),
         "config_fingerprint": config_fp,
         "spectrogram": spec.attrs() if spec else {},
-        "missing_source_files": list(manifest.missing),
+        "missing_source_files": list(listing.missing),
     }
     coords = {"freq": spec.freqs() if spec else np.zeros(0, np.float32),
               "time": spec.times() if spec else np.zeros(0, np.float32)}
@@ -466,7 +421,7 @@ def run_preprocess(
             skipped += 1
             continue
         parts = [(plan_futures[names[i]], lo, hi) for i, lo, hi in pieces]
-        fut = client.submit(write_chunk, ctx, k, parts, layout.chunk_slice(k), fp, spec,
+        fut = client.submit(write_chunk, ctx, src, k, parts, layout.chunk_slice(k), fp, spec,
                             key=f"chunk-{k}-{os.urandom(4).hex()}", retries=1)
         chunk_futures[fut] = (k, [names[i] for i, _, _ in pieces])
     failures: dict[str, str] = {}
@@ -496,7 +451,7 @@ def run_preprocess(
     for r in names:
         if plans[r].ok:
             per_class.update(plans[r].label.tolist())
-    beats_per_class = {c: int(per_class.get(c, 0)) for c in AAMI_CLASSES}
+    beats_per_class = {c: int(per_class.get(c, 0)) for c in label_source.classes}
     complete = written + skipped == layout.n_chunks
     wall = time.perf_counter() - t0
     store.finish(request.out, {"complete": complete, "beats_per_class": beats_per_class,
@@ -504,6 +459,6 @@ def run_preprocess(
     return PreprocessReport(
         out=request.out, database=db.name, version=version, records=outcomes, beats_per_class=beats_per_class,
         chunks_total=layout.n_chunks, chunks_written=written, chunks_skipped=skipped,
-        missing_source_files=manifest.missing, listing_error=manifest.listing_error, wall_s=wall, phase_s=phase,
+        missing_source_files=listing.missing, listing_error=listing.listing_error, wall_s=wall, phase_s=phase,
         stage_s=dict(stage_s), bytes_downloaded=sum(p.bytes_downloaded for p in plans.values()),
     )

@@ -30,17 +30,15 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from distributed import Client, WorkerPlugin, as_completed, get_worker
-from scipy import signal as sps
 
 from .. import pipeline
-from .common import NoProgress, Timer, cache_root
-from ..pipeline import detect, models, records, scores, segment, sources, spectrogram
+from .common import NoProgress, Timer, cache_root, prepare_source
+from ..pipeline import detect, models, records, resample, scores, segment, sources, spectrogram
 from ..pipeline.config import ScoreConfig
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import RetryPolicy
@@ -208,14 +206,6 @@ class SpanScores:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def resample(x: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
-    """``x`` at ``fs_out`` (polyphase FIR; the identity when the rates are equal)."""
-    if fs_in == fs_out:
-        return x
-    ratio = Fraction(fs_out / fs_in).limit_denominator(1000)
-    return sps.resample_poly(np.asarray(x, np.float64), ratio.numerator, ratio.denominator).astype(np.float32)
-
-
 def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, info: ModelInfo, config: ScoreConfig,
                predict_fn: Callable[[np.ndarray], np.ndarray]) -> SpanScores:
     """Detect, window, transform and score the beats of ``[start, stop)``.
@@ -234,7 +224,7 @@ def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, info
     fsm = info.spec.fs
     scale = fsm / fs
     with timer("resample"):
-        xm = resample(x, fs, fsm)
+        xm = resample.resample(x, fs, fsm)
     with timer("detect"):
         peaks = detect.detect_r_peaks(xm, fsm, config.detector,
                                       origin=int(round(first * scale)))
@@ -242,19 +232,13 @@ def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, info
         own = (native >= start) & (native < stop)
         peaks, native = peaks[own], native[own]
     with timer("segment"):
-        window = segment.WindowSpec(info.spec.n_before, info.spec.n_after)
         # Windows must lie inside the record; the span holds them wherever the record does.
-        inside = segment.in_bounds(peaks, len(xm), window)
-        finite = np.zeros_like(inside)
-        finite[inside] = segment.finite_windows(xm, peaks[inside], window)
-        keep = inside & finite
-        windows = segment.extract_windows(xm, peaks[keep], window)
+        check = segment.check_windows(xm, peaks, segment.WindowSpec(info.spec.n_before, info.spec.n_after))
     with timer("stft"):
-        spec = spectrogram.spectrogram(windows, info.spec).astype(info.input_dtype)
+        spec = segment.spectrograms(xm, peaks[check.keep], info.spec).astype(info.input_dtype)
     with timer("model"):
         prob = predict_fn(spec)
-    return SpanScores(native[keep], prob, native, int((~inside).sum()), int((inside & ~finite).sum()),
-                      dict(timer.seconds))
+    return SpanScores(native[check.keep], prob, native, check.n_edge, check.n_invalid, dict(timer.seconds))
 
 
 @dataclass
@@ -272,7 +256,7 @@ class PieceResult:
 def _reference(ctx: ScoreContext, local: sources.LocalRecord, start: int,
                stop: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Reference beats of ``[start, stop)``: ``(sample, AAMI class)``, or None without annotations."""
-    if not ctx.annotator or not local.annotation:
+    if not ctx.annotator or not local.has(ctx.annotator):
         if ctx.require_reference and ctx.annotator:
             raise RecordError(local.record, "annotations", f"no {local.record}.{ctx.annotator} (asked for by --annotations)")
         return None
@@ -288,7 +272,7 @@ def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, p
     out = PieceResult(record, piece.index if piece else 0)
     result = scores.RecordScores(record)
     try:
-        local = source.fetch(record, ctx.annotator, ctx.cache(), ctx.policy)
+        local = source.fetch(record, (ctx.annotator,) if ctx.annotator else (), ctx.cache(), ctx.policy)
         result.checksum = local.checksum
         header = records.read_header(local.base, record)
         lead = records.choose_lead(header, ctx.leads(), ctx.config.lead_fallback)
@@ -504,10 +488,9 @@ def run_scoring(request: ScoreRequest, client: Client,
     summary = summary_path(request.out, request.summary)
     check_summary(summary)
     policy = RetryPolicy(config.download.retries, config.download.backoff_s, config.download.timeout_s)
-    cache = cache_root(request.cache_dir)
-    work_dir = Path(request.work_dir).expanduser() if request.work_dir else cache / "archives"
     source = sources.resolve_source(request.input, source=request.source, db=request.db, version=request.version,
-                                    work_dir=work_dir, max_archive_bytes=config.max_archive_bytes, policy=policy)
+                                    work_dir=request.work_dir, max_archive_bytes=config.max_archive_bytes,
+                                    require_checksums=config.download.require_checksums)
     annotator = None if request.annotations is None else (
         info.annotator if request.annotations == "auto" else request.annotations)
     plugin = ModelPlugin(info)
@@ -519,11 +502,10 @@ def run_scoring(request: ScoreRequest, client: Client,
         "spectrogram": info.spec.attrs(), "detector": config.to_dict()["detector"], "input": source.description,
         "config": config.to_dict(), "config_fingerprint": config.fingerprint(),
     }
-    writer = scores.ScoresWriter(request.out, attrs, info.classes, config.chunk_size, overwrite=request.overwrite,
-                                 storage_options=request.storage_options)
-
-    # The source is listed where it is reachable, then shipped once to every worker.
-    source, names = client.submit(source.prepare, policy, pure=False).result()
+    # The source is listed where it is reachable (archives fetched and extracted there), then
+    # shipped once to every worker.
+    listing: sources.Listing = client.submit(prepare_source, source, request.cache_dir, policy, pure=False).result()
+    source, names = listing.source, listing.records
     phase = {"prepare": time.perf_counter() - t0}
     if request.records:
         unknown = sorted(set(request.records) - set(names))
@@ -532,6 +514,9 @@ def run_scoring(request: ScoreRequest, client: Client,
         names = tuple(r for r in names if r in set(request.records))
     if not names:
         raise sources.SourceError(f"{source.description}: no WFDB records (.hea files) found")
+    # The store is opened (or created) only now: a refused input leaves none behind.
+    writer = scores.ScoresWriter(request.out, attrs, info.classes, config.chunk_size, overwrite=request.overwrite,
+                                 storage_options=request.storage_options)
     todo = [r for r in names if r not in writer.done]
     skipped = len(names) - len(todo)
     ctx = ScoreContext(info, config, annotator, request.annotations not in (None, "auto"), request.cache_dir,

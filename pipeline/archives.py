@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import tarfile
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -56,7 +57,7 @@ def extract_archive(archive: str | Path, dest: str | Path, *, max_bytes: int = D
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
         raise ArchiveError(f"{dest} already exists; extract into a new folder")
-    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # per task
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     budget = [max_bytes]
@@ -67,7 +68,12 @@ def extract_archive(archive: str | Path, dest: str | Path, *, max_bytes: int = D
             _extract_tar(archive, tmp, budget, max_bytes)
         else:
             raise ArchiveError(f"{archive}: not a zip or tar archive")
-        tmp.rename(dest)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another task extracted the same archive first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,11 +12,14 @@ Symbols fall in three groups:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import ClassVar, Literal, Mapping, Protocol
 
 import numpy as np
+
+from .errors import RecordError
 
 AAMI_CLASSES: tuple[str, ...] = ("N", "S", "V", "F", "Q")
 
@@ -95,3 +98,193 @@ def label_beats(
         n_unknown=n_unknown,
         unknown_symbols=unknown_syms,
     )
+
+
+# --- Label sources: a record -> anchors + labels -------------------------------------------------
+#
+# A label source is a small frozen dataclass with one method, ``segments(record)``: the
+# anchors (record samples a segment is placed at) and one label per anchor. The jobs hand the
+# anchors to the segment seam (``pipeline.segment``), whatever the source was.
+
+
+@dataclass(frozen=True)
+class RecordInput:
+    """What a label source may read of one record: its files, header and chosen lead."""
+
+    record: str
+    base: Path  #: local path without suffix (``wfdb``'s ``record_name``)
+    fs: float
+    sig_len: int
+    signal: np.ndarray | None = None  #: the chosen lead, whole, float32 (sources that need it)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Anchors of one record's segments and their labels (all arrays share one length)."""
+
+    anchor: np.ndarray  #: int64 record sample of each segment (R peak, or window start)
+    label: np.ndarray  #: object array of class names ("" = no reference label)
+    symbol: np.ndarray  #: object array: the original annotation symbol / table entry
+    n_nonbeat: int = 0
+    n_unknown: int = 0
+
+    def select(self, mask: np.ndarray) -> "Segments":
+        return Segments(self.anchor[mask], self.label[mask], self.symbol[mask], self.n_nonbeat, self.n_unknown)
+
+
+class LabelSource(Protocol):
+    """The contract of a label source (see ``LABEL_SOURCES``)."""
+
+    task: ClassVar[str]  #: "beat" or "rhythm"
+    anchor_kind: ClassVar[str]  #: "r-peak" or "window-start"
+
+    @property
+    def annotators(self) -> tuple[str, ...]:
+        """Annotation files (extensions) each record needs."""
+        ...
+
+    @property
+    def classes(self) -> tuple[str, ...]: ...
+
+    def segments(self, rec: RecordInput) -> Segments: ...
+
+
+@dataclass(frozen=True)
+class BeatAnnotations:
+    """WFDB beat annotations (``.atr``) through a symbol map; the original symbol is kept."""
+
+    annotator: str = "atr"
+    label_map: str = "aami-ec57"
+    unknown: UnknownPolicy = "Q"
+    task: ClassVar[str] = "beat"
+    anchor_kind: ClassVar[str] = "r-peak"
+
+    @property
+    def annotators(self) -> tuple[str, ...]:
+        return (self.annotator,)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(LABEL_MAPS[self.label_map].values()))
+
+    def segments(self, rec: RecordInput) -> Segments:
+        from .records import read_annotations
+
+        ann = read_annotations(rec.base, rec.record, self.annotator)
+        try:
+            beats = label_beats(ann.sample, ann.symbol, LABEL_MAPS[self.label_map], self.unknown)
+        except ValueError as exc:
+            raise RecordError(rec.record, "annotations", str(exc)) from exc
+        return Segments(beats.sample, beats.label, beats.symbol, beats.n_nonbeat, beats.n_unknown)
+
+
+@dataclass(frozen=True)
+class RhythmAnnotations:
+    """WFDB rhythm annotations (``aux_note`` such as ``(AFIB``, ``(N``): one label per fixed window.
+
+    A window gets the rhythm that covers most of it; windows before the first rhythm
+    annotation get "". Rhythm names are the annotation text without the "(".
+    """
+
+    annotator: str = "atr"
+    window_s: float = 10.0
+    hop_s: float = 10.0
+    task: ClassVar[str] = "rhythm"
+    anchor_kind: ClassVar[str] = "window-start"
+
+    @property
+    def annotators(self) -> tuple[str, ...]:
+        return (self.annotator,)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return ()  # open set: whatever rhythms the records name
+
+    def segments(self, rec: RecordInput) -> Segments:
+        from .records import read_annotations
+
+        ann = read_annotations(rec.base, rec.record, self.annotator)
+        start, stop, rhythm = rhythm_intervals(ann.sample, ann.aux_note, rec.sig_len)
+        n_win, n_hop = int(round(self.window_s * rec.fs)), int(round(self.hop_s * rec.fs))
+        anchor = np.arange(0, max(rec.sig_len - n_win, -1) + 1, n_hop, dtype=np.int64)
+        label = window_majority(anchor, n_win, start, stop, rhythm)
+        return Segments(anchor, label, label.copy())
+
+
+def rhythm_intervals(sample: np.ndarray, aux_note: np.ndarray | None,
+                     sig_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(start, stop, rhythm)`` of each rhythm episode: from one ``(XXX`` note to the next (or the end)."""
+    aux = np.asarray(aux_note if aux_note is not None else np.zeros(0, object), dtype=object).astype(str)
+    is_rhythm = np.char.startswith(aux, "(") if aux.size else np.zeros(0, bool)
+    start = np.asarray(sample, dtype=np.int64)[is_rhythm]
+    rhythm = np.array([a[1:].strip() for a in aux[is_rhythm]], dtype=object)
+    stop = np.append(start[1:], sig_len).astype(np.int64)
+    return start, stop, rhythm
+
+
+def window_majority(anchor: np.ndarray, length: int, start: np.ndarray, stop: np.ndarray,
+                    rhythm: np.ndarray) -> np.ndarray:
+    """The rhythm covering most of each window ``[anchor, anchor + length)`` ("" where none does)."""
+    if not len(anchor) or not len(start):
+        return np.full(len(anchor), "", dtype=object)
+    lo = np.maximum(anchor[:, None], start[None, :])
+    hi = np.minimum(anchor[:, None] + length, stop[None, :])
+    overlap = np.clip(hi - lo, 0, None)  # (windows, episodes): small, a record has few episodes
+    best = overlap.argmax(axis=1)
+    return np.where(overlap.max(axis=1) > 0, rhythm[best], "").astype(object)
+
+
+@dataclass(frozen=True)
+class RecordLabelTable:
+    """One label per record from a table such as Challenge 2017's ``REFERENCE.csv`` (``record,label``).
+
+    ``table`` is filled by ``load`` (the job reads the file from the source once);
+    the record is one segment anchored at 0 (``crop_s`` None) or fixed-length crops
+    every ``crop_s`` seconds, each with the record's label.
+    """
+
+    file: str = "REFERENCE.csv"
+    classes_: tuple[str, ...] = ()
+    crop_s: float | None = None
+    table: Mapping[str, str] = field(default_factory=dict)
+    task: ClassVar[str] = "rhythm"
+    anchor_kind: ClassVar[str] = "window-start"
+
+    @property
+    def annotators(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.classes_
+
+    def load(self, text: str) -> "RecordLabelTable":
+        """This source with the table parsed from ``text`` (``record,label`` lines)."""
+        table = {}
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            name, sep, label = line.partition(",")
+            if not sep:
+                raise ValueError(f"{self.file} line {lineno}: expected 'record,label', got {line[:60]!r}")
+            table[name.strip()] = label.strip()
+        return replace(self, table=table)
+
+    def segments(self, rec: RecordInput) -> Segments:
+        name = rec.record.rsplit("/", 1)[-1]
+        if name not in self.table:
+            raise RecordError(rec.record, "labels", f"no label in {self.file}")
+        label = self.table[name]
+        if self.classes_ and label not in self.classes_:
+            raise RecordError(rec.record, "labels", f"unknown label {label!r} in {self.file} "
+                                                     f"(known: {', '.join(self.classes_)})")
+        n = 1 if not self.crop_s else max(1, int(rec.sig_len // round(self.crop_s * rec.fs)))
+        anchor = np.arange(n, dtype=np.int64) * (int(round(self.crop_s * rec.fs)) if self.crop_s else 0)
+        return Segments(anchor, np.full(n, label, dtype=object), np.full(n, label, dtype=object))
+
+
+LABEL_SOURCES: Mapping[str, type] = MappingProxyType({
+    "beat-annotations": BeatAnnotations,
+    "rhythm-annotations": RhythmAnnotations,
+    "record-table": RecordLabelTable,
+})

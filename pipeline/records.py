@@ -86,6 +86,7 @@ class Annotations:
 
     sample: np.ndarray  #: int64
     symbol: np.ndarray  #: object array of str
+    aux_note: np.ndarray | None = None  #: object array of str: rhythm changes such as "(AFIB", "(N"
 
 
 def read_annotations(base: Path, record: str, extension: str) -> Annotations:
@@ -96,7 +97,8 @@ def read_annotations(base: Path, record: str, extension: str) -> Annotations:
         raise RecordError(
             record, "annotations", f"cannot read {Path(base).name}.{extension}: {type(exc).__name__}: {exc}"
         ) from exc
-    return Annotations(np.asarray(ann.sample, dtype=np.int64), np.asarray(ann.symbol, dtype=object))
+    aux = np.asarray([(a or "").rstrip("\x00") for a in (ann.aux_note or [""] * len(ann.sample))], dtype=object)
+    return Annotations(np.asarray(ann.sample, dtype=np.int64), np.asarray(ann.symbol, dtype=object), aux)
 
 
 def read_signal(base: Path, header: Header, lead: Lead, sampfrom: int = 0, sampto: int | None = None) -> np.ndarray:

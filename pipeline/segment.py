@@ -1,15 +1,25 @@
-"""Stage 3: one fixed-length window per beat, centred on the annotated R peak.
+"""Stage 3: the segment seam: anchors -> fixed-length windows -> spectrograms.
+
+A label source (``pipeline.labels``) turns a record into anchors (the sample each
+segment is placed at: an R peak, a crop start) and labels; this module checks
+which windows around the anchors are usable (``check_windows``: inside the record,
+no invalid sample) and turns them into spectrograms (``spectrograms``). Both jobs
+call these two functions, so training stores and scoring cut and transform
+segments the same way.
 
 Windows are cut with one fancy-index gather over the whole record (no per-beat
-Python loop). Beats whose window leaves the record, or covers invalid (NaN)
-samples, are dropped and counted by the caller.
+Python loop).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .spectrogram import SpectrogramSpec
 
 
 @dataclass(frozen=True)
@@ -59,3 +69,42 @@ def extract_windows(signal: np.ndarray, sample: np.ndarray, spec: WindowSpec, of
     if start.size and (start.min() < 0 or start.max() + spec.length > signal.shape[0]):
         raise IndexError("a beat window extends outside the signal given")
     return signal[start[:, None] + np.arange(spec.length)]
+
+
+@dataclass(frozen=True)
+class WindowCheck:
+    """Which anchors have a usable window, and why the others do not."""
+
+    keep: np.ndarray  #: bool mask over the anchors
+    n_edge: int  #: windows that leave the record
+    n_invalid: int  #: windows over invalid (NaN) samples
+
+
+def check_windows(signal: np.ndarray, anchor: np.ndarray, spec: WindowSpec, offset: int = 0,
+                  sig_len: int | None = None) -> WindowCheck:
+    """Mask of anchors whose window lies inside the record and over finite samples only.
+
+    Parameters
+    ----------
+    signal
+        1-D signal that starts at record sample ``offset``.
+    anchor
+        Anchors in record samples.
+    sig_len
+        Record length; default: the end of ``signal``. Windows must also lie in ``signal``.
+    """
+    anchor = np.asarray(anchor, dtype=np.int64)
+    end = offset + signal.shape[0] if sig_len is None else min(sig_len, offset + signal.shape[0])
+    inside = (anchor - spec.n_before >= offset) & (anchor + spec.n_after <= end)
+    finite = np.zeros_like(inside)
+    finite[inside] = finite_windows(signal, anchor[inside] - offset, spec)
+    keep = inside & finite
+    return WindowCheck(keep, int((~inside).sum()), int((inside & ~finite).sum()))
+
+
+def spectrograms(signal: np.ndarray, anchor: np.ndarray, spec: "SpectrogramSpec", offset: int = 0) -> np.ndarray:
+    """Spectrograms ``(n, n_freq, n_time)`` float32 of the windows around ``anchor`` (all inside ``signal``)."""
+    from .spectrogram import spectrogram
+
+    windows = extract_windows(signal, anchor, WindowSpec(spec.n_before, spec.n_after), offset=offset)
+    return spectrogram(windows, spec)

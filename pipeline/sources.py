@@ -1,40 +1,46 @@
-"""Stage 1c: record sources, the places an archive of ECG records to score can live.
+"""Stage 1: record sources, the one record layer of both jobs.
 
-A source is the contract between the scoring job and storage, in two steps:
+Every place records can live is a ``RecordSource``, a small frozen dataclass
+(it travels to workers by pickle) with three operations:
 
-* ``prepare()`` runs once, on a worker (which must reach the source): it lists the
-  records and reads what the source says about them (``SHA256SUMS.txt``), and
-  returns the ready source and the record names (paths relative to the source root,
-  without suffix: ``"100"``, ``"batch1/100"``);
-* ``fetch(record, annotator, cache, policy)`` runs on a worker for each record: it
-  makes the header, signal files and (if present) the annotation file local, and
-  returns a ``LocalRecord``.
+* ``prepare(cache, policy)`` runs once, on a worker (which must reach the source):
+  it lists the records and reads what the source says about them
+  (``SHA256SUMS.txt``, missing files) and returns a ``Listing`` holding the ready
+  source (with that knowledge inside) and the record names, paths relative to the
+  source root without suffix (``"100"``, ``"batch1/100"``);
+* ``fetch(record, annotators, cache, policy)`` runs on a worker for each record: it
+  makes the header, the signal files and the annotation files that exist local,
+  verified where the source lists checksums, and returns a ``LocalRecord``;
+* ``fetch_file(name, cache, policy)`` makes one other file of the source local (a
+  label table such as ``REFERENCE.csv``).
 
-Sources are small frozen dataclasses, so they travel to workers by pickle. Two
-kinds cover every ``--input``:
+The kinds:
 
-* ``FolderSource``: a local (or shared) folder; records are found by their ``.hea``
-  files in nested folders; nothing is copied. Archives (``.zip``, ``.tar(.gz)``)
-  are extracted safely (``pipeline.archives``) into a folder, then read as one.
-* ``RemoteSource``: any fsspec URL (``https://``, ``s3://``, ``file://``) of a
-  folder. Records come from its ``RECORDS`` file when there is one (PhysioNet
-  databases), else from a listing of ``.hea`` files; files are fetched into the
-  cache through ``pipeline.download`` (retries, atomic writes) and verified against
-  ``SHA256SUMS.txt`` where the folder has one.
+* ``FolderSource``: a local (or shared) folder, read in place; records are found
+  by their ``RECORDS`` file or their ``.hea`` files in nested folders.
+* ``RemoteSource``: a folder of any fsspec file system (``https://``, ``s3://``,
+  ``file://``), a PhysioNet database folder ``<source>/<db>/<version>`` among them:
+  records from its ``RECORDS`` file, else from a listing of ``.hea`` files; files
+  fetched into the cache through ``pipeline.download`` (retries, atomic writes) and
+  verified against ``SHA256SUMS.txt`` where the folder has one.
+* ``ArchiveSource``: a ``.zip``/``.tar(.gz)`` archive, local or at any fsspec URL,
+  alone or as a member of a PhysioNet tree (then checked against the tree's
+  ``SHA256SUMS.txt``): fetched, checked and extracted safely
+  (``pipeline.archives``) once per machine into the cache, then read as a folder.
 
-``resolve_source`` turns the command line's ``--input`` / ``--source`` + ``--db``
-into one of them.
+``resolve_source`` turns a command line (``--input``, or a database with
+``--source``) into one of them; a database entry (``pipeline.databases``) says
+whether its records are loose files or an archive member.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import posixpath
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Mapping, Protocol
+from typing import Literal, Mapping, Protocol, Sequence
 
 import fsspec
 
@@ -44,6 +50,8 @@ from .errors import DownloadError, PipelineError, RecordError, SourceNotFound
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2")
+
+Checksum = Literal["verified", "unlisted", "local"]
 
 
 class SourceError(PipelineError):
@@ -56,23 +64,65 @@ class LocalRecord:
 
     record: str
     base: Path  #: local path without suffix, as ``wfdb`` wants it
-    annotation: bool  #: the requested annotation file is there
-    checksum: Literal["verified", "unlisted", "local"]
+    annotators: frozenset[str]  #: the requested annotation extensions that are present
+    checksum: Checksum  #: every file matched SHA256SUMS.txt / some were unlisted / read in place
+    files: tuple[tuple[str, str], ...] = ()  #: (name, sha256) of every file read, header first
+    bytes_downloaded: int = 0
+
+    def has(self, annotator: str | None) -> bool:
+        return bool(annotator) and annotator in self.annotators
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 over the record's file digests: its content identity (store fingerprints)."""
+        return hashlib.sha256(repr(sorted(self.files)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What ``prepare`` found: the ready source, its records, and notes for the report."""
+
+    source: "RecordSource"
+    records: tuple[str, ...]
+    has_checksums: bool = False
+    missing: tuple[str, ...] = ()  #: files SHA256SUMS.txt lists that the source lacks
+    listing_error: str | None = None  #: why the missing-file check could not run
 
 
 class RecordSource(Protocol):
-    """What the scoring job needs of an input."""
+    """What both jobs need of a place that holds records."""
 
     @property
     def description(self) -> str: ...
 
-    def prepare(self, policy: download.RetryPolicy) -> tuple["RecordSource", tuple[str, ...]]: ...
+    def prepare(self, cache: Path, policy: download.RetryPolicy) -> Listing: ...
 
-    def fetch(self, record: str, annotator: str | None, cache: Path, policy: download.RetryPolicy) -> LocalRecord: ...
+    def fetch(self, record: str, annotators: Sequence[str], cache: Path,
+              policy: download.RetryPolicy) -> LocalRecord: ...
+
+    def fetch_file(self, name: str, cache: Path, policy: download.RetryPolicy) -> Path: ...
 
 
 def is_archive(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _signal_names(header: records.Header, record: str) -> list[str]:
+    """Signal files named by the header, relative to the source root (names checked)."""
+    folder = posixpath.dirname(record)
+    out = []
+    for f in header.files:
+        name = posixpath.join(folder, f) if folder else f
+        try:
+            out.append(download.safe_name(name))
+        except ValueError as exc:
+            raise RecordError(record, "header", str(exc)) from exc
+    return out
 
 
 @dataclass(frozen=True)
@@ -80,23 +130,52 @@ class FolderSource:
     """Records under a local folder, read in place."""
 
     root: str
-    origin: str = ""  #: the archive the folder was extracted from, if any
+    origin: str = ""  #: what the folder stands for (an archive it was extracted from), for reports
 
     @property
     def description(self) -> str:
-        return f"{self.origin} (extracted to {self.root})" if self.origin else self.root
+        return self.origin or self.root
 
-    def prepare(self, policy: download.RetryPolicy = download.RetryPolicy()) -> tuple["FolderSource", tuple[str, ...]]:
+    def prepare(self, cache: Path | None = None, policy: download.RetryPolicy = download.RetryPolicy()) -> Listing:
         root = Path(self.root)
         if not root.is_dir():
-            raise SourceError(f"{self.root}: no such folder")
-        return self, tuple(p.relative_to(root).as_posix() for p in archives.find_records(root))
+            raise SourceError(f"{self.description}: no such folder")
+        listed = root / "RECORDS"
+        if listed.is_file():
+            names = tuple(listed.read_text(encoding="utf-8", errors="replace").split())
+        else:
+            names = tuple(p.relative_to(root).as_posix() for p in archives.find_records(root))
+        return Listing(self, names)
 
-    def fetch(self, record: str, annotator: str | None, cache: Path,
+    def fetch(self, record: str, annotators: Sequence[str] = (), cache: Path | None = None,
               policy: download.RetryPolicy = download.RetryPolicy()) -> LocalRecord:
-        base = Path(self.root) / record
-        return LocalRecord(record, base, bool(annotator) and base.with_name(f"{base.name}.{annotator}").is_file(),
-                           "local")
+        try:
+            download.safe_name(record)
+        except ValueError as exc:
+            raise RecordError(record, "download", str(exc)) from exc
+        root = Path(self.root)
+        base = root / record
+        hea = base.with_name(f"{base.name}.hea")
+        if not hea.is_file():
+            raise RecordError(record, "download", f"{record}.hea: not found in {self.description}")
+        header = records.read_header(base, record)
+        names = [f"{record}.hea", *_signal_names(header, record)]
+        present = frozenset(a for a in annotators if (root / f"{record}.{a}").is_file())
+        names += [f"{record}.{a}" for a in annotators if a in present]
+        files = []
+        for name in names:
+            path = root / name
+            if not path.is_file():
+                raise RecordError(record, "signal", f"{name}: not found in {self.description}")
+            files.append((name, _sha256(path)))
+        return LocalRecord(record, base, present, "local", tuple(files))
+
+    def fetch_file(self, name: str, cache: Path | None = None,
+                   policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
+        path = Path(self.root) / download.safe_name(name)
+        if not path.is_file():
+            raise SourceNotFound(f"{name}: not found in {self.description}")
+        return path
 
 
 @dataclass(frozen=True)
@@ -105,6 +184,8 @@ class RemoteSource:
 
     url: str
     sha256: Mapping[str, str] = field(default_factory=dict)  #: from the folder's SHA256SUMS.txt
+    cache_name: str = ""  #: cache sub-folder; default: one per URL
+    require_checksums: bool = False  #: refuse files SHA256SUMS.txt does not list
 
     @property
     def description(self) -> str:
@@ -113,7 +194,7 @@ class RemoteSource:
     def _root(self, policy: download.RetryPolicy):
         return download.open_source(self.url, policy)
 
-    def prepare(self, policy: download.RetryPolicy = download.RetryPolicy()) -> tuple["RemoteSource", tuple[str, ...]]:
+    def prepare(self, cache: Path | None = None, policy: download.RetryPolicy = download.RetryPolicy()) -> Listing:
         fs, root = self._root(policy)
         try:
             manifest = download.read_manifest(fs, root, policy)
@@ -130,15 +211,19 @@ class RemoteSource:
             names = tuple(sorted(p[len(prefix):-4] for p in found if p.endswith(".hea") and p.startswith(prefix)))
         if not manifest.has_checksums:
             log.warning("%s has no SHA256SUMS.txt: files are fetched unverified", self.url)
-        return replace(self, sha256=dict(manifest.sha256)), tuple(names)
+        return Listing(replace(self, sha256=dict(manifest.sha256)), tuple(names), manifest.has_checksums,
+                       manifest.missing, manifest.listing_error)
 
     def cache_dir(self, cache: Path) -> Path:
-        """Where this source's files go: one folder per URL."""
-        return cache / "sources" / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        """Where this source's files go: ``cache_name``, or one folder per URL."""
+        return Path(cache) / (self.cache_name or posixpath.join("sources", hashlib.sha256(self.url.encode()).hexdigest()[:16]))
 
     def _get(self, fs, root: str, name: str, cache: Path, record: str, policy) -> download.FetchResult:
+        expected = self.sha256.get(name)
+        if expected is None and self.require_checksums:
+            raise RecordError(record, "checksum", f"{name} is not listed in SHA256SUMS.txt (download.require_checksums)")
         try:
-            return download.fetch_file(fs, root, download.safe_name(name), cache, self.sha256.get(name), policy)
+            return download.fetch_file(fs, root, download.safe_name(name), cache, expected, policy)
         except ValueError as exc:
             raise RecordError(record, "download", str(exc)) from exc
         except download.ChecksumError as exc:
@@ -148,42 +233,142 @@ class RemoteSource:
         except DownloadError as exc:
             raise RecordError(record, "download", str(exc)) from exc
 
-    def fetch(self, record: str, annotator: str | None, cache: Path,
+    def fetch(self, record: str, annotators: Sequence[str] = (), cache: Path = Path("."),
               policy: download.RetryPolicy = download.RetryPolicy()) -> LocalRecord:
+        try:
+            download.safe_name(record)
+        except ValueError as exc:
+            raise RecordError(record, "download", str(exc)) from exc
         fs, root = self._root(policy)
         local = self.cache_dir(cache)
-        folder = posixpath.dirname(record)
         got = []
         try:
             got.append(self._get(fs, root, f"{record}.hea", local, record, policy))
             header = records.read_header(local / record, record)
-            for f in header.files:
-                got.append(self._get(fs, root, posixpath.join(folder, f), local, record, policy))
+            for name in _signal_names(header, record):
+                got.append(self._get(fs, root, name, local, record, policy))
         except SourceNotFound as exc:
             raise RecordError(record, "download", str(exc)) from exc
-        has_annotation = False
-        if annotator:
+        present = set()
+        for a in annotators:
             try:
-                got.append(self._get(fs, root, f"{record}.{annotator}", local, record, policy))
-                has_annotation = True
+                got.append(self._get(fs, root, f"{record}.{a}", local, record, policy))
+                present.add(a)
             except SourceNotFound:
-                pass  # scoring needs no annotations; the summary says the record had none
-        checksum = "verified" if all(g.checksum == "verified" for g in got) else "unlisted"
-        return LocalRecord(record, local / record, has_annotation, checksum)
+                pass  # the caller decides whether a record needs its annotations
+        checksum: Checksum = "verified" if all(g.checksum == "verified" for g in got) else "unlisted"
+        return LocalRecord(record, local / record, frozenset(present), checksum,
+                           tuple((g.name, g.sha256) for g in got), sum(g.bytes_downloaded for g in got))
+
+    def fetch_file(self, name: str, cache: Path, policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
+        fs, root = self._root(policy)
+        try:
+            return download.fetch_file(fs, root, download.safe_name(name), self.cache_dir(cache),
+                                       self.sha256.get(name), policy).path
+        except ValueError as exc:
+            raise SourceError(f"{self.url}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ArchiveSource:
+    """Records inside a ``.zip``/``.tar(.gz)`` archive: a local path or any fsspec URL.
+
+    The archive is fetched (verified against ``sha256`` when known), extracted safely
+    and cached once per machine, on whichever worker first needs it; then its
+    ``inner`` folder is read as a ``FolderSource``.
+    """
+
+    archive: str
+    inner: str = ""  #: folder inside the archive that holds the records ("" = its root)
+    sha256: str | None = None  #: expected digest (a PhysioNet tree's SHA256SUMS.txt entry)
+    checksums_from: str | None = None  #: the folder whose SHA256SUMS.txt lists the archive (a tree)
+    max_bytes: int = archives.DEFAULT_MAX_BYTES
+    work_dir: str | None = None  #: where archives are fetched and extracted; None: <cache>/archives
+
+    @property
+    def description(self) -> str:
+        return f"{self.archive}:{self.inner}" if self.inner else self.archive
+
+    def _work(self, cache: Path | None) -> Path:
+        return Path(self.work_dir).expanduser() if self.work_dir else Path(cache or ".") / "archives"
+
+    def _local_archive(self, work: Path, policy: download.RetryPolicy) -> tuple[Path, str | None]:
+        protocol = fsspec.core.split_protocol(self.archive)[0]
+        if protocol in (None, "file"):
+            path = Path(fsspec.core.strip_protocol(self.archive) if protocol else self.archive).expanduser()
+            if not path.is_file():
+                raise SourceError(f"{self.archive}: no such file")
+            if self.sha256 and _sha256(path) != self.sha256:
+                raise SourceError(f"{self.archive}: SHA-256 does not match SHA256SUMS.txt")
+            return path, self.sha256
+        parent, name = self.archive.rstrip("/").rsplit("/", 1)
+        fs, root = download.open_source(parent, policy)
+        folder = work / "downloads" / hashlib.sha256(self.archive.encode()).hexdigest()[:16]
+        try:
+            result = download.fetch_file(fs, root, download.safe_name(name), folder, self.sha256, policy)
+        except (DownloadError, ValueError) as exc:
+            raise SourceError(f"{self.archive}: cannot fetch the archive: {exc}") from exc
+        return result.path, result.sha256
+
+    def folder(self, cache: Path | None, policy: download.RetryPolicy = download.RetryPolicy()) -> FolderSource:
+        """The extracted records as a folder (fetched and extracted on the first call on this machine)."""
+        work = self._work(cache)
+        path, digest = self._local_archive(work, policy)
+        key = digest or _archive_key(path)
+        dest = work / f"{path.name}-{key[:16]}"
+        if not dest.is_dir():  # extraction renames into place, so an existing folder is complete
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                archives.extract_archive(path, dest, max_bytes=self.max_bytes)
+            except archives.ArchiveError:
+                if not dest.is_dir():  # another task extracted the same archive first
+                    raise
+            log.info("extracted %s to %s", self.archive, dest)
+        root = dest / self.inner if self.inner else dest
+        return FolderSource(str(root), origin=self.description)
+
+    def prepare(self, cache: Path | None = None, policy: download.RetryPolicy = download.RetryPolicy()) -> Listing:
+        sha = self.sha256
+        if sha is None and self.checksums_from:
+            fs, root = download.open_source(self.checksums_from, policy)
+            try:
+                manifest = download.read_manifest(fs, root, policy)
+            except DownloadError as exc:
+                raise SourceError(f"{self.checksums_from}: unreachable: {exc}") from exc
+            sha = manifest.sha256.get(self.archive.rstrip("/").rsplit("/", 1)[-1])
+            if sha is None:
+                log.warning("%s: not listed in SHA256SUMS.txt: fetched unverified", self.archive)
+        ready = replace(self, sha256=sha)
+        listing = ready.folder(cache, policy).prepare(cache, policy)
+        return Listing(ready, listing.records, has_checksums=sha is not None)
+
+    def fetch(self, record: str, annotators: Sequence[str] = (), cache: Path | None = None,
+              policy: download.RetryPolicy = download.RetryPolicy()) -> LocalRecord:
+        local = self.folder(cache, policy).fetch(record, annotators, cache, policy)
+        # The archive's bytes were checked as a whole: its members are as verified as it is.
+        return replace(local, checksum="verified" if self.sha256 else "local")
+
+    def fetch_file(self, name: str, cache: Path | None = None,
+                   policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
+        return self.folder(cache, policy).fetch_file(name, cache, policy)
 
 
 def _archive_key(path: Path) -> str:
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
 
 
-def extracted_folder(archive: Path, work_dir: Path, max_bytes: int) -> Path:
-    """Extract ``archive`` once under ``work_dir`` (an earlier extraction of the same file is reused)."""
-    dest = Path(work_dir) / f"{archive.name}-{_archive_key(archive)}"
-    if dest.is_dir():  # extraction renames into place, so an existing folder is complete
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return archives.extract_archive(archive, dest, max_bytes=max_bytes)
+def database_source(db, source: str | None = None, version: str | None = None, *, work_dir: str | None = None,
+                    max_archive_bytes: int = archives.DEFAULT_MAX_BYTES,
+                    require_checksums: bool = False) -> RecordSource:
+    """The source of a database entry (``pipeline.databases.Database``) in a PhysioNet-style tree."""
+    base = (source or download.DEFAULT_SOURCE).rstrip("/")
+    version = version or db.version
+    folder = f"{base}/{download.safe_name(db.name)}/{download.safe_name(version)}"
+    if db.archive:
+        return ArchiveSource(f"{folder}/{download.safe_name(db.archive)}", inner=db.archive_folder,
+                             checksums_from=folder, max_bytes=max_archive_bytes, work_dir=work_dir)
+    return RemoteSource(folder, cache_name=f"physionet/{db.name}/{version}", require_checksums=require_checksums)
 
 
 def resolve_source(
@@ -192,35 +377,37 @@ def resolve_source(
     source: str | None = None,
     db: str | None = None,
     version: str | None = None,
-    work_dir: str | Path,
+    work_dir: str | Path | None = None,
     max_archive_bytes: int = archives.DEFAULT_MAX_BYTES,
-    policy: download.RetryPolicy = download.RetryPolicy(),
+    require_checksums: bool = False,
 ) -> RecordSource:
-    """The source behind the command line's ``--input``, or ``--source`` + ``--db``.
+    """The source behind a command line: ``--input``, or a database with ``--source``.
 
     Parameters
     ----------
     input
         A local folder, a local ``.zip``/``.tar(.gz)`` archive, an fsspec URL of a
-        folder, or an fsspec URL of an archive (fetched into ``work_dir`` first).
+        folder, or an fsspec URL of an archive.
     source, db, version
-        A PhysioNet-style tree: the database folder is ``<source>/<db>/<version>``.
+        A database of ``pipeline.databases`` in a PhysioNet-style tree
+        ``<source>/<db>/<version>`` (default: physionet.org).
     work_dir
-        Where archives are fetched and extracted (local; shared with the workers of a
-        remote cluster).
+        Where archives are fetched and extracted (default ``<cache>/archives`` on each
+        worker; a remote cluster's workers each extract their own copy).
 
     Raises
     ------
     SourceError
         Nothing usable at ``input``.
-    archives.ArchiveError
-        A hostile or oversized archive.
     """
+    wd = str(work_dir) if work_dir else None
     if db:
         if input:
             raise SourceError("give --input, or --source with --db, not both")
-        base = (source or download.DEFAULT_SOURCE).rstrip("/")
-        return RemoteSource(f"{base}/{download.safe_name(db)}/{download.safe_name(version or _default_version(db))}")
+        from .databases import get_database
+
+        return database_source(get_database(db), source, version, work_dir=wd, max_archive_bytes=max_archive_bytes,
+                               require_checksums=require_checksums)
     if not input:
         raise SourceError("give --input (a folder, archive or URL), or --db with --source")
     protocol = fsspec.core.split_protocol(input)[0]
@@ -229,28 +416,19 @@ def resolve_source(
         if path.is_dir():
             return FolderSource(str(path.resolve()))
         if path.is_file():
-            return FolderSource(str(extracted_folder(path, Path(work_dir), max_archive_bytes)), origin=input)
+            return ArchiveSource(str(path.resolve()), max_bytes=max_archive_bytes, work_dir=wd)
         raise SourceError(f"{input}: no such file or folder")
     if is_archive(input):
-        return FolderSource(str(extracted_folder(_fetch_archive(input, Path(work_dir), policy), Path(work_dir),
-                                                 max_archive_bytes)), origin=input)
-    return RemoteSource(input.rstrip("/"))
+        return ArchiveSource(input, max_bytes=max_archive_bytes, work_dir=wd)
+    return RemoteSource(input.rstrip("/"), require_checksums=require_checksums)
 
 
-def _default_version(db: str) -> str:
-    from .databases import get_database
+def fetch_record(source: RecordSource, record: str, annotators: Sequence[str], cache: Path,
+                 policy: download.RetryPolicy, *, required: Sequence[str] = ()) -> LocalRecord:
+    """``source.fetch`` that fails the record (stage ``annotations``) when a ``required`` annotation file is absent."""
+    local = source.fetch(record, tuple(dict.fromkeys([*annotators, *required])), cache, policy)
+    for a in required:
+        if not local.has(a):
+            raise RecordError(record, "annotations", f"no {record}.{a} in {source.description}")
+    return local
 
-    return get_database(db).version
-
-
-def _fetch_archive(url: str, work_dir: Path, policy: download.RetryPolicy) -> Path:
-    """Fetch a remote archive into ``work_dir/downloads`` (atomically; reused by a re-run)."""
-    parent, name = url.rstrip("/").rsplit("/", 1)
-    fs, root = download.open_source(parent, policy)
-    folder = work_dir / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16]
-    try:
-        result = download.fetch_file(fs, root, download.safe_name(name), folder, None, policy)
-    except (DownloadError, ValueError) as exc:
-        raise SourceError(f"{url}: cannot fetch the archive: {exc}") from exc
-    log.info("fetched %s (%.1f MB)", url, os.path.getsize(result.path) / 1e6)
-    return result.path

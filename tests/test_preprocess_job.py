@@ -74,7 +74,7 @@ def test_bad_input_fails_alone_with_its_cause(client, bad_db, tmp_path):
     assert status["105"][1].startswith("checksum: 105.dat: SHA-256 mismatch")
     assert status["106"][1].startswith("signal: 106.dat is truncated:")
     assert status["107"][1].startswith("header: cannot parse 107.hea")
-    assert status["108"][1].startswith("download:") and "108.atr: not found at source" in status["108"][1]
+    assert status["108"][1] == f"annotations: no 108.atr in {srv.url.rstrip('/')}/mitdb/{VERSION}"
     assert status["../evil"][1].startswith("download: unsafe file name '../evil'")
     assert report.missing_source_files == ("108.atr",)
     assert not report.ok and len(report.failed) == 6

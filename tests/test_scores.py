@@ -11,7 +11,8 @@ import xarray as xr
 import zarr
 
 from helpers import HTTPMirror, write_record
-from ecg_pipeline.jobs.score import PieceResult, ModelInfo, merge_pieces, resample, score_span
+from ecg_pipeline.jobs.score import PieceResult, ModelInfo, merge_pieces, score_span
+from ecg_pipeline.pipeline.resample import resample
 from ecg_pipeline.pipeline import records, sources
 from ecg_pipeline.pipeline.config import ConfigError, ScoreConfig, score_config_from_dict
 from ecg_pipeline.pipeline.errors import StoreError
@@ -125,24 +126,30 @@ def test_folder_and_remote_sources_find_nested_records(tmp_path):
     _synthetic(root / "site1" / "day2", "r1")
     _synthetic(root, "r2", annotate=False)
     (root / "notes.txt").write_text("not a record")
-    src, names = sources.FolderSource(str(root)).prepare()
+    listing = sources.FolderSource(str(root)).prepare()
+    src, names = listing.source, listing.records
     assert names == ("r2", "site1/day2/r1")
-    local = src.fetch("site1/day2/r1", "atr", tmp_path / "cache")
-    assert local.annotation and records.read_header(local.base, "r1").fs == 360
-    assert not src.fetch("r2", "atr", tmp_path / "cache").annotation
+    local = src.fetch("site1/day2/r1", ("atr",), tmp_path / "cache")
+    assert local.has("atr") and records.read_header(local.base, "r1").fs == 360
+    assert [n for n, _ in local.files] == ["site1/day2/r1.hea", "site1/day2/r1.dat", "site1/day2/r1.atr"]
+    assert not src.fetch("r2", ("atr",), tmp_path / "cache").has("atr")
     # The same folder served over HTTP: records from the listing, files fetched into the cache.
     with HTTPMirror(tmp_path) as m:
-        remote, names = sources.RemoteSource(m.url + "archive").prepare()
-        assert names == ("r2", "site1/day2/r1")
-        local = remote.fetch("site1/day2/r1", "atr", tmp_path / "cache")
-        assert local.annotation and local.checksum == "unlisted"
+        listing = sources.RemoteSource(m.url + "archive").prepare()
+        remote, names = listing.source, listing.records
+        assert names == ("r2", "site1/day2/r1") and not listing.has_checksums
+        remote_local = remote.fetch("site1/day2/r1", ("atr",), tmp_path / "cache")
+        # The same bytes give the same content identity, wherever they were read from.
+        assert remote_local.digest == local.digest
+        local = remote_local
+        assert local.has("atr") and local.checksum == "unlisted"
         assert records.read_header(local.base, "site1/day2/r1").sig_len == 360 * 30
     with pytest.raises(sources.SourceError, match="no such"):
         sources.resolve_source(str(tmp_path / "absent"), work_dir=tmp_path / "w")
     with pytest.raises(sources.SourceError, match="not both"):
         sources.resolve_source("x", db="mitdb", work_dir=tmp_path / "w")
     s = sources.resolve_source(None, db="mitdb", source="http://127.0.0.1:1/", work_dir=tmp_path / "w")
-    assert s == sources.RemoteSource("http://127.0.0.1:1/mitdb/1.0.0")
+    assert s == sources.RemoteSource("http://127.0.0.1:1/mitdb/1.0.0", cache_name="physionet/mitdb/1.0.0")
 
 
 def test_archive_is_extracted_once(tmp_path):
@@ -151,12 +158,15 @@ def test_archive_is_extracted_once(tmp_path):
     archive = shutil.make_archive(str(tmp_path / "recs"), "gztar", root)
     s1 = sources.resolve_source(archive, work_dir=tmp_path / "w")
     s2 = sources.resolve_source(archive, work_dir=tmp_path / "w")
-    assert s1 == s2 and s1.prepare()[1] == ("a/r1",) and s1.description.startswith(archive)
+    assert s1 == s2 and s1.prepare().records == ("a/r1",) and s1.description.startswith(archive)
+    assert s2.prepare().records == ("a/r1",) and len(list((tmp_path / "w").iterdir())) == 1  # extracted once
     # The same archive by URL: fetched over HTTP into the work folder, then extracted.
     with HTTPMirror(tmp_path) as m:
         s3 = sources.resolve_source(m.url + "recs.tar.gz", work_dir=tmp_path / "w2")
-    assert s3.prepare()[1] == ("a/r1",) and s3.description.startswith(m.url)
+        assert s3.prepare().records == ("a/r1",) and s3.description.startswith(m.url)
     assert list((tmp_path / "w2" / "downloads").rglob("recs.tar.gz"))
+    local = s3.fetch("a/r1", ("atr",), tmp_path / "cache")
+    assert local.has("atr") and records.read_header(local.base, "a/r1").fs == 360
 
 
 def test_model_metadata_is_required(tmp_path):
