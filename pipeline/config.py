@@ -1,82 +1,163 @@
-"""Validated, immutable configuration of the jobs.
+"""Validated, immutable configuration of the jobs: one typed declaration per configuration.
 
-A YAML file is checked against ``schemas/preprocess-config.schema.json`` (or
-``schemas/train-config.schema.json``) and turned into a frozen ``PreprocessConfig``
-(``TrainConfig``); the job passes that object to every stage, so no stage reads
-global state.
+Each configuration (``PreprocessConfig``, ``TrainConfig``, ``ScoreConfig`` and their
+sections) is a frozen pydantic model: its fields carry the defaults, the constraints
+and the descriptions. The JSON schemas users and editors read,
+``schemas/{preprocess,train,score}-config.schema.json``, are generated from these
+models (``json_schemas()``; ``python -m ecg_pipeline.pipeline.config --write-schemas``
+rewrites the files, and a test fails while a committed file differs from what the
+models generate). A YAML file becomes a config through ``load_config``
+(``load_train_config``, ``load_score_config``); what is wrong is reported as one
+``ConfigError`` that names the file and the key. The job passes the config object to
+every stage, so no stage reads global state; the objects are hashable, picklable and
+compare by value, so they travel to Dask workers as they are.
+
+This module imports pydantic and yaml only (no NumPy, SciPy or Dask): the command line
+reads and prints configurations without loading the numeric stack.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import hashlib
 import json
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import jsonschema
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic.json_schema import GenerateJsonSchema
 
-from .. import schemas
-from .detect import DetectorSpec
 from .errors import ConfigError
 
-
-@dataclass(frozen=True)
-class WindowConfig:
-    """Beat window around the annotated R peak."""
-
-    before_s: float = 0.25
-    after_s: float = 0.45
+__all__ = [
+    "ConfigError", "DetectorSpec", "DownloadConfig", "PreprocessConfig", "ScoreConfig", "StftConfig", "StoreConfig",
+    "TrainConfig", "WindowConfig", "config_from_dict", "json_schemas", "load_config", "load_score_config",
+    "load_train_config", "render_schema", "score_config_from_dict", "train_config_from_dict", "write_schemas",
+]
 
 
-@dataclass(frozen=True)
-class StftConfig:
-    """Short-time Fourier transform of each beat window."""
+def _as_written(raw: Any, value: Any) -> Any:
+    """``value`` with the whole numbers of ``raw`` kept as ints where validation made floats of them.
 
-    nperseg: int = 64
-    hop: int = 8
-    nfft: int | None = None
-    window: str = "hann"
-    detrend: Literal["constant", "none"] = "constant"
-    log_eps: float = 1e-4
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """How spectrograms are laid out in Zarr."""
-
-    dtype: Literal["float16", "float32"] = "float16"
-    chunk_size: int = 2048
-    compressor: Literal["blosc-lz4", "zstd", "none"] = "blosc-lz4"
+    A YAML ``block_s: 3`` has always been stored, printed and fingerprinted as ``3``, not
+    ``3.0``; keeping it so keeps the fingerprints that stores on disk carry.
+    """
+    if type(raw) is int and type(value) is float:
+        return raw
+    if isinstance(raw, (list, tuple)) and isinstance(value, tuple) and len(raw) == len(value):
+        return tuple(_as_written(r, v) for r, v in zip(raw, value))
+    return value
 
 
-@dataclass(frozen=True)
-class DownloadConfig:
-    """Retries and verification of source files."""
+def _plain(value: Any) -> Any:
+    """Plain data of a config value: models become dicts (in field order), tuples lists."""
+    if isinstance(value, BaseModel):
+        return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
-    retries: int = 4
-    backoff_s: float = 0.5
-    timeout_s: float = 120.0
-    require_checksums: bool = False
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in of plain data (for the dict of ``TrainConfig.model_options``)."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Everything the preprocess job needs besides the database, source and output."""
+class _Config(BaseModel):
+    """Frozen, closed (unknown keys are errors), strictly typed (``"3"`` is not a number, ``1`` not a boolean)."""
 
-    leads: tuple[str, ...] | None = None
-    lead_fallback: Literal["fail", "first"] = "fail"
-    unknown_symbols: Literal["Q", "drop", "fail"] = "Q"
-    window: WindowConfig = field(default_factory=WindowConfig)
-    stft: StftConfig = field(default_factory=StftConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
-    download: DownloadConfig = field(default_factory=DownloadConfig)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _keep_whole_numbers(cls, value: Any, handler: Any) -> Any:
+        return _as_written(value, handler(value))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (lists, not tuples), as YAML or JSON would hold it."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return json.loads(json.dumps(_plain(self)))
+
+    def __dask_tokenize__(self) -> tuple[str, str]:
+        return type(self).__qualname__, json.dumps(self.to_dict(), sort_keys=True)
+
+
+_Name = Annotated[str, Field(min_length=1, strict=True)]
+_Hz = Annotated[float, Field(gt=0, strict=True)]
+
+
+def _leads_field(description: str) -> Any:
+    return Field(None, min_length=1, strict=False, description=description)  # strict=False: a YAML list is a tuple
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# preprocess
+
+
+class WindowConfig(_Config):
+    """Beat window around the annotated R peak."""
+
+    before_s: float = Field(0.25, gt=0, le=10, description="Seconds of signal before the R peak.")
+    after_s: float = Field(0.45, gt=0, le=10, description="Seconds of signal after the R peak.")
+
+
+class StftConfig(_Config):
+    """Short-time Fourier transform of each beat window."""
+
+    nperseg: int = Field(64, ge=4, le=65536, description="STFT window length in samples.")
+    hop: int = Field(8, ge=1, description="Samples between STFT frames.")
+    nfft: int | None = Field(None, ge=4, description="FFT length (>= nperseg); null means nperseg.")
+    window: str = Field("hann", description="scipy.signal.get_window name.")
+    detrend: Literal["constant", "none"] = Field("constant", description="Remove each beat's mean before the STFT.")
+    log_eps: float = Field(1e-4, gt=0, description="Spectrogram = log(|STFT| + log_eps).")
+
+    @field_validator("nfft")
+    @classmethod
+    def _nfft_covers_nperseg(cls, nfft: int | None, info: ValidationInfo) -> int | None:
+        nperseg = info.data.get("nperseg")  # absent when nperseg itself is invalid: that error is reported
+        if nfft is not None and nperseg is not None and nfft < nperseg:
+            raise ValueError(f"{nfft} must be >= stft.nperseg ({nperseg})")
+        return nfft
+
+
+class StoreConfig(_Config):
+    """How spectrograms are laid out in Zarr."""
+
+    dtype: Literal["float16", "float32"] = Field("float16", description="Storage dtype of `spectrogram`.")
+    chunk_size: int = Field(2048, ge=16, le=1048576, description="Segments per Zarr chunk (and per write task).")
+    compressor: Literal["blosc-lz4", "zstd", "none"] = Field("blosc-lz4", description="Codec of the numeric arrays.")
+
+
+class DownloadConfig(_Config):
+    """Retries and verification of source files."""
+
+    retries: int = Field(4, ge=0, le=20, description="Attempts after the first on a transient error.")
+    backoff_s: float = Field(0.5, ge=0, description="First back-off delay; doubles each retry.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout for HTTP sources.")
+    require_checksums: bool = Field(False, description="Fail records whose files SHA256SUMS.txt does not list.")
+
+
+class PreprocessConfig(_Config):
+    """Everything the preprocess job needs besides the database, source and output."""
+
+    leads: tuple[_Name, ...] | None = _leads_field(
+        "Signal names to use, best first; null takes the database's default list.")
+    lead_fallback: Literal["fail", "first"] = Field(
+        "fail", description="When a record has none of `leads`: `fail` marks it failed, `first` takes its first signal.")
+    unknown_symbols: Literal["Q", "drop", "fail"] = Field(
+        "Q", description="Annotation symbols that are neither beats of the label map nor known non-beats: keep as "
+                         "class Q, drop, or fail the record. Always counted.")
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    stft: StftConfig = Field(default_factory=StftConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
 
     def content_dict(self) -> dict[str, Any]:
         """The part of the configuration that changes what is written to the store."""
@@ -90,43 +171,218 @@ class PreprocessConfig:
         return hashlib.sha256(blob).hexdigest()
 
 
-_SECTIONS = {"window": WindowConfig, "stft": StftConfig, "store": StoreConfig, "download": DownloadConfig}
+# ---------------------------------------------------------------------------------------------------------------------
+# train
 
 
-def _validated(data: Any, schema_name: str) -> dict[str, Any]:
+class TrainConfig(_Config):
+    """Everything the training job needs besides the store, split and output.
+
+    The defaults are the configuration whose figures the README reports.
+    """
+
+    model: Literal["spectrogram-cnn", "rhythm-cnn"] = Field(
+        "spectrogram-cnn", description="Model name (pipeline.models.MODELS).")
+    epochs: int = Field(30, ge=1, le=10000, description="Most epochs to train (early stopping may end sooner).")
+    batch_size: int = Field(256, ge=1, le=65536, description="Global batch size.")
+    learning_rate: float = Field(3e-4, gt=0, le=1, description="Initial Adam learning rate.")
+    lr_factor: float = Field(
+        0.5, gt=0, le=1, description="Multiply the learning rate by this after lr_patience epochs without a better "
+                                     "validation macro F1 (down to learning_rate / 64).")
+    lr_patience: int = Field(2, ge=1, description="Epochs without improvement before the learning rate drops.")
+    class_weighting: Literal["none", "balanced", "sqrt"] = Field(
+        "sqrt", description="Per-sample loss weights by class: balanced n/(k n_c), its square root, or none.")
+    balanced_sampling: bool = Field(
+        False, description="Resample each shuffle group so that classes are drawn equally often.")
+    patience: int = Field(6, ge=1, description="Epochs without a better validation macro F1 before stopping.")
+    seed: int = Field(0, ge=0, description="Seed of weights, split (intra-patient) and loader order.")
+    shuffle_chunks: int = Field(16, ge=1, description="Zarr chunks per shuffle group (the shuffle buffer).")
+    parallel_reads: int = Field(2, ge=1, description="Groups of chunks read concurrently.")
+    mixed_precision: Literal["auto", "on", "off"] = Field(
+        "auto", description="float16 compute: auto uses it when a GPU is visible.")
+    model_options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the model function (e.g. width, dropout).")
+
+    def __hash__(self) -> int:  # model_options is a dict: hash its frozen form
+        return hash((type(self), _frozen(_plain(self))))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# score
+
+
+class DetectorSpec(_Config):
+    """Parameters of ``pipeline.detect.detect_r_peaks``."""
+
+    band_hz: tuple[_Hz, _Hz] = Field((5.0, 15.0), strict=False, description="Band-pass edges in Hz.")
+    integration_s: float = Field(0.150, gt=0, le=1, description="Moving-window integration length.")
+    refractory_s: float = Field(0.200, gt=0, le=2, description="Least time between two beats.")
+    block_s: float = Field(3.0, gt=0, le=60, description="Block length of the local signal level.")
+    threshold: float = Field(0.14, gt=0, le=1, description="Peak threshold as a fraction of the local level.")
+    search_s: float = Field(
+        0.075, gt=0, le=0.5, description="Half-width of the search for the R peak around an integrator peak.")
+    fiducial_band_hz: tuple[_Hz, _Hz] = Field(
+        (0.5, 40.0), strict=False, description="Band of the signal whose largest deflection near each detection is "
+                                               "the reported R peak (the fiducial point).")
+
+    @field_validator("band_hz", "fiducial_band_hz")
+    @classmethod
+    def _low_below_high(cls, band: tuple[float, float]) -> tuple[float, float]:
+        if not band[0] < band[1]:
+            raise ValueError(f"low edge {band[0]} must be below high edge {band[1]}")
+        return band
+
+
+class ScoreConfig(_Config):
+    """Everything the scoring job needs besides the model, input and output.
+
+    The beat window and STFT are not here: they come from the model, so scoring
+    cannot use other settings than the model was trained with.
+    """
+
+    leads: tuple[_Name, ...] | None = _leads_field(
+        "Signal names to score, best first; null takes the preferred leads of the model's training database.")
+    lead_fallback: Literal["fail", "first"] = Field(
+        "first", description="When a record has none of `leads`: `first` scores its first signal (the summary says "
+                             "which), `fail` marks it failed.")
+    detector: DetectorSpec = Field(
+        default_factory=DetectorSpec, description="R-peak detector (pipeline.detect.DetectorSpec).")
+    piece_s: float = Field(
+        1800.0, ge=60, description="Records longer than this many seconds are scored in pieces of this length, one "
+                                   "task each.")
+    batch_size: int = Field(4096, ge=1, le=1048576, description="Beats per model call.")
+    match_tolerance_s: float = Field(
+        0.150, gt=0, le=1, description="Largest distance between a detected and a reference beat that still counts "
+                                       "as a match (EC57: 0.150 s).")
+    chunk_size: int = Field(65536, ge=256, le=16777216, description="Beats per Zarr chunk of the scores store.")
+    max_archive_bytes: int = Field(8 * 2**30, ge=1, description="Largest total size an input archive may expand to.")
+    flush_s: float = Field(2.0, ge=0, description="Seconds between commits of finished records to the store.")
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the keys that change which beats are found and how they are scored."""
+        d = self.to_dict()
+        content = {k: d[k] for k in ("leads", "lead_fallback", "detector", "match_tolerance_s")}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reading configurations, and what is wrong with them
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             tuple: "a list", dict: "a mapping"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys the mapping at ``loc`` may hold, or None when ``loc`` is not a section of ``model``."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return list(model.model_fields)
+
+
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false", "bool_parsing": "true or false",
+    "string_type": "a string", "tuple_type": "a list", "list_type": "a list",
+    "model_type": "a mapping", "model_attributes_type": "a mapping", "dict_type": "a mapping",
+}
+
+
+def _reason(error: Any, model: type[BaseModel]) -> str:
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "extra_forbidden":
+        allowed = _section_keys(model, error["loc"][:-1])
+        return "unknown key" + (f" (expected one of: {', '.join(allowed)})" if allowed else "")
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {_kind(value)}" + ("" if value is None else f" {_shown(value)}")
+    if kind == "literal_error":
+        return f"{_shown(value)} is not one of {ctx['expected']}"
+    bounds = {"greater_than_equal": ("ge", "is less than the minimum of"),
+              "greater_than": ("gt", "must be greater than"),
+              "less_than_equal": ("le", "is greater than the maximum of"),
+              "less_than": ("lt", "must be less than")}
+    if kind in bounds:
+        key, words = bounds[kind]
+        return f"{_shown(value)} {words} {_number(ctx[key])}"
+    if kind == "too_short":
+        return f"expected at least {ctx['min_length']} item(s), got {ctx['actual_length']}"
+    if kind == "too_long":
+        return f"expected at most {ctx['max_length']} item(s), got {ctx['actual_length']}"
+    if kind == "missing":
+        return "missing item" if isinstance(error["loc"][-1], int) else "missing"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    return f"{error['msg']} (got {_shown(value)})"
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
+    """One line per problem, each naming the key path (``stft.nperseg``, ``leads[0]``)."""
+    errors = exc.errors(include_url=False)
+    locs = [tuple(e["loc"]) for e in errors]
+    # A list with a bad item also fails its length check "after validation": report the item only.
+    errors = [e for e in errors if not (e["type"] in ("too_short", "too_long") and any(
+        len(other) > len(e["loc"]) and other[:len(e["loc"])] == tuple(e["loc"]) for other in locs))]
+    lines = [f"{_path(tuple(e['loc']))}: {_reason(e, model)}" for e in errors]
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0]}"
+    return "invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _validated(model: type[_Config], data: Any) -> Any:
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"configuration must be a mapping, got {type(data).__name__}")
-    validator = jsonschema.Draft202012Validator(schemas.load(schema_name))
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"  {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
-        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
-    return data
+        raise ConfigError(f"configuration must be a mapping, got {_kind(data)}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, model)) from None
 
 
 def config_from_dict(data: dict[str, Any] | None) -> PreprocessConfig:
-    """Validate ``data`` against the config schema and build a ``PreprocessConfig``.
+    """Validate ``data`` (as read from YAML) and build a ``PreprocessConfig``.
 
     Raises
     ------
     ConfigError
         Naming the offending key and why it is wrong.
     """
-    data = _validated(data, "preprocess-config.schema.json")
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in _SECTIONS:
-            kwargs[key] = _SECTIONS[key](**value)
-        elif key == "leads":
-            kwargs[key] = None if value is None else tuple(value)
-        else:
-            kwargs[key] = value
-    config = PreprocessConfig(**kwargs)
-    nfft = config.stft.nfft or config.stft.nperseg
-    if nfft < config.stft.nperseg:
-        raise ConfigError(f"stft.nfft ({nfft}) must be >= stft.nperseg ({config.stft.nperseg})")
-    return config
+    return _validated(PreprocessConfig, data)
+
+
+def train_config_from_dict(data: dict[str, Any] | None) -> TrainConfig:
+    """Validate ``data`` (as read from YAML) and build a ``TrainConfig``."""
+    return _validated(TrainConfig, data)
+
+
+def score_config_from_dict(data: dict[str, Any] | None) -> ScoreConfig:
+    """Validate ``data`` (as read from YAML) and build a ``ScoreConfig``."""
+    return _validated(ScoreConfig, data)
 
 
 def load_config(path: str | Path | None) -> PreprocessConfig:
@@ -141,103 +397,157 @@ def load_train_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
     return train_config_from_dict({**config.to_dict(), **changes}) if changes else config
 
 
+def load_score_config(path: str | Path | None) -> ScoreConfig:
+    """Read a scoring YAML configuration file (``None`` gives the defaults)."""
+    return _load_yaml(path, score_config_from_dict, ScoreConfig)
+
+
 def _load_yaml(path, from_dict, default):
     if path is None:
         return default()
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                          "save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else str(exc)
+        raise ConfigError(f"config file {path} is not valid YAML: {where}") from None
     try:
         return from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything the training job needs besides the store, split and output.
+# ---------------------------------------------------------------------------------------------------------------------
+# the JSON schemas, generated from the models above
 
-    The defaults are the configuration whose figures the README reports.
+_SCHEMA_ROOT = "https://github.com/ecg-pipeline/ecg-pipeline/schemas/"
+_SCHEMAS: dict[str, tuple[type[_Config], str, str]] = {  # file name: model, title, description
+    "preprocess-config.schema.json": (
+        PreprocessConfig, "ecg-pipeline preprocess configuration",
+        "YAML given to `ecg-pipeline preprocess --config`. Every key is optional; "
+        "`ecg-pipeline preprocess DB --print-config` prints the defaults."),
+    "train-config.schema.json": (
+        TrainConfig, "ecg-pipeline train configuration",
+        "YAML given to `ecg-pipeline train --config`. Every key is optional; `ecg-pipeline train --print-config` "
+        "prints the defaults (the configuration the README's figures come from)."),
+    "score-config.schema.json": (
+        ScoreConfig, "ecg-pipeline score configuration",
+        "YAML given to `ecg-pipeline score --config`. Every key is optional; `ecg-pipeline score --print-config` "
+        "prints the defaults. The beat window and STFT parameters are not configurable here: they travel with the "
+        "model."),
+}
+
+# Keywords first in this order (the rest after them, alphabetically); the names under "properties" keep field order.
+_KEY_ORDER = ["$schema", "$id", "title", "description", "type", "enum", "anyOf", "items", "prefixItems", "minItems",
+              "maxItems", "minLength", "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum",
+              "additionalProperties", "default", "properties"]
+
+
+class _NoFieldTitles(GenerateJsonSchema):
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """Replace each ``$ref`` by the section it names (sections are used once: the files read top to bottom)."""
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        section = {k: v for k, v in defs[node["$ref"].rsplit("/", 1)[-1]].items() if k != "title"}
+        # The field's own description wins over the section's docstring; the section's keys carry the defaults.
+        node = {**section, **{k: v for k, v in node.items() if k not in ("$ref", "default")}}
+    return {k: (v if k == "default" else _inline(v, defs)) for k, v in node.items()}
+
+
+def _ordered(node: Any, properties: bool = False) -> Any:
+    if isinstance(node, list):
+        return [_ordered(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if properties:  # field names: declaration order
+        return {k: _ordered(v) for k, v in node.items()}
+    rank = {k: i for i, k in enumerate(_KEY_ORDER)}
+    keys = sorted(node, key=lambda k: (rank.get(k, len(rank) - 2), k))  # unknown keywords before default/properties
+    return {k: (node[k] if k == "default" else _ordered(node[k], properties=k == "properties")) for k in keys}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """``{file name: JSON schema}`` of the three configurations, as committed in ``schemas/``."""
+    out = {}
+    for name, (model, title, description) in _SCHEMAS.items():
+        schema = model.model_json_schema(schema_generator=_NoFieldTitles)
+        defs = schema.pop("$defs", {})
+        schema = _inline(schema, defs)
+        schema.update({"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": _SCHEMA_ROOT + name,
+                       "title": title, "description": description})
+        out[name] = _ordered(schema)
+    return out
+
+
+def render_schema(schema: dict[str, Any]) -> str:
+    """The text of a schema file: two-space indents, and a schema that fits in 120 columns on one line."""
+
+    def render(node: Any, indent: int, prefix: int = 0) -> str:  # prefix: columns the key took on this line
+        flat = json.dumps(node, ensure_ascii=False)
+        if not isinstance(node, (dict, list)) or not node or (
+                indent + prefix + len(flat) <= 120 and not (isinstance(node, dict) and "properties" in node)):
+            return flat
+        pad = " " * (indent + 2)
+        if isinstance(node, list):
+            items = [pad + render(v, indent + 2) for v in node]
+        else:
+            items = [f"{pad}{json.dumps(k)}: {render(v, indent + 2, len(json.dumps(k)) + 2)}" for k, v in node.items()]
+        return ("[" if isinstance(node, list) else "{") + "\n" + ",\n".join(items) + "\n" + " " * indent + (
+            "]" if isinstance(node, list) else "}")
+
+    return render(schema, 0) + "\n"
+
+
+def write_schemas(folder: str | Path | None = None, check: bool = False) -> list[str]:
+    """Write ``json_schemas()`` into ``folder`` (default: the package's ``schemas/``); return the files that changed.
+
+    With ``check``, write nothing and return the files that are out of date.
     """
+    if folder is None:
+        from .. import schemas
 
-    model: str = "spectrogram-cnn"
-    epochs: int = 30
-    batch_size: int = 256
-    learning_rate: float = 3e-4
-    lr_factor: float = 0.5
-    lr_patience: int = 2
-    class_weighting: Literal["none", "balanced", "sqrt"] = "sqrt"
-    balanced_sampling: bool = False
-    patience: int = 6
-    seed: int = 0
-    shuffle_chunks: int = 16
-    parallel_reads: int = 2
-    mixed_precision: Literal["auto", "on", "off"] = "auto"
-    model_options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        folder = Path(schemas.__file__).parent
+    folder = Path(folder)
+    changed = []
+    for name, schema in json_schemas().items():
+        path, text = folder / name, render_schema(schema)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            changed.append(name)
+            if not check:
+                path.write_text(text, encoding="utf-8")
+    return changed
 
 
-def train_config_from_dict(data: dict[str, Any] | None) -> TrainConfig:
-    """Validate ``data`` against ``schemas/train-config.schema.json`` and build a ``TrainConfig``."""
-    return TrainConfig(**_validated(data, "train-config.schema.json"))
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ecg_pipeline.pipeline.config",
+                                     description="Generate the configuration JSON schemas from the config models.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--write-schemas", action="store_true", help="(re)write schemas/*-config.schema.json")
+    what.add_argument("--check-schemas", action="store_true", help="exit 1 if a committed schema file is out of date")
+    parser.add_argument("--folder", help="write into this folder instead of the package's schemas/")
+    args = parser.parse_args(argv)
+    changed = write_schemas(args.folder, check=args.check_schemas)
+    verb = "out of date" if args.check_schemas else "written"
+    print("\n".join(f"{name}: {verb}" for name in changed) or "schemas up to date")
+    return 1 if args.check_schemas and changed else 0
 
 
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Everything the scoring job needs besides the model, input and output.
-
-    The beat window and STFT are not here: they come from the model, so scoring
-    cannot use other settings than the model was trained with.
-    """
-
-    leads: tuple[str, ...] | None = None
-    lead_fallback: Literal["fail", "first"] = "first"
-    detector: DetectorSpec = field(default_factory=DetectorSpec)
-    piece_s: float = 1800.0
-    batch_size: int = 4096
-    match_tolerance_s: float = 0.150
-    chunk_size: int = 65536
-    max_archive_bytes: int = 8 * 2**30
-    flush_s: float = 2.0
-    download: DownloadConfig = field(default_factory=DownloadConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def fingerprint(self) -> str:
-        """SHA-256 of the keys that change which beats are found and how they are scored."""
-        d = self.to_dict()
-        content = {k: d[k] for k in ("leads", "lead_fallback", "detector", "match_tolerance_s")}
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def score_config_from_dict(data: dict[str, Any] | None) -> ScoreConfig:
-    """Validate ``data`` against ``schemas/score-config.schema.json`` and build a ``ScoreConfig``."""
-    data = _validated(data, "score-config.schema.json")
-    kwargs: dict[str, Any] = dict(data)
-    if "detector" in data:
-        det = dict(data["detector"])
-        for key in ("band_hz", "fiducial_band_hz"):
-            if key in det:
-                det[key] = tuple(det[key])
-                if not det[key][0] < det[key][1]:
-                    raise ConfigError(f"detector.{key} {list(det[key])}: low edge must be below high edge")
-        kwargs["detector"] = DetectorSpec(**det)
-    if "download" in data:
-        kwargs["download"] = DownloadConfig(**data["download"])
-    if data.get("leads") is not None:
-        kwargs["leads"] = tuple(data["leads"])
-    return ScoreConfig(**kwargs)
-
-
-def load_score_config(path: str | Path | None) -> ScoreConfig:
-    """Read a scoring YAML configuration file (``None`` gives the defaults)."""
-    return _load_yaml(path, score_config_from_dict, ScoreConfig)
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,18 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, signal
 
-
-@dataclass(frozen=True)
-class DetectorSpec:
-    """Parameters of ``detect_r_peaks``."""
-
-    band_hz: tuple[float, float] = (5.0, 15.0)
-    integration_s: float = 0.150
-    refractory_s: float = 0.200
-    block_s: float = 3.0
-    threshold: float = 0.14
-    search_s: float = 0.075
-    fiducial_band_hz: tuple[float, float] = (0.5, 40.0)
+# The parameters of ``detect_r_peaks`` are a section of the scoring configuration, declared (with their
+# constraints and descriptions) once, in config.py; config.py does not import this module, so reading a
+# configuration does not load SciPy.
+from .config import DetectorSpec  # noqa: F401 - re-exported: pipeline.detect.DetectorSpec
 
 
 def detect_r_peaks(x: np.ndarray, fs: float, spec: DetectorSpec | None = None, origin: int = 0) -> np.ndarray:

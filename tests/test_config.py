@@ -1,7 +1,16 @@
+import pickle
+from importlib import resources
+
+import jsonschema
 import pytest
 import yaml
 
-from ecg_pipeline.pipeline.config import PreprocessConfig, config_from_dict, load_config
+from ecg_pipeline import schemas
+from ecg_pipeline.pipeline import detect
+from ecg_pipeline.pipeline.config import (DetectorSpec, DownloadConfig, PreprocessConfig, ScoreConfig, StftConfig,
+                                          StoreConfig, TrainConfig, WindowConfig, config_from_dict, json_schemas,
+                                          load_config, load_score_config, load_train_config, render_schema,
+                                          score_config_from_dict, train_config_from_dict)
 from ecg_pipeline.pipeline.errors import ConfigError
 
 
@@ -11,6 +20,9 @@ def test_defaults_and_roundtrip(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(c.to_dict()))
     assert load_config(p) == c
+    for load, cls in ((load_train_config, TrainConfig), (load_score_config, ScoreConfig)):
+        p.write_text(yaml.safe_dump(cls().to_dict()))
+        assert load(None) == load(p) == cls()
 
 
 def test_partial_yaml_overrides(tmp_path):
@@ -26,14 +38,67 @@ def test_download_settings_do_not_change_the_fingerprint():
     assert config_from_dict({"download": {"retries": 0}}).fingerprint() == PreprocessConfig().fingerprint()
 
 
+def test_fingerprints_are_the_ones_stores_on_disk_carry():
+    """Computed with the dataclass declarations these models replaced: stores written then must still resume."""
+    assert PreprocessConfig().fingerprint() == "40033dad84dedd0b24fa2c63cad945295f00fc05d98de5f98404df42949c85a4"
+    assert ScoreConfig().fingerprint() == "0624e8b045c12b43b9cca3ab1406d918dc5e150e55b1f4f99404053bff1a5322"
+    c = config_from_dict({"leads": ["V1", "II"], "stft": {"nfft": 128}, "store": {"dtype": "float32"}})
+    assert c.fingerprint() == "adc7c9050f6e03b651f7e8244eb6f2111ec85407cecfcd95b34b75b70e73a1c4"
+    # Whole numbers stay as written (YAML `band_hz: [4, 16]` was fingerprinted as [4, 16], not [4.0, 16.0]).
+    s = score_config_from_dict({"leads": ["II"], "detector": {"band_hz": [4, 16]}})
+    assert s.detector.band_hz == (4, 16) and type(s.detector.band_hz[0]) is int
+    assert s.fingerprint() == "0c51aeec85d0da9f17db9f09e1c975f756419b2b189c2da39f50b9f22bb3228c"
+
+
+def test_to_dict_is_plain_data_in_declaration_order():
+    assert PreprocessConfig().to_dict() == {
+        "leads": None, "lead_fallback": "fail", "unknown_symbols": "Q",
+        "window": {"before_s": 0.25, "after_s": 0.45},
+        "stft": {"nperseg": 64, "hop": 8, "nfft": None, "window": "hann", "detrend": "constant", "log_eps": 0.0001},
+        "store": {"dtype": "float16", "chunk_size": 2048, "compressor": "blosc-lz4"},
+        "download": {"retries": 4, "backoff_s": 0.5, "timeout_s": 120.0, "require_checksums": False}}
+    assert list(TrainConfig().to_dict()) == ["model", "epochs", "batch_size", "learning_rate", "lr_factor",
+                                             "lr_patience", "class_weighting", "balanced_sampling", "patience", "seed",
+                                             "shuffle_chunks", "parallel_reads", "mixed_precision", "model_options"]
+    assert ScoreConfig().to_dict()["detector"]["band_hz"] == [5.0, 15.0]
+    assert "download" not in PreprocessConfig().content_dict()
+
+
+def test_objects_are_frozen_hashable_picklable_values():
+    """They travel to Dask workers and serve as keys: the behaviour of the frozen dataclasses they replaced."""
+    c = config_from_dict({"leads": ["II", "V1"], "window": {"before_s": 0.3}})
+    assert isinstance(c.leads, tuple) and c.window.before_s == 0.3 and isinstance(c.window, WindowConfig)
+    assert isinstance(c.stft, StftConfig) and isinstance(c.store, StoreConfig) and isinstance(c.download, DownloadConfig)
+    assert PreprocessConfig(leads=["II", "V1"], window=WindowConfig(before_s=0.3)) == c
+    with pytest.raises(Exception):
+        c.leads = None
+    with pytest.raises(Exception):
+        c.window.before_s = 1.0
+    for obj in (c, ScoreConfig(), TrainConfig(model_options={"width": 32}), DetectorSpec()):
+        assert pickle.loads(pickle.dumps(obj)) == obj and hash(pickle.loads(pickle.dumps(obj))) == hash(obj)
+    assert len({PreprocessConfig(), PreprocessConfig(), c}) == 2
+    assert ScoreConfig().detector == DetectorSpec() and detect.DetectorSpec is DetectorSpec
+    assert TrainConfig(model_options={"width": 32}) != TrainConfig()
+
+
 @pytest.mark.parametrize("text, where", [
-    ("windw: {before_s: 1}", "Additional properties are not allowed ('windw'"),
-    ("store: {dtype: int8}", "store.dtype: 'int8' is not one of"),
-    ("stft: {nperseg: 2}", "stft.nperseg: 2 is less than the minimum"),
+    ("windw: {before_s: 1}", "windw: unknown key (expected one of: leads, lead_fallback"),
+    ("window: {after: 1}", "window.after: unknown key (expected one of: before_s, after_s)"),
+    ("store: {dtype: int8}", "store.dtype: 'int8' is not one of 'float16' or 'float32'"),
+    ("stft: {nperseg: 2}", "stft.nperseg: 2 is less than the minimum of 4"),
+    ("stft: {nperseg: 70000}", "stft.nperseg: 70000 is greater than the maximum of 65536"),
+    ("window: {before_s: 0}", "window.before_s: 0 must be greater than 0"),
     ("unknown_symbols: keep", "unknown_symbols: 'keep' is not one of"),
-    ("stft: {nperseg: 64, nfft: 32}", "stft.nfft (32) must be >= stft.nperseg (64)"),
-    ("- a list", "configuration must be a mapping"),
-    ("a: [unclosed", "is not valid YAML"),
+    ("stft: {nperseg: 64, nfft: 32}", "stft.nfft: 32 must be >= stft.nperseg (64)"),
+    ("stft: {nperseg: abc}", "stft.nperseg: expected an integer, got a string 'abc'"),
+    ("window: {before_s: '0.3'}", "window.before_s: expected a number, got a string '0.3'"),
+    ("download: {require_checksums: 1}", "download.require_checksums: expected true or false, got an integer 1"),
+    ("window: 5", "window: expected a mapping, got an integer 5"),
+    ("leads: V1", "leads: expected a list, got a string 'V1'"),
+    ("leads: []", "leads: expected at least 1 item(s), got 0"),
+    ("leads: ['']", "leads[0]: must not be empty"),
+    ("- a list", "configuration must be a mapping, got a list"),
+    ("a: [unclosed", "is not valid YAML: line 1, column 13"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, where):
     p = tmp_path / "bad.yaml"
@@ -41,8 +106,75 @@ def test_bad_config_names_the_key(tmp_path, text, where):
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert where in str(e.value) and "bad.yaml" in str(e.value)
+    assert "\n" not in str(e.value), "one problem, one line"
 
 
-def test_missing_file():
+def test_every_problem_is_listed_one_per_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("stft: {hop: 0, nperseg: 2}\nstore: {dtype: int8}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).splitlines() == [
+        f"{p}: invalid configuration:", "  stft.nperseg: 2 is less than the minimum of 4",
+        "  stft.hop: 0 is less than the minimum of 1", "  store.dtype: 'int8' is not one of 'float16' or 'float32'"]
+
+
+def test_score_and_train_validators(tmp_path):
+    with pytest.raises(ConfigError, match=r"detector\.band_hz: low edge 15 must be below high edge 5"):
+        score_config_from_dict({"detector": {"band_hz": [15, 5]}})
+    with pytest.raises(ConfigError, match=r"detector\.fiducial_band_hz: expected at most 2 item\(s\), got 3"):
+        score_config_from_dict({"detector": {"fiducial_band_hz": [1, 2, 3]}})
+    with pytest.raises(ConfigError, match=r"detector\.band_hz\[0\]: 0 must be greater than 0"):
+        score_config_from_dict({"detector": {"band_hz": [0, 2]}})
+    with pytest.raises(ConfigError, match="window: unknown key"):
+        score_config_from_dict({"window": {"before_s": 1}})
+    with pytest.raises(ConfigError, match="epochs: expected an integer, got a boolean True"):
+        train_config_from_dict({"epochs": True})
+    p = tmp_path / "t.yaml"
+    p.write_text("model: resnet\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: invalid configuration: model: 'resnet' is not one of"):
+        load_train_config(p)
+    p.write_text("epochs: 3\nmodel_options: {width: 8}\n")
+    c = load_train_config(p, epochs=5, seed=None)
+    assert (c.epochs, c.seed, c.model_options) == (5, 0, {"width": 8})
+    with pytest.raises(ConfigError, match="epochs: 0 is less than the minimum of 1"):
+        load_train_config(p, epochs=0)
+
+
+def test_missing_and_non_utf8_files(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config("/nonexistent/x.yaml")
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("leads: [d\xe9riv\xe9e]\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml is not UTF-8 text"):
+        load_config(p)
+    p.write_bytes("\ufeffleads: [II]\n".encode("utf-8"))  # a byte-order mark is fine
+    assert load_config(p).leads == ("II",)
+
+
+def test_committed_schemas_are_the_generated_ones():
+    """schemas/*-config.schema.json come from the models: run `python -m ecg_pipeline.pipeline.config --write-schemas`."""
+    generated = json_schemas()
+    assert set(generated) == {"preprocess-config.schema.json", "train-config.schema.json", "score-config.schema.json"}
+    for name, schema in generated.items():
+        committed = resources.files("ecg_pipeline.schemas").joinpath(name).read_text(encoding="utf-8")
+        assert committed == render_schema(schema), f"{name} is out of date: python -m ecg_pipeline.pipeline.config --write-schemas"
+        assert schemas.load(name) == schema
+
+
+@pytest.mark.parametrize("name, cls, from_dict, bad", [
+    ("preprocess-config.schema.json", PreprocessConfig, config_from_dict,
+     [{"windw": {}}, {"stft": {"nperseg": 2}}, {"leads": []}, {"window": {"before_s": 0}}, {"store": {"dtype": "x"}}]),
+    ("train-config.schema.json", TrainConfig, train_config_from_dict, [{"epochs": 0}, {"model": "x"}, {"model_options": []}]),
+    ("score-config.schema.json", ScoreConfig, score_config_from_dict,
+     [{"window": {}}, {"piece_s": 1}, {"detector": {"band_hz": [1, 2, 3]}}, {"detector": {"threshold": 2}}]),
+])
+def test_schema_files_and_models_agree(name, cls, from_dict, bad):
+    """What an editor checks against the file is what the job checks: defaults pass both, bad values fail both."""
+    validator = jsonschema.Draft202012Validator(json_schemas()[name])
+    jsonschema.Draft202012Validator.check_schema(validator.schema)
+    assert not list(validator.iter_errors(cls().to_dict()))
+    for data in bad:
+        assert list(validator.iter_errors(data)), data
+        with pytest.raises(ConfigError):
+            from_dict(data)
