@@ -11,7 +11,12 @@ Files written to ``out`` (see README, "Training"):
 ``model.keras``, ``checkpoint.keras``, ``train_state.json``, ``history.json``,
 ``history.csv``, ``split.json``, ``config.yaml``, ``run.json``, ``metrics.json``,
 ``classification_report.txt``, ``curves.png``, ``confusion_counts.png``,
-``confusion_ratios.png``.
+``confusion_ratios.png``. Both model files are written by ``models.save_model``
+and so carry the pipeline metadata (``ecg_pipeline.json``): ``model.keras`` is
+the best epoch so far (rewritten at each improvement, and once more at the end),
+``checkpoint.keras`` the last epoch with its optimizer state, for ``--resume``.
+There is no third copy (older versions left a metadata-less ``best.keras``; a
+resumed run folds it into ``model.keras``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +40,7 @@ from ..pipeline.config import TrainConfig
 from ..pipeline.errors import ConfigError, PipelineError
 from ..pipeline.evaluate import classification_metrics, format_report, plot_history, write_evaluation
 from ..pipeline.loader import LoaderOptions, ZarrBeatLoader
-from ..pipeline.models import ModelError, build_model, load_model, save_model
+from ..pipeline.models import ModelError, build_model, check_archive, load_model, save_model
 from ..pipeline.splits import Split, make_split
 from ..pipeline.store import open_dataset
 
@@ -60,7 +66,8 @@ class TrainRequest:
     overwrite
         Start afresh even if ``out`` holds a run.
     verbose
-        Keras progress: 1 a progress bar, 2 one line an epoch, 0 silent.
+        Progress on stdout: 1 Keras' progress bar when stdout is a terminal (otherwise as 2),
+        2 one plain line an epoch, 0 silent.
     """
 
     store: str
@@ -112,8 +119,7 @@ def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype) -> dict
 def check_compatible(metadata: Mapping[str, Any], ds, model_path: str | Path) -> None:
     """Refuse to apply a model to a store whose spectrograms were made differently."""
     if not metadata:
-        raise ModelError(f"{model_path} carries no ecg-pipeline metadata: it was not saved by `ecg-pipeline train`, "
-                         "so the spectrogram parameters it expects are unknown")
+        raise _no_metadata_error(model_path)
     want, have = metadata["store"]["spectrogram"], ds.attrs.get("spectrogram")
     if want != have:
         diff = sorted(k for k in set(want) | set(have or {}) if (have or {}).get(k) != want.get(k))
@@ -121,6 +127,48 @@ def check_compatible(metadata: Mapping[str, Any], ds, model_path: str | Path) ->
                          f"(differ in: {', '.join(diff)}); re-run preprocess with the model's settings")
     if list(metadata["classes"]) != list(ds.attrs["classes"]):
         raise ModelError(f"{model_path} predicts classes {metadata['classes']}, the store has {ds.attrs['classes']}")
+
+
+def _no_metadata_error(model_path: str | Path) -> ModelError:
+    return ModelError(f"{model_path} carries no ecg-pipeline metadata (ecg_pipeline.json): it was not saved by "
+                      "`ecg-pipeline train` (use a run folder's model.keras), so the spectrogram parameters it "
+                      "expects are unknown; refused")
+
+
+def _train_metadata(metadata: Mapping[str, Any], state: Mapping[str, Any], weights_epoch: int,
+                    complete: bool) -> dict[str, Any]:
+    """``metadata`` with the ``train`` section of a model file saved now (weights of ``weights_epoch``)."""
+    train = {k: state[k] for k in ("epoch", "best_epoch", "best_val_macro_f1", "stopped_early")}
+    train.update(weights_epoch=int(weights_epoch), complete=bool(complete))
+    return {**metadata, "train": train}
+
+
+def _stdout_is_tty() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
+
+
+def _fit_verbose(verbose: int) -> int:
+    """The request's ``verbose`` as it applies here: Keras' bar (1) only on a terminal, else one line an epoch (2).
+
+    Keras 3 draws its bar with carriage returns and ANSI colours whenever ``posix`` is imported, terminal or not,
+    so a log file or pipe would fill with per-step escape codes.
+    """
+    return 2 if verbose == 1 and not _stdout_is_tty() else verbose
+
+
+def format_epoch_line(epoch: int, epochs: int, logs: Mapping[str, Any], seconds: float, best: bool) -> str:
+    """One plain line for an epoch (1-based ``epoch``): losses, accuracies, validation macro F1, lr, seconds."""
+    parts = [f"epoch {epoch}/{epochs}"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1"):
+        if logs.get(key) is not None:
+            parts.append(f"{key} {float(logs[key]):.4f}" + (" (best)" if key == "val_macro_f1" and best else ""))
+    if logs.get("learning_rate") is not None:
+        parts.append(f"lr {float(logs['learning_rate']):.2e}")
+    parts.append(f"{seconds:.1f} s")
+    return "  ".join(parts)
 
 
 def _device() -> str:
@@ -177,9 +225,10 @@ def _make_callback():
         keeps it in ``train_state.json`` next to the last checkpoint.
         """
 
-        def __init__(self, out: Path, val: ZarrBeatLoader, patience: int, state: dict[str, Any]):
+        def __init__(self, out: Path, val: ZarrBeatLoader, patience: int, state: dict[str, Any],
+                     metadata: Mapping[str, Any]):
             super().__init__()
-            self.out, self.val, self.patience, self.state = out, val, patience, state
+            self.out, self.val, self.patience, self.state, self.metadata = out, val, patience, state, metadata
             self._t0 = 0.0
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -203,21 +252,44 @@ def _make_callback():
                 st["history"].setdefault(k, []).append(float(v))
             if m["macro_f1"] > st["best_val_macro_f1"]:
                 st.update(best_val_macro_f1=m["macro_f1"], best_epoch=epoch + 1, wait=0)
-                self.model.save(self.out / BEST_FILE)
+                # The best epoch so far, self-describing like the final model.keras (save_model: temp + rename).
+                save_model(self.model, self.out / MODEL_FILE, _train_metadata(self.metadata, st, epoch + 1, False))
             else:
                 st["wait"] += 1
                 if st["wait"] >= self.patience:
                     st["stopped_early"] = True
                     self.model.stop_training = True
             # Checkpoint first, state last: a crash in between resumes from the previous epoch.
-            tmp = self.out / (CHECKPOINT_FILE + ".tmp.keras")
-            self.model.save(tmp)
-            tmp.replace(self.out / CHECKPOINT_FILE)
+            save_model(self.model, self.out / CHECKPOINT_FILE, _train_metadata(self.metadata, st, epoch + 1, False))
             _write_json(self.out / STATE_FILE, st)
             log.info("epoch %d: val macro F1 %.4f (best %.4f at epoch %d), %.1f s", epoch + 1, m["macro_f1"],
                      st["best_val_macro_f1"], st["best_epoch"], train_s)
 
-    return RunState
+    class EpochLine(keras.callbacks.Callback):
+        """One plain line an epoch on stdout (no carriage returns, no ANSI codes), for logs, pipes and Dask workers.
+
+        Placed after ``RunState`` and ``ReduceLROnPlateau``, so that the epoch logs hold the validation
+        metrics and the learning rate of the epoch.
+        """
+
+        def __init__(self, state: Mapping[str, Any]):
+            super().__init__()
+            self.state = state
+            self._t0 = 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            if logs.get("learning_rate") is None:
+                with contextlib.suppress(Exception):
+                    logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            line = format_epoch_line(epoch + 1, int(self.params.get("epochs") or 0), logs,
+                                     time.perf_counter() - self._t0, self.state.get("best_epoch") == epoch + 1)
+            print(line, file=sys.stdout, flush=True)
+
+    return RunState, EpochLine
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -267,6 +339,10 @@ def run_training(request: TrainRequest) -> TrainResult:
     state: dict[str, Any] = {"epoch": 0, "best_val_macro_f1": -1.0, "best_epoch": 0, "wait": 0,
                              "stopped_early": False, "history": {}, "train_s": 0.0}
     resumed = request.resume and state_path.exists() and (out / CHECKPOINT_FILE).exists()
+    if not resumed and state_path.exists():
+        # --overwrite (or --resume without a checkpoint): no model file of the old run may outlive it
+        for name in (STATE_FILE, CHECKPOINT_FILE, MODEL_FILE, BEST_FILE):
+            (out / name).unlink(missing_ok=True)
     if resumed:
         state = json.loads(state_path.read_text(encoding="utf-8"))
         saved_split = json.loads((out / "split.json").read_text(encoding="utf-8"))
@@ -293,23 +369,33 @@ def run_training(request: TrainRequest) -> TrainResult:
         if resumed:
             model, _ = load_model(out / CHECKPOINT_FILE, compile=True)
             log.info("resuming %s after epoch %d", out, state["epoch"])
+            if (out / BEST_FILE).exists():
+                # A run folder of an older version: its best epoch was kept, without metadata, in best.keras.
+                legacy, _ = load_model(out / BEST_FILE)
+                save_model(legacy, out / MODEL_FILE, _train_metadata(metadata, state, state["best_epoch"], False))
+                (out / BEST_FILE).unlink()
         else:
             model = build_model(cfg.model, train_l.sample_shape, len(train_l.classes),
                                 input_dtype=str(train_l.dtype), options=cfg.model_options)
             model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
                           loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
-        callback = _make_callback()(out, val_l, cfg.patience, state)
+        run_state, epoch_line = _make_callback()
         # After RunState, so that it sees the val_macro_f1 RunState adds to the epoch logs.
         plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_macro_f1", mode="max", factor=cfg.lr_factor,
                                                     patience=cfg.lr_patience, min_lr=cfg.learning_rate / 64)
+        callbacks = [run_state(out, val_l, cfg.patience, state, metadata), plateau]
+        verbose = _fit_verbose(request.verbose)
+        if verbose == 2:  # our own line instead of Keras' two (which also list every per-class F1)
+            callbacks.append(epoch_line(state))
         log.info("training %s on %s: %d train / %d val segments (%s), precision %s", cfg.model, device,
                  len(train_l), len(val_l), split.name, policy)
         if state["epoch"] < cfg.epochs and not state.get("stopped_early"):
-            model.fit(train_l.dataset(), epochs=cfg.epochs, initial_epoch=state["epoch"],
-                      callbacks=[callback, plateau], verbose=request.verbose, shuffle=False)  # the loader shuffles
+            model.fit(train_l.dataset(), epochs=cfg.epochs, initial_epoch=state["epoch"], callbacks=callbacks,
+                      verbose=1 if verbose == 1 else 0, shuffle=False)  # the loader shuffles
         _write_history(out, state["history"])
-        best, _ = load_model(out / BEST_FILE)
-        metadata["train"] = {k: state[k] for k in ("epoch", "best_epoch", "best_val_macro_f1", "stopped_early")}
+        # model.keras holds the best epoch; saved once more without the optimizer state, with the final metadata.
+        best, _ = load_model(out / MODEL_FILE)
+        metadata = _train_metadata(metadata, state, state["best_epoch"], True)
         model_path = save_model(best, out / MODEL_FILE, metadata)
 
     test_l = loader(test_part, False) if test_part != "val" else val_l
@@ -335,9 +421,12 @@ def run_evaluation(model_path: str, store: str, split_spec: str, *, part: str = 
 
     The intra-patient split is recreated from ``seed`` (default: the seed the model was trained with).
     """
-    model, metadata = load_model(model_path)
+    metadata = check_archive(model_path)  # refuse a foreign or metadata-less file before TensorFlow starts
+    if not metadata:
+        raise _no_metadata_error(model_path)
     ds = open_dataset(store, storage_options=storage_options)
     check_compatible(metadata, ds, model_path)
+    model, metadata = load_model(model_path)
     if seed is None:
         seed = int(metadata.get("train_config", {}).get("seed", 0))
     split = make_split(split_spec, ds, seed=seed)

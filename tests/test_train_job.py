@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -27,6 +29,19 @@ OUTPUTS = ("model.keras", "metrics.json", "classification_report.txt", "curves.p
            "checkpoint.keras", "train_state.json")
 
 
+def _without_metadata(src, dst):
+    """A copy of the .keras archive ``src`` without its ecg_pipeline.json (as any plain ``model.save`` writes)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            if item.filename != "ecg_pipeline.json":
+                zout.writestr(item, zin.read(item.filename))
+    return dst
+
+
+def _epoch_lines(stdout):
+    return [line for line in stdout.splitlines() if line.startswith("epoch ")]
+
+
 def _cli(*args, timeout=900):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", *args], capture_output=True, text=True, timeout=timeout,
@@ -43,9 +58,10 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(small_store, files):
+    """Three epochs, without --no-progress: stdout is a pipe, as when a run is logged to a file."""
     out = files / "run"
     r = _cli("train", "--store", str(small_store), "--split", str(files / "split.yaml"), "--config",
-             str(files / "config.yaml"), "--epochs", "3", "--out", str(out), "--no-progress")
+             str(files / "config.yaml"), "--epochs", "3", "--out", str(out))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out, r
 
@@ -65,6 +81,48 @@ def test_training_writes_every_output_and_learns(run, small_store):
     report = (out / "classification_report.txt").read_text()
     assert f"{metrics['macro_f1']:.4f}" in report
     assert "macro F1" in r.stdout or "macro avg" in r.stdout
+
+
+def test_progress_into_a_pipe_is_one_plain_line_an_epoch(run):
+    _, r = run
+    assert "\x1b[" not in r.stdout and "\r" not in r.stdout, r.stdout[-2000:]
+    lines = _epoch_lines(r.stdout)
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], r.stdout[-2000:]
+    for line in lines:
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr"):
+            assert re.search(rf"(^|  ){key} \S+", line), (key, line)
+        assert re.search(r"  \d+\.\d s$", line), line
+    assert "(best)" in lines[0]  # the first epoch is always the best so far
+    assert "Epoch 1/3" not in r.stdout and "step" not in r.stdout  # no Keras progress output
+
+
+def test_every_model_file_of_the_run_folder_is_self_describing(run):
+    from ecg_pipeline.pipeline.models import read_metadata
+
+    out, _ = run
+    assert sorted(p.name for p in out.glob("*.keras")) == ["checkpoint.keras", "model.keras"]
+    assert not list(out.glob("*.tmp*"))
+    model, checkpoint = read_metadata(out / "model.keras"), read_metadata(out / "checkpoint.keras")
+    state = json.loads((out / "train_state.json").read_text())
+    assert model["train"]["complete"] and model["train"]["weights_epoch"] == state["best_epoch"]
+    assert not checkpoint["train"]["complete"] and checkpoint["train"]["weights_epoch"] == state["epoch"] == 3
+    assert {k: v for k, v in model.items() if k != "train"} == {k: v for k, v in checkpoint.items() if k != "train"}
+    assert model["classes"] and model["store"]["spectrogram"]
+
+
+def test_a_model_file_without_metadata_is_refused_in_one_line(run, small_store, files, tmp_path):
+    out, _ = run
+    bare = _without_metadata(out / "model.keras", tmp_path / "bare.keras")
+    r = _cli("evaluate", "--model", str(bare), "--store", str(small_store), "--split", str(files / "split.yaml"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ecg-pipeline: error: ") and "no ecg-pipeline metadata" in lines[0], \
+        r.stderr[-3000:]
+    assert str(bare) in lines[0] and "model.keras" in lines[0]
+    r = _cli("score", "--model", str(bare), "--input", str(tmp_path), "--out", str(tmp_path / "scores.zarr"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "no ecg_pipeline.json metadata" in lines[0], r.stderr[-3000:]
+    assert not (tmp_path / "scores.zarr").exists()
 
 
 def test_saved_model_takes_the_store_as_stored(run, small_store):
@@ -95,6 +153,8 @@ def test_resume_continues_from_the_checkpoint(run, small_store, files, tmp_path)
     out, _ = run
     again = tmp_path / "run"
     shutil.copytree(out, again)
+    # as an older version left it: the best epoch also in a best.keras without metadata
+    _without_metadata(out / "model.keras", again / "best.keras")
     r = _cli("train", "--store", str(small_store), "--split", str(files / "split.yaml"), "--out", str(again))
     assert r.returncode == 2 and "--resume" in r.stderr  # never silently overwrites a run
     r = _cli("train", "--store", str(small_store), "--split", str(files / "split.yaml"), "--config",
@@ -104,6 +164,13 @@ def test_resume_continues_from_the_checkpoint(run, small_store, files, tmp_path)
     after = json.loads((again / "history.json").read_text())
     assert len(after["loss"]) == 4 and after["loss"][:3] == before["loss"]
     assert json.loads((again / "train_state.json").read_text())["epoch"] == 4
+    assert "\x1b[" not in r.stdout and "\r" not in r.stdout
+    assert [line.split()[1] for line in _epoch_lines(r.stdout)] == ["4/4"]  # --no-progress: one line an epoch
+    from ecg_pipeline.pipeline.models import read_metadata
+
+    assert sorted(p.name for p in again.glob("*.keras")) == ["checkpoint.keras", "model.keras"]  # best.keras folded in
+    for name in ("model.keras", "checkpoint.keras"):
+        assert read_metadata(again / name)["train"]["epoch"] == 4, name
 
 
 def test_bad_requests_exit_2(small_store, tmp_path):
