@@ -51,14 +51,13 @@ log = logging.getLogger("benchmarks.score")
 
 def default_model(path: Path) -> Path:
     """The training default architecture with random weights and the default store's metadata."""
-    from ecg_pipeline.jobs.preprocess import TaskContext, _spec_for
+    from ecg_pipeline.jobs.preprocess import spectrogram_spec
     from ecg_pipeline.pipeline.labels import AAMI_EC57
     from ecg_pipeline.pipeline.models import build_model, save_model
 
     config = PreprocessConfig()
     db = get_database("mitdb")
-    ctx = TaskContext("", db, db.version, None, config, "", None)
-    spec = _spec_for(ctx, 360.0)
+    spec = spectrogram_spec(config, 360.0)
     model = build_model("spectrogram-cnn", (spec.n_freq, spec.n_time), 5, input_dtype="float16")
     meta = {"package": "ecg-pipeline", "task": "beat", "classes": list("NSVFQ"),
             "input": {"shape": [spec.n_freq, spec.n_time], "dtype": "float16", "variable": "spectrogram"},

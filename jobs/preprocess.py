@@ -307,8 +307,8 @@ def _record_table(rows: list[RecordOutcome]) -> dict[str, np.ndarray]:
     return table
 
 
-def _spec_for(ctx: TaskContext, fs: float) -> spectrogram.SpectrogramSpec:
-    c = ctx.config
+def spectrogram_spec(c: PreprocessConfig, fs: float) -> spectrogram.SpectrogramSpec:
+    """The window and STFT of ``c`` at sampling rate ``fs`` (what a store and its models use)."""
     w = segment.WindowSpec.from_seconds(c.window.before_s, c.window.after_s, fs)
     return spectrogram.SpectrogramSpec(
         fs=fs, n_before=w.n_before, n_after=w.n_after, nperseg=c.stft.nperseg, hop=c.stft.hop,
@@ -378,7 +378,7 @@ def run_preprocess(
         p = plans[r]
         if p.ok and p.fs != fs_store:
             p.ok, p.error = False, f"header: sampling frequency {p.fs} Hz differs from the store's {fs_store} Hz"
-    spec = _spec_for(ctx, fs_store or 1.0) if fs_store else None
+    spec = spectrogram_spec(request.config, fs_store) if fs_store else None
     n_freq, n_time = (spec.n_freq, spec.n_time) if spec else (0, 0)
     layout = store.Layout(tuple(names), tuple(plans[r].n_beats for r in names), n_freq, n_time,
                           request.config.store.chunk_size)
