@@ -16,13 +16,13 @@ import os
 import sys
 from typing import Sequence
 
-import yaml
-
 from .. import pipeline
-from ..pipeline.config import load_config, load_train_config
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import DEFAULT_SOURCE
 from ..pipeline.errors import PipelineError
+
+# `--help` and `--print-config` must answer at once: this module imports no SciPy, TensorFlow, Dask,
+# xarray or Zarr at the top (tests/test_project.py checks it). Each command imports what it runs.
 
 log = logging.getLogger("ecg-pipeline")
 
@@ -218,10 +218,34 @@ def _cluster_args(parser: argparse.ArgumentParser, scheduler_help: str) -> None:
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # distributed sets its logger to INFO when imported; its start/stop chatter is only wanted with -vv.
-    import distributed  # noqa: F401
+    # distributed sets its logger to INFO when imported (here or in a worker process); its start/stop
+    # chatter is only wanted with -vv. Through dask's config, so that it holds whenever distributed is imported.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "debug" if verbose >= 2 else "warning")
+    if not verbose:
+        # A busy default dashboard port: distributed takes another one, and the dashboard line says which.
+        import warnings
 
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
+
+
+def _cluster(args: argparse.Namespace, **kwargs):
+    """``dask_client`` for a command, with distributed's logging at the verbosity of ``-v``.
+
+    Without -v, a failed task is reported once, by the job, in one line: the local workers' "Compute
+    Failed" record (with the task's traceback) is dropped.
+    """
+    from ..pipeline.cluster import dask_client
+
+    verbose = getattr(args, "verbose", 0)
     logging.getLogger("distributed").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    return dask_client(args.scheduler, args.scheduler_file, quiet_task_errors=not verbose, **kwargs)
+
+
+def _print_config(config) -> int:
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return EXIT_OK
 
 
 def _progress(enabled: bool, unit: str = "task"):
@@ -269,19 +293,19 @@ def _report_json(report) -> dict:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from .preprocess import PreprocessRequest, run_preprocess
-    from ..pipeline.cluster import dask_client
+    from ..pipeline.config import load_config
 
     config = load_config(args.config)
     if args.print_config:
-        sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        return EXIT_OK
+        return _print_config(config)
     if not args.out:
         raise PipelineError("--out is required")
+    from .preprocess import PreprocessRequest, run_preprocess
+
     request = PreprocessRequest(db=args.db, out=args.out, version=args.db_version, source=args.source,
                                 records=args.records, cache_dir=args.cache_dir, config=config,
                                 overwrite=args.overwrite)
-    with dask_client(args.scheduler, args.scheduler_file, args.workers) as client:
+    with _cluster(args, n_workers=args.workers) as client:
         link = client.dashboard_link
         sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
         report = run_preprocess(request, client, progress=_progress(not args.no_progress))
@@ -355,10 +379,11 @@ def _resources_arg(text: str) -> dict[str, float] | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..pipeline.config import load_train_config
+
     config = load_train_config(args.config, model=args.model, epochs=args.epochs, seed=args.seed)
     if args.print_config:
-        sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        return EXIT_OK
+        return _print_config(config)
     if not args.store or not args.out:
         raise PipelineError("--store and --out are required")
     from .train import TrainRequest, format_result, run_training, submit_training
@@ -368,10 +393,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     request = TrainRequest(store=args.store, split=args.split, out=args.out, config=config, resume=args.resume,
                            overwrite=args.overwrite, verbose=2 if (args.no_progress or remote) else 1)
     if remote:
-        from ..pipeline.cluster import dask_client
-
         resources = _resources_arg(args.resources)
-        with dask_client(args.scheduler, args.scheduler_file) as client:
+        with _cluster(args) as client:
             sys.stderr.write(f"submitting to {client.scheduler.address} (resources: {resources or 'any worker'})\n")
             result = submit_training(request, client, resources)
     else:
@@ -426,14 +449,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     config = load_score_config(args.config)
     if args.print_config:
-        sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        return EXIT_OK
+        return _print_config(config)
     if not args.model or not args.out:
         raise PipelineError("--model and --out are required")
     if not args.input and not args.db:
         raise PipelineError("give --input (a folder, archive or URL), or --db (with --source) for a PhysioNet database")
     from .score import ModelInfo, ScoreRequest, check_summary, run_scoring, summary_path
-    from ..pipeline.cluster import dask_client
 
     # Refuse an unsafe or foreign model file, or a summary that cannot be written, before starting a cluster.
     ModelInfo.read(args.model)
@@ -444,7 +465,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                            version=args.db_version, records=args.records, annotations=annotations, config=config,
                            cache_dir=args.cache_dir, work_dir=args.work_dir, summary=args.summary,
                            overwrite=args.overwrite)
-    with dask_client(args.scheduler, args.scheduler_file, args.workers) as client:
+    with _cluster(args, n_workers=args.workers) as client:
         link = client.dashboard_link
         sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
         report = run_scoring(request, client, progress=_progress(not args.no_progress, unit="record"))
@@ -464,9 +485,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "inspect": cmd_inspect}
         return commands[args.command](args)
     except (PipelineError, KeyError, OSError) as exc:
+        # A job-level error is one line; -v adds the traceback (for a task's error: the driver's side of it).
+        if getattr(args, "verbose", 0):
+            import traceback
+
+            traceback.print_exc()
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         sys.stderr.write(f"ecg-pipeline: error: {msg}\n")
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("ecg-pipeline: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,13 +6,40 @@ import contextlib
 import logging
 import os
 import sys
-
-import dask
 from typing import Iterator
 
+import dask
 from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
 
 log = logging.getLogger(__name__)
+
+
+class DropComputeFailed(logging.Filter):
+    """Drops the record a distributed worker logs for a task that raised ("Compute Failed", with its traceback).
+
+    The jobs receive the task's exception and report it themselves (a failed record, or a
+    one-line job error), so on a command line that record only repeats it, at length.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+def drop_compute_failed_logs() -> None:
+    """Install ``DropComputeFailed`` on this process's ``distributed.worker`` logger (once)."""
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, DropComputeFailed) for f in logger.filters):
+        logger.addFilter(DropComputeFailed())
+
+
+class _QuietTaskErrors(WorkerPlugin):
+    """``drop_compute_failed_logs()`` in every worker process: forked, spawned or restarted."""
+
+    name = "ecg-pipeline-drop-compute-failed"
+
+    def setup(self, worker) -> None:
+        drop_compute_failed_logs()
 
 
 @contextlib.contextmanager
@@ -24,6 +51,7 @@ def dask_client(
     dashboard_address: str | None = ":8787",
     timeout_s: float = 30.0,
     start_method: str | None = None,
+    quiet_task_errors: bool = False,
 ) -> Iterator[Client]:
     """Yield a ``distributed.Client``.
 
@@ -36,6 +64,9 @@ def dask_client(
     starts them in ~0.1 s with the driver's modules already imported, against ~2 s for
     ``spawn`` (the default elsewhere: fork is unsafe on macOS). Jobs that import
     TensorFlow in the driver should pass ``spawn``.
+
+    ``quiet_task_errors`` drops the local workers' "Compute Failed" log records (see
+    ``DropComputeFailed``); a remote cluster's workers log to their own terminals and are left alone.
     """
     if scheduler and scheduler_file:
         raise ValueError("give --scheduler or --scheduler-file, not both")
@@ -55,4 +86,6 @@ def dask_client(
         dashboard_address=dashboard_address,
         silence_logs=logging.WARNING,
     ) as cluster, Client(cluster) as client:
+        if quiet_task_errors:
+            client.register_plugin(_QuietTaskErrors())
         yield client

@@ -158,10 +158,21 @@ def test_cli_unreachable_source_and_bad_config(tmp_path):
     r = _cli("preprocess", "mitdb", "--source", "http://127.0.0.1:9/", "--out", str(tmp_path / "x.zarr"),
              "--workers", "1", "--no-progress", "--config", str(cfg))
     assert r.returncode == 2 and "ecg-pipeline: error:" in r.stderr and "127.0.0.1:9" in r.stderr
+    # One clear line: neither distributed's "Compute Failed" record of the task nor a traceback (those need -v).
+    assert "Traceback" not in r.stderr and "Compute Failed" not in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if "error" in line.lower()] == \
+        [line for line in r.stderr.splitlines() if line.startswith("ecg-pipeline: error:")], r.stderr
     assert not (tmp_path / "x.zarr").exists()
     cfg.write_text("stft: {nperseg: 1}\n")
     r = _cli("preprocess", "mitdb", "--out", str(tmp_path / "x.zarr"), "--config", str(cfg))
-    assert r.returncode == 2 and "stft.nperseg: 1 is less than the minimum" in r.stderr
+    assert r.returncode == 2 and "stft.nperseg: 1 is less than the minimum" in r.stderr and "c.yaml" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    cfg.write_text("window: {before_s: [1]}\n")  # a wrong type: one line too
+    r = _cli("preprocess", "mitdb", "--print-config", "--config", str(cfg))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "window.before_s: expected a number" in r.stderr
+    cfg.write_bytes(b"leads: [\xe9]\n")
+    r = _cli("preprocess", "mitdb", "--print-config", "--config", str(cfg))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not UTF-8 text" in r.stderr
 
 
 def test_print_config_is_loadable(tmp_path):
