@@ -8,7 +8,7 @@ class PipelineError(Exception):
 
 
 class ConfigError(PipelineError):
-    """A configuration file or option does not match ``schemas/preprocess-config.schema.json``."""
+    """A configuration file or option does not match its declaration in ``pipeline.config``."""
 
 
 class RecordError(PipelineError):
