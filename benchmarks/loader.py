@@ -3,7 +3,7 @@
 In one run, on the same store and batch size (medians over ``--epochs`` epochs
 after one warm-up epoch for the first two):
 
-* loader: ``ZarrBeatLoader`` streaming whole Zarr chunks (shuffled chunk groups,
+* loader: ``ZarrSegmentLoader`` streaming whole Zarr chunks (shuffled chunk groups,
   seeded), every segment of the store, ``(x, y)`` batches;
 * ceiling: the same float16 tensors and labels already in memory, through
   ``tf.data.Dataset.from_tensor_slices`` + ``shuffle`` (a buffer of as many samples as
@@ -72,11 +72,11 @@ def epoch_rate(ds) -> tuple[float, int]:
 
 
 def bench_loader(store: str, batch: int, epochs: int, fraction: float = 1.0, shuffle_chunks: int = 16):
-    from ecg_pipeline.pipeline.loader import LoaderOptions, ZarrBeatLoader
+    from ecg_pipeline.pipeline.loader import LoaderOptions, ZarrSegmentLoader
 
-    n_all = ZarrBeatLoader(store, np.arange(1)).n_segments_in_store
+    n_all = ZarrSegmentLoader(store, np.arange(1)).n_segments_in_store
     idx = np.arange(int(n_all * fraction))
-    loader = ZarrBeatLoader(store, idx, LoaderOptions(batch_size=batch, seed=0, shuffle_chunks=shuffle_chunks))
+    loader = ZarrSegmentLoader(store, idx, LoaderOptions(batch_size=batch, seed=0, shuffle_chunks=shuffle_chunks))
     ds = loader.dataset()
     with PeakRSS() as mem:
         first, n = epoch_rate(ds)

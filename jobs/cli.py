@@ -20,6 +20,8 @@ from .. import pipeline
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import DEFAULT_SOURCE
 from ..pipeline.errors import PipelineError
+from ..pipeline.models import MODELS
+from ..pipeline.splits import SPLITS
 
 # `--help` and `--print-config` must answer at once: this module imports no SciPy, TensorFlow, Dask,
 # xarray or Zarr at the top (tests/test_project.py checks it). Each command imports what it runs.
@@ -34,6 +36,17 @@ def _records_arg(text: str) -> tuple[str, ...]:
     if not names:
         raise argparse.ArgumentTypeError("expected a comma-separated list of record names, e.g. 100,101,102")
     return names
+
+
+def _registry_help(registry) -> str:
+    """``  name            help`` lines, wrapped, for a registry of ``name -> (factory, help)``."""
+    import textwrap
+
+    out = []
+    for name, (_, text) in registry.items():
+        lines = textwrap.wrap(text, 78) or [""]
+        out.append(f"  {name:<15} {lines[0]}\n" + "".join(f"  {'':<15} {line}\n" for line in lines[1:]))
+    return "".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,11 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--model/--epochs/--config, the defaults are the configuration whose figures the README reports."
         ),
         epilog=(
-            "splits:\n"
-            "  inter-patient   de Chazal et al. 2004: train DS1 (validation: DS1 records 118 119 201 220),\n"
-            "                  test DS2; paced records 102 104 107 217 excluded (MIT-BIH only)\n"
-            "  intra-patient   random beat split 80/10/10, stratified by class, seeded (the reference's)\n"
-            "  FILE            YAML/JSON {train: [records], val: [records], test: [records]}\n\n"
+            "splits:\n" + _registry_help(SPLITS)
+            + "  FILE            YAML/JSON {train: [records], val: [records], test: [records]}\n\n"
+            "models:\n" + _registry_help(MODELS) + "\n"
             "examples:\n"
             "  ecg-pipeline train --store mitdb.zarr --split inter-patient --out runs/mitdb\n"
             "  ecg-pipeline train --store mitdb.zarr --split intra-patient --epochs 10 --out runs/intra\n"
@@ -109,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--split", default="inter-patient", metavar="SPLIT",
                     help="inter-patient, intra-patient or a split file (default: %(default)s)")
     tr.add_argument("--out", help="run folder (required unless --print-config)")
-    tr.add_argument("--model", help="spectrogram-cnn (beats) or rhythm-cnn (default: from the config)")
+    tr.add_argument("--model", choices=sorted(MODELS), metavar="MODEL",
+                    help=f"{', '.join(MODELS)} (default: from the config; see models below)")
     tr.add_argument("--epochs", type=int, help="most epochs (default: from the config)")
     tr.add_argument("--seed", type=int, help="seed of weights, intra-patient split and loader order")
     tr.add_argument("--config", metavar="FILE", help="YAML training configuration (schemas/train-config.schema.json)")
@@ -265,7 +277,7 @@ def format_report(report) -> str:
         f"  records     {len(ok)} done, {len(report.failed)} failed, {len(report.records)} total",
         f"  segments    {report.n_segments:,}   chunks written {report.chunks_written}, "
         f"already there {report.chunks_skipped}, of {report.chunks_total}",
-        "  beats per class   " + "   ".join(f"{c} {n:,}" for c, n in report.beats_per_class.items()),
+        "  per class   " + "   ".join(f"{c} {n:,}" for c, n in report.segments_per_class.items()),
         f"  dropped     {sum(r.n_dropped_edge for r in report.records):,} at record edges, "
         f"{sum(r.n_dropped_invalid for r in report.records):,} over invalid samples, "
         f"{sum(r.n_dropped_unknown for r in report.records):,} unknown symbols "
@@ -352,12 +364,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
            f"schema v{a['schema_version']}, complete={a['complete']}",
            f"  spectrogram {dict(ds.spectrogram.sizes)} {ds.spectrogram.dtype}, chunks {ds.spectrogram.encoding.get('chunks')}",
            f"  freq {float(ds.freq[0]):.1f}-{float(ds.freq[-1]):.1f} Hz, time {float(ds.time[0]):+.3f}..{float(ds.time[-1]):+.3f} s",
-           "  beats per class   " + "   ".join(f"{c} {n:,}" for c, n in a.get("beats_per_class", {}).items()),
+           "  per class   " + "   ".join(f"{c} {n:,}" for c, n in a.get("segments_per_class", {}).items()),
            f"  {'record':>8} {'status':>7} {'lead':>5} {'beats':>7} {'offset':>8} {'checksum':>9}  error"]
     for i in range(ds.sizes["record_id"]):
-        row = {k: ds[k].values[i] for k in ("record_id", "record_status", "record_lead", "record_n_beats",
+        row = {k: ds[k].values[i] for k in ("record_id", "record_status", "record_lead", "record_n_segments",
                                            "record_offset", "record_checksum", "record_error")}
-        out.append(f"  {row['record_id']:>8} {row['record_status']:>7} {row['record_lead']:>5} {row['record_n_beats']:>7} "
+        out.append(f"  {row['record_id']:>8} {row['record_status']:>7} {row['record_lead']:>5} {row['record_n_segments']:>7} "
                    f"{row['record_offset']:>8} {row['record_checksum']:>9}  {row['record_error']}")
     sys.stdout.write("\n".join(out) + "\n")
     return EXIT_OK

@@ -116,7 +116,7 @@ class RecordPlan:
     lead_index: int = -1
     fs: float = 0.0
     sig_len: int = 0
-    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    anchor: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     symbol: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     label: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     n_dropped_edge: int = 0
@@ -128,8 +128,8 @@ class RecordPlan:
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
-    def n_beats(self) -> int:
-        return int(self.sample.shape[0]) if self.ok else 0
+    def n_segments(self) -> int:
+        return int(self.anchor.shape[0]) if self.ok else 0
 
 
 def plan_record(ctx: TaskContext, source: sources.RecordSource, record: str) -> RecordPlan:
@@ -155,7 +155,7 @@ def plan_record(ctx: TaskContext, source: sources.RecordSource, record: str) -> 
         plan.n_dropped_unknown = segs.n_unknown if ctx.config.unknown_symbols == "drop" else 0
         plan.n_dropped_edge, plan.n_dropped_invalid = check.n_edge, check.n_invalid
         kept = segs.select(check.keep)
-        plan.sample, plan.symbol, plan.label = kept.anchor, kept.symbol, kept.label
+        plan.anchor, plan.symbol, plan.label = kept.anchor, kept.symbol, kept.label
         plan.n_unknown, plan.n_nonbeat = segs.n_unknown, segs.n_nonbeat
         plan.lead, plan.lead_index, plan.fs, plan.sig_len = lead.name, lead.index, header.fs, header.sig_len
         plan.digest, plan.checksum, plan.bytes_downloaded = local.digest, local.checksum, local.bytes_downloaded
@@ -190,18 +190,18 @@ def write_chunk(
     timer = Timer()
     n = segs.stop - segs.start
     out = np.full((n, spec.n_freq, spec.n_time), np.nan, dtype=np.float32)
-    labels = {name: np.empty(n, dtype=object) for name in ("record", "symbol", "aami", "lead")}
-    labels["sample"] = np.zeros(n, dtype=np.int64)
+    labels = {name: np.empty(n, dtype=object) for name in ("record", "label", "symbol", "lead")}
+    labels["anchor"] = np.zeros(n, dtype=np.int64)
     failures: dict[str, str] = {}
     pos = 0
     for plan, lo, hi in parts:
         rows = slice(pos, pos + hi - lo)
         pos += hi - lo
-        sample = plan.sample[lo:hi]
+        anchor = plan.anchor[lo:hi]
         labels["record"][rows] = plan.record
-        labels["sample"][rows] = sample
+        labels["anchor"][rows] = anchor
         labels["symbol"][rows] = plan.symbol[lo:hi]
-        labels["aami"][rows] = plan.label[lo:hi]
+        labels["label"][rows] = plan.label[lo:hi]
         labels["lead"][rows] = plan.lead
         try:
             with timer("download"):
@@ -211,11 +211,11 @@ def write_chunk(
                 raise RecordError(plan.record, "download", "the record's files changed at the source during the job")
             header = records.read_header(local.base, plan.record)
             lead = records.Lead(plan.lead_index, plan.lead, False)
-            first = int(sample[0]) - spec.n_before
+            first = int(anchor[0]) - spec.n_before
             with timer("read_signal"):
-                sig = records.read_signal(local.base, header, lead, first, int(sample[-1]) + spec.n_after)
+                sig = records.read_signal(local.base, header, lead, first, int(anchor[-1]) + spec.n_after)
             with timer("stft"):
-                out[rows] = segment.spectrograms(sig, sample, spec, offset=first)
+                out[rows] = segment.spectrograms(sig, anchor, spec, offset=first)
         except RecordError as exc:
             failures[plan.record] = f"{exc.stage}: {exc.message}"
         except Exception as exc:  # noqa: BLE001 - one bad record must not sink the chunk
@@ -237,7 +237,7 @@ class RecordOutcome:
     checksum: str
     lead: str
     offset: int
-    n_beats: int
+    n_segments: int
     n_dropped_edge: int
     n_dropped_invalid: int
     n_dropped_unknown: int
@@ -255,7 +255,7 @@ class PreprocessReport:
     database: str
     version: str
     records: list[RecordOutcome]
-    beats_per_class: dict[str, int]
+    segments_per_class: dict[str, int]
     chunks_total: int
     chunks_written: int
     chunks_skipped: int
@@ -272,7 +272,7 @@ class PreprocessReport:
 
     @property
     def n_segments(self) -> int:
-        return sum(r.n_beats for r in self.records)
+        return sum(r.n_segments for r in self.records)
 
     @property
     def ok(self) -> bool:
@@ -285,12 +285,12 @@ _TABLE_STR = ("status", "error", "checksum", "lead")
 def _outcomes(names, layout: store.Layout, plans, failures: Mapping[str, str], final: bool) -> list[RecordOutcome]:
     """One row of the per-record table per record ("pending" until phase 2 is over)."""
     rows = []
-    for r, off, n in zip(names, layout.offsets, layout.n_beats):
+    for r, off, n in zip(names, layout.offsets, layout.n_segments_per_record):
         p = plans[r]
         error = p.error or failures.get(r, "")
         rows.append(RecordOutcome(
             record=r, status="failed" if error else ("ok" if final else "pending"), error=error, checksum=p.checksum,
-            lead=p.lead, offset=int(off), n_beats=int(n), n_dropped_edge=p.n_dropped_edge,
+            lead=p.lead, offset=int(off), n_segments=int(n), n_dropped_edge=p.n_dropped_edge,
             n_dropped_invalid=p.n_dropped_invalid, n_dropped_unknown=p.n_dropped_unknown, n_unknown=p.n_unknown,
             n_nonbeat=p.n_nonbeat, fs=p.fs, sig_len=p.sig_len,
         ))
@@ -380,7 +380,7 @@ def run_preprocess(
             p.ok, p.error = False, f"header: sampling frequency {p.fs} Hz differs from the store's {fs_store} Hz"
     spec = spectrogram_spec(request.config, fs_store) if fs_store else None
     n_freq, n_time = (spec.n_freq, spec.n_time) if spec else (0, 0)
-    layout = store.Layout(tuple(names), tuple(plans[r].n_beats for r in names), n_freq, n_time,
+    layout = store.Layout(tuple(names), tuple(plans[r].n_segments for r in names), n_freq, n_time,
                           request.config.store.chunk_size)
     config_fp = request.config.fingerprint()
     attrs = {
@@ -392,6 +392,10 @@ def run_preprocess(
         "database_title": db.title,
         "citation": db.citation,
         "source": request.source,
+        "task": label_source.task,
+        "anchor_kind": label_source.anchor_kind,
+        "label_source": {"kind": "beat-annotations", "annotator": label_source.annotator,
+                         "label_map": label_source.label_map, "unknown": label_source.unknown},
         "label_map": dict(LABEL_MAPS[db.label_map]),
         "classes": list(label_source.classes),
         "config": request.config.to_dict(),
@@ -451,13 +455,13 @@ def run_preprocess(
     for r in names:
         if plans[r].ok:
             per_class.update(plans[r].label.tolist())
-    beats_per_class = {c: int(per_class.get(c, 0)) for c in label_source.classes}
+    segments_per_class = {c: int(per_class.get(c, 0)) for c in label_source.classes}
     complete = written + skipped == layout.n_chunks
     wall = time.perf_counter() - t0
-    store.finish(request.out, {"complete": complete, "beats_per_class": beats_per_class,
+    store.finish(request.out, {"complete": complete, "segments_per_class": segments_per_class,
                                "n_failed_records": sum(o.status != "ok" for o in outcomes)}, request.storage_options)
     return PreprocessReport(
-        out=request.out, database=db.name, version=version, records=outcomes, beats_per_class=beats_per_class,
+        out=request.out, database=db.name, version=version, records=outcomes, segments_per_class=segments_per_class,
         chunks_total=layout.n_chunks, chunks_written=written, chunks_skipped=skipped,
         missing_source_files=listing.missing, listing_error=listing.listing_error, wall_s=wall, phase_s=phase,
         stage_s=dict(stage_s), bytes_downloaded=sum(p.bytes_downloaded for p in plans.values()),

@@ -1,7 +1,7 @@
 """The training and evaluation jobs: store + split -> trained ``.keras`` model + metrics.
 
 ``run_training`` composes the stages: ``store.open_dataset`` (labels, record
-table) -> ``splits.make_split`` -> ``loader.ZarrBeatLoader`` (train / val / test
+table) -> ``splits.make_split`` -> ``loader.ZarrSegmentLoader`` (train / val / test
 streams) -> ``models.build_model`` -> Keras ``fit`` with the ``RunState``
 callback (validation macro F1, early stopping, checkpoints for ``--resume``) ->
 ``evaluate`` on the test part. It runs in this process or, with
@@ -39,7 +39,7 @@ from .. import pipeline
 from ..pipeline.config import TrainConfig
 from ..pipeline.errors import ConfigError, PipelineError
 from ..pipeline.evaluate import classification_metrics, format_report, plot_history, write_evaluation
-from ..pipeline.loader import LoaderOptions, ZarrBeatLoader
+from ..pipeline.loader import LoaderOptions, ZarrSegmentLoader
 from ..pipeline.models import ModelError, build_model, check_archive, load_model, save_model
 from ..pipeline.splits import Split, make_split
 from ..pipeline.store import open_dataset
@@ -103,13 +103,15 @@ def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype) -> dict
     return {
         "package": "ecg-pipeline",
         "package_version": pipeline.__version__,
-        "task": "beat",
+        "task": a["task"],
+        "anchor_kind": a["anchor_kind"],
         "classes": list(a["classes"]),
         "input": {"shape": list(input_shape), "dtype": str(dtype), "variable": "spectrogram"},
         "store": {
             "database": a.get("database"), "database_version": a.get("database_version"),
             "config_fingerprint": a.get("config_fingerprint"), "spectrogram": a.get("spectrogram"),
             "preprocess_config": a.get("config"), "label_map": a.get("label_map"),
+            "label_source": a.get("label_source"), "schema_version": a.get("schema_version"),
         },
         "split": split.to_dict(),
         "train_config": config.to_dict(),
@@ -125,6 +127,9 @@ def check_compatible(metadata: Mapping[str, Any], ds, model_path: str | Path) ->
         diff = sorted(k for k in set(want) | set(have or {}) if (have or {}).get(k) != want.get(k))
         raise ModelError(f"{model_path} was trained on spectrograms made with other parameters than this store's "
                          f"(differ in: {', '.join(diff)}); re-run preprocess with the model's settings")
+    if metadata.get("task", "beat") != ds.attrs.get("task"):
+        raise ModelError(f"{model_path} is a {metadata.get('task', 'beat')} model; the store holds "
+                         f"{ds.attrs.get('task')} segments")
     if list(metadata["classes"]) != list(ds.attrs["classes"]):
         raise ModelError(f"{model_path} predicts classes {metadata['classes']}, the store has {ds.attrs['classes']}")
 
@@ -196,7 +201,7 @@ def _precision(mode: str) -> Iterator[str]:
         keras.mixed_precision.set_global_policy("float32")
 
 
-def _evaluate(model, loader: ZarrBeatLoader, split: Split, part: str, store: str, model_path: str | Path,
+def _evaluate(model, loader: ZarrSegmentLoader, split: Split, part: str, store: str, model_path: str | Path,
               out: str | Path | None, title: str) -> dict[str, Any]:
     """Metrics of ``model`` on ``loader`` (a part of ``split``); written to ``out`` when given."""
     _, pred = predict_classes(model, loader)
@@ -207,7 +212,7 @@ def _evaluate(model, loader: ZarrBeatLoader, split: Split, part: str, store: str
     return metrics
 
 
-def predict_classes(model, loader: ZarrBeatLoader) -> tuple[np.ndarray, np.ndarray]:
+def predict_classes(model, loader: ZarrSegmentLoader) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and predicted class of every segment of ``loader``, in segment order."""
     if not len(loader):
         return np.zeros((0, len(loader.classes)), np.float32), np.zeros(0, np.int64)
@@ -225,7 +230,7 @@ def _make_callback():
         keeps it in ``train_state.json`` next to the last checkpoint.
         """
 
-        def __init__(self, out: Path, val: ZarrBeatLoader, patience: int, state: dict[str, Any],
+        def __init__(self, out: Path, val: ZarrSegmentLoader, patience: int, state: dict[str, Any],
                      metadata: Mapping[str, Any]):
             super().__init__()
             self.out, self.val, self.patience, self.state, self.metadata = out, val, patience, state, metadata
@@ -351,14 +356,14 @@ def run_training(request: TrainRequest) -> TrainResult:
     _write_json(out / "split.json", split.to_dict())
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
-    def loader(part: str, train: bool) -> ZarrBeatLoader:
+    def loader(part: str, train: bool) -> ZarrSegmentLoader:
         opts = LoaderOptions(batch_size=cfg.batch_size, shuffle=train, shuffle_chunks=cfg.shuffle_chunks,
                              parallel_reads=cfg.parallel_reads,
                              # a resumed run continues the per-epoch sequence instead of repeating epoch 1's order
                              seed=cfg.seed + 1000 * state["epoch"] if train else cfg.seed,
                              class_weighting=cfg.class_weighting if train else "none",
                              balanced_sampling=cfg.balanced_sampling and train)
-        return ZarrBeatLoader(request.store, split[part], opts, storage_options=request.storage_options)
+        return ZarrSegmentLoader(request.store, split[part], opts, storage_options=request.storage_options)
 
     train_l, val_l = loader("train", True), loader("val", False)
     test_part = "test" if len(split["test"]) else "val"
@@ -432,7 +437,7 @@ def run_evaluation(model_path: str, store: str, split_spec: str, *, part: str = 
     split = make_split(split_spec, ds, seed=seed)
     if not len(split[part]):
         raise ConfigError(f"split {split.name} has no {part} segments in {store}")
-    loader = ZarrBeatLoader(store, split[part], LoaderOptions(batch_size=batch_size, shuffle=False),
+    loader = ZarrSegmentLoader(store, split[part], LoaderOptions(batch_size=batch_size, shuffle=False),
                             storage_options=storage_options)
     return _evaluate(model, loader, split, part, store, model_path, out,
                      f"{Path(model_path).name}, {split.name} split, {part} part")

@@ -175,14 +175,28 @@ class PreprocessConfig(_Config):
 # train
 
 
+def _model_names() -> list[str]:
+    from .models import MODELS  # light: Keras is imported only when a model is built
+
+    return list(MODELS)
+
+
 class TrainConfig(_Config):
     """Everything the training job needs besides the store, split and output.
 
     The defaults are the configuration whose figures the README reports.
     """
 
-    model: Literal["spectrogram-cnn", "rhythm-cnn"] = Field(
-        "spectrogram-cnn", description="Model name (pipeline.models.MODELS).")
+    @field_validator("model")
+    @classmethod
+    def _registered_model(cls, name: str) -> str:
+        if name not in _model_names():
+            raise ValueError(f"{name!r} is not a registered model (known: {', '.join(_model_names())})")
+        return name
+
+    model: str = Field(
+        "spectrogram-cnn", description="Model name: a key of the model registry (pipeline.models.MODELS).",
+        json_schema_extra=lambda schema: schema.update(enum=_model_names()))
     epochs: int = Field(30, ge=1, le=10000, description="Most epochs to train (early stopping may end sooner).")
     batch_size: int = Field(256, ge=1, le=65536, description="Global batch size.")
     learning_rate: float = Field(3e-4, gt=0, le=1, description="Initial Adam learning rate.")

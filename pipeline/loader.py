@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 
 from .errors import StoreError
+from .store import LABEL, check_version
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ def _open_group(path: str, storage_options: Mapping[str, Any] | None):
         raise StoreError(f"no Zarr store at {path}") from exc
 
 
-class ZarrBeatLoader:
-    """Stream ``(spectrogram, class)`` batches of chosen segments of a store.
+class ZarrSegmentLoader:
+    """Stream ``(spectrogram, class)`` batches of chosen segments of a store (beat or rhythm).
 
     Parameters
     ----------
@@ -119,7 +120,7 @@ class ZarrBeatLoader:
 
     Examples
     --------
-    >>> loader = ZarrBeatLoader("mitdb.zarr", split["train"], LoaderOptions(seed=0))
+    >>> loader = ZarrSegmentLoader("mitdb.zarr", split["train"], LoaderOptions(seed=0))
     >>> model.fit(loader.dataset(), epochs=10)
     """
 
@@ -131,6 +132,7 @@ class ZarrBeatLoader:
         attrs = dict(group.attrs)
         if attrs.get("package") != "ecg-pipeline":
             raise StoreError(f"{path} is not an ecg-pipeline store")
+        check_version(attrs, self.path)
         if not attrs.get("complete"):
             raise StoreError(f"{path}: the job that writes this store has not finished (attrs complete=false)")
         self.attrs = attrs
@@ -146,14 +148,14 @@ class ZarrBeatLoader:
         if idx.size and (idx[0] < 0 or idx[-1] >= n):
             raise IndexError(f"segment indices must lie in [0, {n}) for {path}")
         self.indices = idx
-        aami = np.asarray(group["aami"][:]).astype(object)  # StringDType (zarr v3 vlen) -> str objects
+        label = np.asarray(group[LABEL][:]).astype(object)  # StringDType (zarr v3 vlen) -> str objects
         lookup = {c: i for i, c in enumerate(self.classes)}
-        unknown = sorted(set(np.unique(aami[idx])) - set(lookup))
+        unknown = sorted(set(np.unique(label[idx])) - set(lookup))
         if unknown:
             raise StoreError(f"{path}: segments labelled {unknown}, which are not among the store's classes {self.classes}")
-        codes = np.full(len(aami), -1, dtype=np.int32)
+        codes = np.full(len(label), -1, dtype=np.int32)
         for c, i in lookup.items():
-            codes[aami == c] = i
+            codes[label == c] = i
         self.labels = codes[idx]  #: class index of each selected segment, in segment order
         self.class_counts = np.bincount(self.labels, minlength=len(self.classes))
         self.class_weights = class_weights(self.class_counts, self.options.class_weighting)
@@ -291,3 +293,6 @@ def standardize(x):
     x = tf.cast(x, tf.float32)
     mean, var = tf.nn.moments(x, axes=[-2, -1], keepdims=True)
     return (x - mean) / tf.sqrt(var + 1e-6)
+
+
+ZarrBeatLoader = ZarrSegmentLoader  #: the name of schema v1 days, kept for scripts that use it

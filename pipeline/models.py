@@ -19,6 +19,7 @@ import os
 import sys
 import zipfile
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from .errors import PipelineError
@@ -125,14 +126,28 @@ def rhythm_cnn(input_shape: tuple[int, int | None], n_classes: int, *, input_dty
     return keras.Model(x_in, out, name="rhythm_cnn")
 
 
-MODELS: dict[str, Callable[..., Any]] = {"spectrogram-cnn": spectrogram_cnn, "rhythm-cnn": rhythm_cnn}
+_REGISTRY: dict[str, tuple[Callable[..., Any], str]] = {}
+#: name -> (builder ``fn(input_shape, n_classes, *, input_dtype, **options)``, one-line help); see ``register_model``
+MODELS: Mapping[str, tuple[Callable[..., Any], str]] = MappingProxyType(_REGISTRY)
+
+
+def register_model(name: str, builder: Callable[..., Any], help: str) -> None:
+    """Make ``name`` a choice of ``train --model`` and the ``model`` key: one module plus this call."""
+    if name in _REGISTRY and _REGISTRY[name][0] is not builder:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = (builder, help)
+
+
+register_model("spectrogram-cnn", spectrogram_cnn, "beats: three conv stages (16/32/64), flatten, dense")
+register_model("rhythm-cnn", rhythm_cnn,
+               "rhythm: blocks of 4 x (conv + BN + ReLU + dropout) then max-pool, averaged over time")
 
 
 def build_model(name: str, input_shape: tuple[int, int], n_classes: int, *, input_dtype: str = "float16",
                 options: Mapping[str, Any] | None = None):
     """Build model ``name`` of ``MODELS`` for inputs of ``input_shape`` (the store's ``(freq, time)``)."""
     try:
-        fn = MODELS[name]
+        fn = MODELS[name][0]
     except KeyError:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
     try:

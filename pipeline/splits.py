@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import yaml
@@ -125,7 +126,7 @@ def intra_patient(labels: np.ndarray, seed: int = 0, fractions: tuple[float, flo
         for p, piece in zip(PARTS, np.split(idx, cuts)):
             parts[p].append(piece)
     return Split("intra-patient", {p: np.sort(np.concatenate(v)).astype(np.int64) for p, v in parts.items()},
-                 {}, {"seed": seed, "fractions": list(fractions), "stratified_by": "aami"})
+                 {}, {"seed": seed, "fractions": list(fractions), "stratified_by": "label"})
 
 
 def from_file(path: str | Path, record_ids: Sequence[str], offsets: np.ndarray, n_beats: np.ndarray) -> Split:
@@ -140,17 +141,44 @@ def from_file(path: str | Path, record_ids: Sequence[str], offsets: np.ndarray, 
     return by_records(str(path), records, record_ids, offsets, n_beats, {"file": str(path)})
 
 
+def _inter_patient(ds, seed: int) -> Split:
+    if ds.attrs.get("database") != "mitdb":
+        raise ConfigError(f"--split inter-patient is defined for mitdb, not {ds.attrs.get('database')}")
+    return inter_patient(*_table(ds))
+
+
+def _intra_patient(ds, seed: int) -> Split:
+    return intra_patient(np.asarray(ds["label"].values).astype(str), seed=seed)
+
+
+SplitFactory = Callable[[Any, int], Split]  #: (store dataset, seed) -> Split
+_REGISTRY: dict[str, tuple[SplitFactory, str]] = {}
+SPLITS: Mapping[str, tuple[SplitFactory, str]] = MappingProxyType(_REGISTRY)  #: name -> (factory, one-line help)
+
+
+def register_split(name: str, factory: SplitFactory, help: str) -> None:
+    """Make ``--split NAME`` (and ``make_split(NAME, ...)``) build a split with ``factory(ds, seed)``."""
+    if name in _REGISTRY and _REGISTRY[name][0] is not factory:
+        raise ValueError(f"split {name!r} is already registered")
+    _REGISTRY[name] = (factory, help)
+
+
+register_split("inter-patient", _inter_patient,
+               "de Chazal et al. 2004: train DS1 (validation: DS1 records 118 119 201 220), test DS2; "
+               "paced records 102 104 107 217 excluded (MIT-BIH only)")
+register_split("intra-patient", _intra_patient,
+               "random segment split 80/10/10, stratified by class, seeded (the reference's)")
+
+
+def _table(ds) -> tuple[list[str], np.ndarray, np.ndarray]:
+    return ([str(r) for r in ds["record_id"].values], np.asarray(ds["record_offset"].values),
+            np.asarray(ds["record_n_segments"].values))
+
+
 def make_split(spec: str, ds, seed: int = 0) -> Split:
-    """The split named by ``spec`` (``inter-patient``, ``intra-patient`` or a file path) over store ``ds``."""
-    ids = [str(r) for r in ds["record_id"].values]
-    offsets = np.asarray(ds["record_offset"].values)
-    n_beats = np.asarray(ds["record_n_beats"].values)
-    if spec == "inter-patient":
-        if ds.attrs.get("database") != "mitdb":
-            raise ConfigError(f"--split inter-patient is defined for mitdb, not {ds.attrs.get('database')}")
-        return inter_patient(ids, offsets, n_beats)
-    if spec == "intra-patient":
-        return intra_patient(np.asarray(ds["aami"].values).astype(str), seed=seed)
+    """The split named by ``spec`` (a key of ``SPLITS`` or a split file's path) over store ``ds``."""
+    if spec in SPLITS:
+        return SPLITS[spec][0](ds, seed)
     if Path(spec).is_file():
-        return from_file(spec, ids, offsets, n_beats)
-    raise ConfigError(f"--split {spec!r}: expected inter-patient, intra-patient or an existing split file")
+        return from_file(spec, *_table(ds))
+    raise ConfigError(f"--split {spec!r}: expected {', '.join(SPLITS)} or an existing split file")

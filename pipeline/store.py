@@ -1,12 +1,16 @@
-"""Stage 5: the labelled Zarr v3 store of beat spectrograms.
+"""Stage 5: the labelled Zarr v3 store of spectrograms, one schema for beat and rhythm stores.
 
-Layout (``schemas/store-v1.json`` is the contract, checked on write and on open):
+Layout (``schemas/store-v2.json`` is the contract, checked on write and on open):
 
 * ``spectrogram (segment, freq, time)`` with per-segment coordinates ``record``,
-  ``sample``, ``symbol``, ``aami``, ``lead``; records are contiguous runs of segments
-  in the order of the database's ``RECORDS`` file;
+  ``anchor`` (the sample a segment is placed at), ``label`` (its class), ``symbol``
+  (the label as its source wrote it) and ``lead``; records are contiguous runs of
+  segments in the order of the source's record list. The group attributes say what
+  the segments are: ``task`` (beat, rhythm), ``anchor_kind`` (r-peak, window-start),
+  ``classes`` and ``label_source``; readers take the label variable and class list
+  from the store, never from a constant;
 * the per-record table on dimension ``record_id`` (``record_status``, ``record_offset``,
-  ``record_n_beats``, ...);
+  ``record_n_segments``, ...);
 * ``_state/chunk_fingerprint``: one entry (and one Zarr chunk) per segment chunk,
   hidden from xarray, saying which content each chunk holds. It makes re-runs
   resume: a chunk is rewritten only when its fingerprint differs from the plan.
@@ -34,14 +38,15 @@ import zarr
 from .. import schemas
 from .errors import StoreError
 
-SCHEMA_FILE = "store-v1.json"
+SCHEMA_FILE = "store-v2.json"
 STATE_GROUP = "_state"
 FINGERPRINT = "chunk_fingerprint"
-SEGMENT_COORDS = ("record", "sample", "symbol", "aami", "lead")
+SEGMENT_COORDS = ("record", "anchor", "label", "symbol", "lead")
+LABEL = "label"  #: the per-segment class variable
 
 
 def store_schema() -> dict[str, Any]:
-    """The store schema (``schemas/store-v1.json``)."""
+    """The store schema (``schemas/store-v2.json``)."""
     return schemas.load(SCHEMA_FILE)
 
 
@@ -64,37 +69,37 @@ class Layout:
     Attributes
     ----------
     records
-        Record names in store order (failed records included, with 0 beats).
-    n_beats
+        Record names in store order (failed records included, with 0 segments).
+    n_segments_per_record
         Segments per record.
     n_freq, n_time, chunk_size
         Spectrogram shape and segments per chunk.
     """
 
     records: tuple[str, ...]
-    n_beats: tuple[int, ...]
+    n_segments_per_record: tuple[int, ...]
     n_freq: int
     n_time: int
     chunk_size: int
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.n_beats, dtype=np.int64)])[:-1]
+        return np.concatenate([[0], np.cumsum(self.n_segments_per_record, dtype=np.int64)])[:-1]
 
     @property
     def n_segments(self) -> int:
-        return int(sum(self.n_beats))
+        return int(sum(self.n_segments_per_record))
 
     @property
     def n_chunks(self) -> int:
         return -(-self.n_segments // self.chunk_size)
 
     def chunk_parts(self, k: int) -> list[tuple[int, int, int]]:
-        """Pieces of records in chunk ``k``: ``(record index, first beat, end beat)``."""
+        """Pieces of records in chunk ``k``: ``(record index, first segment, end segment)`` of the record."""
         lo = k * self.chunk_size
         hi = min(lo + self.chunk_size, self.n_segments)
         starts = self.offsets
-        ends = starts + np.asarray(self.n_beats, dtype=np.int64)
+        ends = starts + np.asarray(self.n_segments_per_record, dtype=np.int64)
         parts = []
         for i in range(int(np.searchsorted(ends, lo, side="right")), len(starts)):
             if starts[i] >= hi:
@@ -214,6 +219,7 @@ def prepare(
         old = dict(group.attrs)
         if old.get("package") != "ecg-pipeline":
             raise StoreError(f"{path} is a Zarr group but not an ecg-pipeline store; choose another --out or pass --overwrite")
+        check_version(old, path)
         for key in ("schema_version", "database", "database_version", "config_fingerprint"):
             if old.get(key) != attrs.get(key):
                 raise StoreError(
@@ -323,6 +329,17 @@ def _dtype_ok(dtype: np.dtype, allowed: Sequence[str]) -> bool:
     return False
 
 
+def check_version(attrs: Mapping[str, Any], where: str) -> None:
+    """Refuse a store of another schema version with what to do about it."""
+    version = attrs.get("schema_version")
+    if attrs.get("package") == "ecg-pipeline" and version != store_schema()["schema_version"]:
+        raise StoreError(
+            f"{where} was written with store schema v{version} (this ecg-pipeline reads v{store_schema()['schema_version']}: "
+            "generic `label`/`anchor` variables and the task in the attributes); rebuild it with "
+            f"`ecg-pipeline preprocess {attrs.get('database', 'DB')} --out {where} --overwrite` (same --records and "
+            "--config), or write a new --out")
+
+
 def validate(ds: xr.Dataset, *, require_complete: bool = True, where: str = "dataset") -> xr.Dataset:
     """Check ``ds`` against the store schema; return it unchanged.
 
@@ -341,11 +358,11 @@ def validate(ds: xr.Dataset, *, require_complete: bool = True, where: str = "dat
         if ds.attrs.get("n_segments") != ds.sizes.get("segment"):
             problems.append(f"attrs n_segments={ds.attrs.get('n_segments')} but dimension segment has {ds.sizes.get('segment')}")
         if require_complete:
-            n = ds["record_n_beats"].values
+            n = ds["record_n_segments"].values
             off = ds["record_offset"].values
             tiles = int(n.sum()) == ds.sizes["segment"] and np.array_equal(off, np.concatenate([[0], np.cumsum(n)[:-1]]))
             if len(n) and not tiles:
-                problems.append("per-record table (record_offset, record_n_beats) does not tile the segment dimension")
+                problems.append("per-record table (record_offset, record_n_segments) does not tile the segment dimension")
     if problems:
         raise StoreError(f"{where} does not match {SCHEMA_FILE}:\n  " + "\n  ".join(problems))
     return ds
@@ -356,7 +373,8 @@ def schema_problems(ds: xr.Dataset, schema: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     for name, spec in schema["variables"].items():
         if name not in ds.variables:
-            problems.append(f"missing variable {name!r}")
+            if not spec.get("optional"):
+                problems.append(f"missing variable {name!r}")
             continue
         var = ds.variables[name]
         if list(var.dims) != spec["dims"]:
@@ -401,9 +419,10 @@ def open_dataset(
         raise StoreError(f"no Zarr store at {path}") from exc
     except Exception as exc:  # noqa: BLE001
         raise StoreError(f"cannot open {path} as a Zarr v3 store: {type(exc).__name__}: {exc}") from exc
+    check_version(ds.attrs, str(path))
     ds = validate(ds, require_complete=require_complete, where=str(path))
     # Labels and the per-record table are small (a few MB for MIT-BIH): load them so that
-    # selections such as ds.where(ds.aami == "V") or ds.sel(record_id=...) work directly;
+    # selections such as ds.where(ds.label == "V") or ds.sel(record_id=...) work directly;
     # only the spectrogram stays lazy.
     # Zarr v3 variable-length strings arrive as numpy StringDType, which xarray's where/concat
     # cannot promote yet: hand them out as plain object arrays of str.

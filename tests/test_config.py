@@ -132,7 +132,7 @@ def test_score_and_train_validators(tmp_path):
         train_config_from_dict({"epochs": True})
     p = tmp_path / "t.yaml"
     p.write_text("model: resnet\n")
-    with pytest.raises(ConfigError, match=r"t\.yaml: invalid configuration: model: 'resnet' is not one of"):
+    with pytest.raises(ConfigError, match=r"t\.yaml: invalid configuration: model: 'resnet' is not a registered model \(known: spectrogram-cnn, rhythm-cnn\)"):
         load_train_config(p)
     p.write_text("epochs: 3\nmodel_options: {width: 8}\n")
     c = load_train_config(p, epochs=5, seed=None)

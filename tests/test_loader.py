@@ -12,7 +12,7 @@ tf = pytest.importorskip("tensorflow")
 
 from helpers import HTTPMirror  # noqa: E402
 from ecg_pipeline.pipeline.errors import StoreError  # noqa: E402
-from ecg_pipeline.pipeline.loader import LoaderOptions, ZarrBeatLoader, class_weights  # noqa: E402
+from ecg_pipeline.pipeline.loader import LoaderOptions, ZarrSegmentLoader, class_weights  # noqa: E402
 
 pytestmark = pytest.mark.realdata
 
@@ -39,7 +39,7 @@ def test_every_sample_once_per_epoch_in_a_new_order(small_store):
     rng = np.random.default_rng(0)
     n = zarr.open_group(str(small_store), mode="r")["spectrogram"].shape[0]
     idx = np.sort(rng.choice(n, size=3000, replace=False))
-    loader = ZarrBeatLoader(str(small_store), idx, LoaderOptions(batch_size=100, seed=1, shuffle_chunks=3))
+    loader = ZarrSegmentLoader(str(small_store), idx, LoaderOptions(batch_size=100, seed=1, shuffle_chunks=3))
     assert len(loader) == 3000 and loader.steps_per_epoch() == 30
     ds = loader.dataset()
     want = sorted(zip(_keys(_stored(small_store, idx)), loader.labels))
@@ -54,9 +54,9 @@ def test_every_sample_once_per_epoch_in_a_new_order(small_store):
 
 def test_seed_makes_epochs_reproducible(small_store):
     opts = LoaderOptions(batch_size=128, seed=7)
-    a = ZarrBeatLoader(str(small_store), None, opts).dataset()
-    b = ZarrBeatLoader(str(small_store), None, opts).dataset()
-    c = ZarrBeatLoader(str(small_store), None, LoaderOptions(batch_size=128, seed=8)).dataset()
+    a = ZarrSegmentLoader(str(small_store), None, opts).dataset()
+    b = ZarrSegmentLoader(str(small_store), None, opts).dataset()
+    c = ZarrSegmentLoader(str(small_store), None, LoaderOptions(batch_size=128, seed=8)).dataset()
     ea1, ea2 = _epoch(a), _epoch(a)
     eb1, eb2 = _epoch(b), _epoch(b)
     assert np.array_equal(ea1[0], eb1[0]) and np.array_equal(ea2[1], eb2[1])
@@ -65,7 +65,7 @@ def test_seed_makes_epochs_reproducible(small_store):
 
 def test_unshuffled_order_is_segment_order(small_store):
     idx = np.arange(100, 1400, 3)
-    loader = ZarrBeatLoader(str(small_store), idx, LoaderOptions(batch_size=64, shuffle=False))
+    loader = ZarrSegmentLoader(str(small_store), idx, LoaderOptions(batch_size=64, shuffle=False))
     x, y = _epoch(loader.dataset())
     assert np.array_equal(x, _stored(small_store, idx)) and np.array_equal(y, loader.labels)
 
@@ -75,7 +75,7 @@ def test_split_reads_only_its_chunks(small_store, tmp_path):
     copy = tmp_path / "s.zarr"
     shutil.copytree(small_store, copy)
     idx = np.arange(600, 900)  # chunks 2 and 3 of 256
-    loader = ZarrBeatLoader(str(copy), idx, LoaderOptions(batch_size=50, seed=0))
+    loader = ZarrSegmentLoader(str(copy), idx, LoaderOptions(batch_size=50, seed=0))
     assert loader.chunks.tolist() == [2, 3]
     chunk_files = [p for p in (copy / "spectrogram" / "c").rglob("*") if p.is_file()]
     for p in chunk_files:
@@ -84,7 +84,7 @@ def test_split_reads_only_its_chunks(small_store, tmp_path):
     x, _ = _epoch(loader.dataset())
     assert sorted(_keys(x)) == sorted(_keys(_stored(small_store, idx)))
     with pytest.raises(Exception):
-        _epoch(ZarrBeatLoader(str(copy), np.arange(0, 300), LoaderOptions(batch_size=50)).dataset())
+        _epoch(ZarrSegmentLoader(str(copy), np.arange(0, 300), LoaderOptions(batch_size=50)).dataset())
 
 
 def test_class_weights_and_balanced_sampling(small_store):
@@ -93,10 +93,10 @@ def test_class_weights_and_balanced_sampling(small_store):
     assert np.allclose(w[:3] * [900, 90, 10], w[0] * 900)  # each class carries the same total weight
     assert class_weights(np.array([900, 100]), "sqrt")[1] < class_weights(np.array([900, 100]), "balanced")[1]
 
-    loader = ZarrBeatLoader(str(small_store), None, LoaderOptions(batch_size=256, seed=0, class_weighting="balanced"))
+    loader = ZarrSegmentLoader(str(small_store), None, LoaderOptions(batch_size=256, seed=0, class_weighting="balanced"))
     x, y, sw = (np.concatenate(a) for a in zip(*[(b[0].numpy(), b[1].numpy(), b[2].numpy()) for b in loader.dataset()]))
     assert np.allclose(sw, loader.class_weights[y])
-    balanced = ZarrBeatLoader(str(small_store), None, LoaderOptions(batch_size=256, seed=0, balanced_sampling=True))
+    balanced = ZarrSegmentLoader(str(small_store), None, LoaderOptions(batch_size=256, seed=0, balanced_sampling=True))
     _, yb = _epoch(balanced.dataset())
     present = np.flatnonzero(balanced.class_counts)
     share = np.bincount(yb, minlength=5) / len(yb)
@@ -112,14 +112,14 @@ def test_class_weights_and_balanced_sampling(small_store):
 
 
 def test_normalize_standardises_each_sample(small_store):
-    loader = ZarrBeatLoader(str(small_store), np.arange(512), LoaderOptions(batch_size=128, normalize=True))
+    loader = ZarrSegmentLoader(str(small_store), np.arange(512), LoaderOptions(batch_size=128, normalize=True))
     x, _ = _epoch(loader.dataset())
     assert x.dtype == np.float32
     assert np.allclose(x.mean(axis=(1, 2)), 0, atol=1e-4) and np.allclose(x.std(axis=(1, 2)), 1, atol=1e-2)
 
 
 def test_shards_are_disjoint_and_complete(small_store):
-    loader = ZarrBeatLoader(str(small_store), None, LoaderOptions(batch_size=200, seed=3))
+    loader = ZarrSegmentLoader(str(small_store), None, LoaderOptions(batch_size=200, seed=3))
     parts = [_keys(_epoch(loader.dataset(shard=(i, 3)))[0]) for i in range(3)]
     assert sum(len(p) for p in parts) == len(loader)
     assert sorted(k for p in parts for k in p) == sorted(_keys(_stored(small_store, np.arange(len(loader)))))
@@ -128,16 +128,16 @@ def test_shards_are_disjoint_and_complete(small_store):
 def test_remote_store_over_http(small_store):
     idx = np.arange(0, 2000, 7)
     with HTTPMirror(small_store.parent) as srv:
-        loader = ZarrBeatLoader(srv.url + small_store.name, idx, LoaderOptions(batch_size=64, shuffle=False))
+        loader = ZarrSegmentLoader(srv.url + small_store.name, idx, LoaderOptions(batch_size=64, shuffle=False))
         x, y = _epoch(loader.dataset())
     assert np.array_equal(x, _stored(small_store, idx))
 
 
 def test_bad_input(small_store, tmp_path):
     with pytest.raises(StoreError, match="no Zarr store"):
-        ZarrBeatLoader(str(tmp_path / "absent.zarr"))
+        ZarrSegmentLoader(str(tmp_path / "absent.zarr"))
     with pytest.raises(IndexError, match="segment indices"):
-        ZarrBeatLoader(str(small_store), np.array([10**7]))
+        ZarrSegmentLoader(str(small_store), np.array([10**7]))
     with pytest.raises(ValueError, match="class_weighting"):
         LoaderOptions(class_weighting="inverse")
 
@@ -146,10 +146,10 @@ DISTRIBUTED = """
 import sys, numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from ecg_pipeline.pipeline.loader import ZarrBeatLoader, LoaderOptions
+from ecg_pipeline.pipeline.loader import ZarrSegmentLoader, LoaderOptions
 from ecg_pipeline.pipeline.models import build_model
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-loader = ZarrBeatLoader(sys.argv[1], np.arange(1024), LoaderOptions(batch_size=128, seed=0))
+loader = ZarrSegmentLoader(sys.argv[1], np.arange(1024), LoaderOptions(batch_size=128, seed=0))
 with strategy.scope():
     m = build_model("spectrogram-cnn", loader.sample_shape, 5, options={"width": 4})
     m.compile("adam", "sparse_categorical_crossentropy")

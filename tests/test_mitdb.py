@@ -68,11 +68,14 @@ def test_every_mitdb_beat_is_accounted_for(full_run, mirror):
     assert total == 109_494  # the database's beat annotations (mirror README)
     ds = store.open_dataset(str(tmp / "mitdb.zarr"))
     assert ds.sizes["segment"] == sum(per_record.values()) == total - edge
-    assert dict(Counter(ds.aami.values.tolist())) == dict(per_class)
-    assert ds.attrs["beats_per_class"] == {c: per_class[c] for c in "NSVFQ"}
-    table = ds[["record_n_beats", "record_n_dropped_edge", "record_status", "record_checksum", "record_lead"]]
+    assert dict(Counter(ds.label.values.tolist())) == dict(per_class)
+    assert ds.attrs["segments_per_class"] == {c: per_class[c] for c in "NSVFQ"}
+    assert (ds.attrs["task"], ds.attrs["anchor_kind"], ds.attrs["classes"]) == ("beat", "r-peak", list("NSVFQ"))
+    assert ds.attrs["label_source"] == {"kind": "beat-annotations", "annotator": "atr", "label_map": "aami-ec57",
+                                        "unknown": "Q"}
+    table = ds[["record_n_segments", "record_n_dropped_edge", "record_status", "record_checksum", "record_lead"]]
     table = table.to_dataframe()
-    assert table.record_n_beats.to_dict() == per_record
+    assert table.record_n_segments.to_dict() == per_record
     assert int(table.record_n_dropped_edge.sum()) == edge
     assert (table.record_status == "ok").all() and (table.record_checksum == "verified").all()
     assert table.loc[["102", "104"], "record_lead"].tolist() == ["V5", "V5"]
@@ -87,7 +90,7 @@ def test_store_rows_match_a_direct_computation(full_run, mirror):
     db = mirror / "mitdb" / "1.0.0"
     for rec in ("114", "208"):  # MLII second; many V and F beats
         rows = np.flatnonzero(ds.record.values == rec)
-        sample = ds["sample"].values[rows]
+        sample = ds["anchor"].values[rows]
         sig = wfdb.rdrecord(str(db / rec), channel_names=["MLII"]).p_signal[:, 0].astype(np.float32)
         w = segment.WindowSpec(90, 162)
         spec = spectrogram.SpectrogramSpec(360.0, 90, 162, 64, 8, 64)

@@ -81,16 +81,16 @@ def test_bad_input_fails_alone_with_its_cause(client, bad_db, tmp_path):
 
     ds = store.open_dataset(str(out))
     folder = bad_db / "mitdb" / VERSION
-    table = ds[["record_status", "record_n_beats", "record_lead", "record_n_unknown", "record_n_dropped_edge"]]
+    table = ds[["record_status", "record_n_segments", "record_lead", "record_n_unknown", "record_n_dropped_edge"]]
     table = table.to_dataframe()
     for rec in ("100", "101", "102", "103", "109"):
-        assert table.loc[rec, "record_n_beats"] == _expected_beats(folder, rec)
+        assert table.loc[rec, "record_n_segments"] == _expected_beats(folder, rec)
         assert (ds.record.values == rec).sum() == _expected_beats(folder, rec)
     assert table.loc["101", "record_lead"] == "MLII" and table.loc["102", "record_lead"] == "V5"
     assert table.loc["103", "record_n_unknown"] == 2 and table.loc["109", "record_n_dropped_edge"] == 2
-    assert table.loc["105", "record_status"] == "failed" and table.loc["105", "record_n_beats"] == 0
+    assert table.loc["105", "record_status"] == "failed" and table.loc["105", "record_n_segments"] == 0
     r103 = ds.where(ds.record == "103", drop=True)
-    assert r103.symbol.values.tolist() == ["N", "B", "V", "r"] and r103.aami.values.tolist() == ["N", "Q", "V", "Q"]
+    assert r103.symbol.values.tolist() == ["N", "B", "V", "r"] and r103.label.values.tolist() == ["N", "Q", "V", "Q"]
     assert np.isfinite(ds.spectrogram.values.astype(np.float32)).all()
 
 
@@ -118,8 +118,8 @@ def test_unknown_symbols_policies(client, tmp_path):
     with HTTPMirror(root) as srv:
         dropped = _run(client, srv.url, tmp_path / "d.zarr", config={"unknown_symbols": "drop"})
         failed = _run(client, srv.url, tmp_path / "f.zarr", config={"unknown_symbols": "fail"})
-    assert dropped.records[0].n_beats == 2 and dropped.records[0].n_dropped_unknown == 2
-    assert dropped.beats_per_class["Q"] == 0
+    assert dropped.records[0].n_segments == 2 and dropped.records[0].n_dropped_unknown == 2
+    assert dropped.segments_per_class["Q"] == 0
     assert failed.records[0].error == "annotations: unknown annotation symbols ['B', 'r'] (2 annotations)"
 
 

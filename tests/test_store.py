@@ -10,7 +10,8 @@ FP = "0" * 64
 
 
 def _attrs(**kw):
-    a = {"schema_version": 1, "package": "ecg-pipeline", "package_version": "0", "database": "mitdb",
+    a = {"schema_version": 2, "task": "beat", "anchor_kind": "r-peak", "label_source": {"kind": "beat-annotations"},
+         "package": "ecg-pipeline", "package_version": "0", "database": "mitdb",
          "database_version": "1.0.0", "database_title": "t", "citation": "c", "source": "s", "label_map": {"N": "N"},
          "classes": ["N"], "config": {}, "config_fingerprint": FP, "created": "now",
          "spectrogram": {k: 1 for k in ("fs", "n_before", "n_after", "nperseg", "hop", "nfft", "window", "log_eps",
@@ -27,8 +28,8 @@ def _write(path, layout, attrs=None, fill=True):
         for k in range(layout.n_chunks):
             sl = layout.chunk_slice(k)
             n = sl.stop - sl.start
-            labels = {"record": np.array(["r"] * n, object), "sample": np.arange(sl.start, sl.stop),
-                      "symbol": np.array(["N"] * n, object), "aami": np.array(["N"] * n, object),
+            labels = {"record": np.array(["r"] * n, object), "anchor": np.arange(sl.start, sl.stop),
+                      "symbol": np.array(["N"] * n, object), "label": np.array(["N"] * n, object),
                       "lead": np.array(["MLII"] * n, object)}
             spec = np.full((n, layout.n_freq, layout.n_time), k, np.float32)
             store.write_chunk(str(path), k, sl, spec, labels, f"fp{k}")
@@ -38,7 +39,7 @@ def _write(path, layout, attrs=None, fill=True):
             if spec["dims"] == ["record_id"] and name != "record_id":
                 kind = spec["dtype"][0]
                 table[name] = np.array([""] * len(names), object) if kind == "str" else np.zeros(len(names), kind)
-        table["record_n_beats"] = np.array(layout.n_beats)
+        table["record_n_segments"] = np.array(layout.n_segments_per_record)
         table["record_offset"] = layout.offsets
         store.write_record_table(str(path), table)
         store.finish(str(path), {"complete": True})
@@ -63,7 +64,7 @@ def test_roundtrip_through_xarray(tmp_path):
     assert ds.spectrogram.dtype == np.float16 and ds.spectrogram.encoding["chunks"] == (4, 3, 4)
     assert set(store.SEGMENT_COORDS) <= set(ds.coords)
     assert ds.spectrogram[:, 0, 0].values.tolist() == [0] * 4 + [1] * 4 + [2] * 3
-    assert ds["sample"].values.tolist() == list(range(11))
+    assert ds["anchor"].values.tolist() == list(range(11))
     # plain xarray sees the same dataset, and the bookkeeping group stays hidden
     plain = xr.open_zarr(str(tmp_path / "s.zarr"), consolidated=False)
     assert "chunk_fingerprint" not in plain.variables
@@ -106,12 +107,13 @@ def test_validate_lists_problems(tmp_path):
     p = tmp_path / "s.zarr"
     _write(p, store.Layout(("a",), (6,), 3, 4, 4))
     ds = store.open_dataset(str(p))
-    bad = ds.drop_vars("aami").assign_attrs(schema_version=2)
-    bad["sample"] = bad["sample"].astype("float32")
+    bad = ds.drop_vars(["label", "symbol"]).assign_attrs(schema_version=3)
+    bad["anchor"] = bad["anchor"].astype("float32")
     with pytest.raises(StoreError) as e:
         store.validate(bad)
     msg = str(e.value)
-    assert "missing variable 'aami'" in msg and "sample: dtype float32" in msg and "schema_version" in msg
+    assert "missing variable 'label'" in msg and "anchor: dtype float32" in msg and "schema_version" in msg
+    assert "'symbol'" not in msg  # optional: a label source without original symbols leaves it out
 
 
 def test_misaligned_write_is_refused(tmp_path):
@@ -120,3 +122,20 @@ def test_misaligned_write_is_refused(tmp_path):
     _write(p, lay, fill=False)
     with pytest.raises(StoreError, match="not chunk 0"):
         store.write_chunk(str(p), 0, slice(1, 5), np.zeros((4, 3, 4)), {}, "x")
+
+
+def test_a_store_of_schema_v1_is_refused_with_what_to_do(tmp_path):
+    p = tmp_path / "s.zarr"
+    _write(p, store.Layout(("a",), (6,), 3, 4, 4))
+    zarr.open_group(str(p), mode="r+", use_consolidated=False).attrs["schema_version"] = 1
+    for opener in (lambda: store.open_dataset(str(p)),
+                   lambda: store.prepare(str(p), store.Layout(("a",), (6,), 3, 4, 4), _attrs(), "float16",
+                                         coords={"freq": np.arange(3, dtype=np.float32),
+                                                 "time": np.arange(4, dtype=np.float32)})):
+        with pytest.raises(StoreError) as e:
+            opener()
+        assert "store schema v1" in str(e.value) and "--overwrite" in str(e.value)
+    from ecg_pipeline.pipeline.loader import ZarrSegmentLoader
+
+    with pytest.raises(StoreError, match="store schema v1"):
+        ZarrSegmentLoader(str(p))

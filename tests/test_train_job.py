@@ -76,7 +76,7 @@ def test_training_writes_every_output_and_learns(run, small_store):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["part"] == "test" and metrics["support"] == int(np.sum(metrics["confusion_matrix"]))
     ds = open_dataset(str(small_store))
-    assert metrics["support"] == int(ds.record_n_beats.values[list(ds.record_id.values).index("100")])
+    assert metrics["support"] == int(ds.record_n_segments.values[list(ds.record_id.values).index("100")])
     assert metrics["accuracy"] > 0.5  # record 100 is ~99% N: a model that learnt anything gets most of it right
     report = (out / "classification_report.txt").read_text()
     assert f"{metrics['macro_f1']:.4f}" in report
