@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Protocol
+
+from ..pipeline.timing import Timer  # noqa: F401 - the jobs' stage timer
 
 
 def default_cache_dir() -> Path:
@@ -21,21 +20,6 @@ def default_cache_dir() -> Path:
 def cache_root(cache_dir: str | None) -> Path:
     """``cache_dir`` (``~`` expanded), or ``default_cache_dir()`` when None."""
     return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-
-
-class Timer:
-    """Accumulates wall seconds per stage: ``with timer("stft"): ...``."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] += time.perf_counter() - t
 
 
 class ProgressBar(Protocol):

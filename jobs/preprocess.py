@@ -1,15 +1,16 @@
-"""The preprocess job: a PhysioNet database -> beat spectrograms in a labelled Zarr store.
+"""The preprocess job: a PhysioNet database -> labelled spectrograms in a Zarr store.
 
 Two phases of Dask tasks, composed from the stages in ``pipeline``:
 
-1. ``plan_record`` (one task per record): download the record's files (stage
-   ``download``), read its header, annotations and chosen lead (``records``), and
-   decide which beats it contributes (``labels``, ``segment``). It returns a small
+0. the database's record source (``sources``) is listed on a worker;
+1. ``plan_record`` (one task per record): ``extract.plan_record`` fetches the record
+   through the source, reads its header and chosen lead, asks the label source for
+   anchors and labels, and keeps the usable windows. It returns a small
    ``RecordPlan``; nothing is written yet.
-2. ``write_chunk`` (one task per Zarr chunk of segments): for each record piece in
-   the chunk, read just that span of signal, cut the windows (``segment``), compute
-   the spectrograms in one vectorised call (``spectrogram``) and write the whole
-   chunk (``store``). Tasks own whole chunks, so no two ever write the same one.
+2. ``write_chunk`` (one task per Zarr chunk of segments): ``extract.chunk_contents``
+   computes the rows of the chunk (``segment.spectrograms`` per record piece), and
+   ``store.write_chunk`` writes it whole. Tasks own whole chunks, so no two ever write
+   the same one.
 
 The driver (``run_preprocess``) lays the records out from the plans, compares each
 chunk's fingerprint with what the store holds, and only submits the chunks that
@@ -32,11 +33,12 @@ from distributed import Client, as_completed
 
 from .. import pipeline
 from .common import NoProgress, ProgressBar, Timer, cache_root, prepare_source
-from ..pipeline import download, records, segment, sources, spectrogram, store
+from ..pipeline import download, extract, segment, sources, spectrogram, store
+from ..pipeline.extract import RecordPlan
 from ..pipeline.config import PreprocessConfig
 from ..pipeline.databases import Database, get_database
-from ..pipeline.errors import DownloadError, PipelineError, RecordError
-from ..pipeline.labels import LABEL_MAPS, BeatAnnotations, RecordInput
+from ..pipeline.errors import DownloadError, PipelineError
+from ..pipeline.labels import LABEL_MAPS, BeatAnnotations
 
 log = logging.getLogger(__name__)
 
@@ -103,67 +105,11 @@ class TaskContext:
         return self.config.leads or self.db.leads
 
 
-@dataclass
-class RecordPlan:
-    """Phase-1 result for one record: which beats it contributes, or why it failed."""
-
-    record: str
-    ok: bool = False
-    error: str = ""
-    checksum: str = ""
-    digest: str = ""  #: SHA-256 over the record's file digests (content identity)
-    lead: str = ""
-    lead_index: int = -1
-    fs: float = 0.0
-    sig_len: int = 0
-    anchor: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    symbol: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
-    label: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
-    n_dropped_edge: int = 0
-    n_dropped_invalid: int = 0
-    n_dropped_unknown: int = 0
-    n_unknown: int = 0
-    n_nonbeat: int = 0
-    bytes_downloaded: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def n_segments(self) -> int:
-        return int(self.anchor.shape[0]) if self.ok else 0
-
-
 def plan_record(ctx: TaskContext, source: sources.RecordSource, record: str) -> RecordPlan:
-    """Phase 1 for one record (runs on a worker; record problems become ``plan.error``)."""
-    plan = RecordPlan(record)
-    timer = Timer()
-    try:
-        with timer("download"):
-            local = sources.fetch_record(source, record, (), ctx.cache(), ctx.policy,
-                                         required=ctx.labels.annotators)
-        with timer("read_header"):
-            header = records.read_header(local.base, record)
-            lead = records.choose_lead(header, ctx.leads(), ctx.config.lead_fallback)
-        with timer("read_signal"):
-            # A full read of the chosen lead finds truncated or undecodable files now, before
-            # any segment is allotted to the record, and marks windows over invalid samples.
-            signal = records.read_signal(local.base, header, lead)
-        with timer("label"):
-            segs = ctx.labels.segments(RecordInput(record, local.base, header.fs, header.sig_len, signal))
-            window = segment.WindowSpec.from_seconds(ctx.config.window.before_s, ctx.config.window.after_s, header.fs)
-            check = segment.check_windows(signal, segs.anchor, window)
-        # Unknown symbols dropped by policy are counted; kept ones are class Q already.
-        plan.n_dropped_unknown = segs.n_unknown if ctx.config.unknown_symbols == "drop" else 0
-        plan.n_dropped_edge, plan.n_dropped_invalid = check.n_edge, check.n_invalid
-        kept = segs.select(check.keep)
-        plan.anchor, plan.symbol, plan.label = kept.anchor, kept.symbol, kept.label
-        plan.n_unknown, plan.n_nonbeat = segs.n_unknown, segs.n_nonbeat
-        plan.lead, plan.lead_index, plan.fs, plan.sig_len = lead.name, lead.index, header.fs, header.sig_len
-        plan.digest, plan.checksum, plan.bytes_downloaded = local.digest, local.checksum, local.bytes_downloaded
-        plan.ok = True
-    except RecordError as exc:
-        plan.error = f"{exc.stage}: {exc.message}"
-    plan.seconds = dict(timer.seconds)
-    return plan
+    """Phase 1 for one record (a task): ``extract.plan_record`` with this job's settings."""
+    c = ctx.config
+    return extract.plan_record(source, record, ctx.labels, ctx.leads(), c.lead_fallback,
+                               (c.window.before_s, c.window.after_s), ctx.cache(), ctx.policy)
 
 
 @dataclass
@@ -186,45 +132,15 @@ def write_chunk(
     fingerprint: str,
     spec: spectrogram.SpectrogramSpec,
 ) -> ChunkResult:
-    """Phase 2 for one chunk: spectrograms of every record piece in it, written whole."""
+    """Phase 2 for one chunk (a task): its rows (``extract.chunk_contents``), written whole."""
+    rows = extract.chunk_contents(source, parts, spec, ctx.labels.annotators, ctx.cache(), ctx.policy)
     timer = Timer()
-    n = segs.stop - segs.start
-    out = np.full((n, spec.n_freq, spec.n_time), np.nan, dtype=np.float32)
-    labels = {name: np.empty(n, dtype=object) for name in ("record", "label", "symbol", "lead")}
-    labels["anchor"] = np.zeros(n, dtype=np.int64)
-    failures: dict[str, str] = {}
-    pos = 0
-    for plan, lo, hi in parts:
-        rows = slice(pos, pos + hi - lo)
-        pos += hi - lo
-        anchor = plan.anchor[lo:hi]
-        labels["record"][rows] = plan.record
-        labels["anchor"][rows] = anchor
-        labels["symbol"][rows] = plan.symbol[lo:hi]
-        labels["label"][rows] = plan.label[lo:hi]
-        labels["lead"][rows] = plan.lead
-        try:
-            with timer("download"):
-                # No-op on the worker that planned the record; fetches (verified) on any other machine.
-                local = source.fetch(plan.record, ctx.labels.annotators, ctx.cache(), ctx.policy)
-            if local.digest != plan.digest:
-                raise RecordError(plan.record, "download", "the record's files changed at the source during the job")
-            header = records.read_header(local.base, plan.record)
-            lead = records.Lead(plan.lead_index, plan.lead, False)
-            first = int(anchor[0]) - spec.n_before
-            with timer("read_signal"):
-                sig = records.read_signal(local.base, header, lead, first, int(anchor[-1]) + spec.n_after)
-            with timer("stft"):
-                out[rows] = segment.spectrograms(sig, anchor, spec, offset=first)
-        except RecordError as exc:
-            failures[plan.record] = f"{exc.stage}: {exc.message}"
-        except Exception as exc:  # noqa: BLE001 - one bad record must not sink the chunk
-            failures[plan.record] = f"spectrogram: {type(exc).__name__}: {exc}"
     with timer("write"):
         # A chunk with a failed piece is written (so the store stays readable) but keeps no
         # fingerprint, so the next run computes it again.
-        store.write_chunk(ctx.out, k, segs, out, labels, "" if failures else fingerprint, ctx.storage_options)
-    return ChunkResult(k, not failures, failures, dict(timer.seconds), n)
+        store.write_chunk(ctx.out, k, segs, rows.spectrogram, rows.coords, "" if rows.failures else fingerprint,
+                          ctx.storage_options)
+    return ChunkResult(k, not rows.failures, rows.failures, {**rows.seconds, **timer.seconds}, segs.stop - segs.start)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from .. import pipeline
 from .common import NoProgress, Timer, cache_root, prepare_source
-from ..pipeline import detect, models, records, resample, scores, segment, sources, spectrogram
+from ..pipeline import detect, extract, models, records, scores, sources, spectrogram
 from ..pipeline.config import ScoreConfig
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import RetryPolicy
@@ -220,25 +220,12 @@ def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, info
     predict_fn
         Spectrograms (model input dtype) -> probabilities.
     """
+    seg = extract.detected_segments(x, fs, first, start, stop, info.spec, config.detector)
     timer = Timer()
-    fsm = info.spec.fs
-    scale = fsm / fs
-    with timer("resample"):
-        xm = resample.resample(x, fs, fsm)
-    with timer("detect"):
-        peaks = detect.detect_r_peaks(xm, fsm, config.detector,
-                                      origin=int(round(first * scale)))
-        native = first + np.round(peaks / scale).astype(np.int64)
-        own = (native >= start) & (native < stop)
-        peaks, native = peaks[own], native[own]
-    with timer("segment"):
-        # Windows must lie inside the record; the span holds them wherever the record does.
-        check = segment.check_windows(xm, peaks, segment.WindowSpec(info.spec.n_before, info.spec.n_after))
-    with timer("stft"):
-        spec = segment.spectrograms(xm, peaks[check.keep], info.spec).astype(info.input_dtype)
     with timer("model"):
-        prob = predict_fn(spec)
-    return SpanScores(native[check.keep], prob, native, check.n_edge, check.n_invalid, dict(timer.seconds))
+        prob = predict_fn(seg.spectrogram.astype(info.input_dtype))
+    return SpanScores(seg.anchor, prob, seg.detected, seg.n_dropped_edge, seg.n_dropped_invalid,
+                      {**seg.seconds, **timer.seconds})
 
 
 @dataclass

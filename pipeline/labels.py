@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import ClassVar, Literal, Mapping, Protocol
+from typing import Any, ClassVar, Literal, Mapping, Protocol
 
 import numpy as np
 
@@ -283,8 +283,47 @@ class RecordLabelTable:
         return Segments(anchor, np.full(n, label, dtype=object), np.full(n, label, dtype=object))
 
 
+@dataclass(frozen=True)
+class DetectedBeats:
+    """R peaks found by the detector (``pipeline.detect``), for records without beat annotations.
+
+    With a ``reference``, each detection takes the class (and symbol) of the reference beat it
+    matches one-to-one within ``tolerance_s`` (ANSI/AAMI EC57); unmatched ones get "". This is
+    the scoring path's beat finder, and lets a store hold detected beats as a model will see them.
+    """
+
+    detector: Any = None  #: ``config.DetectorSpec``; None for the defaults
+    reference: BeatAnnotations | None = None
+    tolerance_s: float = 0.150
+    task: ClassVar[str] = "beat"
+    anchor_kind: ClassVar[str] = "r-peak"
+
+    @property
+    def annotators(self) -> tuple[str, ...]:
+        return self.reference.annotators if self.reference else ()
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.reference.classes if self.reference else ()
+
+    def segments(self, rec: RecordInput) -> Segments:
+        from .detect import detect_r_peaks, match_beats
+
+        if rec.signal is None:
+            raise RecordError(rec.record, "detect", "the detector needs the record's signal")
+        peaks = detect_r_peaks(rec.signal, rec.fs, self.detector)
+        label = np.full(len(peaks), "", dtype=object)
+        symbol = np.full(len(peaks), "", dtype=object)
+        if self.reference is not None:
+            ref = self.reference.segments(rec)
+            m = match_beats(ref.anchor, peaks, rec.fs, self.tolerance_s)
+            label[m.det_index], symbol[m.det_index] = ref.label[m.ref_index], ref.symbol[m.ref_index]
+        return Segments(peaks.astype(np.int64), label, symbol)
+
+
 LABEL_SOURCES: Mapping[str, type] = MappingProxyType({
     "beat-annotations": BeatAnnotations,
+    "detected-beats": DetectedBeats,
     "rhythm-annotations": RhythmAnnotations,
     "record-table": RecordLabelTable,
 })

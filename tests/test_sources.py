@@ -118,3 +118,27 @@ def test_the_challenge_2017_archive_reads_through_the_record_layer(mirror, tmp_p
         assert header.fs == 300 and 9 * 300 <= len(x) <= 61 * 300 and np.isfinite(x).all()
         segs = table.segments(labels.RecordInput(name, local.base, header.fs, header.sig_len))
         assert segs.anchor.tolist() == [0] and segs.label[0] == table.table[name]
+
+
+def test_detected_beats_take_the_reference_class_they_match(mirror):
+    """The detector as a label source on MIT-BIH 208 (many V beats): matched detections carry the
+    annotation's class and symbol; the detector finds the reference's beats."""
+    base = mirror / "mitdb" / "1.0.0" / "208"
+    header = records.read_header(base, "208")
+    x = records.read_signal(base, header, records.choose_lead(header, ("MLII",)))
+    rec = labels.RecordInput("208", base, header.fs, header.sig_len, x)
+    ref = labels.BeatAnnotations().segments(rec)
+    found = labels.DetectedBeats(reference=labels.BeatAnnotations()).segments(rec)
+    matched = found.label != ""
+    assert matched.sum() >= 0.99 * len(ref.anchor) and matched.mean() >= 0.99
+    assert Counter(found.label[matched]) == pytest.approx(Counter(ref.label), rel=0.02)
+    # Each matched detection lies within 150 ms of a reference beat of the same class.
+    j = np.searchsorted(ref.anchor, found.anchor[matched])
+    near = np.where(j < len(ref.anchor), j, len(ref.anchor) - 1)
+    prev = np.maximum(j - 1, 0)
+    pick = np.where(np.abs(ref.anchor[near] - found.anchor[matched]) < np.abs(ref.anchor[prev] - found.anchor[matched]),
+                    near, prev)
+    assert np.abs(ref.anchor[pick] - found.anchor[matched]).max() <= 0.150 * 360
+    assert np.mean(ref.label[pick] == found.label[matched]) > 0.99
+    unlabelled = labels.DetectedBeats().segments(rec)
+    assert np.array_equal(unlabelled.anchor, found.anchor) and set(unlabelled.label) == {""}

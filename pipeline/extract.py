@@ -1,0 +1,186 @@
+"""Stage 3c: a record -> its segments and their spectrograms, the per-record work of preprocessing.
+
+``plan_record`` fetches a record through its source, reads the header and the chosen
+lead once, asks the label source for anchors and labels, and keeps the anchors whose
+window is usable (``segment.check_windows``): a small ``RecordPlan``, or the reason the
+record failed. ``chunk_contents`` turns pieces of planned records into the rows of one
+store chunk (``segment.spectrograms``). Jobs call these in Dask tasks; nothing here
+knows about Dask or the store's layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import download, records, segment, sources
+from .errors import RecordError
+from .labels import LabelSource, RecordInput
+from .spectrogram import SpectrogramSpec
+from .timing import Timer
+
+
+@dataclass
+class RecordPlan:
+    """Which segments a record contributes, or why it failed."""
+
+    record: str
+    ok: bool = False
+    error: str = ""  #: "<stage>: <cause>"
+    checksum: str = ""
+    digest: str = ""  #: SHA-256 over the record's file digests (content identity)
+    lead: str = ""
+    lead_index: int = -1
+    fs: float = 0.0
+    sig_len: int = 0
+    anchor: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    symbol: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
+    label: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
+    n_dropped_edge: int = 0
+    n_dropped_invalid: int = 0
+    n_dropped_unknown: int = 0
+    n_unknown: int = 0
+    n_nonbeat: int = 0
+    bytes_downloaded: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_segments(self) -> int:
+        return int(self.anchor.shape[0]) if self.ok else 0
+
+
+def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, leads: Sequence[str],
+                lead_fallback: str, window_s: tuple[float, float], cache: Path,
+                policy: download.RetryPolicy) -> RecordPlan:
+    """Fetch, read and label one record; record problems become ``plan.error``, never an exception.
+
+    Parameters
+    ----------
+    window_s
+        Seconds kept before and after each anchor.
+    """
+    plan = RecordPlan(record)
+    timer = Timer()
+    try:
+        with timer("download"):
+            local = sources.fetch_record(source, record, (), cache, policy, required=labels.annotators)
+        with timer("read_header"):
+            header = records.read_header(local.base, record)
+            lead = records.choose_lead(header, tuple(leads), lead_fallback)  # type: ignore[arg-type]
+        with timer("read_signal"):
+            # A full read of the chosen lead finds truncated or undecodable files now, before
+            # any segment is allotted to the record, and marks windows over invalid samples.
+            signal = records.read_signal(local.base, header, lead)
+        with timer("label"):
+            segs = labels.segments(RecordInput(record, local.base, header.fs, header.sig_len, signal))
+            check = segment.check_windows(signal, segs.anchor, segment.WindowSpec.from_seconds(*window_s, header.fs))
+        # Unknown symbols dropped by policy are counted; kept ones are class Q already.
+        plan.n_dropped_unknown = segs.n_unknown if getattr(labels, "unknown", "") == "drop" else 0
+        plan.n_dropped_edge, plan.n_dropped_invalid = check.n_edge, check.n_invalid
+        kept = segs.select(check.keep)
+        plan.anchor, plan.symbol, plan.label = kept.anchor, kept.symbol, kept.label
+        plan.n_unknown, plan.n_nonbeat = segs.n_unknown, segs.n_nonbeat
+        plan.lead, plan.lead_index, plan.fs, plan.sig_len = lead.name, lead.index, header.fs, header.sig_len
+        plan.digest, plan.checksum, plan.bytes_downloaded = local.digest, local.checksum, local.bytes_downloaded
+        plan.ok = True
+    except RecordError as exc:
+        plan.error = f"{exc.stage}: {exc.message}"
+    plan.seconds = dict(timer.seconds)
+    return plan
+
+
+@dataclass
+class ChunkContents:
+    """The rows of one store chunk: spectrograms, per-segment coordinates, failed records."""
+
+    spectrogram: np.ndarray  #: (n, n_freq, n_time) float32; NaN rows for failed pieces
+    coords: dict[str, np.ndarray]  #: record, anchor, label, symbol, lead
+    failures: dict[str, str]  #: record -> "<stage>: <cause>"
+    seconds: dict[str, float]
+
+
+def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPlan, int, int]],
+                   spec: SpectrogramSpec, annotators: Sequence[str], cache: Path,
+                   policy: download.RetryPolicy) -> ChunkContents:
+    """Spectrograms of record pieces ``(plan, first, end)`` in order; a failed piece fails its record alone."""
+    timer = Timer()
+    n = sum(hi - lo for _, lo, hi in parts)
+    out = np.full((n, spec.n_freq, spec.n_time), np.nan, dtype=np.float32)
+    coords = {name: np.empty(n, dtype=object) for name in ("record", "label", "symbol", "lead")}
+    coords["anchor"] = np.zeros(n, dtype=np.int64)
+    failures: dict[str, str] = {}
+    pos = 0
+    for plan, lo, hi in parts:
+        rows = slice(pos, pos + hi - lo)
+        pos += hi - lo
+        anchor = plan.anchor[lo:hi]
+        coords["record"][rows] = plan.record
+        coords["anchor"][rows] = anchor
+        coords["symbol"][rows] = plan.symbol[lo:hi]
+        coords["label"][rows] = plan.label[lo:hi]
+        coords["lead"][rows] = plan.lead
+        try:
+            with timer("download"):
+                # No-op on the worker that planned the record; fetches (verified) on any other machine.
+                local = source.fetch(plan.record, tuple(annotators), cache, policy)
+            if local.digest != plan.digest:
+                raise RecordError(plan.record, "download", "the record's files changed at the source during the job")
+            header = records.read_header(local.base, plan.record)
+            lead = records.Lead(plan.lead_index, plan.lead, False)
+            first = int(anchor[0]) - spec.n_before
+            with timer("read_signal"):
+                sig = records.read_signal(local.base, header, lead, first, int(anchor[-1]) + spec.n_after)
+            with timer("stft"):
+                out[rows] = segment.spectrograms(sig, anchor, spec, offset=first)
+        except RecordError as exc:
+            failures[plan.record] = f"{exc.stage}: {exc.message}"
+        except Exception as exc:  # noqa: BLE001 - one bad record must not sink the chunk
+            failures[plan.record] = f"spectrogram: {type(exc).__name__}: {exc}"
+    return ChunkContents(out, coords, failures, dict(timer.seconds))
+
+
+@dataclass
+class DetectedSegments:
+    """Beats an R-peak detector found in a span of a record, cut and transformed like a store's."""
+
+    anchor: np.ndarray  #: R peaks with a usable window (record samples at the record's rate)
+    spectrogram: np.ndarray  #: (n, n_freq, n_time) float32, at the spec's rate
+    detected: np.ndarray  #: every R peak the span owns, usable window or not
+    n_dropped_edge: int
+    n_dropped_invalid: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: int, spec: SpectrogramSpec,
+                      detector) -> DetectedSegments:
+    """Resample to ``spec.fs``, detect R peaks, keep the span's own, check windows and transform them.
+
+    Parameters
+    ----------
+    x
+        The lead, record samples ``[first, first + len(x))`` at ``fs``, with margin
+        around ``[start, stop)`` where the record has it (so pieces of a long record find
+        the beats the whole record gives: the detector's blocks sit on the record's grid).
+    detector
+        ``config.DetectorSpec``.
+    """
+    from . import detect, resample
+
+    timer = Timer()
+    scale = spec.fs / fs
+    with timer("resample"):
+        xm = resample.resample(x, fs, spec.fs)
+    with timer("detect"):
+        peaks = detect.detect_r_peaks(xm, spec.fs, detector, origin=int(round(first * scale)))
+        native = first + np.round(peaks / scale).astype(np.int64)
+        own = (native >= start) & (native < stop)
+        peaks, native = peaks[own], native[own]
+    with timer("segment"):
+        # Windows must lie inside the record; the span holds them wherever the record does.
+        check = segment.check_windows(xm, peaks, segment.WindowSpec(spec.n_before, spec.n_after))
+    with timer("stft"):
+        out = segment.spectrograms(xm, peaks[check.keep], spec)
+    return DetectedSegments(native[check.keep], out, native, check.n_edge, check.n_invalid, dict(timer.seconds))
