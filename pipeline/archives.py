@@ -142,6 +142,13 @@ def _extract_tar(archive: Path, out: Path, budget: list[int], max_bytes: int) ->
             infos = t.getmembers()
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ArchiveError(f"{archive}: corrupt tar archive ({exc})") from None
+        for m in infos:
+            # The standard library's `data` filter is the reference check for tar members (absolute
+            # paths, `..`, links out of the folder, devices, odd modes); links inside are refused below too.
+            try:
+                tarfile.data_filter(m, str(out))
+            except tarfile.FilterError as exc:
+                raise ArchiveError(f"{archive}: member {m.name!r}: {exc}; refused") from None
         members = [_Member(m.name, m.size, m.isdir(), _tar_refusal(m), functools.partial(t.extractfile, m))
                    for m in infos]
         _extract_members(archive, members, out, budget, max_bytes, (tarfile.TarError, OSError, EOFError))

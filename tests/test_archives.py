@@ -51,6 +51,30 @@ def test_hostile_zip_members_are_refused_and_nothing_is_written(tmp_path, name):
     assert not any((tmp_path / "work").iterdir())  # no partial folder left
 
 
+@pytest.mark.parametrize("name, kind, why", [
+    ("../evil.hea", tarfile.REGTYPE, "outside the destination"),
+    ("/etc/evil.hea", tarfile.REGTYPE, "outside"),
+    ("dev/null0", tarfile.CHRTYPE, "special file"),
+    ("a/link.hea", tarfile.LNKTYPE, "outside the destination|link"),
+])
+def test_hostile_tar_members_are_refused_and_nothing_is_written(tmp_path, name, kind, why):
+    tpath = tmp_path / "hostile.tar.gz"
+    with tarfile.open(tpath, "w:gz") as t:
+        ok = tarfile.TarInfo("ok.hea")
+        ok.size = 12
+        t.addfile(ok, io.BytesIO(b"ok 1 360 10\n"))
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        if kind == tarfile.LNKTYPE:
+            info.linkname = "../../outside"
+        t.addfile(info, io.BytesIO(b"") if kind == tarfile.REGTYPE else None)
+    with pytest.raises(ArchiveError, match=why) as err:
+        extract_archive(tpath, tmp_path / "work" / "out")
+    assert name.lstrip("/") in str(err.value) or name in str(err.value)
+    assert not (tmp_path / "evil.hea").exists() and not (tmp_path / "work" / "out").exists()
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
 def test_tar_links_and_size_limit_are_refused(tmp_path):
     tpath = tmp_path / "link.tar"
     with tarfile.open(tpath, "w") as t:
