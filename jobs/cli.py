@@ -22,6 +22,7 @@ from ..pipeline.download import DEFAULT_SOURCE
 from ..pipeline.errors import PipelineError
 from ..pipeline.models import MODELS
 from ..pipeline.splits import SPLITS
+from ..pipeline.tables import TABLE_FORMATS
 
 # `--help` and `--print-config` must answer at once: this module imports no SciPy, TensorFlow, Dask,
 # xarray or Zarr at the top (tests/test_project.py checks it). Each command imports what it runs.
@@ -198,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compare with reference annotation files <record>.EXT, and fail records without one "
                           "(default: compare where the model database's files, e.g. .atr, are present)")
     ann.add_argument("--no-annotations", action="store_true", help="do not compare with reference annotations")
-    sc.add_argument("--summary", metavar="FILE", help="per-record table: .csv, or .parquet with pyarrow "
-                                                      "(default: <out without .zarr>.records.csv)")
+    sc.add_argument("--summary", metavar="FILE",
+                    help=f"per-record table: a file ending in {', '.join(TABLE_FORMATS)} (.parquet needs pyarrow; "
+                         "default: <out without .zarr>.records.csv)")
     sc.add_argument("--config", metavar="FILE", help="YAML scoring configuration (schemas/score-config.schema.json)")
     sc.add_argument("--print-config", action="store_true", help="print the effective configuration as YAML and exit")
     _cluster_args(sc, "submit to this Dask scheduler (tcp://host:8786); folder and archive inputs must be on a "

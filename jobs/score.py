@@ -38,11 +38,11 @@ from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from .. import pipeline
 from .common import NoProgress, Timer, cache_root, prepare_source
-from ..pipeline import detect, extract, models, records, scores, sources, spectrogram
+from ..pipeline import detect, extract, models, records, scores, sources, spectrogram, tables
 from ..pipeline.config import ScoreConfig
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import RetryPolicy
-from ..pipeline.errors import PipelineError, RecordError
+from ..pipeline.errors import RecordError
 from ..pipeline.evaluate import classification_metrics
 from ..pipeline.labels import label_beats
 
@@ -416,26 +416,7 @@ def summary_path(out: str, summary: str | None) -> str:
 
 def check_summary(path: str) -> None:
     """Refuse a summary file the job could not write, before any work is done."""
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise PipelineError(f"--summary {path}: Parquet needs pyarrow (pip install 'ecg-pipeline[parquet]'); "
-                                "or name a .csv file") from None
-    elif not path.endswith(".csv"):
-        raise PipelineError(f"--summary {path}: name a .csv or .parquet file")
-
-
-def write_summary(frame, path: str) -> None:
-    """The per-record table as CSV, or Parquet for ``.parquet`` (needs pyarrow)."""
-    import fsspec
-
-    if path.endswith(".parquet"):
-        with fsspec.open(path, "wb") as f:
-            frame.to_parquet(f, index=False)
-    else:
-        with fsspec.open(path, "w", newline="") as f:
-            frame.to_csv(f, index=False)
+    tables.table_format(path)
 
 
 def reference_metrics(ds_reference: np.ndarray, ds_predicted: np.ndarray, rows, classes: Sequence[str]) -> dict | None:
@@ -589,7 +570,7 @@ def run_scoring(request: ScoreRequest, client: Client,
     writer.finish({"complete": all(r in writer.rows for r in names), "beats_per_class": per_class,
                    "n_failed_records": len(failed), **({"reference_metrics": ref_metrics} if ref_metrics else {})})
     frame = scores.records_frame(rows, info.classes).sort_values("record", kind="stable")
-    write_summary(frame, summary)
+    tables.write_table(frame, summary)
     if ref_metrics:
         with _open_text(sidecar(request.out, ".metrics.json")) as f:
             json.dump(ref_metrics, f, indent=2)

@@ -321,9 +321,17 @@ class DetectedBeats:
         return Segments(peaks.astype(np.int64), label, symbol)
 
 
-LABEL_SOURCES: Mapping[str, type] = MappingProxyType({
-    "beat-annotations": BeatAnnotations,
-    "detected-beats": DetectedBeats,
-    "rhythm-annotations": RhythmAnnotations,
-    "record-table": RecordLabelTable,
-})
+_LABEL_SOURCES: dict[str, type] = {}
+LABEL_SOURCES: Mapping[str, type] = MappingProxyType(_LABEL_SOURCES)  #: kind -> label source class
+
+
+def register_label_source(kind: str, cls: type) -> None:
+    """Make ``cls`` (a ``LabelSource``) known under ``kind``, the name stores record in ``label_source``."""
+    if kind in _LABEL_SOURCES and _LABEL_SOURCES[kind] is not cls:
+        raise ValueError(f"label source {kind!r} is already registered")
+    _LABEL_SOURCES[kind] = cls
+
+
+for _kind, _cls in (("beat-annotations", BeatAnnotations), ("detected-beats", DetectedBeats),
+                    ("rhythm-annotations", RhythmAnnotations), ("record-table", RecordLabelTable)):
+    register_label_source(_kind, _cls)
