@@ -11,14 +11,18 @@ Layout (``schemas/scores-v1.json`` is the contract, checked on open):
 
 Only the job's driver writes this store; workers return their results to it. Each
 commit appends the beats of finished records after the committed ones, then
-rewrites the small per-record table, then moves the ``n_segments`` attribute: that
-attribute is the commit point. A crash between the steps leaves arrays longer than
-``n_segments`` (or table rows past it), which the next run cuts back before it
-scores those records again, so no beat is lost or written twice.
+rewrites the small per-record table, then moves the commit point: one write of
+``_state``'s attributes (hidden from xarray) holding ``n_segments`` and the committed
+table rows, then the ``n_segments`` attribute that readers use. Rewriting the table
+replaces its ~20 arrays one by one, so a crash in the middle can leave any mix of
+old, new and missing ones; the next run therefore rebuilds the table from
+``_state``, cuts the arrays back to its ``n_segments`` and scores the other records
+again, so no beat is lost or written twice.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -37,6 +41,7 @@ SCHEMA_FILE = "scores-v1.json"
 BEAT_VARS = ("probability", "predicted", "reference", "record", "sample")
 BEAT_COORDS = ("record", "sample")
 ECTOPIC = ("S", "V", "F")
+STATE_GROUP = "_state"  #: its attributes are the commit point: ``n_segments`` and the committed rows (JSON)
 
 
 def scores_schema() -> dict[str, Any]:
@@ -146,6 +151,7 @@ class ScoresWriter:
             self.n = 0
             self._create(group, chunk_size)
             self._write_table(group)
+        self._save_state(group)
         attrs.update(complete=False, updated=store.now(), n_segments=self.n, n_records=len(self.rows),
                      chunk_size=chunk_size)
         group.attrs.update(attrs)
@@ -163,12 +169,19 @@ class ScoresWriter:
         group["class"][:] = np.asarray(self.classes, dtype=object)
 
     def _cut_back(self, group) -> None:
-        """Drop what a crashed run wrote past the commit point (``n_segments``)."""
+        """Drop what a crashed run wrote past the commit point; rebuild the table from it."""
+        state = dict(group[STATE_GROUP].attrs) if STATE_GROUP in group else {}
+        if "rows" in state:
+            self.n = int(state["n_segments"])
+            self.rows = {row["record"]: row for row in json.loads(state["rows"])}
         for name in BEAT_VARS:
             a = group[name]
             if a.shape[0] != self.n:
                 a.resize((self.n, *a.shape[1:]))
-        if "record_id" not in group:
+        if "rows" in state:
+            self._write_table(group)  # the arrays may be any mix of two commits' tables
+            return
+        if "record_id" not in group:  # a store written before _state: its table arrays are all there is
             return
         table = {name: group[name][:] for name, spec in self.schema["variables"].items() if spec["dims"][0] == "record_id"}
         for i, rec in enumerate(table["record_id"]):
@@ -210,7 +223,15 @@ class ScoresWriter:
             offset += r.n_beats
         self._write_table(self.group)
         self.n = n_new
+        self._save_state(self.group)  # the commit point
         self.group.attrs.update(n_segments=self.n, n_records=len(self.rows), updated=store.now())
+
+    def _save_state(self, group) -> None:
+        """Record ``n`` and the table rows in one (atomic) metadata write."""
+        rows = [{k: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v) for k, v in row.items()}
+                for row in self.rows.values()]
+        state = group.require_group(STATE_GROUP)
+        state.attrs.update(n_segments=self.n, rows=json.dumps(rows))
 
     def _write_table(self, group) -> None:
         rows = list(self.rows.values())

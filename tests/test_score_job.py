@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,11 +37,14 @@ TRAIN_CONFIG = "batch_size: 256\npatience: 5\nmodel_options: {width: 8, dense: 3
 CLASSES = ["N", "S", "V", "F", "Q"]
 
 
-def _cli(*args, timeout=900, background=False):
+def _cli(*args, timeout=900, log=None):
+    """Run the CLI; with ``log`` (a path stem) start it in the background, its output going to ``<log>.out/.err``
+    (files, not pipes: a pipe nobody reads while the test waits would stall the driver once it is full)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     cmd = [sys.executable, "-m", "ecg_pipeline.jobs.cli", *args]
-    if background:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if log is not None:
+        with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+            return subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -113,8 +117,10 @@ def test_ds2_scores_agree_with_the_reference(ds2, model, mirror, work):
     assert (counts == table.n_beats).all()
     np.testing.assert_allclose(table.ectopic_share, table[["beats_S", "beats_V", "beats_F"]].sum(axis=1) / table.n_beats)
 
-    # The same model on the annotated beats (the preprocess store, `evaluate`): scoring with detected beats,
-    # transformed with the STFT that travelled with the model, must give the same figures.
+    # The same model on the annotated beats (the preprocess store): a beat `score` found (detected R peak, matched
+    # to a reference beat) must get the class the model gives the same annotated beat there. Compared beat by beat,
+    # not as two F1s of a 3-epoch model: those differ by training noise times the model's sensitivity to the 1-2
+    # samples between a detected and an annotated R peak, whatever the pipeline does.
     (work / "pre.yaml").write_text("store:\n  chunk_size: 1024\n")
     _ok(_cli("preprocess", "mitdb", "--source", mirror.as_uri(), "--records", ",".join(DS2), "--out",
              str(work / "ds2-annotated.zarr"), "--config", str(work / "pre.yaml"), "--workers", "2", "--no-progress"))
@@ -123,16 +129,65 @@ def test_ds2_scores_agree_with_the_reference(ds2, model, mirror, work):
     _ok(_cli("evaluate", "--model", str(model), "--store", str(work / "ds2-annotated.zarr"), "--split",
              str(work / "ds2-split.yaml"), "--out", str(work / "eval")))
     evaluated = json.loads((work / "eval" / "metrics.json").read_text())
-    sel = np.isin(ds.record.values, test) & (ds.reference.values != "")
-    idx = {c: i for i, c in enumerate(CLASSES)}
     from ecg_pipeline.pipeline.evaluate import classification_metrics
+    from ecg_pipeline.pipeline.models import load_model
+    from ecg_pipeline.pipeline.store import open_dataset
 
-    scored = classification_metrics(np.array([idx[c] for c in ds.reference.values[sel]]),
-                                    np.array([idx[c] for c in ds.predicted.values[sel]]), CLASSES)
-    assert abs(scored["accuracy"] - evaluated["accuracy"]) <= 0.01, (scored["accuracy"], evaluated["accuracy"])
-    for c in ("N", "V"):
-        assert abs(scored["per_class"][c]["f1"] - evaluated["per_class"][c]["f1"]) <= 0.03, c
-    assert scored["per_class"]["N"]["f1"] >= 0.85
+    keras_model, meta = load_model(model)
+    assert list(meta["classes"]) == CLASSES
+    ann = open_dataset(str(work / "ds2-annotated.zarr"))
+    in_test = np.isin(ann.record.values, test)
+    a_rec, a_label = ann.record.values[in_test], ann.label.values[in_test]
+    a_sample = ann.anchor.values[in_test].astype(np.int64)  # the annotated R peak
+    a_spec = ann.spectrogram.values[in_test]
+    a_prob = np.concatenate([np.asarray(keras_model.predict_on_batch(a_spec[i:i + 1024]), np.float32)
+                             for i in range(0, len(a_spec), 1024)])
+    a_pred = a_prob.argmax(axis=1)
+    idx = {c: i for i, c in enumerate(CLASSES)}
+    # These are `evaluate`'s predictions: its confusion matrix, up to beats whose two best classes are a float
+    # rounding apart (batching may order their sums differently).
+    mine = classification_metrics(np.array([idx[c] for c in a_label]), a_pred, CLASSES)
+    top2 = np.sort(a_prob, axis=1)[:, -2:]
+    ties = int((top2[:, 1] - top2[:, 0] < 1e-5).sum())
+    moved = np.abs(np.asarray(mine["confusion_matrix"]) - np.asarray(evaluated["confusion_matrix"])).sum() // 2
+    assert moved <= ties, (moved, ties)
+
+    # Each matched scored beat of the test records, paired with the annotated beat of its record nearest to it
+    # within the 150 ms of the EC57 match: it is the reference beat the job matched (same class).
+    sel = np.isin(ds.record.values, test) & (ds.reference.values != "")
+    s_rec, s_sample, s_ref = ds.record.values[sel], ds.sample.values[sel].astype(np.int64), ds.reference.values[sel]
+    s_prob, s_pred = ds.probability.values[sel], np.array([idx[c] for c in ds.predicted.values[sel]])
+    fs = float(ds.record_fs.sel(record_id=test[0]))
+    pair = np.full(len(s_rec), -1)
+    for rec in test:
+        i, j = np.flatnonzero(s_rec == rec), np.flatnonzero(a_rec == rec)
+        k = np.clip(np.searchsorted(a_sample[j], s_sample[i]), 1, len(j) - 1)
+        k = np.where(np.abs(s_sample[i] - a_sample[j][k - 1]) <= np.abs(a_sample[j][k] - s_sample[i]), k - 1, k)
+        pair[i] = np.where(np.abs(a_sample[j][k] - s_sample[i]) <= round(0.150 * fs), j[k], -1)
+    paired = pair >= 0
+    assert paired.mean() >= 0.995, paired.mean()  # 100 % on MIT-BIH DS2 (the store drops beats at record edges)
+    p = pair[paired]
+    assert np.mean(s_ref[paired] == a_label[p]) >= 0.995  # 100 % on DS2
+
+    # Where the detector put the R peak on the annotated sample (half the beats), both paths cut the same window:
+    # the same STFT of the same samples must give the same class and the same probabilities. One sample of shift,
+    # another STFT taper or log_eps, or the classes in another order moves hundreds of these beats.
+    same = s_sample[paired] == a_sample[p]
+    assert same.mean() >= 0.4, same.mean()  # 50.6 % on DS2
+    agree_same = np.mean(s_pred[paired][same] == a_pred[p][same])
+    assert agree_same >= 0.999, agree_same  # measured: all 22,767 (four models); a 1-sample shift moves 289
+    np.testing.assert_allclose(s_prob[paired][same], a_prob[p][same], atol=1e-4)
+    # Over every matched beat the window moves by the detector's 1-2 samples, which flips some of a weak model's
+    # borderline beats; most must still agree, beyond what the class shares alone give (Cohen's kappa). Measured
+    # with four models (seeds 0-2 at 3 epochs, seed 3 at 1): agreement 95.8-98.5 %, kappa 0.79-0.93. This catches
+    # gross errors (with the seed-0 model: a window 3 samples late, kappa 0.53; a Hamming taper 0.43; no detrend
+    # 0.41; S and V swapped 0.39; the V1 lead 0.12 and 86 % agreement; the classes reversed, 3 %); a shift of 1-2
+    # samples (kappa 0.70, 0.60) is the exact-position check's to catch.
+    s_all, a_all = s_pred[paired], a_pred[p]
+    agree_all = np.mean(s_all == a_all)
+    chance = sum(np.mean(s_all == c) * np.mean(a_all == c) for c in range(len(CLASSES)))
+    kappa = 1.0 if agree_all == 1 else (agree_all - chance) / (1 - chance)
+    assert agree_all >= 0.93 and kappa >= 0.6, (agree_all, kappa)
 
 
 def test_rerun_skips_scored_records(ds2, model, mirror):
@@ -240,24 +295,33 @@ def test_summary_format_is_checked_before_any_work(model, mirror, tmp_path):
         assert pd.read_parquet(tmp_path / "b.parquet").loc[0, "record"] == "100"
 
 
-def _wait_for(cond, timeout=240, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _committed(out) -> int:
-    try:
-        return int(zarr.open_group(str(out), mode="r", use_consolidated=False).attrs.get("n_segments", 0))
-    except Exception:  # noqa: BLE001 - not created yet
-        return 0
+def _output(log) -> str:
+    return Path(f"{log}.out").read_text()[-3000:] + Path(f"{log}.err").read_text()[-3000:]
 
 
 def _records_committed(out) -> int:
-    return int(zarr.open_group(str(out), mode="r", use_consolidated=False).attrs.get("n_records", 0))
+    """Records behind the store's commit point (the ``n_records`` attribute, moved with ``n_segments`` in one
+    write); 0 before the store exists. Segments alone prove nothing: they are written before the commit."""
+    try:
+        attrs = zarr.open_group(str(out), mode="r", use_consolidated=False).attrs
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):  # the driver has not created it yet
+        return 0
+    return int(attrs.get("n_records", 0))
+
+
+def _wait_for_commit(out, driver, log, timeout=300) -> None:
+    """Poll the commit point until a record is committed, while the driver runs (bounded by ``timeout``)."""
+    end = time.monotonic() + timeout
+    while _records_committed(out) < 1:
+        assert driver.poll() is None, f"the driver exited ({driver.returncode}) before a first commit:\n{_output(log)}"
+        assert time.monotonic() < end, f"no record committed in {timeout} s:\n{_output(log)}"
+        time.sleep(0.05)
+
+
+def _scored_skipped(stdout: str) -> tuple[int, int]:
+    m = re.search(r"(\d+) scored now, (\d+) already in the store", stdout)
+    assert m, stdout[-3000:]
+    return int(m.group(1)), int(m.group(2))
 
 
 def test_real_cluster_loses_a_worker_and_the_driver(ds2, model, mirror, tmp_path):
@@ -273,32 +337,113 @@ def test_real_cluster_loses_a_worker_and_the_driver(ds2, model, mirror, tmp_path
 
         with Client(scheduler_file=str(sched), timeout=60) as c:
             pids = c.run(os.getpid)
-        driver = _cli(*args, "--scheduler-file", str(sched), background=True)
-        _wait_for(lambda: _committed(out) > 0 or driver.poll() is not None, what="a first commit")
-        killed_at = _records_committed(out)
+        log = tmp_path / "driver1"
+        driver = _cli(*args, "--scheduler-file", str(sched), log=log)
+        # A worker dies while the run has records left: after a first commit, and before the last one (the
+        # commit point read after the kill bounds what was committed at it).
+        _wait_for_commit(out, driver, log)
         os.kill(next(iter(pids.values())), signal.SIGKILL)  # its nanny starts a new worker, which loads the model
-        stdout, stderr = driver.communicate(timeout=600)
-        assert driver.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        at_worker_kill = _records_committed(out)
+        assert driver.wait(timeout=600) == 0, _output(log)
+        assert 1 <= at_worker_kill < len(records), at_worker_kill
         first = open_scores(str(out))
         assert set(first.record_status.values) == {"ok"} and len(first.record_id) == len(records)
+        assert _scored_skipped(Path(f"{log}.out").read_text()) == (len(records), 0)
 
-        # Now the driver dies (SIGKILL) after its first commit; the re-run completes the same store.
+        # Now the driver dies (SIGKILL) after its first commit, wherever it is then (scoring, or in the middle of
+        # the next commit); the re-run completes the same store.
         out2 = tmp_path / "scores2.zarr"
         args2 = [a if a != str(out) else str(out2) for a in args]
-        driver = _cli(*args2, "--scheduler-file", str(sched), background=True)
-        _wait_for(lambda: _committed(out2) > 0 or driver.poll() is not None, what="a first commit")
+        log = tmp_path / "driver2"
+        driver = _cli(*args2, "--scheduler-file", str(sched), log=log)
+        _wait_for_commit(out2, driver, log)
         driver.send_signal(signal.SIGKILL)
-        driver.communicate(timeout=60)
-        partial = _records_committed(out2)
+        assert driver.wait(timeout=60) == -signal.SIGKILL, _output(log)  # killed running, not finished
+        partial = _records_committed(out2)  # the driver is dead: this is what it committed
         r = _ok(_cli(*args2, "--scheduler-file", str(sched)))
-        assert "already in the store" in r.stdout
+        scored, skipped = _scored_skipped(r.stdout)
+    # Nothing committed is scored again (the kill may also have come between the two writes of a commit, whose
+    # record the re-run then keeps), the rest is, and the kill came while the run had records left.
+    assert 1 <= partial <= skipped and scored + skipped == len(records) and scored >= 1, (partial, scored, skipped)
     reference = open_scores(str(ds2[0]))
     for got in (first, open_scores(str(out2))):
+        assert set(got.record_status.values) == {"ok"} and sorted(got.record_id.values) == sorted(records)
         pairs = list(zip(got.record.values, got.sample.values))
         assert len(pairs) == len(set(pairs)), "a beat was written twice"
         for rec in records:
             a, b = got.record.values == rec, reference.record.values == rec
             np.testing.assert_array_equal(got.sample.values[a], reference.sample.values[b])
             np.testing.assert_allclose(got.probability.values[a], reference.probability.values[b], atol=1e-4)
-    # Both kills happened mid-run (the run had records left to score).
-    assert 0 < killed_at < len(records) and 0 < partial < len(records), (killed_at, partial)
+            assert int(got.record_n_beats.sel(record_id=rec)) == int(a.sum())
+
+
+def _beats(record, n, seed, status="ok"):
+    from ecg_pipeline.pipeline.scores import RecordScores
+
+    rng = np.random.default_rng(seed)
+    return RecordScores(record, status=status, error="" if status == "ok" else "signal: truncated", lead="MLII",
+                        fs=360.0, sig_len=1000 * n, sample=np.sort(rng.choice(1000 * n, n, replace=False)),
+                        probability=rng.dirichlet(np.ones(5), size=n).astype(np.float32),
+                        reference=np.array(["N"] * n, dtype=object), n_detected=n)
+
+
+@pytest.mark.parametrize("state", ["before", "removed", "empty", "after_commit_point"])
+def test_a_driver_killed_inside_a_commit_loses_and_repeats_nothing(tmp_path, monkeypatch, state):
+    """The kill above lands wherever the driver is; here it lands, deterministically, at each step of a commit's
+    table rewrite (each of its arrays about to be replaced, removed, or created but not yet filled), and between
+    the commit point and the readers' ``n_segments``. The re-run must score exactly what was not committed."""
+    from ecg_pipeline.pipeline import scores
+
+    attrs = {"schema_version": 1, "kind": "beat-scores", "package": "ecg-pipeline", "package_version": "0",
+             "model": "m.keras", "model_sha256": "a" * 64, "model_database": "mitdb", "classes": CLASSES,
+             "spectrogram": {"fs": 360.0, "n_before": 90, "n_after": 162, "nperseg": 64, "hop": 8, "nfft": 64,
+                             "window": "hann", "log_eps": 1e-4}, "detector": {}, "input": "x", "config": {},
+             "config_fingerprint": "b" * 64}
+    every = {"a": _beats("a", 300, 1), "b": _beats("b", 40, 5), "c": _beats("c", 200, 3)}
+    n_table = sum(spec["dims"][0] == "record_id" for spec in scores.scores_schema()["variables"].values())
+    create, save_state = scores.store.create_array, scores.ScoresWriter._save_state
+
+    class Killed(BaseException):
+        pass
+
+    for step in range(n_table if state != "after_commit_point" else 1):
+        path = str(tmp_path / f"{step}.zarr")
+        w = scores.ScoresWriter(path, attrs, CLASSES, chunk_size=256)
+        w.commit([every["a"], _beats("b", 0, 2, status="failed")])  # committed: a, and b failed (to be retried)
+        calls = []
+
+        def dying(group, name, *args, **kw):
+            calls.append(name)
+            if len(calls) <= step:
+                return create(group, name, *args, **kw)
+            if state == "removed":
+                del group[name]
+            elif state == "empty":
+                create(group, name, *args, **kw)
+            raise Killed
+
+        def committed_then_dying(self, group):
+            save_state(self, group)
+            raise Killed
+
+        if state == "after_commit_point":
+            monkeypatch.setattr(scores.ScoresWriter, "_save_state", committed_then_dying)
+        else:
+            monkeypatch.setattr(scores.store, "create_array", dying)
+        with pytest.raises(Killed):
+            w.commit([every["c"], every["b"]])  # c new, b scored again
+        monkeypatch.undo()
+
+        again = scores.ScoresWriter(path, attrs, CLASSES, chunk_size=256)
+        committed = {"a", "b", "c"} if state == "after_commit_point" else {"a"}
+        assert again.done == committed, (state, step)
+        again.commit([every[r] for r in sorted(set(every) - again.done)])
+        again.finish({"complete": True})
+        ds = open_scores(path)
+        assert sorted(ds.record_id.values) == ["a", "b", "c"] and set(ds.record_status.values) == {"ok"}, (state, step)
+        for rec, want in every.items():
+            got = ds.record.values == rec
+            np.testing.assert_array_equal(ds.sample.values[got], want.sample)  # once each, none lost
+            assert int(ds.record_n_beats.sel(record_id=rec)) == got.sum()
+            offset = int(ds.record_offset.sel(record_id=rec))
+            assert (ds.record.values[offset:offset + want.n_beats] == rec).all(), (state, step, rec)
