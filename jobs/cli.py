@@ -339,11 +339,11 @@ def _inspect_scores(path: str, require_complete: bool) -> str:
     out = [f"{path}: beat scores of {a['input']} by {a['model']} (sha256 {a['model_sha256'][:12]}), "
            f"schema v{a['schema_version']}, complete={a['complete']}",
            f"  {ds.sizes['segment']:,} beats, {ds.sizes['record_id']} records",
-           "  predicted   " + "   ".join(f"{c} {n:,}" for c, n in a.get("beats_per_class", {}).items()),
+           "  predicted   " + "   ".join(f"{c} {n:,}" for c, n in a.get("segments_per_class", {}).items()),
            f"  {'record':>16} {'status':>7} {'beats':>7} " + " ".join(f"{c:>6}" for c in classes) + "  ectopic  error"]
     for i in range(ds.sizes["record_id"]):
-        counts = " ".join(f"{int(n):>6}" for n in ds.record_beats.values[i])
-        out.append(f"  {ds.record_id.values[i]:>16} {ds.record_status.values[i]:>7} {int(ds.record_n_beats.values[i]):>7} "
+        counts = " ".join(f"{int(n):>6}" for n in ds.record_segments.values[i])
+        out.append(f"  {ds.record_id.values[i]:>16} {ds.record_status.values[i]:>7} {int(ds.record_n_segments.values[i]):>7} "
                    f"{counts}  {float(ds.record_ectopic_share.values[i]):>7.1%}  {ds.record_error.values[i]}")
     return "\n".join(out) + "\n"
 
@@ -357,7 +357,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         kind = zarr.open_group(args.store, mode="r", use_consolidated=False).attrs.get("kind")
     except Exception:  # noqa: BLE001 - open_dataset below gives the clear error
         kind = None
-    if kind == "beat-scores":
+    if kind in ("scores", "beat-scores"):
         sys.stdout.write(_inspect_scores(args.store, not args.allow_incomplete))
         return EXIT_OK
     ds = open_dataset(args.store, require_complete=not args.allow_incomplete)

@@ -278,7 +278,7 @@ def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, p
         out.model_load = model.load_id
         span = score_span(x, header.fs, first, start, stop, ctx.info, ctx.config,
                           lambda s: model.predict(s, ctx.config.batch_size))
-        result.sample, result.probability = span.sample, span.probability
+        result.anchor, result.probability = span.sample, span.probability
         result.n_detected, result.n_dropped_edge, result.n_dropped_invalid = (
             len(span.detected), span.n_dropped_edge, span.n_dropped_invalid)
         out.seconds = {"read": read_s, **span.seconds}
@@ -311,10 +311,10 @@ def merge_pieces(parts: Sequence[PieceResult], refractory_s: float) -> scores.Re
         return scores.RecordScores(base.record, "failed", failed[0].error, base.checksum, base.lead, base.lead_fallback,
                                    base.fs, base.sig_len, seconds=sum(p.scores.seconds for p in parts))
     r = [p.scores for p in parts]
-    sample = np.concatenate([s.sample for s in r])
+    sample = np.concatenate([s.anchor for s in r])
     # Only across cuts: within a piece the detector already keeps beats a refractory period apart.
     keep = np.ones(len(sample), bool)
-    cuts = np.cumsum([len(s.sample) for s in r])[:-1]
+    cuts = np.cumsum([len(s.anchor) for s in r])[:-1]
     for c in cuts:
         if 0 < c < len(sample):
             j = c
@@ -323,7 +323,7 @@ def merge_pieces(parts: Sequence[PieceResult], refractory_s: float) -> scores.Re
                 j += 1
     out = scores.RecordScores(
         base.record, "ok", "", base.checksum, base.lead, base.lead_fallback, base.fs, base.sig_len,
-        sample=sample[keep], probability=np.concatenate([s.probability for s in r])[keep],
+        anchor=sample[keep], probability=np.concatenate([s.probability for s in r])[keep],
         reference=np.concatenate([s.reference for s in r])[keep],
         n_detected=sum(s.n_detected for s in r) - int((~keep).sum()),
         n_dropped_edge=sum(s.n_dropped_edge for s in r), n_dropped_invalid=sum(s.n_dropped_invalid for s in r),
@@ -464,7 +464,8 @@ def run_scoring(request: ScoreRequest, client: Client,
     plugin = ModelPlugin(info)
 
     attrs = {
-        "schema_version": scores.scores_schema()["schema_version"], "kind": "beat-scores", "package": "ecg-pipeline",
+        "schema_version": scores.scores_schema()["schema_version"], "kind": scores.KIND, "task": "beat",
+        "anchor_kind": "r-peak", "package": "ecg-pipeline",
         "package_version": pipeline.__version__, "model": str(request.model), "model_sha256": info.sha256,
         "model_database": info.database, "classes": list(info.classes), "label_map": dict(info.label_map),
         "spectrogram": info.spec.attrs(), "detector": config.to_dict()["detector"], "input": source.description,
@@ -538,7 +539,7 @@ def run_scoring(request: ScoreRequest, client: Client,
                 rec = merge_pieces(parts, config.detector.refractory_s) if len(parts) > 1 else res.scores
                 del pieces[r]
                 pending.append(rec)
-                beats_run += rec.n_beats
+                beats_run += rec.n_segments
                 bar.update(1)
                 if hasattr(bar, "set_postfix_str"):
                     bar.set_postfix_str(f"{beats_run / (time.perf_counter() - t0):,.0f} beats/s", refresh=False)
@@ -558,7 +559,7 @@ def run_scoring(request: ScoreRequest, client: Client,
     t = time.perf_counter()
     rows = list(writer.rows.values())  # the whole store: earlier runs over other records included
     failed = [(r["record"], r["error"]) for r in rows if r["status"] != "ok"]
-    per_class = scores.beats_per_class(rows, info.classes)
+    per_class = scores.segments_per_class(rows, info.classes)
     ref_metrics = None
     if any(r["reference"] for r in rows):
         g = writer.group
@@ -567,7 +568,7 @@ def run_scoring(request: ScoreRequest, client: Client,
         pred = np.asarray(g["predicted"][:n], dtype=object)
         ref_metrics = reference_metrics(ref, pred, rows, info.classes)
         ref_metrics["detector"]["tolerance_s"] = config.match_tolerance_s
-    writer.finish({"complete": all(r in writer.rows for r in names), "beats_per_class": per_class,
+    writer.finish({"complete": all(r in writer.rows for r in names), "segments_per_class": per_class,
                    "n_failed_records": len(failed), **({"reference_metrics": ref_metrics} if ref_metrics else {})})
     frame = scores.records_frame(rows, info.classes).sort_values("record", kind="stable")
     tables.write_table(frame, summary)
@@ -576,7 +577,7 @@ def run_scoring(request: ScoreRequest, client: Client,
             json.dump(ref_metrics, f, indent=2)
     return ScoreReport(
         out=request.out, summary=summary, input=source.description, n_records=len(names), n_scored=len(todo),
-        n_skipped=skipped, failed=failed, beats_per_class=per_class, n_beats=sum(int(r["n_beats"]) for r in rows),
+        n_skipped=skipped, failed=failed, beats_per_class=per_class, n_beats=sum(int(r["n_segments"]) for r in rows),
         n_beats_run=beats_run, reference=ref_metrics, wall_s=time.perf_counter() - t0, stage_s=dict(stage_s),
         phase_s={**phase, "finish": time.perf_counter() - t}, model_loads=len(loads))
 

@@ -1,13 +1,16 @@
-"""Stage 10: the Zarr store of beat scores written by ``ecg-pipeline score``.
+"""Stage 10: the Zarr store of scores written by ``ecg-pipeline score``.
 
-Layout (``schemas/scores-v1.json`` is the contract, checked on open):
+Layout (``schemas/scores-v2.json`` is the contract, checked on open; the scores side
+of the schema family of ``store-v2.json``: ``task`` and ``anchor_kind`` in the attributes):
 
-* per beat, on dimension ``segment``: ``probability (segment, class)``, ``predicted``,
-  ``reference`` (the matched reference class, when the record has annotations) and
-  the coordinates ``record`` and ``sample`` (the R peak, at the record's sampling rate);
+* per segment (a beat, for beat models), on dimension ``segment``: ``probability
+  (segment, class)``, ``predicted``, ``reference`` (the matched reference class, when
+  the record has annotations) and the coordinates ``record`` and ``anchor`` (the
+  detected R peak, at the record's sampling rate);
 * ``class``: the model's classes (N, S, V, F, Q);
-* the per-record table on ``record_id``: status and error, lead, beats per class,
-  ectopic share, detector counts against the reference (``record_tp/fn/fp``).
+* the per-record table on ``record_id``: status and error, lead, segments per
+  predicted class, and for beats the ectopic share and the detector's counts against
+  the reference (``record_tp/fn/fp``).
 
 Only the job's driver writes this store; workers return their results to it. Each
 commit appends the beats of finished records after the committed ones, then
@@ -37,15 +40,16 @@ from .. import schemas
 from . import store
 from .errors import StoreError
 
-SCHEMA_FILE = "scores-v1.json"
-BEAT_VARS = ("probability", "predicted", "reference", "record", "sample")
-BEAT_COORDS = ("record", "sample")
+SCHEMA_FILE = "scores-v2.json"
+KIND = "scores"  #: the ``kind`` attribute: tells a scores store from a spectrogram store
+SEGMENT_VARS = ("probability", "predicted", "reference", "record", "anchor")
+SEGMENT_COORDS = ("record", "anchor")
 ECTOPIC = ("S", "V", "F")
 STATE_GROUP = "_state"  #: its attributes are the commit point: ``n_segments`` and the committed rows (JSON)
 
 
 def scores_schema() -> dict[str, Any]:
-    """The scores store schema (``schemas/scores-v1.json``)."""
+    """The scores store schema (``schemas/scores-v2.json``)."""
     return schemas.load(SCHEMA_FILE)
 
 
@@ -61,7 +65,7 @@ class RecordScores:
     lead_fallback: bool = False
     fs: float = 0.0
     sig_len: int = 0
-    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    anchor: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     probability: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     reference: np.ndarray = field(default_factory=lambda: np.zeros(0, object))  #: "" where unmatched
     n_detected: int = 0
@@ -75,8 +79,8 @@ class RecordScores:
     seconds: float = 0.0
 
     @property
-    def n_beats(self) -> int:
-        return int(self.sample.shape[0]) if self.status == "ok" else 0
+    def n_segments(self) -> int:
+        return int(self.anchor.shape[0]) if self.status == "ok" else 0
 
 
 _TABLE_FIELDS = ("status", "error", "checksum", "lead", "lead_fallback", "fs", "sig_len", "n_detected",
@@ -87,11 +91,11 @@ def table_row(r: RecordScores, offset: int, classes: Sequence[str]) -> dict[str,
     """The per-record table row of ``r`` placed at segment ``offset``."""
     row = {f: getattr(r, f) for f in _TABLE_FIELDS}
     row["reference"] = row.pop("reference_file")
-    n = r.n_beats
+    n = r.n_segments
     predicted = np.argmax(r.probability, axis=1) if n else np.zeros(0, np.int64)
     counts = np.bincount(predicted, minlength=len(classes))[: len(classes)] if n else np.zeros(len(classes), np.int64)
     ectopic = sum(int(counts[i]) for i, c in enumerate(classes) if c in ECTOPIC)
-    row.update(record=r.record, offset=int(offset), n_beats=n, beats=counts.astype(np.int64),
+    row.update(record=r.record, offset=int(offset), n_segments=n, segments=counts.astype(np.int64),
                ectopic_share=ectopic / n if n else float("nan"))
     return row
 
@@ -110,7 +114,7 @@ class ScoresWriter:
     classes
         The model's classes (the ``class`` coordinate).
     chunk_size
-        Beats per Zarr chunk.
+        Segments per Zarr chunk.
     """
 
     def __init__(self, path: str, attrs: Mapping[str, Any], classes: Sequence[str], chunk_size: int, *,
@@ -131,11 +135,14 @@ class ScoresWriter:
         self.created = group is None  #: this writer made the store (nothing was there)
         if group is not None:
             old = dict(group.attrs)
-            if old.get("kind") != "beat-scores":
+            if old.get("kind") not in (KIND, "beat-scores"):
                 raise StoreError(f"{path} is not a scores store written by `ecg-pipeline score`; choose another --out "
                                  "or pass --overwrite")
-            for key, what in (("model_sha256", "model"), ("config_fingerprint", "detector/lead configuration"),
-                              ("schema_version", "schema version")):
+            if old.get("schema_version") != self.schema["schema_version"]:
+                raise StoreError(f"{path} holds scores of schema v{old.get('schema_version')} (this ecg-pipeline "
+                                 f"writes v{self.schema['schema_version']}); pass --overwrite to score again into it, "
+                                 "or choose another --out")
+            for key, what in (("model_sha256", "model"), ("config_fingerprint", "detector/lead configuration")):
                 if old.get(key) != attrs.get(key):
                     raise StoreError(f"{path} holds scores from a different {what} ({key} {str(old.get(key))[:12]}, "
                                      f"now {str(attrs.get(key))[:12]}); pass --overwrite or choose another --out")
@@ -165,7 +172,7 @@ class ScoresWriter:
             shape = tuple(0 if d == "segment" else len(self.classes) for d in dims)
             chunks = tuple(chunk_size if d == "segment" else max(len(self.classes), 1) for d in dims)
             store.create_array(group, name, spec, shape, chunks, spec["dtype"][0],
-                               coordinates=BEAT_COORDS if name in ("probability", "predicted", "reference") else ())
+                               coordinates=SEGMENT_COORDS if name in ("probability", "predicted", "reference") else ())
         group["class"][:] = np.asarray(self.classes, dtype=object)
 
     def _cut_back(self, group) -> None:
@@ -174,7 +181,7 @@ class ScoresWriter:
         if "rows" in state:
             self.n = int(state["n_segments"])
             self.rows = {row["record"]: row for row in json.loads(state["rows"])}
-        for name in BEAT_VARS:
+        for name in SEGMENT_VARS:
             a = group[name]
             if a.shape[0] != self.n:
                 a.resize((self.n, *a.shape[1:]))
@@ -186,7 +193,7 @@ class ScoresWriter:
         table = {name: group[name][:] for name, spec in self.schema["variables"].items() if spec["dims"][0] == "record_id"}
         for i, rec in enumerate(table["record_id"]):
             row = {name.removeprefix("record_"): table[name][i] for name in table if name != "record_id"}
-            if int(row["offset"]) + int(row["n_beats"]) > self.n:
+            if int(row["offset"]) + int(row["n_segments"]) > self.n:
                 continue  # committed data never reached the commit point: score the record again
             row["record"] = str(rec)
             for k in ("status", "error", "checksum", "lead", "reference"):
@@ -199,19 +206,19 @@ class ScoresWriter:
         return {r for r, row in self.rows.items() if row["status"] == "ok"}
 
     def commit(self, results: Iterable[RecordScores]) -> None:
-        """Append the beats of ``results``, then their table rows, then move the commit point."""
+        """Append the segments of ``results``, then their table rows, then move the commit point."""
         results = list(results)
         if not results:
             return
-        beats = [r for r in results if r.n_beats]
-        n_new = self.n + sum(r.n_beats for r in beats)
+        beats = [r for r in results if r.n_segments]
+        n_new = self.n + sum(r.n_segments for r in beats)
         if beats:
             values = {
                 "probability": np.concatenate([r.probability for r in beats]).astype(np.float32),
                 "predicted": np.asarray(self.classes, dtype=object)[np.concatenate([r.probability.argmax(1) for r in beats])],
                 "reference": np.concatenate([np.asarray(r.reference, dtype=object) for r in beats]),
-                "record": np.concatenate([np.full(r.n_beats, r.record, dtype=object) for r in beats]),
-                "sample": np.concatenate([r.sample for r in beats]).astype(np.int64),
+                "record": np.concatenate([np.full(r.n_segments, r.record, dtype=object) for r in beats]),
+                "anchor": np.concatenate([r.anchor for r in beats]).astype(np.int64),
             }
             for name, v in values.items():
                 a = self.group[name]
@@ -220,7 +227,7 @@ class ScoresWriter:
         offset = self.n
         for r in results:
             self.rows[r.record] = table_row(r, offset, self.classes)
-            offset += r.n_beats
+            offset += r.n_segments
         self._write_table(self.group)
         self.n = n_new
         self._save_state(self.group)  # the commit point
@@ -263,11 +270,12 @@ class ScoresWriter:
 
 
 def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]) -> pd.DataFrame:
-    """Per-record summary rows -> a DataFrame with ``beats_<class>`` columns, for CSV/Parquet."""
+    """Per-record summary rows -> a DataFrame for CSV/Parquet, in beat terms (``n_beats``, ``beats_<class>``)."""
     out = []
     for r in rows:
-        d = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items() if k != "beats"}
-        d.update({f"beats_{c}": int(n) for c, n in zip(classes, r["beats"])})
+        d = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items() if k not in ("segments", "n_segments")}
+        d["n_beats"] = int(r["n_segments"])
+        d.update({f"beats_{c}": int(n) for c, n in zip(classes, r["segments"])})
         out.append(d)
     cols = ["record", "status", "error", "n_beats", *[f"beats_{c}" for c in classes], "ectopic_share", "lead",
             "lead_fallback", "fs", "sig_len", "n_detected", "n_dropped_edge", "n_dropped_invalid", "reference",
@@ -282,7 +290,7 @@ def open_scores(path: str, *, storage_options: Mapping[str, Any] | None = None,
     Raises
     ------
     StoreError
-        The path is not a scores store, does not match ``schemas/scores-v1.json``, or
+        The path is not a scores store, does not match ``schemas/scores-v2.json``, or
         its job has not finished (unless ``require_complete=False``).
     """
     try:
@@ -292,7 +300,11 @@ def open_scores(path: str, *, storage_options: Mapping[str, Any] | None = None,
         raise StoreError(f"no Zarr store at {path}") from exc
     except Exception as exc:  # noqa: BLE001
         raise StoreError(f"cannot open {path} as a Zarr v3 store: {type(exc).__name__}: {exc}") from exc
-    if require_complete and ds.attrs.get("kind") == "beat-scores" and not ds.attrs.get("complete"):
+    if ds.attrs.get("kind") in (KIND, "beat-scores") and ds.attrs.get("schema_version") != scores_schema()["schema_version"]:
+        raise StoreError(f"{path} holds scores of schema v{ds.attrs.get('schema_version')}; this ecg-pipeline reads "
+                         f"v{scores_schema()['schema_version']} (generic anchor and segment counts): score again with "
+                         "--overwrite, or into a new --out")
+    if require_complete and ds.attrs.get("kind") == KIND and not ds.attrs.get("complete"):
         raise StoreError(f"{path}: the scoring job has not finished (attrs complete=false): re-run "
                          "`ecg-pipeline score` with the same --out to finish it")
     problems = store.schema_problems(ds, scores_schema())
@@ -304,10 +316,11 @@ def open_scores(path: str, *, storage_options: Mapping[str, Any] | None = None,
         {n: ds[n].astype(object) if ds[n].dtype.kind == "T" else ds[n] for n in ds.coords})
 
 
-def beats_per_class(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]) -> dict[str, int]:
+def segments_per_class(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]) -> dict[str, int]:
+    """Scored segments per predicted class over the table's ok records."""
     total = np.zeros(len(classes), np.int64)
     for r in rows:
         if r["status"] == "ok":
-            total += np.asarray(r["beats"], dtype=np.int64)
+            total += np.asarray(r["segments"], dtype=np.int64)
     return {c: int(n) for c, n in zip(classes, total)}
 

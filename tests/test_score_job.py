@@ -91,7 +91,7 @@ def test_ds2_scores_agree_with_the_reference(ds2, model, mirror, work):
     np.testing.assert_allclose(ds.probability.values.sum(axis=1), 1, atol=1e-4)
     # Plain xarray reads the store as well.
     plain = xr.open_zarr(out, consolidated=False)
-    assert plain.sizes["segment"] == ds.sizes["segment"] == int(ds.record_n_beats.sum())
+    assert plain.sizes["segment"] == ds.sizes["segment"] == int(ds.record_n_segments.sum())
 
     # The reference beats the job counted are the annotation file's beats (counted here independently).
     for rec in ("100", "213", "232"):
@@ -99,7 +99,7 @@ def test_ds2_scores_agree_with_the_reference(ds2, model, mirror, work):
         n_ref = len(label_beats(np.asarray(ann.sample), np.asarray(ann.symbol, dtype=object),
                                 LABEL_MAPS["aami-ec57"], "Q").sample)
         assert int(ds.record_n_reference.sel(record_id=rec)) == n_ref
-        beats = ds.sample.values[ds.record.values == rec]
+        beats = ds.anchor.values[ds.record.values == rec]
         assert np.all(np.diff(beats) > 0)  # in order, no beat twice
 
     # Detector against the reference (EC57 matching within 150 ms), from the store and from the report.
@@ -155,7 +155,7 @@ def test_ds2_scores_agree_with_the_reference(ds2, model, mirror, work):
     # Each matched scored beat of the test records, paired with the annotated beat of its record nearest to it
     # within the 150 ms of the EC57 match: it is the reference beat the job matched (same class).
     sel = np.isin(ds.record.values, test) & (ds.reference.values != "")
-    s_rec, s_sample, s_ref = ds.record.values[sel], ds.sample.values[sel].astype(np.int64), ds.reference.values[sel]
+    s_rec, s_sample, s_ref = ds.record.values[sel], ds.anchor.values[sel].astype(np.int64), ds.reference.values[sel]
     s_prob, s_pred = ds.probability.values[sel], np.array([idx[c] for c in ds.predicted.values[sel]])
     fs = float(ds.record_fs.sel(record_id=test[0]))
     pair = np.full(len(s_rec), -1)
@@ -192,17 +192,17 @@ def test_ds2_scores_agree_with_the_reference(ds2, model, mirror, work):
 
 def test_rerun_skips_scored_records(ds2, model, mirror):
     out, _ = ds2
-    before = zarr.open_group(str(out), mode="r", use_consolidated=False)["sample"][:]
+    before = zarr.open_group(str(out), mode="r", use_consolidated=False)["anchor"][:]
     with HTTPMirror(mirror) as http:
         r = _ok(_cli("score", "--model", str(model), "--db", "mitdb", "--source", http.url, "--records",
                      ",".join(DS2), "--out", str(out), "--workers", "2", "--no-progress"))
     assert f"0 scored now, {len(DS2)} already in the store" in r.stdout
-    after = zarr.open_group(str(out), mode="r", use_consolidated=False)["sample"][:]
+    after = zarr.open_group(str(out), mode="r", use_consolidated=False)["anchor"][:]
     np.testing.assert_array_equal(before, after)
     shown = _ok(_cli("inspect", str(out))).stdout  # the inspect command knows scores stores too
     ds = open_scores(str(out))
     row = next(line for line in shown.splitlines() if line.split()[:2] == ["232", "ok"])
-    assert int(row.split()[2]) == int(ds.record_n_beats.sel(record_id="232")) and "beat scores" in shown
+    assert int(row.split()[2]) == int(ds.record_n_segments.sel(record_id="232")) and "beat scores" in shown
 
 
 def _copy_record(mirror, rec: str, dest):
@@ -235,7 +235,7 @@ def test_zip_archive_with_nested_and_corrupt_records(ds2, model, mirror, tmp_pat
     ref = open_scores(str(ds2[0]))
     for name, rec in (("ward-a/monday/105", "105"), ("ward-a/monday/213", "213"), ("ward-b/232", "232")):
         a, b = got.record.values == name, ref.record.values == rec
-        np.testing.assert_array_equal(got.sample.values[a], ref.sample.values[b])
+        np.testing.assert_array_equal(got.anchor.values[a], ref.anchor.values[b])
         np.testing.assert_allclose(got.probability.values[a], ref.probability.values[b], atol=1e-4)
         assert (got.reference.values[a] == ref.reference.values[b]).all()
 
@@ -368,13 +368,13 @@ def test_real_cluster_loses_a_worker_and_the_driver(ds2, model, mirror, tmp_path
     reference = open_scores(str(ds2[0]))
     for got in (first, open_scores(str(out2))):
         assert set(got.record_status.values) == {"ok"} and sorted(got.record_id.values) == sorted(records)
-        pairs = list(zip(got.record.values, got.sample.values))
+        pairs = list(zip(got.record.values, got.anchor.values))
         assert len(pairs) == len(set(pairs)), "a beat was written twice"
         for rec in records:
             a, b = got.record.values == rec, reference.record.values == rec
-            np.testing.assert_array_equal(got.sample.values[a], reference.sample.values[b])
+            np.testing.assert_array_equal(got.anchor.values[a], reference.anchor.values[b])
             np.testing.assert_allclose(got.probability.values[a], reference.probability.values[b], atol=1e-4)
-            assert int(got.record_n_beats.sel(record_id=rec)) == int(a.sum())
+            assert int(got.record_n_segments.sel(record_id=rec)) == int(a.sum())
 
 
 def _beats(record, n, seed, status="ok"):
@@ -382,7 +382,7 @@ def _beats(record, n, seed, status="ok"):
 
     rng = np.random.default_rng(seed)
     return RecordScores(record, status=status, error="" if status == "ok" else "signal: truncated", lead="MLII",
-                        fs=360.0, sig_len=1000 * n, sample=np.sort(rng.choice(1000 * n, n, replace=False)),
+                        fs=360.0, sig_len=1000 * n, anchor=np.sort(rng.choice(1000 * n, n, replace=False)),
                         probability=rng.dirichlet(np.ones(5), size=n).astype(np.float32),
                         reference=np.array(["N"] * n, dtype=object), n_detected=n)
 
@@ -394,7 +394,8 @@ def test_a_driver_killed_inside_a_commit_loses_and_repeats_nothing(tmp_path, mon
     the commit point and the readers' ``n_segments``. The re-run must score exactly what was not committed."""
     from ecg_pipeline.pipeline import scores
 
-    attrs = {"schema_version": 1, "kind": "beat-scores", "package": "ecg-pipeline", "package_version": "0",
+    attrs = {"schema_version": 2, "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
+             "package_version": "0",
              "model": "m.keras", "model_sha256": "a" * 64, "model_database": "mitdb", "classes": CLASSES,
              "spectrogram": {"fs": 360.0, "n_before": 90, "n_after": 162, "nperseg": 64, "hop": 8, "nfft": 64,
                              "window": "hann", "log_eps": 1e-4}, "detector": {}, "input": "x", "config": {},
@@ -443,7 +444,7 @@ def test_a_driver_killed_inside_a_commit_loses_and_repeats_nothing(tmp_path, mon
         assert sorted(ds.record_id.values) == ["a", "b", "c"] and set(ds.record_status.values) == {"ok"}, (state, step)
         for rec, want in every.items():
             got = ds.record.values == rec
-            np.testing.assert_array_equal(ds.sample.values[got], want.sample)  # once each, none lost
-            assert int(ds.record_n_beats.sel(record_id=rec)) == got.sum()
+            np.testing.assert_array_equal(ds.anchor.values[got], want.anchor)  # once each, none lost
+            assert int(ds.record_n_segments.sel(record_id=rec)) == got.sum()
             offset = int(ds.record_offset.sel(record_id=rec))
-            assert (ds.record.values[offset:offset + want.n_beats] == rec).all(), (state, step, rec)
+            assert (ds.record.values[offset:offset + want.n_segments] == rec).all(), (state, step, rec)

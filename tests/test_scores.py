@@ -23,7 +23,8 @@ CLASSES = ("N", "S", "V", "F", "Q")
 
 
 def _attrs(sha="a" * 64, fp="b" * 64):
-    return {"schema_version": 1, "kind": "beat-scores", "package": "ecg-pipeline", "package_version": "0",
+    return {"schema_version": 2, "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
+            "package_version": "0",
             "model": "m.keras", "model_sha256": sha, "model_database": "mitdb", "classes": list(CLASSES),
             "spectrogram": {"fs": 360.0, "n_before": 90, "n_after": 162, "nperseg": 64, "hop": 8, "nfft": 64,
                             "window": "hann", "log_eps": 1e-4},
@@ -34,7 +35,7 @@ def _scores(record, n, seed=0, status="ok"):
     rng = np.random.default_rng(seed)
     p = rng.dirichlet(np.ones(5), size=n).astype(np.float32)
     return RecordScores(record, status=status, error="" if status == "ok" else "signal: truncated",
-                        lead="MLII", fs=360.0, sig_len=1000 * n, sample=np.sort(rng.choice(1000 * n, n, replace=False)),
+                        lead="MLII", fs=360.0, sig_len=1000 * n, anchor=np.sort(rng.choice(1000 * n, n, replace=False)),
                         probability=p, reference=np.array(["N"] * n, dtype=object), n_detected=n)
 
 
@@ -50,7 +51,7 @@ def test_commit_resume_and_cut_back(tmp_path):
     assert (ds.record.values[:300] == "a").all() and (ds.record.values[300:] == "c").all()
     np.testing.assert_allclose(ds.probability.values.sum(axis=1), 1, rtol=1e-5)
     assert (ds.predicted.values == np.array(CLASSES, dtype=object)[ds.probability.values.argmax(1)]).all()
-    assert ds.record_beats.sel(record_id="a").sum() == 300 and ds.record_status.sel(record_id="b") == "failed"
+    assert ds.record_segments.sel(record_id="a").sum() == 300 and ds.record_status.sel(record_id="b") == "failed"
     # Plain xarray opens it too (the store is the interface).
     plain = xr.open_zarr(path, consolidated=False)
     assert plain.probability.dims == ("segment", "class") and "record" in plain.coords
@@ -60,18 +61,18 @@ def test_commit_resume_and_cut_back(tmp_path):
     assert w2.done == {"a", "c"} and w2.n == 500  # failed "b" is tried again
     d = _scores("d", 100, 4)
     g = zarr.open_group(path, mode="r+", use_consolidated=False)
-    for name in ("probability", "sample"):
+    for name in ("probability", "anchor"):
         a = g[name]
         a.resize((600, *a.shape[1:]))
-    g["sample"][500:600] = d.sample
+    g["anchor"][500:600] = d.anchor
     w3 = ScoresWriter(path, _attrs(), CLASSES, chunk_size=256)
-    assert w3.n == 500 and g["sample"].shape == (500,) and w3.done == {"a", "c"}
+    assert w3.n == 500 and g["anchor"].shape == (500,) and w3.done == {"a", "c"}
     w3.commit([d, _scores("b", 50, 5)])
     w3.finish({"complete": True})
     ds = open_scores(path)
     assert ds.sizes["segment"] == 650 and list(ds.record_id.values) == ["a", "b", "c", "d"]
     assert ds.record_status.sel(record_id="b") == "ok" and int(ds.record_offset.sel(record_id="b")) == 600
-    np.testing.assert_array_equal(ds.sample.values[500:600], d.sample)
+    np.testing.assert_array_equal(ds.anchor.values[500:600], d.anchor)
 
 
 def test_scores_of_another_model_are_not_mixed(tmp_path):
@@ -93,9 +94,9 @@ def test_scores_of_another_model_are_not_mixed(tmp_path):
 
 def test_merge_pieces_keeps_a_beat_at_a_cut_once():
     a, b = _scores("r", 3), _scores("r", 3)
-    a.sample, b.sample = np.array([100, 500, 995]), np.array([1001, 1500, 1900])
+    a.anchor, b.anchor = np.array([100, 500, 995]), np.array([1001, 1500, 1900])
     merged = merge_pieces([PieceResult("r", 1, scores=b), PieceResult("r", 0, scores=a)], refractory_s=0.2)
-    np.testing.assert_array_equal(merged.sample, [100, 500, 995, 1500, 1900])
+    np.testing.assert_array_equal(merged.anchor, [100, 500, 995, 1500, 1900])
     assert merged.probability.shape == (5, 5) and merged.n_detected == 5
     b.status, b.error = "failed", "signal: truncated"
     assert merge_pieces([PieceResult("r", 0, scores=a), PieceResult("r", 1, scores=b)], 0.2).error == "signal: truncated"
@@ -218,3 +219,16 @@ def _spec():
 
     return SpectrogramSpec(fs=360.0, n_before=90, n_after=162, nperseg=64, hop=8, nfft=64)
 
+
+
+def test_a_scores_store_of_schema_v1_is_refused_with_what_to_do(tmp_path):
+    path = str(tmp_path / "s.zarr")
+    w = ScoresWriter(path, _attrs(), CLASSES, chunk_size=256)
+    w.commit([_scores("a", 10)])
+    w.finish({"complete": True})
+    zarr.open_group(path, mode="r+", use_consolidated=False).attrs.update(schema_version=1, kind="beat-scores")
+    with pytest.raises(StoreError, match="schema v1.*--overwrite"):
+        open_scores(path)
+    with pytest.raises(StoreError, match="schema v1.*--overwrite"):
+        ScoresWriter(path, _attrs(), CLASSES, chunk_size=256)
+    assert ScoresWriter(path, _attrs(), CLASSES, chunk_size=256, overwrite=True).n == 0
