@@ -126,6 +126,7 @@ class ChunkResult:
 def write_chunk(
     ctx: TaskContext,
     source: sources.RecordSource,
+    writer: store.ChunkWriter,
     k: int,
     parts: list[tuple[RecordPlan, int, int]],
     segs: slice,
@@ -133,13 +134,12 @@ def write_chunk(
     spec: spectrogram.SpectrogramSpec,
 ) -> ChunkResult:
     """Phase 2 for one chunk (a task): its rows (``extract.chunk_contents``), written whole."""
-    rows = extract.chunk_contents(source, parts, spec, ctx.labels.annotators, ctx.cache(), ctx.policy)
+    rows = extract.chunk_contents(source, parts, spec, ctx.cache(), ctx.policy)
     timer = Timer()
     with timer("write"):
         # A chunk with a failed piece is written (so the store stays readable) but keeps no
         # fingerprint, so the next run computes it again.
-        store.write_chunk(ctx.out, k, segs, rows.spectrogram, rows.coords, "" if rows.failures else fingerprint,
-                          ctx.storage_options)
+        store.write_chunk(writer, k, segs, rows.spectrogram, rows.coords, "" if rows.failures else fingerprint)
     return ChunkResult(k, not rows.failures, rows.failures, {**rows.seconds, **timer.seconds}, segs.stop - segs.start)
 
 
@@ -332,6 +332,8 @@ def run_preprocess(
 
     # Phase 2: write the chunks whose content differs from what the store holds.
     t = time.perf_counter()
+    # The arrays are opened once here and shipped to the tasks with their metadata.
+    [arrays] = client.scatter([store.chunk_writer(request.out, request.storage_options)], broadcast=True)
     chunk_futures = {}
     skipped = 0
     for k in range(layout.n_chunks):
@@ -341,7 +343,7 @@ def run_preprocess(
             skipped += 1
             continue
         parts = [(plan_futures[names[i]], lo, hi) for i, lo, hi in pieces]
-        fut = client.submit(write_chunk, ctx, src, k, parts, layout.chunk_slice(k), fp, spec,
+        fut = client.submit(write_chunk, ctx, src, arrays, k, parts, layout.chunk_slice(k), fp, spec,
                             key=f"chunk-{k}-{os.urandom(4).hex()}", retries=1)
         chunk_futures[fut] = (k, [names[i] for i, _, _ in pieces])
     failures: dict[str, str] = {}

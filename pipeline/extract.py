@@ -32,6 +32,7 @@ class RecordPlan:
     error: str = ""  #: "<stage>: <cause>"
     checksum: str = ""
     digest: str = ""  #: SHA-256 over the record's file digests (content identity)
+    local: sources.LocalRecord | None = None  #: where its files were, and their digests
     lead: str = ""
     lead_index: int = -1
     fs: float = 0.0
@@ -45,6 +46,7 @@ class RecordPlan:
     n_unknown: int = 0
     n_nonbeat: int = 0
     bytes_downloaded: int = 0
+    signal_files: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -85,6 +87,8 @@ def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, 
         plan.n_unknown, plan.n_nonbeat = segs.n_unknown, segs.n_nonbeat
         plan.lead, plan.lead_index, plan.fs, plan.sig_len = lead.name, lead.index, header.fs, header.sig_len
         plan.digest, plan.checksum, plan.bytes_downloaded = local.digest, local.checksum, local.bytes_downloaded
+        plan.local = local
+        plan.signal_files = header.files
         plan.ok = True
     except RecordError as exc:
         plan.error = f"{exc.stage}: {exc.message}"
@@ -103,7 +107,7 @@ class ChunkContents:
 
 
 def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPlan, int, int]],
-                   spec: SpectrogramSpec, annotators: Sequence[str], cache: Path,
+                   spec: SpectrogramSpec, cache: Path,
                    policy: download.RetryPolicy) -> ChunkContents:
     """Spectrograms of record pieces ``(plan, first, end)`` in order; a failed piece fails its record alone."""
     timer = Timer()
@@ -124,15 +128,14 @@ def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPla
         coords["lead"][rows] = plan.lead
         try:
             with timer("download"):
-                # No-op on the worker that planned the record; fetches (verified) on any other machine.
-                local = source.fetch(plan.record, tuple(annotators), cache, policy)
-            if local.digest != plan.digest:
-                raise RecordError(plan.record, "download", "the record's files changed at the source during the job")
-            header = records.read_header(local.base, plan.record)
+                # A marker check on the worker that planned the record; a verified fetch of the same
+                # bytes on any other machine (or the record fails).
+                base = source.fetch_again(plan.local, cache, policy)
+            header = records.Header(plan.record, plan.fs, plan.sig_len, (), (), plan.signal_files)
             lead = records.Lead(plan.lead_index, plan.lead, False)
             first = int(anchor[0]) - spec.n_before
             with timer("read_signal"):
-                sig = records.read_signal(local.base, header, lead, first, int(anchor[-1]) + spec.n_after)
+                sig = records.read_signal(base, header, lead, first, int(anchor[-1]) + spec.n_after)
             with timer("stft"):
                 out[rows] = segment.spectrograms(sig, anchor, spec, offset=first)
         except RecordError as exc:

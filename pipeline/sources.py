@@ -102,6 +102,10 @@ class RecordSource(Protocol):
 
     def fetch_file(self, name: str, cache: Path, policy: download.RetryPolicy) -> Path: ...
 
+    def fetch_again(self, local: "LocalRecord", cache: Path, policy: download.RetryPolicy) -> Path:
+        """The base path of a record fetched before, its files checked against ``local.files`` (no header parse)."""
+        ...
+
 
 def is_archive(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES)
@@ -176,6 +180,15 @@ class FolderSource:
         if not path.is_file():
             raise SourceNotFound(f"{name}: not found in {self.description}")
         return path
+
+    def fetch_again(self, local: LocalRecord, cache: Path | None = None,
+                    policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
+        root = Path(self.root)
+        for name, digest in local.files:
+            path = root / name
+            if not path.is_file() or _sha256(path) != digest:
+                raise RecordError(local.record, "download", f"{name} changed in {self.description} during the job")
+        return root / local.record
 
 
 @dataclass(frozen=True)
@@ -259,6 +272,21 @@ class RemoteSource:
         checksum: Checksum = "verified" if all(g.checksum == "verified" for g in got) else "unlisted"
         return LocalRecord(record, local / record, frozenset(present), checksum,
                            tuple((g.name, g.sha256) for g in got), sum(g.bytes_downloaded for g in got))
+
+    def fetch_again(self, local: LocalRecord, cache: Path,
+                    policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
+        # Each file against the digest it had: a cheap marker check where it is cached, a verified
+        # download on a machine that has not seen it (a changed file then fails the record).
+        fs, root = self._root(policy)
+        folder = self.cache_dir(cache)
+        for name, digest in local.files:
+            try:
+                download.fetch_file(fs, root, download.safe_name(name), folder, digest, policy)
+            except (download.ChecksumError, SourceNotFound) as exc:
+                raise RecordError(local.record, "download", f"{name} changed at the source during the job ({exc})") from exc
+            except (DownloadError, ValueError) as exc:
+                raise RecordError(local.record, "download", str(exc)) from exc
+        return folder / local.record
 
     def fetch_file(self, name: str, cache: Path, policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
         fs, root = self._root(policy)
@@ -351,6 +379,10 @@ class ArchiveSource:
     def fetch_file(self, name: str, cache: Path | None = None,
                    policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
         return self.folder(cache, policy).fetch_file(name, cache, policy)
+
+    def fetch_again(self, local: LocalRecord, cache: Path | None = None,
+                    policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
+        return self.folder(cache, policy).fetch_again(local, cache, policy)
 
 
 def _archive_key(path: Path) -> str:

@@ -264,8 +264,28 @@ def prepare(
     return held
 
 
+@dataclass(frozen=True)
+class ChunkWriter:
+    """The segment arrays of a store, opened once (by the job's driver, after ``prepare``).
+
+    Zarr arrays pickle with their metadata, so write tasks that receive this handle
+    write their chunk without reading any metadata (7 reads a chunk otherwise, a third
+    of the write time).
+    """
+
+    arrays: Mapping[str, Any]  #: spectrogram and the per-segment coordinates
+    fingerprint: Any  #: ``_state/chunk_fingerprint``
+
+
+def chunk_writer(path: str, storage_options: Mapping[str, Any] | None = None) -> ChunkWriter:
+    group = open_group(path, "r+", storage_options)
+    # A chunk is never all fill value here: skip zarr's empty-chunk scan (2/3 of the write time).
+    arrays = {n: group[n].with_config({"write_empty_chunks": True}) for n in ("spectrogram", *SEGMENT_COORDS)}
+    return ChunkWriter(arrays, group[f"{STATE_GROUP}/{FINGERPRINT}"])
+
+
 def write_chunk(
-    path: str,
+    target: "ChunkWriter | str",
     k: int,
     segments: slice,
     spectrogram: np.ndarray,
@@ -275,22 +295,20 @@ def write_chunk(
 ) -> None:
     """Write segment chunk ``k`` whole, then record its fingerprint.
 
-    The fingerprint is cleared first and set last, so a task killed half-way leaves
-    a chunk that the next run sees as missing.
+    ``target`` is a ``ChunkWriter`` (or the store's path). The fingerprint is cleared
+    first and set last, so a task killed half-way leaves a chunk that the next run sees
+    as missing.
     """
-    group = open_group(path, "r+", storage_options)
-    names = ("spectrogram", *SEGMENT_COORDS)
-    fp = group[f"{STATE_GROUP}/{FINGERPRINT}"]
-    spec_arr = group["spectrogram"]
+    writer = target if isinstance(target, ChunkWriter) else chunk_writer(target, storage_options)
+    spec_arr = writer.arrays["spectrogram"]
     size = spec_arr.chunks[0]
     if segments.start != k * size or segments.stop != min((k + 1) * size, spec_arr.shape[0]):
         raise StoreError(f"write {segments} is not chunk {k} of {size} segments")
-    fp[k] = ""
-    values = (spectrogram.astype(spec_arr.dtype, copy=False), *(labels[n] for n in SEGMENT_COORDS))
-    for name, value in zip(names, values):
-        # A chunk is never all fill value here: skip zarr's empty-chunk scan (2/3 of the write time).
-        group[name].with_config({"write_empty_chunks": True})[segments] = value
-    fp[k] = fingerprint
+    writer.fingerprint[k] = ""
+    writer.arrays["spectrogram"][segments] = spectrogram.astype(spec_arr.dtype, copy=False)
+    for name in SEGMENT_COORDS:
+        writer.arrays[name][segments] = labels[name]
+    writer.fingerprint[k] = fingerprint
 
 
 def write_record_table(path: str, table: Mapping[str, np.ndarray], storage_options: Mapping[str, Any] | None = None) -> None:
