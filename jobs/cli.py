@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {pipeline.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    for add in (_add_preprocess, _add_train, _add_evaluate, _add_score, _add_inspect):
+        add(sub)
+    return parser
+
+
+def _add_preprocess(sub) -> None:
+    """``preprocess DB --out STORE``."""
     pre = sub.add_parser(
         "preprocess",
         help="download, segment and transform a database into a Zarr store",
@@ -92,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-progress", action="store_true", help="no progress bars")
     pre.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
 
+
+def _add_train(sub) -> None:
+    """``train --store STORE --out RUN``."""
     tr = sub.add_parser(
         "train",
         help="train a CNN on a store's spectrograms and evaluate it",
@@ -140,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="one line an epoch instead of a progress bar")
     tr.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
 
+
+def _add_evaluate(sub) -> None:
+    """``evaluate --model M --store STORE``."""
     ev = sub.add_parser(
         "evaluate",
         help="recompute the metrics of a saved model on a store",
@@ -157,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="also write metrics.json, classification_report.txt and plots here")
     ev.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
 
+
+def _add_score(sub) -> None:
+    """``score --model M --input IN --out SCORES``."""
     sc = sub.add_parser(
         "score",
         help="score every beat of an archive of ECG records with a trained model",
@@ -211,12 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-progress", action="store_true", help="no progress bar")
     sc.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
 
+
+def _add_inspect(sub) -> None:
+    """``inspect STORE``."""
     ins = sub.add_parser("inspect", help="validate a store (spectrograms or scores) and print its summary",
                          description="Open a store written by `preprocess` or `score` with its schema check and print "
                                      "its per-record table and class counts.")
     ins.add_argument("store", help="store path or fsspec URL")
     ins.add_argument("--allow-incomplete", action="store_true", help="show a store whose job has not finished")
-    return parser
 
 
 def _cluster_args(parser: argparse.ArgumentParser, scheduler_help: str) -> None:

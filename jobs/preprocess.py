@@ -19,6 +19,7 @@ differ: a killed or partly failed job resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -245,34 +246,86 @@ def run_preprocess(
     """
     t0 = time.perf_counter()
     progress = progress or (lambda desc, total: NoProgress())
-    db = request.database
-    version = request.db_version
+    db, version, config = request.database, request.db_version, request.config
     if not db.annotator:
-        raise PipelineError(f"{db.name}: has no beat annotations; this store schema (v1) holds beat spectrograms "
-                            "only (rhythm stores come with store schema v2)")
-    label_source = BeatAnnotations(db.annotator, db.label_map, request.config.unknown_symbols)
-    ctx = TaskContext(db, label_source, request.cache_dir, request.config, request.out, request.storage_options)
+        raise PipelineError(f"{db.name}: has no beat annotations; `preprocess` builds beat stores from them (rhythm "
+                            "stores, on the same store schema, come with the Challenge 2017 work)")
+    label_source = BeatAnnotations(db.annotator, db.label_map, config.unknown_symbols)
+    ctx = TaskContext(db, label_source, request.cache_dir, config, request.out, request.storage_options)
     phase: dict[str, float] = {}
 
-    # Phase 0: what the source holds (on a worker: the client may not reach the source).
+    with _phase(phase, "manifest"):  # what the source holds (on a worker: the driver may not reach the source)
+        source = sources.database_source(db, request.source, version,
+                                         require_checksums=config.download.require_checksums)
+        listing = _list_source(client, source, request, ctx.policy)
+        names = request.records or listing.records
+        if not names:
+            raise DownloadError(f"{source.description}: no records (no RECORDS file, no .hea files); pass --records")
+    with _phase(phase, "plan"):
+        [src] = client.scatter([listing.source], broadcast=True)
+        plans, plan_futures = _plan_records(client, ctx, src, names, progress)
+
+    # Lay out the store: records in the source's order; its sampling rate is the first good record's.
+    fs_store = next((plans[r].fs for r in names if plans[r].ok), 0.0)
+    for r in names:
+        p = plans[r]
+        if p.ok and p.fs != fs_store:
+            p.ok, p.error = False, f"header: sampling frequency {p.fs} Hz differs from the store's {fs_store} Hz"
+    spec = spectrogram_spec(config, fs_store) if fs_store else None
+    layout = store.Layout(tuple(names), tuple(plans[r].n_segments for r in names), spec.n_freq if spec else 0,
+                          spec.n_time if spec else 0, config.store.chunk_size)
+    coords = {"freq": spec.freqs() if spec else np.zeros(0, np.float32),
+              "time": spec.times() if spec else np.zeros(0, np.float32)}
+    held = store.prepare(request.out, layout, _store_attrs(request, label_source, spec, listing), config.store.dtype,
+                         coords=coords, compressor=config.store.compressor, overwrite=request.overwrite,
+                         storage_options=request.storage_options)
+    # The table says "pending" until phase 2 is done, so an interrupted store still opens
+    # (``open_dataset(..., require_complete=False)``) and shows where it stopped.
+    store.write_record_table(request.out, _record_table(_outcomes(names, layout, plans, {}, final=False)),
+                             request.storage_options)
+
+    with _phase(phase, "write"):
+        written, skipped, failures, stage_s = _write_chunks(client, ctx, src, layout, plans, plan_futures, held,
+                                                            spec, progress)
+
+    # The per-record table and the final attributes (driver only: one writer).
+    outcomes = _outcomes(names, layout, plans, failures, final=True)
+    store.write_record_table(request.out, _record_table(outcomes), request.storage_options)
+    per_class = Counter(c for r in names if plans[r].ok for c in plans[r].label.tolist())
+    segments_per_class = {c: int(per_class.get(c, 0)) for c in label_source.classes}
+    store.finish(request.out, {"complete": written + skipped == layout.n_chunks,
+                               "segments_per_class": segments_per_class,
+                               "n_failed_records": sum(o.status != "ok" for o in outcomes)}, request.storage_options)
+    return PreprocessReport(
+        out=request.out, database=db.name, version=version, records=outcomes, segments_per_class=segments_per_class,
+        chunks_total=layout.n_chunks, chunks_written=written, chunks_skipped=skipped,
+        missing_source_files=listing.missing, listing_error=listing.listing_error, wall_s=time.perf_counter() - t0,
+        phase_s=phase, stage_s=dict(stage_s), bytes_downloaded=sum(p.bytes_downloaded for p in plans.values()),
+    )
+
+
+@contextlib.contextmanager
+def _phase(phase: dict[str, float], name: str):
     t = time.perf_counter()
-    source = sources.database_source(db, request.source, version,
-                                     require_checksums=request.config.download.require_checksums)
-    listing: sources.Listing = client.submit(prepare_source, source, request.cache_dir, ctx.policy,
-                                             pure=False).result()
-    names = request.records or listing.records
-    if not names:
-        raise DownloadError(f"{source.description}: no records (no RECORDS file, no .hea files); pass --records")
+    try:
+        yield
+    finally:
+        phase[name] = time.perf_counter() - t
+
+
+def _list_source(client: Client, source: sources.RecordSource, request: PreprocessRequest,
+                 policy: download.RetryPolicy) -> sources.Listing:
+    listing: sources.Listing = client.submit(prepare_source, source, request.cache_dir, policy, pure=False).result()
     if listing.missing:
         log.warning("source lacks %d file(s) that SHA256SUMS.txt lists: %s", len(listing.missing),
                     ", ".join(listing.missing))
     if not listing.has_checksums:
-        log.warning("%s/%s has no SHA256SUMS.txt at the source: files cannot be verified", db.name, version)
-    phase["manifest"] = time.perf_counter() - t
+        log.warning("%s has no SHA256SUMS.txt at the source: files cannot be verified", source.description)
+    return listing
 
-    # Phase 1: download and plan every record.
-    t = time.perf_counter()
-    [src] = client.scatter([listing.source], broadcast=True)
+
+def _plan_records(client: Client, ctx: TaskContext, src, names, progress) -> tuple[dict[str, RecordPlan], dict]:
+    """Phase 1: one ``plan_record`` task per record; a task that dies fails its record alone."""
     futures = {client.submit(plan_record, ctx, src, r, key=f"plan-{r}-{os.urandom(4).hex()}"): r for r in names}
     plans: dict[str, RecordPlan] = {}
     plan_futures: dict[str, Any] = {}
@@ -286,54 +339,41 @@ def run_preprocess(
             plans[r] = RecordPlan(r, error=f"task: {type(exc).__name__}: {exc}")
         bar.update(1)
     bar.close()
-    phase["plan"] = time.perf_counter() - t
+    return plans, plan_futures
 
-    # Lay out the store: records in RECORDS order; the store's sampling rate is the database's first good record's.
-    fs_store = next((plans[r].fs for r in names if plans[r].ok), 0.0)
-    for r in names:
-        p = plans[r]
-        if p.ok and p.fs != fs_store:
-            p.ok, p.error = False, f"header: sampling frequency {p.fs} Hz differs from the store's {fs_store} Hz"
-    spec = spectrogram_spec(request.config, fs_store) if fs_store else None
-    n_freq, n_time = (spec.n_freq, spec.n_time) if spec else (0, 0)
-    layout = store.Layout(tuple(names), tuple(plans[r].n_segments for r in names), n_freq, n_time,
-                          request.config.store.chunk_size)
-    config_fp = request.config.fingerprint()
-    attrs = {
+
+def _store_attrs(request: PreprocessRequest, labels: BeatAnnotations, spec: spectrogram.SpectrogramSpec | None,
+                 listing: sources.Listing) -> dict[str, Any]:
+    db = request.database
+    return {
         "schema_version": store.store_schema()["schema_version"],
         "package": "ecg-pipeline",
         "package_version": pipeline.__version__,
         "database": db.name,
-        "database_version": version,
+        "database_version": request.db_version,
         "database_title": db.title,
         "citation": db.citation,
         "source": request.source,
-        "task": label_source.task,
-        "anchor_kind": label_source.anchor_kind,
-        "label_source": {"kind": "beat-annotations", "annotator": label_source.annotator,
-                         "label_map": label_source.label_map, "unknown": label_source.unknown},
+        "task": labels.task,
+        "anchor_kind": labels.anchor_kind,
+        "label_source": {"kind": "beat-annotations", "annotator": labels.annotator, "label_map": labels.label_map,
+                         "unknown": labels.unknown},
         "label_map": dict(LABEL_MAPS[db.label_map]),
-        "classes": list(label_source.classes),
+        "classes": list(labels.classes),
         "config": request.config.to_dict(),
-        "config_fingerprint": config_fp,
+        "config_fingerprint": request.config.fingerprint(),
         "spectrogram": spec.attrs() if spec else {},
         "missing_source_files": list(listing.missing),
     }
-    coords = {"freq": spec.freqs() if spec else np.zeros(0, np.float32),
-              "time": spec.times() if spec else np.zeros(0, np.float32)}
-    held = store.prepare(request.out, layout, attrs, request.config.store.dtype, coords=coords,
-                         compressor=request.config.store.compressor, overwrite=request.overwrite,
-                         storage_options=request.storage_options)
 
-    # The table says "pending" until phase 2 is done, so an interrupted store still opens
-    # (``open_dataset(..., require_complete=False)``) and shows where it stopped.
-    store.write_record_table(request.out, _record_table(_outcomes(names, layout, plans, {}, final=False)),
-                             request.storage_options)
 
-    # Phase 2: write the chunks whose content differs from what the store holds.
-    t = time.perf_counter()
+def _write_chunks(client: Client, ctx: TaskContext, src, layout: store.Layout, plans: Mapping[str, RecordPlan],
+                  plan_futures: Mapping[str, Any], held: list[str], spec, progress):
+    """Phase 2: a ``write_chunk`` task for each chunk whose fingerprint differs from what the store holds."""
+    names = layout.records
+    config_fp = ctx.config.fingerprint()
     # The arrays are opened once here and shipped to the tasks with their metadata.
-    [arrays] = client.scatter([store.chunk_writer(request.out, request.storage_options)], broadcast=True)
+    [arrays] = client.scatter([store.chunk_writer(ctx.out, ctx.storage_options)], broadcast=True)
     chunk_futures = {}
     skipped = 0
     for k in range(layout.n_chunks):
@@ -364,23 +404,4 @@ def run_preprocess(
                 failures.setdefault(r, f"write: chunk {k}: {type(exc).__name__}: {exc}")
         bar.update(1)
     bar.close()
-    phase["write"] = time.perf_counter() - t
-
-    # The per-record table and the final attributes (driver only: one writer).
-    outcomes = _outcomes(names, layout, plans, failures, final=True)
-    store.write_record_table(request.out, _record_table(outcomes), request.storage_options)
-    per_class = Counter()
-    for r in names:
-        if plans[r].ok:
-            per_class.update(plans[r].label.tolist())
-    segments_per_class = {c: int(per_class.get(c, 0)) for c in label_source.classes}
-    complete = written + skipped == layout.n_chunks
-    wall = time.perf_counter() - t0
-    store.finish(request.out, {"complete": complete, "segments_per_class": segments_per_class,
-                               "n_failed_records": sum(o.status != "ok" for o in outcomes)}, request.storage_options)
-    return PreprocessReport(
-        out=request.out, database=db.name, version=version, records=outcomes, segments_per_class=segments_per_class,
-        chunks_total=layout.n_chunks, chunks_written=written, chunks_skipped=skipped,
-        missing_source_files=listing.missing, listing_error=listing.listing_error, wall_s=wall, phase_s=phase,
-        stage_s=dict(stage_s), bytes_downloaded=sum(p.bytes_downloaded for p in plans.values()),
-    )
+    return written, skipped, failures, stage_s

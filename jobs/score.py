@@ -38,13 +38,12 @@ from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from .. import pipeline
 from .common import NoProgress, Timer, cache_root, prepare_source
-from ..pipeline import detect, extract, models, records, scores, sources, spectrogram, tables
+from ..pipeline import extract, models, records, scores, sources, spectrogram, tables
 from ..pipeline.config import ScoreConfig
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import RetryPolicy
 from ..pipeline.errors import RecordError
 from ..pipeline.evaluate import classification_metrics
-from ..pipeline.labels import label_beats
 
 log = logging.getLogger(__name__)
 
@@ -240,19 +239,6 @@ class PieceResult:
     model_load: str = ""  #: which load of the model scored it (worker, process, time)
 
 
-def _reference(ctx: ScoreContext, local: sources.LocalRecord, start: int,
-               stop: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Reference beats of ``[start, stop)``: ``(sample, AAMI class)``, or None without annotations."""
-    if not ctx.annotator or not local.has(ctx.annotator):
-        if ctx.require_reference and ctx.annotator:
-            raise RecordError(local.record, "annotations", f"no {local.record}.{ctx.annotator} (asked for by --annotations)")
-        return None
-    ann = records.read_annotations(local.base, local.record, ctx.annotator)
-    beats = label_beats(ann.sample, ann.symbol, ctx.info.label_map, "Q")
-    sel = (beats.sample >= start) & (beats.sample < stop)
-    return beats.sample[sel], beats.label[sel].astype(object)
-
-
 def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, piece: Piece | None = None) -> PieceResult:
     """Task: score one record, or one piece of a long one. Record problems become ``scores.status``."""
     t0 = time.perf_counter()
@@ -282,16 +268,14 @@ def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, p
         result.n_detected, result.n_dropped_edge, result.n_dropped_invalid = (
             len(span.detected), span.n_dropped_edge, span.n_dropped_invalid)
         out.seconds = {"read": read_s, **span.seconds}
-        ref = _reference(ctx, local, start, stop)
         result.reference = np.full(len(span.sample), "", dtype=object)
-        if ref is not None:
-            ref_sample, ref_label = ref
-            m = detect.match_beats(ref_sample, span.detected, header.fs, ctx.config.match_tolerance_s)
-            result.reference_file, result.n_reference = ctx.annotator or "", m.n_ref
-            result.tp, result.fn, result.fp = m.tp, m.n_ref - m.tp, m.n_det - m.tp
-            matched = np.full(len(span.detected), "", dtype=object)
-            matched[m.det_index] = ref_label[m.ref_index]
-            result.reference = matched[np.isin(span.detected, span.sample)]
+        if ctx.annotator and local.has(ctx.annotator):
+            m = extract.match_reference(local.base, record, ctx.annotator, ctx.info.label_map, start, stop,
+                                        span.detected, span.sample, header.fs, ctx.config.match_tolerance_s)
+            result.reference, result.reference_file, result.n_reference = m.label, ctx.annotator, m.n_reference
+            result.tp, result.fn, result.fp = m.tp, m.fn, m.fp
+        elif ctx.require_reference and ctx.annotator:
+            raise RecordError(record, "annotations", f"no {record}.{ctx.annotator} (asked for by --annotations)")
     except RecordError as exc:
         result.status, result.error = "failed", f"{exc.stage}: {exc.message}"
     except Exception as exc:  # noqa: BLE001 - one bad record must not sink the job
@@ -463,26 +447,11 @@ def run_scoring(request: ScoreRequest, client: Client,
         info.annotator if request.annotations == "auto" else request.annotations)
     plugin = ModelPlugin(info)
 
-    attrs = {
-        "schema_version": scores.scores_schema()["schema_version"], "kind": scores.KIND, "task": "beat",
-        "anchor_kind": "r-peak", "package": "ecg-pipeline",
-        "package_version": pipeline.__version__, "model": str(request.model), "model_sha256": info.sha256,
-        "model_database": info.database, "classes": list(info.classes), "label_map": dict(info.label_map),
-        "spectrogram": info.spec.attrs(), "detector": config.to_dict()["detector"], "input": source.description,
-        "config": config.to_dict(), "config_fingerprint": config.fingerprint(),
-    }
+    attrs = _scores_attrs(request, info, source.description)
     # The source is listed where it is reachable (archives fetched and extracted there), then
     # shipped once to every worker.
-    listing: sources.Listing = client.submit(prepare_source, source, request.cache_dir, policy, pure=False).result()
-    source, names = listing.source, listing.records
+    source, names = _listed_records(client, source, request, policy)
     phase = {"prepare": time.perf_counter() - t0}
-    if request.records:
-        unknown = sorted(set(request.records) - set(names))
-        if unknown:
-            raise sources.SourceError(f"{source.description}: no record(s) {', '.join(unknown)}")
-        names = tuple(r for r in names if r in set(request.records))
-    if not names:
-        raise sources.SourceError(f"{source.description}: no WFDB records (.hea files) found")
     # The store is opened (or created) only now: a refused input leaves none behind.
     writer = scores.ScoresWriter(request.out, attrs, info.classes, config.chunk_size, overwrite=request.overwrite,
                                  storage_options=request.storage_options)
@@ -493,7 +462,6 @@ def run_scoring(request: ScoreRequest, client: Client,
 
     stage_s: Counter[str] = Counter()
     loads: set[str] = set()
-    pending: list[scores.RecordScores] = []
     beats_run = 0
     if todo:
         try:
@@ -508,46 +476,8 @@ def run_scoring(request: ScoreRequest, client: Client,
             phase["model_load"] = time.perf_counter() - t
             t = time.perf_counter()
             [src] = client.scatter([source], broadcast=True)
-            futures = {client.submit(score_record, ctx, src, r, key=f"score-{r}-{os.urandom(4).hex()}"): r
-                       for r in todo}
-            pieces: dict[str, list[PieceResult]] = {}
-            expected: dict[str, int] = {}
-            bar = progress("score records", len(todo))
-            last_flush = time.perf_counter()
-            done_iter = as_completed(futures)
-            for fut in done_iter:
-                r = futures.pop(fut)
-                try:
-                    res: PieceResult = fut.result()
-                except Exception as exc:  # noqa: BLE001 - the task itself died (worker lost too often, a bug)
-                    res = PieceResult(r, scores=scores.RecordScores(r, "failed", f"task: {type(exc).__name__}: {exc}"))
-                fut.release()
-                if res.split:
-                    expected[r] = len(res.split)
-                    for p in res.split:
-                        f = client.submit(score_record, ctx, src, r, p, key=f"score-{r}-{p.index}-{os.urandom(4).hex()}")
-                        futures[f] = r
-                        done_iter.add(f)
-                    continue
-                stage_s.update(res.seconds)
-                if res.model_load:
-                    loads.add(res.model_load)
-                parts = pieces.setdefault(r, [])
-                parts.append(res)
-                if len(parts) < expected.get(r, 1):
-                    continue
-                rec = merge_pieces(parts, config.detector.refractory_s) if len(parts) > 1 else res.scores
-                del pieces[r]
-                pending.append(rec)
-                beats_run += rec.n_segments
-                bar.update(1)
-                if hasattr(bar, "set_postfix_str"):
-                    bar.set_postfix_str(f"{beats_run / (time.perf_counter() - t0):,.0f} beats/s", refresh=False)
-                if time.perf_counter() - last_flush >= config.flush_s:
-                    writer.commit(pending)
-                    pending, last_flush = [], time.perf_counter()
-            writer.commit(pending)
-            bar.close()
+            beats_run = _score_records(client, ctx, src, todo, writer, progress("score records", len(todo)),
+                                       stage_s, loads, t0)
         finally:
             try:
                 client.unregister_worker_plugin(plugin.name)
@@ -580,6 +510,80 @@ def run_scoring(request: ScoreRequest, client: Client,
         n_skipped=skipped, failed=failed, beats_per_class=per_class, n_beats=sum(int(r["n_segments"]) for r in rows),
         n_beats_run=beats_run, reference=ref_metrics, wall_s=time.perf_counter() - t0, stage_s=dict(stage_s),
         phase_s={**phase, "finish": time.perf_counter() - t}, model_loads=len(loads))
+
+
+def _scores_attrs(request: ScoreRequest, info: ModelInfo, input_description: str) -> dict[str, Any]:
+    config = request.config
+    return {
+        "schema_version": scores.scores_schema()["schema_version"], "kind": scores.KIND, "task": "beat",
+        "anchor_kind": "r-peak", "package": "ecg-pipeline",
+        "package_version": pipeline.__version__, "model": str(request.model), "model_sha256": info.sha256,
+        "model_database": info.database, "classes": list(info.classes), "label_map": dict(info.label_map),
+        "spectrogram": info.spec.attrs(), "detector": config.to_dict()["detector"], "input": input_description,
+        "config": config.to_dict(), "config_fingerprint": config.fingerprint(),
+    }
+
+
+def _listed_records(client: Client, source: sources.RecordSource, request: ScoreRequest,
+                    policy: RetryPolicy) -> tuple[sources.RecordSource, tuple[str, ...]]:
+    """The prepared source and the records to score (``--records`` checked against the listing)."""
+    listing: sources.Listing = client.submit(prepare_source, source, request.cache_dir, policy, pure=False).result()
+    source, names = listing.source, listing.records
+    if request.records:
+        unknown = sorted(set(request.records) - set(names))
+        if unknown:
+            raise sources.SourceError(f"{source.description}: no record(s) {', '.join(unknown)}")
+        names = tuple(r for r in names if r in set(request.records))
+    if not names:
+        raise sources.SourceError(f"{source.description}: no WFDB records (.hea files) found")
+    return source, names
+
+
+def _score_records(client: Client, ctx: ScoreContext, src, todo: Sequence[str], writer: scores.ScoresWriter, bar,
+                   stage_s: Counter, loads: set[str], t0: float) -> int:
+    """One ``score_record`` task per record (long records come back split, and their pieces are scored as
+    tasks too); finished records are committed every ``flush_s``. Returns the segments scored."""
+    futures = {client.submit(score_record, ctx, src, r, key=f"score-{r}-{os.urandom(4).hex()}"): r for r in todo}
+    pieces: dict[str, list[PieceResult]] = {}
+    expected: dict[str, int] = {}
+    pending: list[scores.RecordScores] = []
+    beats_run = 0
+    last_flush = time.perf_counter()
+    done_iter = as_completed(futures)
+    for fut in done_iter:
+        r = futures.pop(fut)
+        try:
+            res: PieceResult = fut.result()
+        except Exception as exc:  # noqa: BLE001 - the task itself died (worker lost too often, a bug)
+            res = PieceResult(r, scores=scores.RecordScores(r, "failed", f"task: {type(exc).__name__}: {exc}"))
+        fut.release()
+        if res.split:
+            expected[r] = len(res.split)
+            for p in res.split:
+                f = client.submit(score_record, ctx, src, r, p, key=f"score-{r}-{p.index}-{os.urandom(4).hex()}")
+                futures[f] = r
+                done_iter.add(f)
+            continue
+        stage_s.update(res.seconds)
+        if res.model_load:
+            loads.add(res.model_load)
+        parts = pieces.setdefault(r, [])
+        parts.append(res)
+        if len(parts) < expected.get(r, 1):
+            continue
+        rec = merge_pieces(parts, ctx.config.detector.refractory_s) if len(parts) > 1 else res.scores
+        del pieces[r]
+        pending.append(rec)
+        beats_run += rec.n_segments
+        bar.update(1)
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{beats_run / (time.perf_counter() - t0):,.0f} beats/s", refresh=False)
+        if time.perf_counter() - last_flush >= ctx.config.flush_s:
+            writer.commit(pending)
+            pending, last_flush = [], time.perf_counter()
+    writer.commit(pending)
+    bar.close()
+    return beats_run
 
 
 def _open_text(path: str):

@@ -187,3 +187,33 @@ def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: in
     with timer("stft"):
         out = segment.spectrograms(xm, peaks[check.keep], spec)
     return DetectedSegments(native[check.keep], out, native, check.n_edge, check.n_invalid, dict(timer.seconds))
+
+
+@dataclass
+class ReferenceMatch:
+    """Detections of a span against a record's reference beats (ANSI/AAMI EC57 matching)."""
+
+    label: np.ndarray  #: per scored anchor: the matched reference beat's class, "" where none
+    n_reference: int
+    tp: int
+    fn: int
+    fp: int
+
+
+def match_reference(base: Path, record: str, annotator: str, label_map, start: int, stop: int,
+                    detected: np.ndarray, scored: np.ndarray, fs: float, tolerance_s: float) -> ReferenceMatch:
+    """Match the R peaks ``detected`` in ``[start, stop)`` with the reference beats there, one to one.
+
+    ``scored`` (a subset of ``detected``) get the class of the reference beat they match.
+    """
+    from .detect import match_beats
+    from .labels import label_beats
+
+    ann = records.read_annotations(base, record, annotator)
+    beats = label_beats(ann.sample, ann.symbol, label_map, "Q")
+    sel = (beats.sample >= start) & (beats.sample < stop)
+    ref_sample, ref_label = beats.sample[sel], beats.label[sel].astype(object)
+    m = match_beats(ref_sample, detected, fs, tolerance_s)
+    matched = np.full(len(detected), "", dtype=object)
+    matched[m.det_index] = ref_label[m.ref_index]
+    return ReferenceMatch(matched[np.isin(detected, scored)], m.n_ref, m.tp, m.n_ref - m.tp, m.n_det - m.tp)
