@@ -28,15 +28,16 @@ import datetime as _dt
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import jsonschema
 import numpy as np
-import xarray as xr
 import zarr
 
 from .. import schemas
 from .errors import StoreError
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 SCHEMA_FILE = "store-v2.json"
 STATE_GROUP = "_state"
@@ -401,6 +402,8 @@ def schema_problems(ds: xr.Dataset, schema: Mapping[str, Any]) -> list[str]:
             problems.append(f"{name}: dtype {var.dtype}, expected one of {spec['dtype']}")
         if spec["role"] == "coord" and name not in ds.coords:
             problems.append(f"{name} should be a coordinate")
+    import jsonschema
+
     validator = jsonschema.Draft202012Validator(schema["attrs"])
     for err in validator.iter_errors(dict(ds.attrs)):
         problems.append(f"attribute {'.'.join(map(str, err.absolute_path)) or '<root>'}: {err.message}")
@@ -430,6 +433,8 @@ def open_dataset(
     StoreError
         The path is not a store, or it does not match the schema.
     """
+    import xarray as xr  # here, not at import: the loader imports this module into training processes
+
     try:
         ds = xr.open_zarr(path, consolidated=False, zarr_format=3, storage_options=storage_options or None,
                           chunks=chunks if chunks is not None else {}, decode_timedelta=False)
