@@ -96,8 +96,7 @@ class TaskContext:
 
     @property
     def policy(self) -> download.RetryPolicy:
-        d = self.config.download
-        return download.RetryPolicy(d.retries, d.backoff_s, d.timeout_s)
+        return self.config.download  # the download section is the retry policy
 
     def cache(self) -> Path:
         return cache_root(self.cache_dir)

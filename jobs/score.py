@@ -172,8 +172,7 @@ class ScoreContext:
 
     @property
     def policy(self) -> RetryPolicy:
-        d = self.config.download
-        return RetryPolicy(d.retries, d.backoff_s, d.timeout_s)
+        return self.config.download  # the download section is the retry policy
 
     def cache(self) -> Path:
         return cache_root(self.cache_dir)
@@ -439,7 +438,7 @@ def run_scoring(request: ScoreRequest, client: Client,
     info = ModelInfo.read(request.model)
     summary = summary_path(request.out, request.summary)
     check_summary(summary)
-    policy = RetryPolicy(config.download.retries, config.download.backoff_s, config.download.timeout_s)
+    policy = config.download
     source = sources.resolve_source(request.input, source=request.source, db=request.db, version=request.version,
                                     work_dir=request.work_dir, max_archive_bytes=config.max_archive_bytes,
                                     require_checksums=config.download.require_checksums)

@@ -27,6 +27,7 @@ from typing import Literal, Mapping
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
+from .config import DownloadConfig
 from .errors import ChecksumError, DownloadError, SourceNotFound
 
 log = logging.getLogger(__name__)
@@ -36,13 +37,9 @@ _CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$")
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Attempts and back-off for transient source errors."""
-
-    retries: int = 4
-    backoff_s: float = 0.5
-    timeout_s: float = 120.0
+#: Attempts, back-off and timeouts of source requests: the configuration's ``download`` section itself
+#: (one declaration, ``config.DownloadConfig``), so no job maps one onto the other.
+RetryPolicy = DownloadConfig
 
 
 @dataclass(frozen=True)
