@@ -128,8 +128,9 @@ def _add_train(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tr.add_argument("--store", help="store written by `ecg-pipeline preprocess` (path or fsspec URL)")
-    tr.add_argument("--split", default="inter-patient", metavar="SPLIT",
-                    help="inter-patient, intra-patient or a split file (default: %(default)s)")
+    tr.add_argument("--split", metavar="SPLIT",
+                    help=f"{', '.join(SPLITS)} or a split file (default: inter-patient for beat stores, stratified "
+                         "for rhythm stores)")
     tr.add_argument("--out", help="run folder (required unless --print-config)")
     tr.add_argument("--model", choices=sorted(MODELS), metavar="MODEL",
                     help=f"{', '.join(MODELS)} (default: from the config; see models below)")
@@ -164,7 +165,8 @@ def _add_evaluate(sub) -> None:
     )
     ev.add_argument("--model", required=True, help="model.keras written by `ecg-pipeline train`")
     ev.add_argument("--store", required=True, help="store (path or fsspec URL)")
-    ev.add_argument("--split", default="inter-patient", help="inter-patient, intra-patient or a split file (default: %(default)s)")
+    ev.add_argument("--split", help=f"{', '.join(SPLITS)} or a split file (default: the split the model was "
+                                    "trained on, from its metadata)")
     ev.add_argument("--part", default="test", choices=("train", "val", "test"), help="part of the split (default: %(default)s)")
     ev.add_argument("--seed", type=int, help="intra-patient split seed (default: the model's training seed)")
     ev.add_argument("--out", help="also write metrics.json, classification_report.txt and plots here")
@@ -327,7 +329,7 @@ def _report_json(report) -> dict:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from ..pipeline.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.config, dict(DATABASES[args.db].preprocess_defaults))
     if args.print_config:
         return _print_config(config)
     if not args.out:
@@ -410,10 +412,23 @@ def _resources_arg(text: str) -> dict[str, float] | None:
     return out
 
 
+def _store_task(store: str | None) -> str:
+    """The ``task`` a store declares (its training defaults depend on it); beat when there is no store yet."""
+    if not store:
+        return "beat"
+    import zarr
+
+    try:
+        return str(zarr.open_group(store, mode="r", use_consolidated=False).attrs.get("task", "beat"))
+    except Exception:  # noqa: BLE001 - not a store: the training job says so clearly
+        return "beat"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ..pipeline.config import load_train_config
 
-    config = load_train_config(args.config, model=args.model, epochs=args.epochs, seed=args.seed)
+    config = load_train_config(args.config, _store_task(args.store), model=args.model, epochs=args.epochs,
+                               seed=args.seed)
     if args.print_config:
         return _print_config(config)
     if not args.store or not args.out:

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -34,12 +34,12 @@ from distributed import Client, as_completed
 
 from .. import pipeline
 from .common import NoProgress, ProgressBar, Timer, cache_root, prepare_source
-from ..pipeline import download, extract, segment, sources, spectrogram, store
+from ..pipeline import download, extract, labels, segment, sources, spectrogram, store
 from ..pipeline.extract import RecordPlan
-from ..pipeline.config import PreprocessConfig
+from ..pipeline.config import PreprocessConfig, load_config
 from ..pipeline.databases import Database, get_database
 from ..pipeline.errors import DownloadError, PipelineError
-from ..pipeline.labels import LABEL_MAPS, BeatAnnotations
+from ..pipeline.labels import LABEL_MAPS, LabelSource
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class PreprocessRequest:
     source: str = download.DEFAULT_SOURCE
     records: tuple[str, ...] | None = None
     cache_dir: str | None = None
-    config: PreprocessConfig = field(default_factory=PreprocessConfig)
+    config: PreprocessConfig | None = None  #: None: the defaults, with the database's own (``preprocess_defaults``)
     overwrite: bool = False
     storage_options: Mapping[str, Any] | None = None
 
@@ -85,10 +85,10 @@ class PreprocessRequest:
 
 @dataclass(frozen=True)
 class TaskContext:
-    """What every task needs; small and picklable (the record source travels as a scattered future)."""
+    """What every task needs; picklable, scattered once (a label table makes it large), like the record source."""
 
     db: Database
-    labels: BeatAnnotations
+    labels: LabelSource
     cache_dir: str | None
     config: PreprocessConfig
     out: str
@@ -107,9 +107,8 @@ class TaskContext:
 
 def plan_record(ctx: TaskContext, source: sources.RecordSource, record: str) -> RecordPlan:
     """Phase 1 for one record (a task): ``extract.plan_record`` with this job's settings."""
-    c = ctx.config
-    return extract.plan_record(source, record, ctx.labels, ctx.leads(), c.lead_fallback,
-                               (c.window.before_s, c.window.after_s), ctx.cache(), ctx.policy)
+    return extract.plan_record(source, record, ctx.labels, ctx.leads(), ctx.config.lead_fallback, ctx.cache(),
+                               ctx.policy)
 
 
 @dataclass
@@ -223,12 +222,16 @@ def _record_table(rows: list[RecordOutcome]) -> dict[str, np.ndarray]:
     return table
 
 
-def spectrogram_spec(c: PreprocessConfig, fs: float) -> spectrogram.SpectrogramSpec:
-    """The window and STFT of ``c`` at sampling rate ``fs`` (what a store and its models use)."""
-    w = segment.WindowSpec.from_seconds(c.window.before_s, c.window.after_s, fs)
+def spectrogram_spec(c: PreprocessConfig, fs: float, label_source: LabelSource | None = None
+                     ) -> spectrogram.SpectrogramSpec:
+    """The window (the label source's; beat windows of ``c`` by default) and STFT of ``c`` at ``fs``."""
+    window, pad = ((c.window.before_s, c.window.after_s), "none") if label_source is None else (
+        label_source.window, label_source.pad)
+    w = segment.WindowSpec.from_seconds(*window, fs)
     return spectrogram.SpectrogramSpec(
         fs=fs, n_before=w.n_before, n_after=w.n_after, nperseg=c.stft.nperseg, hop=c.stft.hop,
         nfft=c.stft.nfft or c.stft.nperseg, window=c.stft.window, detrend=c.stft.detrend, log_eps=c.stft.log_eps,
+        pad=pad,
     )
 
 
@@ -245,24 +248,31 @@ def run_preprocess(
     """
     t0 = time.perf_counter()
     progress = progress or (lambda desc, total: NoProgress())
-    db, version, config = request.database, request.db_version, request.config
-    if not db.annotator:
-        raise PipelineError(f"{db.name}: has no beat annotations; `preprocess` builds beat stores from them (rhythm "
-                            "stores, on the same store schema, come with the Challenge 2017 work)")
-    label_source = BeatAnnotations(db.annotator, db.label_map, config.unknown_symbols)
-    ctx = TaskContext(db, label_source, request.cache_dir, config, request.out, request.storage_options)
+    db, version = request.database, request.db_version
+    config = request.config or load_config(None, dict(db.preprocess_defaults))
+    try:
+        label_source = labels.label_source_for(db, config)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
+    if not label_source.task == "rhythm" and not db.annotator:
+        raise PipelineError(f"{db.name}: its entry names beat annotations but no annotation file")
     phase: dict[str, float] = {}
 
     with _phase(phase, "manifest"):  # what the source holds (on a worker: the driver may not reach the source)
         source = sources.database_source(db, request.source, version,
                                          require_checksums=config.download.require_checksums)
-        listing = _list_source(client, source, request, ctx.policy)
+        listing, label_source = _list_source(client, source, label_source, request, config.download)
         names = request.records or listing.records
         if not names:
             raise DownloadError(f"{source.description}: no records (no RECORDS file, no .hea files); pass --records")
+        # Labels whose recording the source lacks are reported as failed records (a full run only).
+        unlabelled = {} if request.records else labels.orphan_labels(label_source, names)
+        names = tuple(names) + tuple(unlabelled)
+    ctx = TaskContext(db, label_source, request.cache_dir, config, request.out, request.storage_options)
     with _phase(phase, "plan"):
-        [src] = client.scatter([listing.source], broadcast=True)
-        plans, plan_futures = _plan_records(client, ctx, src, names, progress)
+        [src, ctx_f] = client.scatter([listing.source, ctx], broadcast=True)
+        plans, plan_futures = _plan_records(client, ctx_f, src, [n for n in names if n not in unlabelled], progress)
+        plans.update({r: RecordPlan(r, error=e) for r, e in unlabelled.items()})
 
     # Lay out the store: records in the source's order; its sampling rate is the first good record's.
     fs_store = next((plans[r].fs for r in names if plans[r].ok), 0.0)
@@ -270,12 +280,12 @@ def run_preprocess(
         p = plans[r]
         if p.ok and p.fs != fs_store:
             p.ok, p.error = False, f"header: sampling frequency {p.fs} Hz differs from the store's {fs_store} Hz"
-    spec = spectrogram_spec(config, fs_store) if fs_store else None
+    spec = spectrogram_spec(config, fs_store, label_source) if fs_store else None
     layout = store.Layout(tuple(names), tuple(plans[r].n_segments for r in names), spec.n_freq if spec else 0,
                           spec.n_time if spec else 0, config.store.chunk_size)
     coords = {"freq": spec.freqs() if spec else np.zeros(0, np.float32),
               "time": spec.times() if spec else np.zeros(0, np.float32)}
-    held = store.prepare(request.out, layout, _store_attrs(request, label_source, spec, listing), config.store.dtype,
+    held = store.prepare(request.out, layout, _store_attrs(request, config, label_source, spec, listing), config.store.dtype,
                          coords=coords, compressor=config.store.compressor, overwrite=request.overwrite,
                          storage_options=request.storage_options)
     # The table says "pending" until phase 2 is done, so an interrupted store still opens
@@ -284,8 +294,8 @@ def run_preprocess(
                              request.storage_options)
 
     with _phase(phase, "write"):
-        written, skipped, failures, stage_s = _write_chunks(client, ctx, src, layout, plans, plan_futures, held,
-                                                            spec, progress)
+        written, skipped, failures, stage_s = _write_chunks(client, ctx, ctx_f, src, layout, plans, plan_futures,
+                                                            held, spec, progress)
 
     # The per-record table and the final attributes (driver only: one writer).
     outcomes = _outcomes(names, layout, plans, failures, final=True)
@@ -312,15 +322,25 @@ def _phase(phase: dict[str, float], name: str):
         phase[name] = time.perf_counter() - t
 
 
-def _list_source(client: Client, source: sources.RecordSource, request: PreprocessRequest,
-                 policy: download.RetryPolicy) -> sources.Listing:
-    listing: sources.Listing = client.submit(prepare_source, source, request.cache_dir, policy, pure=False).result()
+def _list_source(client: Client, source: sources.RecordSource, label_source: LabelSource,
+                 request: PreprocessRequest, policy: download.RetryPolicy) -> tuple[sources.Listing, LabelSource]:
+    """The source's listing and the label source with its table read (``labels.load_table``), on a worker."""
+    listing: sources.Listing
+    listing, label_source = client.submit(_prepare, source, label_source, request.cache_dir, policy,
+                                          pure=False).result()
     if listing.missing:
         log.warning("source lacks %d file(s) that SHA256SUMS.txt lists: %s", len(listing.missing),
                     ", ".join(listing.missing))
     if not listing.has_checksums:
         log.warning("%s has no SHA256SUMS.txt at the source: files cannot be verified", source.description)
-    return listing
+    return listing, label_source
+
+
+def _prepare(source: sources.RecordSource, label_source: LabelSource, cache_dir: str | None,
+             policy: download.RetryPolicy) -> tuple[sources.Listing, LabelSource]:
+    """Task: list the source and read the label table it holds, if the label source has one."""
+    listing = prepare_source(source, cache_dir, policy)
+    return listing, labels.load_table(label_source, listing.source, cache_root(cache_dir), policy)
 
 
 def _plan_records(client: Client, ctx: TaskContext, src, names, progress) -> tuple[dict[str, RecordPlan], dict]:
@@ -341,9 +361,12 @@ def _plan_records(client: Client, ctx: TaskContext, src, names, progress) -> tup
     return plans, plan_futures
 
 
-def _store_attrs(request: PreprocessRequest, labels: BeatAnnotations, spec: spectrogram.SpectrogramSpec | None,
-                 listing: sources.Listing) -> dict[str, Any]:
+def _store_attrs(request: PreprocessRequest, config: PreprocessConfig, labels: LabelSource,
+                 spec: spectrogram.SpectrogramSpec | None, listing: sources.Listing) -> dict[str, Any]:
     db = request.database
+    extra: dict[str, Any] = {"label_map": dict(LABEL_MAPS[db.label_map])} if db.label_map else {}
+    if db.challenge_classes:
+        extra["challenge_classes"] = list(db.challenge_classes)
     return {
         "schema_version": store.store_schema()["schema_version"],
         "package": "ecg-pipeline",
@@ -355,22 +378,21 @@ def _store_attrs(request: PreprocessRequest, labels: BeatAnnotations, spec: spec
         "source": request.source,
         "task": labels.task,
         "anchor_kind": labels.anchor_kind,
-        "label_source": {"kind": "beat-annotations", "annotator": labels.annotator, "label_map": labels.label_map,
-                         "unknown": labels.unknown},
-        "label_map": dict(LABEL_MAPS[db.label_map]),
+        "label_source": labels.describe(),
+        **extra,
         "classes": list(labels.classes),
-        "config": request.config.to_dict(),
-        "config_fingerprint": request.config.fingerprint(),
+        "config": config.to_dict(),
+        "config_fingerprint": config.fingerprint(labels.task),
         "spectrogram": spec.attrs() if spec else {},
         "missing_source_files": list(listing.missing),
     }
 
 
-def _write_chunks(client: Client, ctx: TaskContext, src, layout: store.Layout, plans: Mapping[str, RecordPlan],
-                  plan_futures: Mapping[str, Any], held: list[str], spec, progress):
+def _write_chunks(client: Client, ctx: TaskContext, ctx_f, src, layout: store.Layout,
+                  plans: Mapping[str, RecordPlan], plan_futures: Mapping[str, Any], held: list[str], spec, progress):
     """Phase 2: a ``write_chunk`` task for each chunk whose fingerprint differs from what the store holds."""
     names = layout.records
-    config_fp = ctx.config.fingerprint()
+    config_fp = ctx.config.fingerprint(ctx.labels.task)
     # The arrays are opened once here and shipped to the tasks with their metadata.
     [arrays] = client.scatter([store.chunk_writer(ctx.out, ctx.storage_options)], broadcast=True)
     chunk_futures = {}
@@ -382,7 +404,7 @@ def _write_chunks(client: Client, ctx: TaskContext, src, layout: store.Layout, p
             skipped += 1
             continue
         parts = [(plan_futures[names[i]], lo, hi) for i, lo, hi in pieces]
-        fut = client.submit(write_chunk, ctx, src, arrays, k, parts, layout.chunk_slice(k), fp, spec,
+        fut = client.submit(write_chunk, ctx_f, src, arrays, k, parts, layout.chunk_slice(k), fp, spec,
                             key=f"chunk-{k}-{os.urandom(4).hex()}", retries=1)
         chunk_futures[fut] = (k, [names[i] for i, _, _ in pieces])
     failures: dict[str, str] = {}

@@ -38,10 +38,10 @@ import yaml
 from .. import pipeline
 from ..pipeline.config import TrainConfig
 from ..pipeline.errors import ConfigError, PipelineError
-from ..pipeline.evaluate import classification_metrics, format_report, plot_history, write_evaluation
+from ..pipeline.evaluate import aggregate_by_record, classification_metrics, format_report, plot_history, write_evaluation
 from ..pipeline.loader import LoaderOptions, ZarrSegmentLoader
 from ..pipeline.models import ModelError, build_model, check_archive, load_model, save_model
-from ..pipeline.splits import Split, make_split
+from ..pipeline.splits import DEFAULT_SPLITS, Split, by_records, make_split
 from ..pipeline.store import open_dataset
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ class TrainResult:
     model: str
     epochs_run: int
     best_epoch: int
-    best_val_macro_f1: float
+    selection: str  #: the validation metric that picked the best epoch (val_macro_f1, val_challenge_f1)
+    best_val_score: float
     stopped_early: bool
     n_samples: dict[str, int]
     train_s: float
@@ -143,7 +144,8 @@ def _no_metadata_error(model_path: str | Path) -> ModelError:
 def _train_metadata(metadata: Mapping[str, Any], state: Mapping[str, Any], weights_epoch: int,
                     complete: bool) -> dict[str, Any]:
     """``metadata`` with the ``train`` section of a model file saved now (weights of ``weights_epoch``)."""
-    train = {k: state[k] for k in ("epoch", "best_epoch", "best_val_macro_f1", "stopped_early")}
+    train = {k: state[k] for k in ("epoch", "best_epoch", "best_val_score", "stopped_early")}
+    train["selection"] = state.get("selection", "val_macro_f1")
     train.update(weights_epoch=int(weights_epoch), complete=bool(complete))
     return {**metadata, "train": train}
 
@@ -167,9 +169,10 @@ def _fit_verbose(verbose: int) -> int:
 def format_epoch_line(epoch: int, epochs: int, logs: Mapping[str, Any], seconds: float, best: bool) -> str:
     """One plain line for an epoch (1-based ``epoch``): losses, accuracies, validation macro F1, lr, seconds."""
     parts = [f"epoch {epoch}/{epochs}"]
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1"):
+    selection = "val_challenge_f1" if logs.get("val_challenge_f1") is not None else "val_macro_f1"
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "val_challenge_f1"):
         if logs.get(key) is not None:
-            parts.append(f"{key} {float(logs[key]):.4f}" + (" (best)" if key == "val_macro_f1" and best else ""))
+            parts.append(f"{key} {float(logs[key]):.4f}" + (" (best)" if key == selection and best else ""))
     if logs.get("learning_rate") is not None:
         parts.append(f"lr {float(logs['learning_rate']):.2e}")
     parts.append(f"{seconds:.1f} s")
@@ -201,15 +204,69 @@ def _precision(mode: str) -> Iterator[str]:
         keras.mixed_precision.set_global_policy("float32")
 
 
-def _evaluate(model, loader: ZarrSegmentLoader, split: Split, part: str, store: str, model_path: str | Path,
-              out: str | Path | None, title: str) -> dict[str, Any]:
+@dataclass
+class Scorer:
+    """Turns a part's per-segment probabilities into its metrics, as the store's task asks.
+
+    Beat stores are scored per beat. Rhythm stores are scored per recording: the mean of
+    its windows' probabilities (``evaluate.aggregate_by_record``), and, where the store
+    names challenge classes, selected on the challenge F1.
+    """
+
+    task: str
+    classes: tuple[str, ...]
+    challenge_classes: tuple[str, ...]
+    aggregation: str
+    segment_record: np.ndarray  #: record name of every segment of the store
+
+    @classmethod
+    def of(cls, ds) -> "Scorer":
+        a = ds.attrs
+        task = a.get("task", "beat")
+        records = np.asarray(ds["record"].values).astype(str) if task == "rhythm" else np.zeros(0, str)
+        return cls(task, tuple(a["classes"]), tuple(a.get("challenge_classes", ())),
+                   (a.get("label_source") or {}).get("aggregation", "mean of the window probabilities per record"),
+                   records)
+
+    @property
+    def selection(self) -> str:
+        """The validation metric that picks the best epoch."""
+        return "val_challenge_f1" if self.challenge_classes else "val_macro_f1"
+
+    def __call__(self, loader: ZarrSegmentLoader, prob: np.ndarray) -> tuple[dict[str, Any], np.ndarray,
+                                                                            np.ndarray, np.ndarray]:
+        """``(metrics, names, probabilities, reference)`` per scored unit (beat or recording)."""
+        y = loader.labels
+        names = np.asarray(loader.indices).astype(str)
+        if self.task == "rhythm":
+            names, prob, y = aggregate_by_record(prob, y, self.segment_record[loader.indices])
+        m = classification_metrics(y, prob.argmax(axis=1), self.classes, self.challenge_classes)
+        if self.task == "rhythm":
+            m.update(unit="record", aggregation=self.aggregation, n_windows=int(len(loader)))
+        return m, names, prob, y
+
+
+def _evaluate(model, loader: ZarrSegmentLoader, scorer: Scorer, split: Split, part: str, store: str,
+              model_path: str | Path, out: str | Path | None, title: str) -> dict[str, Any]:
     """Metrics of ``model`` on ``loader`` (a part of ``split``); written to ``out`` when given."""
-    _, pred = predict_classes(model, loader)
-    metrics = classification_metrics(loader.labels, pred, loader.classes)
+    prob, _ = predict_classes(model, loader)
+    metrics, names, prob, y = scorer(loader, prob)
     metrics.update(split=split.name, part=part, store=store, model=str(model_path))
     if out:
         write_evaluation(out, metrics, title=title)
+        if scorer.task == "rhythm":
+            _write_predictions(Path(out) / "predictions.csv", names, y, prob, scorer.classes)
     return metrics
+
+
+def _write_predictions(path: Path, names: np.ndarray, y: np.ndarray, prob: np.ndarray,
+                       classes: tuple[str, ...]) -> None:
+    """Per-record reference, prediction and probabilities of an evaluated part."""
+    rows = ["record,reference,predicted," + ",".join(f"p_{c}" for c in classes)]
+    pred = prob.argmax(axis=1)
+    for r, t, p, pr in zip(names, y, pred, prob):
+        rows.append(f"{r},{classes[t]},{classes[p]}," + ",".join(f"{v:.4f}" for v in pr))
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
 def predict_classes(model, loader: ZarrSegmentLoader) -> tuple[np.ndarray, np.ndarray]:
@@ -230,10 +287,11 @@ def _make_callback():
         keeps it in ``train_state.json`` next to the last checkpoint.
         """
 
-        def __init__(self, out: Path, val: ZarrSegmentLoader, patience: int, state: dict[str, Any],
+        def __init__(self, out: Path, val: ZarrSegmentLoader, scorer: Scorer, patience: int, state: dict[str, Any],
                      metadata: Mapping[str, Any]):
             super().__init__()
-            self.out, self.val, self.patience, self.state, self.metadata = out, val, patience, state, metadata
+            self.out, self.val, self.scorer, self.patience = out, val, scorer, patience
+            self.state, self.metadata = state, metadata
             self._t0 = 0.0
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -242,21 +300,24 @@ def _make_callback():
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
             train_s = time.perf_counter() - self._t0
-            prob, pred = predict_classes(self.model, self.val)
+            prob, _ = predict_classes(self.model, self.val)
             y = self.val.labels
-            m = classification_metrics(y, pred, self.val.classes)
             p = np.clip(prob[np.arange(len(y)), y], 1e-7, 1.0)
+            m = self.scorer(self.val, prob)[0]
             logs.update(val_loss=float(-np.log(p).mean()), val_accuracy=m["accuracy"], val_macro_f1=m["macro_f1"])
+            if "challenge_f1" in m:
+                logs["val_challenge_f1"] = m["challenge_f1"]
             for c, pc in m["per_class"].items():
                 if pc["support"]:
                     logs[f"val_f1_{c}"] = pc["f1"]
+            score = float(logs[self.scorer.selection])
             st = self.state
             st["epoch"] = epoch + 1
             st["train_s"] = st.get("train_s", 0.0) + train_s
             for k, v in logs.items():
                 st["history"].setdefault(k, []).append(float(v))
-            if m["macro_f1"] > st["best_val_macro_f1"]:
-                st.update(best_val_macro_f1=m["macro_f1"], best_epoch=epoch + 1, wait=0)
+            if score > st["best_val_score"]:
+                st.update(best_val_score=score, best_epoch=epoch + 1, wait=0)
                 # The best epoch so far, self-describing like the final model.keras (save_model: temp + rename).
                 save_model(self.model, self.out / MODEL_FILE, _train_metadata(self.metadata, st, epoch + 1, False))
             else:
@@ -267,8 +328,8 @@ def _make_callback():
             # Checkpoint first, state last: a crash in between resumes from the previous epoch.
             save_model(self.model, self.out / CHECKPOINT_FILE, _train_metadata(self.metadata, st, epoch + 1, False))
             _write_json(self.out / STATE_FILE, st)
-            log.info("epoch %d: val macro F1 %.4f (best %.4f at epoch %d), %.1f s", epoch + 1, m["macro_f1"],
-                     st["best_val_macro_f1"], st["best_epoch"], train_s)
+            log.info("epoch %d: %s %.4f (best %.4f at epoch %d), %.1f s", epoch + 1, self.scorer.selection, score,
+                     st["best_val_score"], st["best_epoch"], train_s)
 
     class EpochLine(keras.callbacks.Callback):
         """One plain line an epoch on stdout (no carriage returns, no ANSI codes), for logs, pipes and Dask workers.
@@ -331,7 +392,9 @@ def run_training(request: TrainRequest) -> TrainResult:
     cfg = request.config
     out = Path(request.out)
     ds = open_dataset(request.store, storage_options=request.storage_options)
-    split = make_split(request.split, ds, seed=cfg.seed)
+    split = make_split(request.split or DEFAULT_SPLITS.get(ds.attrs.get("task", "beat"), "inter-patient"), ds,
+                       seed=cfg.seed)
+    scorer = Scorer.of(ds)
     for part in ("train", "val"):
         if not len(split[part]):
             raise ConfigError(f"split {split.name} has no {part} segments in {request.store}")
@@ -341,7 +404,8 @@ def run_training(request: TrainRequest) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(cfg.seed)
-    state: dict[str, Any] = {"epoch": 0, "best_val_macro_f1": -1.0, "best_epoch": 0, "wait": 0,
+    state: dict[str, Any] = {"epoch": 0, "best_val_score": -1.0, "selection": scorer.selection, "best_epoch": 0,
+                             "wait": 0,
                              "stopped_early": False, "history": {}, "train_s": 0.0}
     resumed = request.resume and state_path.exists() and (out / CHECKPOINT_FILE).exists()
     if not resumed and state_path.exists():
@@ -350,6 +414,8 @@ def run_training(request: TrainRequest) -> TrainResult:
             (out / name).unlink(missing_ok=True)
     if resumed:
         state = json.loads(state_path.read_text(encoding="utf-8"))
+        state.setdefault("best_val_score", state.pop("best_val_macro_f1", -1.0))  # run folders of older versions
+        state.setdefault("selection", "val_macro_f1")
         saved_split = json.loads((out / "split.json").read_text(encoding="utf-8"))
         if saved_split.get("n_segments") != split.to_dict()["n_segments"]:
             raise ConfigError(f"{out}: --resume with a different split or store than the saved run")
@@ -385,10 +451,10 @@ def run_training(request: TrainRequest) -> TrainResult:
             model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
                           loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
         run_state, epoch_line = _make_callback()
-        # After RunState, so that it sees the val_macro_f1 RunState adds to the epoch logs.
-        plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_macro_f1", mode="max", factor=cfg.lr_factor,
+        # After RunState, so that it sees the validation score RunState adds to the epoch logs.
+        plateau = keras.callbacks.ReduceLROnPlateau(monitor=scorer.selection, mode="max", factor=cfg.lr_factor,
                                                     patience=cfg.lr_patience, min_lr=cfg.learning_rate / 64)
-        callbacks = [run_state(out, val_l, cfg.patience, state, metadata), plateau]
+        callbacks = [run_state(out, val_l, scorer, cfg.patience, state, metadata), plateau]
         verbose = _fit_verbose(request.verbose)
         if verbose == 2:  # our own line instead of Keras' two (which also list every per-class F1)
             callbacks.append(epoch_line(state))
@@ -404,13 +470,13 @@ def run_training(request: TrainRequest) -> TrainResult:
         model_path = save_model(best, out / MODEL_FILE, metadata)
 
     test_l = loader(test_part, False) if test_part != "val" else val_l
-    metrics = _evaluate(best, test_l, split, test_part, request.store, model_path, out,
+    metrics = _evaluate(best, test_l, scorer, split, test_part, request.store, model_path, out,
                         f"{cfg.model}, {split.name} split, {test_part} part")
 
     n_trained = len(train_l) * state["epoch"]
     result = TrainResult(
         out=str(out), model=str(model_path), epochs_run=state["epoch"], best_epoch=state["best_epoch"],
-        best_val_macro_f1=state["best_val_macro_f1"], stopped_early=bool(state.get("stopped_early")),
+        selection=state["selection"], best_val_score=state["best_val_score"], stopped_early=bool(state.get("stopped_early")),
         n_samples={p: int(len(split[p])) for p in ("train", "val", "test")}, train_s=state["train_s"],
         wall_s=time.perf_counter() - t_start,
         train_samples_per_s=n_trained / state["train_s"] if state["train_s"] else 0.0,
@@ -419,11 +485,13 @@ def run_training(request: TrainRequest) -> TrainResult:
     return result
 
 
-def run_evaluation(model_path: str, store: str, split_spec: str, *, part: str = "test", out: str | None = None,
-                   seed: int | None = None, batch_size: int = 512,
+def run_evaluation(model_path: str, store: str, split_spec: str | None = None, *, part: str = "test",
+                   out: str | None = None, seed: int | None = None, batch_size: int = 512,
                    storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Recompute the metrics of a saved model on a part of a split; write them to ``out`` if given.
 
+    Without ``split_spec`` the model's own split is used: the records of each part as its
+    metadata lists them (record splits), else its split recreated by name with its seed.
     The intra-patient split is recreated from ``seed`` (default: the seed the model was trained with).
     """
     metadata = check_archive(model_path)  # refuse a foreign or metadata-less file before TensorFlow starts
@@ -434,12 +502,19 @@ def run_evaluation(model_path: str, store: str, split_spec: str, *, part: str = 
     model, metadata = load_model(model_path)
     if seed is None:
         seed = int(metadata.get("train_config", {}).get("seed", 0))
-    split = make_split(split_spec, ds, seed=seed)
+    saved = metadata.get("split") or {}
+    if split_spec is None and any(saved.get("records", {}).values()):
+        split = by_records(saved["name"], saved["records"], [str(r) for r in ds["record_id"].values],
+                           np.asarray(ds["record_offset"].values), np.asarray(ds["record_n_segments"].values),
+                           {"from": "the model's metadata"})
+    else:
+        task_default = DEFAULT_SPLITS.get(ds.attrs.get("task", "beat"), "inter-patient")
+        split = make_split(split_spec or saved.get("name") or task_default, ds, seed=seed)
     if not len(split[part]):
         raise ConfigError(f"split {split.name} has no {part} segments in {store}")
     loader = ZarrSegmentLoader(store, split[part], LoaderOptions(batch_size=batch_size, shuffle=False),
-                            storage_options=storage_options)
-    return _evaluate(model, loader, split, part, store, model_path, out,
+                               storage_options=storage_options)
+    return _evaluate(model, loader, Scorer.of(ds), split, part, store, model_path, out,
                      f"{Path(model_path).name}, {split.name} split, {part} part")
 
 
@@ -472,7 +547,7 @@ def format_result(result: TrainResult) -> str:
         f"run        {result.out}",
         f"model      {result.model}",
         f"device     {result.device}",
-        f"epochs     {result.epochs_run} run, best {result.best_epoch} (validation macro F1 {result.best_val_macro_f1:.4f})"
+        f"epochs     {result.epochs_run} run, best {result.best_epoch} ({result.selection} {result.best_val_score:.4f})"
         + (", stopped early" if result.stopped_early else ""),
         f"segments   train {result.n_samples['train']:,}  val {result.n_samples['val']:,}  test {result.n_samples['test']:,}",
         f"time       {result.train_s / 60:.1f} min training ({result.train_samples_per_s:,.0f} samples/s), "

@@ -23,7 +23,8 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -32,9 +33,9 @@ from pydantic.json_schema import GenerateJsonSchema
 from .errors import ConfigError
 
 __all__ = [
-    "ConfigError", "DetectorSpec", "DownloadConfig", "PreprocessConfig", "ScoreConfig", "StftConfig", "StoreConfig",
+    "TASK_TRAIN_DEFAULTS", "ConfigError", "DetectorSpec", "DownloadConfig", "PreprocessConfig", "RhythmWindowConfig", "ScoreConfig", "StftConfig", "StoreConfig",
     "TrainConfig", "WindowConfig", "config_from_dict", "json_schemas", "load_config", "load_score_config",
-    "load_train_config", "render_schema", "score_config_from_dict", "train_config_from_dict", "write_schemas",
+    "load_train_config", "merged", "render_schema", "score_config_from_dict", "train_config_from_dict", "write_schemas",
 ]
 
 
@@ -108,6 +109,26 @@ class WindowConfig(_Config):
     after_s: float = Field(0.45, gt=0, le=10, description="Seconds of signal after the R peak.")
 
 
+class RhythmWindowConfig(_Config):
+    """Fixed windows over whole recordings, for rhythm databases (a label per recording or per episode)."""
+
+    length_s: float = Field(30.0, gt=0, le=3600, description="Window length in seconds (the model's input length).")
+    hop_s: float = Field(
+        30.0, gt=0, le=3600, description="Seconds between window starts. The last window ends at the recording's "
+                                         "end, so every sample is in a window.")
+    min_s: float = Field(
+        5.0, gt=0, le=3600, description="Shortest recording kept; shorter ones fail by name. A recording between "
+                                        "min_s and length_s is one window, padded by repeating it.")
+
+    @field_validator("min_s")
+    @classmethod
+    def _min_within_window(cls, min_s: float, info: ValidationInfo) -> float:
+        length = info.data.get("length_s")
+        if length is not None and min_s > length:
+            raise ValueError(f"{min_s} must be <= rhythm.length_s ({length})")
+        return min_s
+
+
 class StftConfig(_Config):
     """Short-time Fourier transform of each beat window."""
 
@@ -155,19 +176,25 @@ class PreprocessConfig(_Config):
         "Q", description="Annotation symbols that are neither beats of the label map nor known non-beats: keep as "
                          "class Q, drop, or fail the record. Always counted.")
     window: WindowConfig = Field(default_factory=WindowConfig)
+    rhythm: RhythmWindowConfig = Field(default_factory=RhythmWindowConfig)
     stft: StftConfig = Field(default_factory=StftConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
 
-    def content_dict(self) -> dict[str, Any]:
-        """The part of the configuration that changes what is written to the store."""
+    def content_dict(self, task: str = "beat") -> dict[str, Any]:
+        """The part of the configuration that changes what a store of ``task`` holds.
+
+        Beat stores ignore the rhythm windows, rhythm stores the beat window and symbol policy.
+        """
         d = self.to_dict()
         d.pop("download")
+        for key in (("rhythm",) if task == "beat" else ("window", "unknown_symbols")):
+            d.pop(key)
         return d
 
-    def fingerprint(self) -> str:
-        """SHA-256 of ``content_dict()``: two configs with equal fingerprints write equal stores."""
-        blob = json.dumps(self.content_dict(), sort_keys=True).encode()
+    def fingerprint(self, task: str = "beat") -> str:
+        """SHA-256 of ``content_dict(task)``: two configs with equal fingerprints write equal stores."""
+        blob = json.dumps(self.content_dict(task), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 
@@ -399,26 +426,46 @@ def score_config_from_dict(data: dict[str, Any] | None) -> ScoreConfig:
     return _validated(ScoreConfig, data)
 
 
-def load_config(path: str | Path | None) -> PreprocessConfig:
-    """Read a preprocess YAML configuration file (``None`` gives the defaults)."""
-    return _load_yaml(path, config_from_dict, PreprocessConfig)
+#: Training defaults of a rhythm store where they differ from TrainConfig's own (the beat ones):
+#: the configuration of the README's Challenge 2017 figures. A file or an option overrides them.
+TASK_TRAIN_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "beat": MappingProxyType({}),
+    "rhythm": MappingProxyType({"model": "rhythm-cnn", "epochs": 40, "batch_size": 32, "learning_rate": 1e-3,
+                                "lr_patience": 3, "patience": 8, "shuffle_chunks": 64}),
+})
 
 
-def load_train_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
-    """Read a training YAML configuration file (``None`` gives the defaults); non-None ``overrides`` win."""
-    config = _load_yaml(path, train_config_from_dict, TrainConfig)
+def merged(defaults: Any, data: Any) -> Any:
+    """``data`` over ``defaults``: mappings merge key by key, anything else in ``data`` wins."""
+    if isinstance(defaults, dict) and isinstance(data, dict):
+        return {**defaults, **{k: merged(defaults.get(k), v) for k, v in data.items()}}
+    return defaults if data is None else data
+
+
+def load_config(path: str | Path | None, defaults: dict[str, Any] | None = None) -> PreprocessConfig:
+    """Read a preprocess YAML configuration file over ``defaults`` (a database's; ``None`` file: the defaults)."""
+    return _load_yaml(path, lambda data: config_from_dict(merged(dict(defaults or {}), data)))
+
+
+def load_train_config(path: str | Path | None, task: str = "beat", **overrides: Any) -> TrainConfig:
+    """Read a training YAML file over the defaults of a store of ``task``; non-None ``overrides`` win."""
     changes = {k: v for k, v in overrides.items() if v is not None}
-    return train_config_from_dict({**config.to_dict(), **changes}) if changes else config
+
+    def build(data: Any) -> TrainConfig:
+        data = merged(dict(TASK_TRAIN_DEFAULTS.get(task, {})), data)
+        return train_config_from_dict({**data, **changes} if isinstance(data, dict) else data)
+
+    return _load_yaml(path, build)
 
 
 def load_score_config(path: str | Path | None) -> ScoreConfig:
     """Read a scoring YAML configuration file (``None`` gives the defaults)."""
-    return _load_yaml(path, score_config_from_dict, ScoreConfig)
+    return _load_yaml(path, score_config_from_dict)
 
 
-def _load_yaml(path, from_dict, default):
+def _load_yaml(path, from_dict):
     if path is None:
-        return default()
+        return from_dict(None)
     path = Path(path)
     try:
         raw = path.read_bytes()

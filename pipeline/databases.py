@@ -2,16 +2,19 @@
 
 Adding a database is one ``register_database`` call: its default version (never
 scraped from physionet.org), where its records are (loose files, or a member
-archive of the version folder and the folder inside it), the reference annotation
-file and label map, and the preferred leads. ``svdb`` and ``incartdb`` use the same
-beat labels as ``mitdb``, so they only need their entry.
+archive of the version folder and the folder inside it), where its labels come
+from (a label source of ``pipeline.labels.LABEL_SOURCES`` and its options), the
+preferred leads, and the preprocess defaults that differ from the beat ones.
+``svdb`` and ``incartdb`` use the same beat labels as ``mitdb``, and another
+challenge-style database (recordings + a label table) the same entry shape as
+``challenge-2017``, so each only needs its entry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,15 @@ class Database:
         Preferred signal names, best first.
     citation
         What users of the data must cite (ODC-By / PhysioNet terms).
+    labels, label_options
+        The label source (a key of ``pipeline.labels.LABEL_SOURCES``) and its options
+        (``record-table``: ``file``, ``classes``).
+    challenge_classes
+        Classes whose mean F1 is the database's headline score (Challenge 2017: N, A, O;
+        the noisy class is left out); reported as ``challenge_f1``.
+    preprocess_defaults
+        Preprocess configuration keys whose defaults differ for this database (e.g. the
+        STFT hop of rhythm windows); a configuration file overrides them.
     """
 
     name: str
@@ -48,6 +60,10 @@ class Database:
     citation: str
     archive: str = ""
     archive_folder: str = ""
+    labels: str = "beat-annotations"
+    label_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    challenge_classes: tuple[str, ...] = ()
+    preprocess_defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
 _PHYSIONET = (
@@ -76,6 +92,28 @@ register_database(Database(
     leads=("MLII", "V5", "V1", "V2", "V4"),
     citation="Moody GB, Mark RG. The impact of the MIT-BIH Arrhythmia Database. "
     "IEEE Eng Med Biol 20(3):45-50 (2001). " + _PHYSIONET,
+))
+
+
+register_database(Database(
+    name="challenge-2017",
+    version="1.0.0",
+    title="AF Classification from a Short Single Lead ECG Recording: "
+          "the PhysioNet/Computing in Cardiology Challenge 2017",
+    annotator="",
+    label_map="",
+    leads=("ECG",),
+    citation="Clifford GD, Liu C, Moody B, Lehman LH, Silva I, Li Q, Johnson AE, Mark RG. AF classification from a "
+    "short single lead ECG recording: the PhysioNet/Computing in Cardiology Challenge 2017. Computing in "
+    "Cardiology 44 (2017). " + _PHYSIONET,
+    archive="training2017.zip",
+    archive_folder="training2017",
+    labels="record-table",
+    label_options={"file": "REFERENCE.csv", "classes": ("N", "A", "O", "~")},
+    challenge_classes=("N", "A", "O"),
+    # 30 s windows: a frame every 32 samples keeps the input at ~280 frames; 512 windows a chunk
+    # gives ~19 write tasks for the 8,528 recordings.
+    preprocess_defaults={"stft": {"hop": 32}, "store": {"chunk_size": 512}},
 ))
 
 

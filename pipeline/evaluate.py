@@ -59,9 +59,45 @@ def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str]) -> dict[str, 
     }
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Metrics of predicted class indices against reference class indices."""
-    return metrics_from_confusion(confusion_matrix(y_true, y_pred, len(classes)), classes)
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str],
+                           challenge_classes: Sequence[str] = ()) -> dict[str, Any]:
+    """Metrics of predicted class indices against reference class indices.
+
+    With ``challenge_classes`` (Challenge 2017: N, A, O), ``challenge_f1`` is the mean of
+    their F1: the challenge's score, which leaves the noisy class out.
+    """
+    m = metrics_from_confusion(confusion_matrix(y_true, y_pred, len(classes)), classes)
+    if challenge_classes:
+        m["challenge_classes"] = list(challenge_classes)
+        m["challenge_f1"] = float(np.mean([m["per_class"][c]["f1"] for c in challenge_classes]))
+    return m
+
+
+def aggregate_by_record(prob: np.ndarray, y: np.ndarray, record: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-record predictions from per-window ones: the mean of each record's window probabilities.
+
+    Parameters
+    ----------
+    prob
+        ``(n_windows, n_classes)`` probabilities.
+    y
+        Reference class index of each window (a record's windows share its label).
+    record
+        Record name of each window.
+
+    Returns
+    -------
+    names, mean_prob, y_record
+        Records in order of first appearance, ``(n_records, n_classes)``, their class index.
+    """
+    names, first, inverse = np.unique(np.asarray(record).astype(str), return_index=True, return_inverse=True)
+    order = np.argsort(first)  # records in the order the windows came
+    sums = np.zeros((len(names), prob.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, prob)
+    counts = np.bincount(inverse, minlength=len(names))[:, None]
+    mean = (sums / np.maximum(counts, 1)).astype(np.float32)
+    return names[order], mean[order], np.asarray(y)[first][order]
 
 
 def format_report(metrics: Mapping[str, Any], title: str = "") -> str:
@@ -77,6 +113,11 @@ def format_report(metrics: Mapping[str, Any], title: str = "") -> str:
     lines.append(f"{'weighted f1':>12} {'':>9} {'':>9} {metrics['weighted_f1']:>9.4f} {metrics['support']:>9d}")
     if len(metrics["macro_over"]) < len(metrics["classes"]):
         lines.append(f"(macro average over the classes with support: {', '.join(metrics['macro_over'])})")
+    if "challenge_f1" in metrics:
+        lines.append(f"{'challenge F1':>12} {'':>9} {'':>9} {metrics['challenge_f1']:>9.4f}   "
+                     f"(mean F1 of {', '.join(metrics['challenge_classes'])})")
+    if metrics.get("unit") == "record":
+        lines.append(f"(per recording: {metrics.get('aggregation', 'windows aggregated per recording')})")
     cm = np.asarray(metrics["confusion_matrix"])
     classes = metrics["classes"]
     lines += ["", "confusion matrix (rows: reference, columns: predicted)",
@@ -120,7 +161,7 @@ def plot_confusion(metrics: Mapping[str, Any], path: str | Path, *, normalize: b
 def plot_history(history: Mapping[str, Sequence[float]], path: str | Path) -> Path:
     """Loss, accuracy and validation macro F1 per epoch."""
     panels = [("loss", ("loss", "val_loss")), ("accuracy", ("accuracy", "val_accuracy")),
-              ("macro F1", ("val_macro_f1",))]
+              ("F1", ("val_macro_f1", "val_challenge_f1"))]
     panels = [(t, [k for k in keys if k in history]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
     fig = _figure(figsize=(4.2 * len(panels), 3.4), dpi=120)

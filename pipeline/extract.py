@@ -55,14 +55,10 @@ class RecordPlan:
 
 
 def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, leads: Sequence[str],
-                lead_fallback: str, window_s: tuple[float, float], cache: Path,
-                policy: download.RetryPolicy) -> RecordPlan:
+                lead_fallback: str, cache: Path, policy: download.RetryPolicy) -> RecordPlan:
     """Fetch, read and label one record; record problems become ``plan.error``, never an exception.
 
-    Parameters
-    ----------
-    window_s
-        Seconds kept before and after each anchor.
+    The window around each anchor is the label source's (``labels.window``, ``labels.pad``).
     """
     plan = RecordPlan(record)
     timer = Timer()
@@ -78,7 +74,8 @@ def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, 
             signal = records.read_signal(local.base, header, lead)
         with timer("label"):
             segs = labels.segments(RecordInput(record, local.base, header.fs, header.sig_len, signal))
-            check = segment.check_windows(signal, segs.anchor, segment.WindowSpec.from_seconds(*window_s, header.fs))
+            window = segment.WindowSpec.from_seconds(*labels.window, header.fs, pad=labels.pad)  # type: ignore[arg-type]
+            check = segment.check_windows(signal, segs.anchor, window)
         # Unknown symbols dropped by policy are counted; kept ones are class Q already.
         plan.n_dropped_unknown = segs.n_unknown if getattr(labels, "unknown", "") == "drop" else 0
         plan.n_dropped_edge, plan.n_dropped_invalid = check.n_edge, check.n_invalid
@@ -134,8 +131,11 @@ def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPla
             header = records.Header(plan.record, plan.fs, plan.sig_len, (), (), plan.signal_files)
             lead = records.Lead(plan.lead_index, plan.lead, False)
             first = int(anchor[0]) - spec.n_before
+            stop = int(anchor[-1]) + spec.n_after
             with timer("read_signal"):
-                sig = records.read_signal(base, header, lead, first, int(anchor[-1]) + spec.n_after)
+                # A padded window's real part ends with the record (segment.WindowSpec.pad).
+                sig = records.read_signal(base, header, lead, first, min(stop, plan.sig_len) if spec.pad != "none"
+                                          else stop)
             with timer("stft"):
                 out[rows] = segment.spectrograms(sig, anchor, spec, offset=first)
         except RecordError as exc:

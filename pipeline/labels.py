@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Literal, Mapping, Protocol
+from typing import Any, ClassVar, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -133,10 +133,21 @@ class Segments:
 
 
 class LabelSource(Protocol):
-    """The contract of a label source (see ``LABEL_SOURCES``)."""
+    """The contract of a label source (see ``LABEL_SOURCES``).
+
+    A source a database entry names (``Database.labels``) also has a classmethod
+    ``from_database(db, config)`` that builds it from the entry and the preprocess
+    configuration, and ``describe()``: its parameters as the store's ``label_source``.
+    """
 
     task: ClassVar[str]  #: "beat" or "rhythm"
     anchor_kind: ClassVar[str]  #: "r-peak" or "window-start"
+    pad: ClassVar[str]  #: "none", or "wrap" where windows may run past a short record's end
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """Seconds of signal before and after each anchor."""
+        ...
 
     @property
     def annotators(self) -> tuple[str, ...]:
@@ -156,8 +167,14 @@ class BeatAnnotations:
     annotator: str = "atr"
     label_map: str = "aami-ec57"
     unknown: UnknownPolicy = "Q"
+    window: tuple[float, float] = (0.25, 0.45)  #: seconds before and after the R peak
     task: ClassVar[str] = "beat"
     anchor_kind: ClassVar[str] = "r-peak"
+    pad: ClassVar[str] = "none"
+
+    @classmethod
+    def from_database(cls, db: Any, config: Any) -> "BeatAnnotations":
+        return cls(db.annotator, db.label_map, config.unknown_symbols, (config.window.before_s, config.window.after_s))
 
     @property
     def annotators(self) -> tuple[str, ...]:
@@ -166,6 +183,10 @@ class BeatAnnotations:
     @property
     def classes(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(LABEL_MAPS[self.label_map].values()))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "beat-annotations", "annotator": self.annotator, "label_map": self.label_map,
+                "unknown": self.unknown}
 
     def segments(self, rec: RecordInput) -> Segments:
         from .records import read_annotations
@@ -236,19 +257,34 @@ def window_majority(anchor: np.ndarray, length: int, start: np.ndarray, stop: np
 
 @dataclass(frozen=True)
 class RecordLabelTable:
-    """One label per record from a table such as Challenge 2017's ``REFERENCE.csv`` (``record,label``).
+    """One label per recording from a table such as Challenge 2017's ``REFERENCE.csv`` (``record,label``).
 
-    ``table`` is filled by ``load`` (the job reads the file from the source once);
-    the record is one segment anchored at 0 (``crop_s`` None) or fixed-length crops
-    every ``crop_s`` seconds, each with the record's label.
+    Each recording becomes fixed windows of ``window_s`` every ``hop_s`` seconds that cover
+    all of it (``segment.cover_windows``: the last window ends at the recording's end), each
+    with the recording's label; predictions are aggregated per recording. A recording
+    shorter than ``window_s`` is one window, padded by repeating it (the store's
+    ``spectrogram.pad``); one shorter than ``min_s`` is refused, never padded into a label
+    it may not show.
+
+    ``table`` is filled by ``load`` (the job reads the file from the source once).
     """
 
     file: str = "REFERENCE.csv"
     classes_: tuple[str, ...] = ()
-    crop_s: float | None = None
+    window_s: float = 30.0
+    hop_s: float = 30.0
+    min_s: float = 5.0
     table: Mapping[str, str] = field(default_factory=dict)
     task: ClassVar[str] = "rhythm"
     anchor_kind: ClassVar[str] = "window-start"
+    pad: ClassVar[str] = "wrap"
+
+    @classmethod
+    def from_database(cls, db: Any, config: Any) -> "RecordLabelTable":
+        opts = dict(db.label_options)
+        w = config.rhythm
+        return cls(file=opts.get("file", "REFERENCE.csv"), classes_=tuple(opts.get("classes", ())),
+                   window_s=w.length_s, hop_s=w.hop_s, min_s=w.min_s)
 
     @property
     def annotators(self) -> tuple[str, ...]:
@@ -258,15 +294,32 @@ class RecordLabelTable:
     def classes(self) -> tuple[str, ...]:
         return self.classes_
 
+    @property
+    def window(self) -> tuple[float, float]:
+        """Seconds before and after the anchor (the window start)."""
+        return 0.0, self.window_s
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "record-table", "file": self.file, "window_s": self.window_s, "hop_s": self.hop_s,
+                "min_s": self.min_s, "pad": self.pad, "aggregation": "mean of the window probabilities per record"}
+
+    @property
+    def labelled_records(self) -> tuple[str, ...]:
+        """Every record the table names (to report labels whose recording is missing)."""
+        return tuple(self.table)
+
     def load(self, text: str) -> "RecordLabelTable":
         """This source with the table parsed from ``text`` (``record,label`` lines)."""
-        table = {}
+        table: dict[str, str] = {}
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             name, sep, label = line.partition(",")
-            if not sep:
+            if not sep or not name.strip():
                 raise ValueError(f"{self.file} line {lineno}: expected 'record,label', got {line[:60]!r}")
+            if name.strip() in table and table[name.strip()] != label.strip():
+                raise ValueError(f"{self.file} line {lineno}: {name.strip()} is labelled twice "
+                                 f"({table[name.strip()]!r} and {label.strip()!r})")
             table[name.strip()] = label.strip()
         return replace(self, table=table)
 
@@ -278,8 +331,13 @@ class RecordLabelTable:
         if self.classes_ and label not in self.classes_:
             raise RecordError(rec.record, "labels", f"unknown label {label!r} in {self.file} "
                                                      f"(known: {', '.join(self.classes_)})")
-        n = 1 if not self.crop_s else max(1, int(rec.sig_len // round(self.crop_s * rec.fs)))
-        anchor = np.arange(n, dtype=np.int64) * (int(round(self.crop_s * rec.fs)) if self.crop_s else 0)
+        if rec.sig_len < self.min_s * rec.fs:
+            raise RecordError(rec.record, "labels", f"{rec.sig_len / rec.fs:.2f} s long, shorter than the "
+                                                     f"{self.min_s:g} s a recording needs (rhythm.min_s)")
+        from .segment import cover_windows
+
+        anchor = cover_windows(rec.sig_len, int(round(self.window_s * rec.fs)), int(round(self.hop_s * rec.fs)))
+        n = len(anchor)
         return Segments(anchor, np.full(n, label, dtype=object), np.full(n, label, dtype=object))
 
 
@@ -330,6 +388,45 @@ def register_label_source(kind: str, cls: type) -> None:
     if kind in _LABEL_SOURCES and _LABEL_SOURCES[kind] is not cls:
         raise ValueError(f"label source {kind!r} is already registered")
     _LABEL_SOURCES[kind] = cls
+
+
+def load_table(labels: Any, source: Any, cache: Path, policy: Any) -> Any:
+    """``labels`` with its table read from ``source`` (a ``RecordSource``), for label sources that have one.
+
+    Raises
+    ------
+    PipelineError
+        The table is missing or malformed: a problem of the job, not of one record.
+    """
+    if not hasattr(labels, "load"):
+        return labels
+    from .errors import PipelineError
+
+    try:
+        text = source.fetch_file(labels.file, cache, policy).read_text(encoding="utf-8-sig")
+    except (PipelineError, OSError, ValueError) as exc:
+        raise PipelineError(f"{source.description}: cannot read the label table {labels.file}: {exc}") from None
+    try:
+        return labels.load(text)
+    except ValueError as exc:
+        raise PipelineError(f"{source.description}: {exc}") from None
+
+
+def orphan_labels(labels: Any, records: Sequence[str]) -> dict[str, str]:
+    """Records a label table names that are not among ``records``: ``{record: "<stage>: <cause>"}``."""
+    have = {r.rsplit("/", 1)[-1] for r in records}
+    named = getattr(labels, "labelled_records", ())
+    return {r: f"labels: {labels.file} labels {r} ({labels.table[r]}), but the source has no such recording"
+            for r in named if r not in have}
+
+
+def label_source_for(db: Any, config: Any) -> Any:
+    """The label source a database entry names (``db.labels``), built from it and a ``PreprocessConfig``."""
+    try:
+        cls = LABEL_SOURCES[db.labels]
+    except KeyError:
+        raise ValueError(f"{db.name}: unknown label source {db.labels!r} (known: {', '.join(LABEL_SOURCES)})") from None
+    return cls.from_database(db, config)
 
 
 for _kind, _cls in (("beat-annotations", BeatAnnotations), ("detected-beats", DetectedBeats),

@@ -94,14 +94,17 @@ def spectrogram_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dtype
 
 
 def rhythm_cnn(input_shape: tuple[int, int | None], n_classes: int, *, input_dtype: str = "float32",
-               blocks: int = 4, convs_per_block: int = 4, width: int = 32, dropout: float = 0.15):
+               blocks: int = 4, convs_per_block: int = 4, width: int = 8, dropout: float = 0.15,
+               frame_dropout: float = 0.1):
     """Rhythm classifier of the PhysioNet/CinC 2017 reference: conv blocks, averaged over time.
 
-    Input is a whole recording's log spectrogram ``(freq, time)``; time may be
-    ``None`` (any length). Standardised per recording, then ``blocks`` blocks of
-    ``convs_per_block`` x (conv+BN+ReLU+dropout) followed by a 2x2 max-pool; a dense
-    layer maps each remaining time step to class scores, which are averaged over
-    time and passed through a softmax.
+    Input is a window's log spectrogram ``(freq, time)``; time may be ``None`` (any
+    length). Standardised per window; in training, whole time frames are dropped with
+    probability ``frame_dropout`` (the spectrogram form of Zihlmann et al.'s "dropout
+    bursts" augmentation); then ``blocks`` blocks of ``convs_per_block`` x
+    (conv+BN+ReLU+dropout) followed by a 2x2 max-pool, with ``width``, ``2 width`` and
+    then ``4 width`` filters; a dense layer maps each remaining time step to class
+    scores, which are averaged over time and passed through a softmax.
     """
     keras = _keras()
     layers = keras.layers
@@ -109,6 +112,9 @@ def rhythm_cnn(input_shape: tuple[int, int | None], n_classes: int, *, input_dty
     x_in = keras.Input(shape=(n_freq, n_time), dtype=input_dtype, name="spectrogram")
     x = layers.Reshape((n_freq, -1, 1), name="channel")(x_in)
     x = layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1e-3, name="standardize")(x)
+    if frame_dropout:
+        # noise_shape (batch, 1, time, 1): one draw per frame, shared by all its frequencies.
+        x = layers.Dropout(frame_dropout, noise_shape=(None, 1, None, 1), name="frame_dropout")(x)
     f = n_freq
     for b in range(blocks):
         for j in range(convs_per_block):

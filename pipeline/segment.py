@@ -14,7 +14,7 @@ Python loop).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -22,20 +22,45 @@ if TYPE_CHECKING:
     from .spectrogram import SpectrogramSpec
 
 
+Pad = Literal["none", "wrap"]
+
+
 @dataclass(frozen=True)
 class WindowSpec:
-    """Samples kept before and after the R peak (the peak sits at index ``n_before``)."""
+    """Samples kept before and after the anchor (the anchor sits at index ``n_before``).
+
+    ``pad="wrap"`` lets a window that starts inside the record run past its end: the
+    missing samples repeat the window's own signal from its start (``numpy.pad``'s
+    ``wrap``), so a recording shorter than the window is seen whole, repeated, and keeps
+    its label; the spectrogram never sees a synthetic flat line. Beat windows never pad.
+    """
 
     n_before: int
     n_after: int
+    pad: Pad = "none"
 
     @classmethod
-    def from_seconds(cls, before_s: float, after_s: float, fs: float) -> "WindowSpec":
-        return cls(int(round(before_s * fs)), int(round(after_s * fs)))
+    def from_seconds(cls, before_s: float, after_s: float, fs: float, pad: Pad = "none") -> "WindowSpec":
+        return cls(int(round(before_s * fs)), int(round(after_s * fs)), pad)
 
     @property
     def length(self) -> int:
         return self.n_before + self.n_after
+
+
+def cover_windows(sig_len: int, length: int, hop: int) -> np.ndarray:
+    """Starts of windows of ``length`` every ``hop`` samples that together cover ``[0, sig_len)``.
+
+    The last window is aligned to the record's end, so no sample is left out (it may
+    overlap its neighbour by more than the others do); a record shorter than ``length``
+    gets one window at 0, which the segment seam pads (``WindowSpec.pad``).
+    """
+    if sig_len <= length:
+        return np.zeros(1 if sig_len > 0 else 0, dtype=np.int64)
+    start = np.arange(0, sig_len - length + 1, hop, dtype=np.int64)
+    if start[-1] + length < sig_len:
+        start = np.append(start, sig_len - length)
+    return start
 
 
 def in_bounds(sample: np.ndarray, sig_len: int, spec: WindowSpec) -> np.ndarray:
@@ -48,11 +73,11 @@ def finite_windows(signal: np.ndarray, sample: np.ndarray, spec: WindowSpec) -> 
     """Mask of (in-bounds) beats whose window holds no NaN sample.
 
     Uses a cumulative count of invalid samples, so the cost is one pass over the
-    signal whatever the number of beats.
+    signal whatever the number of beats. A padded window is checked over its real part.
     """
     bad = np.concatenate([[0], np.cumsum(~np.isfinite(signal), dtype=np.int64)])
     start = np.asarray(sample, dtype=np.int64) - spec.n_before
-    return bad[start + spec.length] - bad[start] == 0
+    return bad[np.minimum(start + spec.length, signal.shape[0])] - bad[start] == 0
 
 
 def extract_windows(signal: np.ndarray, sample: np.ndarray, spec: WindowSpec, offset: int = 0) -> np.ndarray:
@@ -66,9 +91,18 @@ def extract_windows(signal: np.ndarray, sample: np.ndarray, spec: WindowSpec, of
         R-peak sample indices in record coordinates; every window must lie in ``signal``.
     """
     start = np.asarray(sample, dtype=np.int64) - spec.n_before - offset
-    if start.size and (start.min() < 0 or start.max() + spec.length > signal.shape[0]):
-        raise IndexError("a beat window extends outside the signal given")
-    return signal[start[:, None] + np.arange(spec.length)]
+    if start.size and start.min() < 0:
+        raise IndexError("a window starts before the signal given")
+    steps = np.arange(spec.length)
+    if spec.pad == "wrap":
+        # Each window's real part is [start, end of signal); the rest repeats it (see WindowSpec).
+        valid = np.minimum(spec.length, signal.shape[0] - start)
+        if valid.size and valid.min() <= 0:
+            raise IndexError("a window starts after the end of the signal given")
+        return signal[start[:, None] + steps[None, :] % valid[:, None]]
+    if start.size and start.max() + spec.length > signal.shape[0]:
+        raise IndexError("a window extends outside the signal given")
+    return signal[start[:, None] + steps]
 
 
 @dataclass(frozen=True)
@@ -95,7 +129,8 @@ def check_windows(signal: np.ndarray, anchor: np.ndarray, spec: WindowSpec, offs
     """
     anchor = np.asarray(anchor, dtype=np.int64)
     end = offset + signal.shape[0] if sig_len is None else min(sig_len, offset + signal.shape[0])
-    inside = (anchor - spec.n_before >= offset) & (anchor + spec.n_after <= end)
+    stop = anchor - spec.n_before + 1 if spec.pad == "wrap" else anchor + spec.n_after  # padded: needs 1 sample
+    inside = (anchor - spec.n_before >= offset) & (stop <= end)
     finite = np.zeros_like(inside)
     finite[inside] = finite_windows(signal, anchor[inside] - offset, spec)
     keep = inside & finite
@@ -106,5 +141,5 @@ def spectrograms(signal: np.ndarray, anchor: np.ndarray, spec: "SpectrogramSpec"
     """Spectrograms ``(n, n_freq, n_time)`` float32 of the windows around ``anchor`` (all inside ``signal``)."""
     from .spectrogram import spectrogram
 
-    windows = extract_windows(signal, anchor, WindowSpec(spec.n_before, spec.n_after), offset=offset)
+    windows = extract_windows(signal, anchor, WindowSpec(spec.n_before, spec.n_after, spec.pad), offset=offset)
     return spectrogram(windows, spec)

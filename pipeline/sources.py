@@ -35,6 +35,7 @@ whether its records are loose files or an archive member.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import posixpath
@@ -326,7 +327,7 @@ class ArchiveSource:
             path = Path(fsspec.core.strip_protocol(self.archive) if protocol else self.archive).expanduser()
             if not path.is_file():
                 raise SourceError(f"{self.archive}: no such file")
-            if self.sha256 and _sha256(path) != self.sha256:
+            if self.sha256 and _sha256_once(path) != self.sha256:
                 raise SourceError(f"{self.archive}: SHA-256 does not match SHA256SUMS.txt")
             return path, self.sha256
         parent, name = self.archive.rstrip("/").rsplit("/", 1)
@@ -383,6 +384,21 @@ class ArchiveSource:
     def fetch_again(self, local: LocalRecord, cache: Path | None = None,
                     policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
         return self.folder(cache, policy).fetch_again(local, cache, policy)
+
+
+def _sha256_once(path: Path) -> str:
+    """SHA-256 of a local archive, hashed once per process while its size and mtime stay the same.
+
+    Every record fetch of an archive source checks the archive; hashing 100 MB per record would
+    dominate a job of thousands of short records.
+    """
+    st = path.stat()
+    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    return _sha256(Path(path))
 
 
 def _archive_key(path: Path) -> str:

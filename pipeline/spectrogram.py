@@ -31,11 +31,12 @@ class SpectrogramSpec:
     window: str = "hann"
     detrend: str = "constant"
     log_eps: float = 1e-4
+    pad: str = "none"  #: ``segment.WindowSpec.pad`` of the windows (rhythm windows: ``wrap``)
 
     def __post_init__(self) -> None:
         if self.nperseg > self.n_before + self.n_after:
             raise ValueError(
-                f"STFT nperseg ({self.nperseg}) is longer than the beat window ({self.n_before + self.n_after} samples)"
+                f"STFT nperseg ({self.nperseg}) is longer than the window ({self.n_before + self.n_after} samples)"
             )
         if self.nfft < self.nperseg:
             raise ValueError(f"nfft ({self.nfft}) must be >= nperseg ({self.nperseg})")
@@ -58,7 +59,8 @@ class SpectrogramSpec:
         return ((centre - self.n_before) / self.fs).astype(np.float32)
 
     def attrs(self) -> dict[str, Any]:
-        """Parameters as store attributes."""
+        """Parameters as store attributes (``pad`` only where windows are padded, as beat stores never are)."""
+        pad = {"pad": self.pad} if self.pad != "none" else {}
         return {
             "fs": self.fs,
             "n_before": self.n_before,
@@ -70,6 +72,7 @@ class SpectrogramSpec:
             "detrend": self.detrend,
             "log_eps": self.log_eps,
             "transform": "log(abs(rfft(detrend(x)[frame] * window, nfft)) + log_eps)",
+            **pad,
         }
 
 

@@ -34,7 +34,7 @@ PACED = ("102", "104", "107", "217")
 DS1_VALIDATION = ("118", "119", "201", "220")
 
 PARTS = ("train", "val", "test")
-SPLIT_NAMES = ("inter-patient", "intra-patient")
+SPLIT_NAMES = ("inter-patient", "intra-patient", "stratified")
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,43 @@ def intra_patient(labels: np.ndarray, seed: int = 0, fractions: tuple[float, flo
                  {}, {"seed": seed, "fractions": list(fractions), "stratified_by": "label"})
 
 
+def stratified_records(record_ids: Sequence[str], record_labels: Sequence[str], offsets: np.ndarray,
+                       n_segments: np.ndarray, seed: int = 0, test: float = 0.2, val: float = 0.1) -> Split:
+    """A seeded hold-out of whole records, stratified by each record's label.
+
+    ``test`` of the records of each class go to test; ``val`` of the rest to validation,
+    the others to training. Every window of a recording stays on its recording's side.
+    """
+    if not (0 <= test < 1 and 0 <= val < 1):
+        raise ConfigError(f"split fractions test={test}, val={val} must lie in [0, 1)")
+    rng = np.random.default_rng(seed)
+    ids, lab = np.asarray(record_ids, dtype=object), np.asarray(record_labels, dtype=object)
+    keep = np.asarray(n_segments) > 0  # failed records hold no segments
+    parts: dict[str, list[str]] = {p: [] for p in PARTS}
+    for c in sorted(set(lab[keep].tolist())):
+        recs = ids[keep & (lab == c)][rng.permutation(int((keep & (lab == c)).sum()))]
+        n_test = int(round(test * len(recs)))
+        n_val = int(round(val * (len(recs) - n_test)))
+        parts["test"] += recs[:n_test].tolist()
+        parts["val"] += recs[n_test:n_test + n_val].tolist()
+        parts["train"] += recs[n_test + n_val:].tolist()
+    records = {p: tuple(sorted(v)) for p, v in parts.items()}
+    return by_records("stratified", records, record_ids, offsets, n_segments,
+                      {"seed": seed, "fractions": {"test": test, "val": val}, "stratified_by": "record label",
+                       "unit": "record"})
+
+
+def record_labels(ds) -> list[str]:
+    """Each record's label: the most common label of its segments ("" for a record with none)."""
+    from collections import Counter
+
+    label = np.asarray(ds["label"].values).astype(str)
+    out = []
+    for o, n in zip(np.asarray(ds["record_offset"].values), np.asarray(ds["record_n_segments"].values)):
+        out.append(Counter(label[o:o + n].tolist()).most_common(1)[0][0] if n else "")
+    return out
+
+
 def from_file(path: str | Path, record_ids: Sequence[str], offsets: np.ndarray, n_beats: np.ndarray) -> Split:
     """A record split from a YAML/JSON file ``{train: [...], val: [...], test: [...]}``."""
     text = Path(path).read_text(encoding="utf-8")
@@ -151,6 +188,11 @@ def _intra_patient(ds, seed: int) -> Split:
     return intra_patient(np.asarray(ds["label"].values).astype(str), seed=seed)
 
 
+def _stratified(ds, seed: int) -> Split:
+    ids, offsets, n = _table(ds)
+    return stratified_records(ids, record_labels(ds), offsets, n, seed=seed)
+
+
 SplitFactory = Callable[[Any, int], Split]  #: (store dataset, seed) -> Split
 _REGISTRY: dict[str, tuple[SplitFactory, str]] = {}
 SPLITS: Mapping[str, tuple[SplitFactory, str]] = MappingProxyType(_REGISTRY)  #: name -> (factory, one-line help)
@@ -168,6 +210,12 @@ register_split("inter-patient", _inter_patient,
                "paced records 102 104 107 217 excluded (MIT-BIH only)")
 register_split("intra-patient", _intra_patient,
                "random segment split 80/10/10, stratified by class, seeded (the reference's)")
+register_split("stratified", _stratified,
+               "whole records: 20% test, 10% of the rest validation, stratified by record label, seeded "
+               "(the default for rhythm stores)")
+
+#: The split ``train`` and ``evaluate`` use when none is given, by store task.
+DEFAULT_SPLITS: Mapping[str, str] = MappingProxyType({"beat": "inter-patient", "rhythm": "stratified"})
 
 
 def _table(ds) -> tuple[list[str], np.ndarray, np.ndarray]:

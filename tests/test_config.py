@@ -50,10 +50,32 @@ def test_fingerprints_are_the_ones_stores_on_disk_carry():
     assert s.fingerprint() == "0c51aeec85d0da9f17db9f09e1c975f756419b2b189c2da39f50b9f22bb3228c"
 
 
+def test_a_fingerprint_covers_the_keys_of_its_task_only():
+    """Beat stores ignore the rhythm windows and rhythm stores the beat window: neither resumes for nothing."""
+    base, rhythm = PreprocessConfig(), config_from_dict({"rhythm": {"length_s": 20}})
+    beat = config_from_dict({"window": {"before_s": 0.3}})
+    assert rhythm.fingerprint("beat") == base.fingerprint("beat") != beat.fingerprint("beat")
+    assert beat.fingerprint("rhythm") == base.fingerprint("rhythm") != rhythm.fingerprint("rhythm")
+
+
+def test_database_and_task_defaults_sit_under_the_file_and_the_options(tmp_path):
+    from ecg_pipeline.pipeline.config import load_config, load_train_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("stft:\n  nperseg: 32\n")
+    c = load_config(f, {"stft": {"hop": 32, "nperseg": 64}, "store": {"chunk_size": 512}})
+    assert (c.stft.nperseg, c.stft.hop, c.store.chunk_size) == (32, 32, 512)  # the file wins key by key
+    t = load_train_config(None, "rhythm", epochs=3)
+    assert (t.model, t.epochs) == ("rhythm-cnn", 3) and load_train_config(None, "beat").model == "spectrogram-cnn"
+    with pytest.raises(ConfigError, match="rhythm.min_s: 40.0 must be <= rhythm.length_s"):
+        config_from_dict({"rhythm": {"length_s": 30.0, "min_s": 40.0}})
+
+
 def test_to_dict_is_plain_data_in_declaration_order():
     assert PreprocessConfig().to_dict() == {
         "leads": None, "lead_fallback": "fail", "unknown_symbols": "Q",
         "window": {"before_s": 0.25, "after_s": 0.45},
+        "rhythm": {"length_s": 30.0, "hop_s": 30.0, "min_s": 5.0},
         "stft": {"nperseg": 64, "hop": 8, "nfft": None, "window": "hann", "detrend": "constant", "log_eps": 0.0001},
         "store": {"dtype": "float16", "chunk_size": 2048, "compressor": "blosc-lz4"},
         "download": {"retries": 4, "backoff_s": 0.5, "timeout_s": 120.0, "require_checksums": False}}

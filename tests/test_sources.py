@@ -56,10 +56,11 @@ def test_archive_member_of_a_tree_is_fetched_verified_and_labelled(tmp_path):
     header = records.read_header(local.base, "R2")
     assert (header.fs, header.sig_len) == (300.0, 300 * 31)
 
-    table = labels.RecordLabelTable(classes_=CLASSES, crop_s=10.0).load(
+    table = labels.RecordLabelTable(classes_=CLASSES, window_s=10.0, hop_s=10.0).load(
         ready.fetch_file("REFERENCE.csv", cache).read_text())
     segs = table.segments(labels.RecordInput("R2", local.base, header.fs, header.sig_len))
-    assert segs.anchor.tolist() == [0, 3000, 6000] and set(segs.label) == {"A"}  # 31 s: three whole 10 s crops
+    # 31 s in 10 s windows: three every 10 s, and a fourth ending at the end, so no second is left out
+    assert segs.anchor.tolist() == [0, 3000, 6000, 6300] and set(segs.label) == {"A"}
     whole = labels.RecordLabelTable(classes_=CLASSES).load("R1,N\nR2,X\n")
     with pytest.raises(records.RecordError, match="unknown label 'X'"):
         whole.segments(labels.RecordInput("R2", local.base, header.fs, header.sig_len))

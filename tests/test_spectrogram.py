@@ -46,5 +46,5 @@ def test_rejects_wrong_window_length(spec):
 
 
 def test_rejects_nperseg_longer_than_the_window():
-    with pytest.raises(ValueError, match="longer than the beat window"):
+    with pytest.raises(ValueError, match="longer than the window"):
         SpectrogramSpec(fs=360, n_before=10, n_after=10, nperseg=64, hop=8, nfft=64)
