@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 from typing import Sequence
 
 from .. import pipeline
@@ -198,6 +200,7 @@ def _add_score(sub) -> None:
             "examples:\n"
             "  ecg-pipeline score --model runs/mitdb/model.keras --input recordings.zip --out scores.zarr\n"
             "  ecg-pipeline score --model runs/mitdb/model.keras --db mitdb --records 100,101 --out s.zarr\n"
+            "  ecg-pipeline score --model runs/cinc2017/model.keras --input path/to/A00003   # prints probabilities\n"
             "  ecg-pipeline score ... --scheduler tcp://10.0.0.5:8786\n\n"
             "writes: --out (Zarr: probability, predicted, reference per beat; per-record table), the summary\n"
             "table (--summary, default <out>.records.csv) and, with a reference, <out>.metrics.json\n\n"
@@ -211,7 +214,11 @@ def _add_score(sub) -> None:
     sc.add_argument("--source", metavar="URL", help=f"root of the PhysioNet-style tree for --db (default: {DEFAULT_SOURCE})")
     sc.add_argument("--version", dest="db_version", metavar="VERSION", help="database version for --db")
     sc.add_argument("--records", type=_records_arg, metavar="LIST", help="comma-separated subset of records")
-    sc.add_argument("--out", help="scores store: a path or fsspec URL")
+    sc.add_argument("--out", help="scores store: a path or fsspec URL (optional for a single record: its "
+                                  "probabilities are printed)")
+    sc.add_argument("--labels", metavar="FILE.csv",
+                    help="rhythm models: reference classes as `record,label` lines (default: a REFERENCE.csv beside "
+                         "the records, if there is one); the job then reports evaluate's metrics")
     ann = sc.add_mutually_exclusive_group()
     ann.add_argument("--annotations", metavar="EXT",
                      help="compare with reference annotation files <record>.EXT, and fail records without one "
@@ -356,15 +363,20 @@ def _inspect_scores(path: str, require_complete: bool) -> str:
     ds = open_scores(path, require_complete=require_complete)
     a = ds.attrs
     classes = [str(c) for c in ds["class"].values]
-    out = [f"{path}: beat scores of {a['input']} by {a['model']} (sha256 {a['model_sha256'][:12]}), "
+    rhythm = a.get("task") == "rhythm"
+    unit = "windows" if rhythm else "beats"
+    out = [f"{path}: {a.get('task', 'beat')} scores of {a['input']} by {a['model']} (sha256 {a['model_sha256'][:12]}), "
            f"schema v{a['schema_version']}, complete={a['complete']}",
-           f"  {ds.sizes['segment']:,} beats, {ds.sizes['record_id']} records",
+           f"  {ds.sizes['segment']:,} {unit}, {ds.sizes['record_id']} records",
            "  predicted   " + "   ".join(f"{c} {n:,}" for c, n in a.get("segments_per_class", {}).items()),
-           f"  {'record':>16} {'status':>7} {'beats':>7} " + " ".join(f"{c:>6}" for c in classes) + "  ectopic  error"]
+           f"  {'record':>16} {'status':>7} {unit:>7} " + " ".join(f"{c:>6}" for c in classes)
+           + ("  record class  error" if rhythm else "  ectopic  error")]
     for i in range(ds.sizes["record_id"]):
         counts = " ".join(f"{int(n):>6}" for n in ds.record_segments.values[i])
+        verdict = (f"{ds.record_predicted.values[i]:>12}" if rhythm
+                   else f"{float(ds.record_ectopic_share.values[i]):>7.1%}")
         out.append(f"  {ds.record_id.values[i]:>16} {ds.record_status.values[i]:>7} {int(ds.record_n_segments.values[i]):>7} "
-                   f"{counts}  {float(ds.record_ectopic_share.values[i]):>7.1%}  {ds.record_error.values[i]}")
+                   f"{counts}  {verdict}  {ds.record_error.values[i]}")
     return "\n".join(out) + "\n"
 
 
@@ -387,7 +399,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
            f"  spectrogram {dict(ds.spectrogram.sizes)} {ds.spectrogram.dtype}, chunks {ds.spectrogram.encoding.get('chunks')}",
            f"  freq {float(ds.freq[0]):.1f}-{float(ds.freq[-1]):.1f} Hz, time {float(ds.time[0]):+.3f}..{float(ds.time[-1]):+.3f} s",
            "  per class   " + "   ".join(f"{c} {n:,}" for c, n in a.get("segments_per_class", {}).items()),
-           f"  {'record':>8} {'status':>7} {'lead':>5} {'beats':>7} {'offset':>8} {'checksum':>9}  error"]
+           f"  {'record':>8} {'status':>7} {'lead':>5} {'windows' if a.get('task') == 'rhythm' else 'beats':>7} "
+           f"{'offset':>8} {'checksum':>9}  error"]
     for i in range(ds.sizes["record_id"]):
         row = {k: ds[k].values[i] for k in ("record_id", "record_status", "record_lead", "record_n_segments",
                                            "record_offset", "record_checksum", "record_error")}
@@ -497,27 +510,51 @@ def cmd_score(args: argparse.Namespace) -> int:
     config = load_score_config(args.config)
     if args.print_config:
         return _print_config(config)
-    if not args.model or not args.out:
-        raise PipelineError("--model and --out are required")
+    from ..pipeline.sources import single_record
+
+    one = single_record(args.input)
+    if not args.model or not (args.out or one):
+        raise PipelineError("--model and --out are required (--out may be left out for a single record)")
     if not args.input and not args.db:
         raise PipelineError("give --input (a folder, archive or URL), or --db (with --source) for a PhysioNet database")
     from .score import ModelInfo, ScoreRequest, check_summary, run_scoring, summary_path
 
     # Refuse an unsafe or foreign model file, or a summary that cannot be written, before starting a cluster.
     ModelInfo.read(args.model)
-    check_summary(summary_path(args.out, args.summary))
-
-    annotations = None if args.no_annotations else (args.annotations or "auto")
-    request = ScoreRequest(model=args.model, out=args.out, input=args.input, source=args.source, db=args.db,
-                           version=args.db_version, records=args.records, annotations=annotations, config=config,
-                           cache_dir=args.cache_dir, work_dir=args.work_dir, summary=args.summary,
-                           overwrite=args.overwrite)
-    with _cluster(args, n_workers=args.workers) as client:
-        link = client.dashboard_link
-        sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
-        report = run_scoring(request, client, progress=_progress(not args.no_progress, unit="record"))
-    sys.stdout.write(format_score_report(report))
+    if args.out:
+        check_summary(summary_path(args.out, args.summary))
+    with contextlib.ExitStack() as stack:
+        out = args.out or os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "scores.zarr")
+        annotations = None if args.no_annotations else (args.annotations or "auto")
+        request = ScoreRequest(model=args.model, out=out, input=one[0] if one else args.input, source=args.source,
+                               db=args.db, version=args.db_version, records=(one[1],) if one else args.records,
+                               annotations=annotations, config=config, cache_dir=args.cache_dir,
+                               work_dir=args.work_dir, summary=args.summary, overwrite=args.overwrite,
+                               labels=args.labels)
+        with _cluster(args, n_workers=args.workers) as client:
+            link = client.dashboard_link
+            sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
+            report = run_scoring(request, client, progress=_progress(not args.no_progress, unit="record"))
+        sys.stdout.write(format_record_scores(report) if one else format_score_report(report))
     return EXIT_OK if report.ok else EXIT_RECORDS_FAILED
+
+
+def format_record_scores(report) -> str:
+    """One record's verdict: its class probabilities (rhythm models) or its beats per class."""
+    lines = []
+    for r in report.records:
+        if r["status"] != "ok":
+            lines.append(f"{r['record']}: failed: {r['error']}")
+        elif report.task == "rhythm":
+            probs = "  ".join(f"{c} {p:.3f}" for c, p in zip(report.classes, r["probability"]))
+            ref = f"   (reference {r['reference_class']})" if r.get("reference_class") else ""
+            lines.append(f"{r['record']}: {r['predicted']}{ref}\n  probability  {probs}\n"
+                         f"  {int(r['n_segments'])} window(s), {r['sig_len'] / r['fs']:.1f} s; "
+                         "mean of the window probabilities")
+        else:
+            counts = "  ".join(f"{c} {int(n):,}" for c, n in zip(report.classes, r["segments"]))
+            lines.append(f"{r['record']}: {int(r['n_segments']):,} beats  {counts}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

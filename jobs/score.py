@@ -42,7 +42,8 @@ from ..pipeline import extract, models, records, scores, sources, spectrogram, t
 from ..pipeline.config import ScoreConfig
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import RetryPolicy
-from ..pipeline.errors import RecordError
+from ..pipeline import labels as labels_mod
+from ..pipeline.errors import PipelineError, RecordError
 from ..pipeline.evaluate import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,11 @@ class ModelInfo:
     database: str
     leads: tuple[str, ...]
     annotator: str
+    task: str = "beat"
+    window_s: float = 0.0  #: rhythm: window length (the model's input)
+    hop_s: float = 0.0  #: rhythm: seconds between window starts the model was trained with
+    min_s: float = 0.0  #: rhythm: shortest recording the model's store kept
+    challenge_classes: tuple[str, ...] = ()
 
     @classmethod
     def read(cls, path: str | Path) -> "ModelInfo":
@@ -77,14 +83,21 @@ class ModelInfo:
         if not meta:
             raise models.ModelError(f"{path}: has no ecg_pipeline.json metadata (not saved by `ecg-pipeline train`), "
                                     "so the window and STFT it was trained with are unknown; refused")
-        if meta.get("task") != "beat":
-            raise models.ModelError(f"{path}: a {meta.get('task')!r} model; `score` scores beat models")
+        task = meta.get("task")
+        if task not in ("beat", "rhythm"):
+            raise models.ModelError(f"{path}: a {task!r} model; `score` scores beat and rhythm models")
         st = meta["store"]
         sp = st["spectrogram"]
         spec = spectrogram.SpectrogramSpec(
             fs=float(sp["fs"]), n_before=int(sp["n_before"]), n_after=int(sp["n_after"]), nperseg=int(sp["nperseg"]),
             hop=int(sp["hop"]), nfft=int(sp["nfft"]), window=sp["window"], detrend=sp.get("detrend", "constant"),
-            log_eps=float(sp["log_eps"]))
+            log_eps=float(sp["log_eps"]), pad=sp.get("pad", "none"))
+        ls = st.get("label_source") or {}
+        rhythm = {} if task == "beat" else {
+            "window_s": (spec.n_before + spec.n_after) / spec.fs, "hop_s": float(ls.get("hop_s", 0) or 0),
+            "min_s": float(ls.get("min_s", 0) or 0), "challenge_classes": tuple(meta.get("challenge_classes") or ())}
+        if task == "rhythm" and not rhythm["hop_s"]:
+            rhythm["hop_s"] = rhythm["window_s"]
         db = DATABASES.get(st.get("database", ""))
         pre = st.get("preprocess_config") or {}
         leads = tuple(pre.get("leads") or (db.leads if db else ()))
@@ -92,7 +105,8 @@ class ModelInfo:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         return cls(path=str(path), sha256=digest, spec=spec, classes=tuple(meta["classes"]),
                    input_dtype=meta.get("input", {}).get("dtype", "float32"), label_map=dict(st.get("label_map", {})),
-                   database=st.get("database", ""), leads=leads, annotator=db.annotator if db else "atr")
+                   database=st.get("database", ""), leads=leads, annotator=db.annotator if db else "atr",
+                   task=task, **rhythm)
 
 
 class ModelPlugin(WorkerPlugin):
@@ -129,7 +143,7 @@ class ModelPlugin(WorkerPlugin):
         # Trace the model for a full and a smaller batch now: TensorFlow then generalises the batch
         # dimension, so records of any length do not retrace it (about 1 s each) during the job.
         shape = (self.info.spec.n_freq, self.info.spec.n_time)
-        for n in (256, 255):
+        for n in ((256, 255) if self.info.task == "beat" else (16, 15)):  # rhythm windows are ~100x larger
             self.model.predict_on_batch(np.zeros((n, *shape), dtype=self.info.input_dtype))
 
     def teardown(self, worker) -> None:
@@ -169,6 +183,7 @@ class ScoreContext:
     require_reference: bool  #: --annotations given explicitly
     cache_dir: str | None
     plugin: str
+    labels: Mapping[str, str] = field(default_factory=dict)  #: rhythm: record -> reference class (a label table)
 
     @property
     def policy(self) -> RetryPolicy:
@@ -238,17 +253,71 @@ class PieceResult:
     model_load: str = ""  #: which load of the model scored it (worker, process, time)
 
 
+def score_windows(x: np.ndarray, fs: float, first: int, anchor: np.ndarray, sig_len: int, info: ModelInfo,
+                  predict_fn: Callable[[np.ndarray], np.ndarray]) -> SpanScores:
+    """Transform and score the rhythm windows starting at ``anchor`` (``x``: record samples from ``first``)."""
+    seg = extract.window_segments(x, fs, first, anchor, sig_len, info.spec)
+    timer = Timer()
+    with timer("model"):
+        prob = predict_fn(seg.spectrogram.astype(info.input_dtype))
+    return SpanScores(seg.anchor, prob, np.asarray(anchor, np.int64), 0, seg.n_dropped_invalid,
+                      {**seg.seconds, **timer.seconds})
+
+
+def _score_rhythm(ctx: ScoreContext, local: sources.LocalRecord, header: records.Header, lead: records.Lead,
+                  piece: Piece | None, out: PieceResult, result: scores.RecordScores) -> None:
+    """The rhythm side of ``score_record``: fixed windows over the record (or a piece's share of them)."""
+    info, record = ctx.info, header.record
+    if header.sig_len <= 0:
+        raise RecordError(record, "signal", "the record holds no samples")
+    if header.sig_len < info.min_s * header.fs:
+        raise RecordError(record, "signal", f"{header.sig_len / header.fs:.2f} s long, shorter than the "
+                                            f"{info.min_s:g} s the model's recordings had at least")
+    hop_s = ctx.config.rhythm_hop_s or info.hop_s
+    anchor = extract.record_windows(header.sig_len, header.fs, info.window_s, hop_s)
+    piece_len = int(ctx.config.piece_s * header.fs)
+    if piece is None and header.sig_len > piece_len:
+        n = -(-header.sig_len // piece_len)
+        out.split = [Piece(record, i, n, i * piece_len, min((i + 1) * piece_len, header.sig_len)) for i in range(n)]
+        return
+    if piece is not None:
+        anchor = anchor[(anchor >= piece.start) & (anchor < piece.stop)]
+    t0 = time.perf_counter()
+    n_win = int(round(info.window_s * header.fs))
+    first, last = (int(anchor[0]), min(int(anchor[-1]) + n_win, header.sig_len)) if len(anchor) else (0, 0)
+    x = records.read_signal(local.base, header, lead, first, last) if len(anchor) else np.zeros(0, np.float32)
+    read_s = time.perf_counter() - t0
+    model = get_worker().plugins[ctx.plugin]
+    out.model_load = model.load_id
+    span = score_windows(x, header.fs, first, anchor, header.sig_len, info,
+                         lambda s: model.predict(s, ctx.config.batch_size)) if len(anchor) else None
+    result.probability = np.zeros((0, len(info.classes)), np.float32)  # a piece may own no window start
+    if span is not None:
+        result.anchor, result.probability = span.sample, span.probability
+        result.n_detected, result.n_dropped_invalid = len(span.detected), span.n_dropped_invalid
+        out.seconds = {"read": read_s, **span.seconds}
+    result.reference_class = ctx.labels.get(record.rsplit("/", 1)[-1], "")
+    result.reference = np.full(len(result.anchor), result.reference_class, dtype=object)
+
+
 def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, piece: Piece | None = None) -> PieceResult:
     """Task: score one record, or one piece of a long one. Record problems become ``scores.status``."""
     t0 = time.perf_counter()
     out = PieceResult(record, piece.index if piece else 0)
-    result = scores.RecordScores(record)
+    result = scores.RecordScores(record, task=ctx.info.task)
     try:
         local = source.fetch(record, (ctx.annotator,) if ctx.annotator else (), ctx.cache(), ctx.policy)
         result.checksum = local.checksum
         header = records.read_header(local.base, record)
         lead = records.choose_lead(header, ctx.leads(), ctx.config.lead_fallback)
         result.lead, result.lead_fallback, result.fs, result.sig_len = lead.name, lead.fallback, header.fs, header.sig_len
+        if ctx.info.task == "rhythm":
+            _score_rhythm(ctx, local, header, lead, piece, out, result)
+            if out.split:
+                return out
+            result.seconds = time.perf_counter() - t0
+            out.scores = result
+            return out
         piece_len = int(ctx.config.piece_s * header.fs)
         if piece is None and header.sig_len > piece_len:
             n = -(-header.sig_len // piece_len)
@@ -292,12 +361,14 @@ def merge_pieces(parts: Sequence[PieceResult], refractory_s: float) -> scores.Re
     base = parts[0].scores
     if failed:
         return scores.RecordScores(base.record, "failed", failed[0].error, base.checksum, base.lead, base.lead_fallback,
-                                   base.fs, base.sig_len, seconds=sum(p.scores.seconds for p in parts))
+                                   base.fs, base.sig_len, seconds=sum(p.scores.seconds for p in parts),
+                                   task=base.task)
     r = [p.scores for p in parts]
     sample = np.concatenate([s.anchor for s in r])
     # Only across cuts: within a piece the detector already keeps beats a refractory period apart.
+    # Rhythm windows are shared out by their start, so no window is in two pieces.
     keep = np.ones(len(sample), bool)
-    cuts = np.cumsum([len(s.anchor) for s in r])[:-1]
+    cuts = np.cumsum([len(s.anchor) for s in r])[:-1] if base.task == "beat" else []
     for c in cuts:
         if 0 < c < len(sample):
             j = c
@@ -311,7 +382,8 @@ def merge_pieces(parts: Sequence[PieceResult], refractory_s: float) -> scores.Re
         n_detected=sum(s.n_detected for s in r) - int((~keep).sum()),
         n_dropped_edge=sum(s.n_dropped_edge for s in r), n_dropped_invalid=sum(s.n_dropped_invalid for s in r),
         reference_file=base.reference_file, n_reference=sum(s.n_reference for s in r), tp=sum(s.tp for s in r),
-        fn=sum(s.fn for s in r), fp=sum(s.fp for s in r), seconds=sum(s.seconds for s in r))
+        fn=sum(s.fn for s in r), fp=sum(s.fp for s in r), seconds=sum(s.seconds for s in r), task=base.task,
+        reference_class=base.reference_class)
     return out
 
 
@@ -355,6 +427,7 @@ class ScoreRequest:
     summary: str | None = None
     overwrite: bool = False
     storage_options: Mapping[str, Any] | None = None
+    labels: str | None = None  #: rhythm: a ``record,label`` table of reference classes; None: REFERENCE.csv if present
 
 
 @dataclass
@@ -376,6 +449,9 @@ class ScoreReport:
     stage_s: dict[str, float]
     phase_s: dict[str, float] = field(default_factory=dict)  #: driver wall seconds: prepare, model_load, score, finish
     model_loads: int = 0  #: model loads that scored beats (one per worker process)
+    task: str = "beat"
+    records: list[dict[str, Any]] = field(default_factory=list)  #: the per-record table rows of this run's records
+    classes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -442,14 +518,14 @@ def run_scoring(request: ScoreRequest, client: Client,
     source = sources.resolve_source(request.input, source=request.source, db=request.db, version=request.version,
                                     work_dir=request.work_dir, max_archive_bytes=config.max_archive_bytes,
                                     require_checksums=config.download.require_checksums)
-    annotator = None if request.annotations is None else (
+    annotator = None if request.annotations is None or info.task == "rhythm" else (
         info.annotator if request.annotations == "auto" else request.annotations)
     plugin = ModelPlugin(info)
 
     attrs = _scores_attrs(request, info, source.description)
     # The source is listed where it is reachable (archives fetched and extracted there), then
     # shipped once to every worker.
-    source, names = _listed_records(client, source, request, policy)
+    source, names, reference = _listed_records(client, source, request, policy, info)
     phase = {"prepare": time.perf_counter() - t0}
     # The store is opened (or created) only now: a refused input leaves none behind.
     writer = scores.ScoresWriter(request.out, attrs, info.classes, config.chunk_size, overwrite=request.overwrite,
@@ -457,7 +533,7 @@ def run_scoring(request: ScoreRequest, client: Client,
     todo = [r for r in names if r not in writer.done]
     skipped = len(names) - len(todo)
     ctx = ScoreContext(info, config, annotator, request.annotations not in (None, "auto"), request.cache_dir,
-                       plugin.name)
+                       plugin.name, reference)
 
     stage_s: Counter[str] = Counter()
     loads: set[str] = set()
@@ -474,8 +550,8 @@ def run_scoring(request: ScoreRequest, client: Client,
                 raise
             phase["model_load"] = time.perf_counter() - t
             t = time.perf_counter()
-            [src] = client.scatter([source], broadcast=True)
-            beats_run = _score_records(client, ctx, src, todo, writer, progress("score records", len(todo)),
+            [src, ctx_f] = client.scatter([source, ctx], broadcast=True)  # ctx: once, a label table can be large
+            beats_run = _score_records(client, ctx, ctx_f, src, todo, writer, progress("score records", len(todo)),
                                        stage_s, loads, t0)
         finally:
             try:
@@ -490,7 +566,9 @@ def run_scoring(request: ScoreRequest, client: Client,
     failed = [(r["record"], r["error"]) for r in rows if r["status"] != "ok"]
     per_class = scores.segments_per_class(rows, info.classes)
     ref_metrics = None
-    if any(r["reference"] for r in rows):
+    if info.task == "rhythm":
+        ref_metrics = rhythm_reference_metrics(rows, info.classes, info.challenge_classes)
+    elif any(r["reference"] for r in rows):
         g = writer.group
         n = writer.n
         ref = np.asarray(g["reference"][:n], dtype=object)
@@ -499,8 +577,10 @@ def run_scoring(request: ScoreRequest, client: Client,
         ref_metrics["detector"]["tolerance_s"] = config.match_tolerance_s
     writer.finish({"complete": all(r in writer.rows for r in names), "segments_per_class": per_class,
                    "n_failed_records": len(failed), **({"reference_metrics": ref_metrics} if ref_metrics else {})})
-    frame = scores.records_frame(rows, info.classes).sort_values("record", kind="stable")
+    frame = scores.records_frame(rows, info.classes, info.task).sort_values("record", kind="stable")
     tables.write_table(frame, summary)
+    if info.task == "rhythm":
+        tables.write_table(_episodes_frame(writer, rows), sidecar(request.out, ".episodes.csv"))
     if ref_metrics:
         with _open_text(sidecar(request.out, ".metrics.json")) as f:
             json.dump(ref_metrics, f, indent=2)
@@ -508,26 +588,70 @@ def run_scoring(request: ScoreRequest, client: Client,
         out=request.out, summary=summary, input=source.description, n_records=len(names), n_scored=len(todo),
         n_skipped=skipped, failed=failed, beats_per_class=per_class, n_beats=sum(int(r["n_segments"]) for r in rows),
         n_beats_run=beats_run, reference=ref_metrics, wall_s=time.perf_counter() - t0, stage_s=dict(stage_s),
-        phase_s={**phase, "finish": time.perf_counter() - t}, model_loads=len(loads))
+        phase_s={**phase, "finish": time.perf_counter() - t}, model_loads=len(loads), task=info.task,
+        records=[writer.rows[r] for r in names if r in writer.rows], classes=info.classes)
+
+
+def rhythm_reference_metrics(rows, classes: Sequence[str], challenge_classes: Sequence[str]) -> dict | None:
+    """Per-record metrics of a rhythm model against the records' reference classes, as ``evaluate`` gives them."""
+    index = {c: i for i, c in enumerate(classes)}
+    rated = [r for r in rows if r["status"] == "ok" and r.get("reference_class") in index and r.get("predicted")]
+    if not rated:
+        return None
+    y_true = np.array([index[r["reference_class"]] for r in rated], dtype=np.int64)
+    y_pred = np.array([index[r["predicted"]] for r in rated], dtype=np.int64)
+    m = classification_metrics(y_true, y_pred, list(classes), list(challenge_classes))
+    m.update(unit="record", aggregation="mean of the window probabilities per record")
+    unknown = sorted({r["reference_class"] for r in rows if r.get("reference_class") and
+                      r["reference_class"] not in index})
+    return {"records": len(rated), "classification": m, "unknown_reference_classes": unknown}
+
+
+def _episodes_frame(writer: scores.ScoresWriter, rows):
+    """``record, start_s, end_s, class`` of every run of windows of one predicted class (``scores.episodes``)."""
+    import pandas as pd
+
+    g, out = writer.group, []
+    for r in rows:
+        if r["status"] != "ok" or not int(r["n_segments"]):
+            continue
+        lo, hi = int(r["offset"]), int(r["offset"]) + int(r["n_segments"])
+        anchor, predicted = np.asarray(g["anchor"][lo:hi]), np.asarray(g["predicted"][lo:hi], dtype=object)
+        for start, end, c in scores.episodes(anchor, predicted, int(r["sig_len"]), float(r["fs"])):
+            out.append({"record": r["record"], "start_s": round(start, 3), "end_s": round(end, 3), "class": c})
+    return pd.DataFrame(out, columns=["record", "start_s", "end_s", "class"])
 
 
 def _scores_attrs(request: ScoreRequest, info: ModelInfo, input_description: str) -> dict[str, Any]:
     config = request.config
+    rhythm = info.task == "rhythm"
     return {
-        "schema_version": scores.scores_schema()["schema_version"], "kind": scores.KIND, "task": "beat",
-        "anchor_kind": "r-peak", "package": "ecg-pipeline",
+        "schema_version": scores.scores_schema()["schema_version"], "kind": scores.KIND, "task": info.task,
+        "anchor_kind": "window-start" if rhythm else "r-peak", "package": "ecg-pipeline",
+        **({"window_s": info.window_s, "hop_s": config.rhythm_hop_s or info.hop_s} if rhythm else {}),
         "package_version": pipeline.__version__, "model": str(request.model), "model_sha256": info.sha256,
         "model_database": info.database, "classes": list(info.classes), "label_map": dict(info.label_map),
-        "spectrogram": info.spec.attrs(), "detector": config.to_dict()["detector"], "input": input_description,
+        "spectrogram": info.spec.attrs(), "detector": {} if rhythm else config.to_dict()["detector"],
+        "input": input_description,
         "config": config.to_dict(), "config_fingerprint": config.fingerprint(),
     }
 
 
-def _listed_records(client: Client, source: sources.RecordSource, request: ScoreRequest,
-                    policy: RetryPolicy) -> tuple[sources.RecordSource, tuple[str, ...]]:
-    """The prepared source and the records to score (``--records`` checked against the listing)."""
-    listing: sources.Listing = client.submit(prepare_source, source, request.cache_dir, policy, pure=False).result()
+def _listed_records(client: Client, source: sources.RecordSource, request: ScoreRequest, policy: RetryPolicy,
+                    info: ModelInfo) -> tuple[sources.RecordSource, tuple[str, ...], dict[str, str]]:
+    """The prepared source, the records to score (``--records`` checked against the listing) and, for rhythm
+    models, the reference classes of a label table (``--labels``, or a ``REFERENCE.csv`` in the source)."""
+    listing: sources.Listing
+    listing, found = client.submit(_prepare_with_labels, source, request.cache_dir, policy,
+                                   info.task == "rhythm" and not request.labels, pure=False).result()
     source, names = listing.source, listing.records
+    reference = found
+    if request.labels and info.task == "rhythm":
+        try:
+            reference = dict(labels_mod.RecordLabelTable(file=request.labels).load(
+                Path(request.labels).read_text(encoding="utf-8-sig")).table)
+        except (OSError, ValueError) as exc:
+            raise sources.SourceError(f"--labels {request.labels}: {exc}") from None
     if request.records:
         unknown = sorted(set(request.records) - set(names))
         if unknown:
@@ -535,14 +659,31 @@ def _listed_records(client: Client, source: sources.RecordSource, request: Score
         names = tuple(r for r in names if r in set(request.records))
     if not names:
         raise sources.SourceError(f"{source.description}: no WFDB records (.hea files) found")
-    return source, names
+    return source, names, reference
 
 
-def _score_records(client: Client, ctx: ScoreContext, src, todo: Sequence[str], writer: scores.ScoresWriter, bar,
-                   stage_s: Counter, loads: set[str], t0: float) -> int:
+def _prepare_with_labels(source: sources.RecordSource, cache_dir: str | None, policy: RetryPolicy,
+                         look: bool) -> tuple[sources.Listing, dict[str, str]]:
+    """Task: list the source and, if ``look``, read the ``REFERENCE.csv`` beside its records (when there is one)."""
+    listing = prepare_source(source, cache_dir, policy)
+    if not look:
+        return listing, {}
+    try:
+        text = listing.source.fetch_file("REFERENCE.csv", cache_root(cache_dir), policy).read_text(encoding="utf-8-sig")
+    except (PipelineError, OSError, ValueError):
+        return listing, {}  # no table: the records are scored without reference
+    try:
+        return listing, dict(labels_mod.RecordLabelTable().load(text).table)
+    except ValueError as exc:
+        log.warning("%s: REFERENCE.csv ignored: %s", listing.source.description, exc)
+        return listing, {}
+
+
+def _score_records(client: Client, ctx: ScoreContext, ctx_f, src, todo: Sequence[str], writer: scores.ScoresWriter,
+                   bar, stage_s: Counter, loads: set[str], t0: float) -> int:
     """One ``score_record`` task per record (long records come back split, and their pieces are scored as
     tasks too); finished records are committed every ``flush_s``. Returns the segments scored."""
-    futures = {client.submit(score_record, ctx, src, r, key=f"score-{r}-{os.urandom(4).hex()}"): r for r in todo}
+    futures = {client.submit(score_record, ctx_f, src, r, key=f"score-{r}-{os.urandom(4).hex()}"): r for r in todo}
     pieces: dict[str, list[PieceResult]] = {}
     expected: dict[str, int] = {}
     pending: list[scores.RecordScores] = []
@@ -559,7 +700,7 @@ def _score_records(client: Client, ctx: ScoreContext, src, todo: Sequence[str], 
         if res.split:
             expected[r] = len(res.split)
             for p in res.split:
-                f = client.submit(score_record, ctx, src, r, p, key=f"score-{r}-{p.index}-{os.urandom(4).hex()}")
+                f = client.submit(score_record, ctx_f, src, r, p, key=f"score-{r}-{p.index}-{os.urandom(4).hex()}")
                 futures[f] = r
                 done_iter.add(f)
             continue
@@ -576,7 +717,8 @@ def _score_records(client: Client, ctx: ScoreContext, src, todo: Sequence[str], 
         beats_run += rec.n_segments
         bar.update(1)
         if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{beats_run / (time.perf_counter() - t0):,.0f} beats/s", refresh=False)
+            unit = "beats" if ctx.info.task == "beat" else "windows"
+            bar.set_postfix_str(f"{beats_run / (time.perf_counter() - t0):,.0f} {unit}/s", refresh=False)
         if time.perf_counter() - last_flush >= ctx.config.flush_s:
             writer.commit(pending)
             pending, last_flush = [], time.perf_counter()

@@ -40,7 +40,8 @@ from ..pipeline.config import TrainConfig
 from ..pipeline.errors import ConfigError, PipelineError
 from ..pipeline.evaluate import aggregate_by_record, classification_metrics, format_report, plot_history, write_evaluation
 from ..pipeline.loader import LoaderOptions, ZarrSegmentLoader
-from ..pipeline.models import ModelError, build_model, check_archive, load_model, save_model
+from ..pipeline.models import (ModelError, build_model, check_archive, load_model, recalibrate_batch_norm,
+                               save_model)
 from ..pipeline.splits import DEFAULT_SPLITS, Split, by_records, make_split
 from ..pipeline.store import open_dataset
 
@@ -107,6 +108,7 @@ def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype) -> dict
         "task": a["task"],
         "anchor_kind": a["anchor_kind"],
         "classes": list(a["classes"]),
+        "challenge_classes": list(a.get("challenge_classes", [])),
         "input": {"shape": list(input_shape), "dtype": str(dtype), "variable": "spectrogram"},
         "store": {
             "database": a.get("database"), "database_version": a.get("database_version"),
@@ -288,9 +290,10 @@ def _make_callback():
         """
 
         def __init__(self, out: Path, val: ZarrSegmentLoader, scorer: Scorer, patience: int, state: dict[str, Any],
-                     metadata: Mapping[str, Any]):
+                     metadata: Mapping[str, Any], calibration=None):
             super().__init__()
             self.out, self.val, self.scorer, self.patience = out, val, scorer, patience
+            self.calibration = calibration  #: () -> training batches for recalibrate_batch_norm, or None
             self.state, self.metadata = state, metadata
             self._t0 = 0.0
 
@@ -299,6 +302,8 @@ def _make_callback():
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
+            if self.calibration is not None:
+                recalibrate_batch_norm(self.model, self.calibration())
             train_s = time.perf_counter() - self._t0
             prob, _ = predict_classes(self.model, self.val)
             y = self.val.labels
@@ -454,7 +459,13 @@ def run_training(request: TrainRequest) -> TrainResult:
         # After RunState, so that it sees the validation score RunState adds to the epoch logs.
         plateau = keras.callbacks.ReduceLROnPlateau(monitor=scorer.selection, mode="max", factor=cfg.lr_factor,
                                                     patience=cfg.lr_patience, min_lr=cfg.learning_rate / 64)
-        callbacks = [run_state(out, val_l, scorer, cfg.patience, state, metadata), plateau]
+        n_cal = cfg.bn_recalibration_batches
+
+        def calibration():
+            return (batch[0] for batch in train_l.dataset().take(n_cal))
+
+        callbacks = [run_state(out, val_l, scorer, cfg.patience, state, metadata, calibration if n_cal else None),
+                     plateau]
         verbose = _fit_verbose(request.verbose)
         if verbose == 2:  # our own line instead of Keras' two (which also list every per-class F1)
             callbacks.append(epoch_line(state))

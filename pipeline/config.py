@@ -239,6 +239,9 @@ class TrainConfig(_Config):
     seed: int = Field(0, ge=0, description="Seed of weights, split (intra-patient) and loader order.")
     shuffle_chunks: int = Field(16, ge=1, description="Zarr chunks per shuffle group (the shuffle buffer).")
     parallel_reads: int = Field(2, ge=1, description="Groups of chunks read concurrently.")
+    bn_recalibration_batches: int = Field(
+        0, ge=0, le=100000, description="Before each validation, recompute the batch-norm statistics over this many "
+                                        "training batches with the epoch's final weights (precise BN); 0: off.")
     mixed_precision: Literal["auto", "on", "off"] = Field(
         "auto", description="float16 compute: auto uses it when a GPU is visible.")
     model_options: dict[str, Any] = Field(
@@ -291,7 +294,11 @@ class ScoreConfig(_Config):
     piece_s: float = Field(
         1800.0, ge=60, description="Records longer than this many seconds are scored in pieces of this length, one "
                                    "task each.")
-    batch_size: int = Field(4096, ge=1, le=1048576, description="Beats per model call.")
+    rhythm_hop_s: float | None = Field(
+        None, gt=0, le=86400, description="Rhythm models: seconds between window starts (the last window ends at "
+                                          "the record's end); null: the hop the model was trained with. The window "
+                                          "length is the model's.")
+    batch_size: int = Field(4096, ge=1, le=1048576, description="Segments (beats, windows) per model call.")
     match_tolerance_s: float = Field(
         0.150, gt=0, le=1, description="Largest distance between a detected and a reference beat that still counts "
                                        "as a match (EC57: 0.150 s).")
@@ -304,6 +311,8 @@ class ScoreConfig(_Config):
         """SHA-256 of the keys that change which beats are found and how they are scored."""
         d = self.to_dict()
         content = {k: d[k] for k in ("leads", "lead_fallback", "detector", "match_tolerance_s")}
+        if self.rhythm_hop_s is not None:  # only when set: stores scored before it existed keep their fingerprint
+            content["rhythm_hop_s"] = self.rhythm_hop_s
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -431,7 +440,8 @@ def score_config_from_dict(data: dict[str, Any] | None) -> ScoreConfig:
 TASK_TRAIN_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "beat": MappingProxyType({}),
     "rhythm": MappingProxyType({"model": "rhythm-cnn", "epochs": 40, "batch_size": 32, "learning_rate": 1e-3,
-                                "lr_patience": 3, "patience": 8, "shuffle_chunks": 64}),
+                                "lr_patience": 3, "patience": 8, "shuffle_chunks": 64,
+                                "bn_recalibration_batches": 64}),
 })
 
 

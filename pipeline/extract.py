@@ -217,3 +217,51 @@ def match_reference(base: Path, record: str, annotator: str, label_map, start: i
     matched = np.full(len(detected), "", dtype=object)
     matched[m.det_index] = ref_label[m.ref_index]
     return ReferenceMatch(matched[np.isin(detected, scored)], m.n_ref, m.tp, m.n_ref - m.tp, m.n_det - m.tp)
+
+
+@dataclass
+class WindowedSegments:
+    """Fixed windows of a span of a record, cut and transformed like a rhythm store's."""
+
+    anchor: np.ndarray  #: window starts with a usable window (record samples at the record's rate)
+    spectrogram: np.ndarray  #: (n, n_freq, n_time) float32, at the spec's rate
+    n_dropped_invalid: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def record_windows(sig_len: int, fs: float, window_s: float, hop_s: float) -> np.ndarray:
+    """Window starts (record samples) that cover a record end to end: ``segment.cover_windows`` at ``fs``."""
+    return segment.cover_windows(sig_len, int(round(window_s * fs)), max(int(round(hop_s * fs)), 1))
+
+
+def window_segments(x: np.ndarray, fs: float, first: int, anchor: np.ndarray, sig_len: int,
+                    spec: SpectrogramSpec) -> WindowedSegments:
+    """Resample to ``spec.fs`` and transform the windows starting at ``anchor``, as preprocess does for a store.
+
+    Parameters
+    ----------
+    x
+        The lead, record samples ``[first, first + len(x))`` at ``fs``: all of each window
+        that lies in the record.
+    anchor
+        Window starts in record samples (``record_windows``).
+    sig_len
+        Record length: a window longer than what is left of the record is padded (``spec.pad``).
+    """
+    from . import resample
+
+    timer = Timer()
+    scale = spec.fs / fs
+    with timer("resample"):
+        xm = resample.resample(x, fs, spec.fs)
+    length = spec.n_before + spec.n_after
+    # Window starts at the model's rate; rounding must not push an end-aligned window past the record.
+    am = np.round((np.asarray(anchor, np.int64) - first) * scale).astype(np.int64)
+    if sig_len * scale >= length:
+        am = np.minimum(am, len(xm) - length)
+    am = np.maximum(am, 0)
+    with timer("segment"):
+        check = segment.check_windows(xm, am, segment.WindowSpec(spec.n_before, spec.n_after, spec.pad))  # type: ignore[arg-type]
+    with timer("stft"):
+        out = segment.spectrograms(xm, am[check.keep], spec)
+    return WindowedSegments(np.asarray(anchor, np.int64)[check.keep], out, check.n_invalid, dict(timer.seconds))

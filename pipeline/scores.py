@@ -7,10 +7,12 @@ of the schema family of ``store-v2.json``: ``task`` and ``anchor_kind`` in the a
   (segment, class)``, ``predicted``, ``reference`` (the matched reference class, when
   the record has annotations) and the coordinates ``record`` and ``anchor`` (the
   detected R peak, at the record's sampling rate);
-* ``class``: the model's classes (N, S, V, F, Q);
+* ``class``: the model's classes (N, S, V, F, Q; N, A, O, ~);
 * the per-record table on ``record_id``: status and error, lead, segments per
   predicted class, and for beats the ectopic share and the detector's counts against
-  the reference (``record_tp/fn/fp``).
+  the reference (``record_tp/fn/fp``); for rhythm models (segments are windows) the
+  record's probabilities (the mean over its windows), its predicted class and its
+  reference class where a label table gives one.
 
 Only the job's driver writes this store; workers return their results to it. Each
 commit appends the beats of finished records after the committed ones, then
@@ -45,6 +47,7 @@ KIND = "scores"  #: the ``kind`` attribute: tells a scores store from a spectrog
 SEGMENT_VARS = ("probability", "predicted", "reference", "record", "anchor")
 SEGMENT_COORDS = ("record", "anchor")
 ECTOPIC = ("S", "V", "F")
+RHYTHM_TABLE = ("record_probability", "record_predicted", "record_reference_class")  #: rhythm stores only
 STATE_GROUP = "_state"  #: its attributes are the commit point: ``n_segments`` and the committed rows (JSON)
 
 
@@ -77,10 +80,19 @@ class RecordScores:
     fn: int = 0
     fp: int = 0
     seconds: float = 0.0
+    task: str = "beat"  #: the model's task: rhythm records also get a record-level prediction
+    reference_class: str = ""  #: rhythm: the record's class in a label table, "" when none
 
     @property
     def n_segments(self) -> int:
         return int(self.anchor.shape[0]) if self.status == "ok" else 0
+
+    @property
+    def record_probability(self) -> np.ndarray:
+        """Rhythm: the mean of the windows' probabilities (NaN without windows)."""
+        if not self.n_segments:
+            return np.full(self.probability.shape[1] if self.probability.ndim == 2 else 0, np.nan, np.float32)
+        return self.probability.mean(axis=0).astype(np.float32)
 
 
 _TABLE_FIELDS = ("status", "error", "checksum", "lead", "lead_fallback", "fs", "sig_len", "n_detected",
@@ -96,8 +108,41 @@ def table_row(r: RecordScores, offset: int, classes: Sequence[str]) -> dict[str,
     counts = np.bincount(predicted, minlength=len(classes))[: len(classes)] if n else np.zeros(len(classes), np.int64)
     ectopic = sum(int(counts[i]) for i, c in enumerate(classes) if c in ECTOPIC)
     row.update(record=r.record, offset=int(offset), n_segments=n, segments=counts.astype(np.int64),
-               ectopic_share=ectopic / n if n else float("nan"))
+               ectopic_share=ectopic / n if n and r.task == "beat" else float("nan"))
+    if r.task == "rhythm":
+        p = r.record_probability if n else np.full(len(classes), np.nan, np.float32)
+        row.update(probability=[float(v) for v in p], predicted=classes[int(np.argmax(p))] if n else "",
+                   reference_class=r.reference_class)
     return row
+
+
+def time_shares(anchor: np.ndarray, predicted: np.ndarray, sig_len: int, classes: Sequence[str]) -> np.ndarray:
+    """Share of a record's time in each class: each window owns the samples from its start to the next one's.
+
+    Windows cover the record end to end (the last one ends with it), so the shares sum to 1.
+    """
+    owned = np.diff(np.append(np.asarray(anchor, np.int64), sig_len)).clip(min=0)
+    if anchor.size:
+        owned[0] += int(anchor[0])  # nothing is before the first window but the record's start
+    total = owned.sum()
+    idx = {c: i for i, c in enumerate(classes)}
+    out = np.zeros(len(classes))
+    for c, n in zip(predicted, owned):
+        out[idx[c]] += n
+    return out / total if total else out
+
+
+def episodes(anchor: np.ndarray, predicted: np.ndarray, sig_len: int, fs: float) -> list[tuple[float, float, str]]:
+    """``(start_s, end_s, class)`` runs of consecutive windows of one class, each window owning its time until the
+    next window's start (``time_shares``)."""
+    out: list[tuple[float, float, str]] = []
+    ends = np.append(np.asarray(anchor, np.int64)[1:], sig_len)
+    for a, e, c in zip(anchor, ends, predicted):
+        if out and out[-1][2] == c:
+            out[-1] = (out[-1][0], float(e) / fs, c)
+        else:
+            out.append((float(a) / fs if not out else out[-1][1], float(e) / fs, str(c)))
+    return out
 
 
 class ScoresWriter:
@@ -120,6 +165,7 @@ class ScoresWriter:
     def __init__(self, path: str, attrs: Mapping[str, Any], classes: Sequence[str], chunk_size: int, *,
                  overwrite: bool = False, storage_options: Mapping[str, Any] | None = None):
         self.path, self.classes, self.storage_options = path, tuple(classes), storage_options
+        self.task = str(attrs.get("task", "beat"))
         self.schema = scores_schema()
         attrs = dict(attrs)
         group = None
@@ -196,8 +242,9 @@ class ScoresWriter:
             if int(row["offset"]) + int(row["n_segments"]) > self.n:
                 continue  # committed data never reached the commit point: score the record again
             row["record"] = str(rec)
-            for k in ("status", "error", "checksum", "lead", "reference"):
-                row[k] = str(row[k])
+            for k in ("status", "error", "checksum", "lead", "reference", "predicted", "reference_class"):
+                if k in row:
+                    row[k] = str(row[k])
             self.rows[str(rec)] = row
 
     @property
@@ -244,12 +291,12 @@ class ScoresWriter:
         rows = list(self.rows.values())
         n = len(rows)
         for name, spec in self.schema["variables"].items():
-            if spec["dims"][0] != "record_id":
+            if spec["dims"][0] != "record_id" or (self.task != "rhythm" and name in RHYTHM_TABLE):
                 continue
             key = "record" if name == "record_id" else name.removeprefix("record_")
             dtype = spec["dtype"][0]
             if spec["dims"] == ["record_id", "class"]:
-                values = np.asarray([r[key] for r in rows], dtype=np.int64).reshape(n, len(self.classes))
+                values = np.asarray([r[key] for r in rows], dtype=dtype).reshape(n, len(self.classes))
                 shape, chunks = (n, len(self.classes)), (max(n, 1), len(self.classes))
             else:
                 values = np.asarray([r[key] for r in rows], dtype=object if dtype == "str" else dtype)
@@ -269,17 +316,30 @@ class ScoresWriter:
         self.group.attrs.update({**attrs, "updated": store.now()})
 
 
-def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]) -> pd.DataFrame:
-    """Per-record summary rows -> a DataFrame for CSV/Parquet, in beat terms (``n_beats``, ``beats_<class>``)."""
+def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str], task: str = "beat") -> pd.DataFrame:
+    """Per-record summary rows -> a DataFrame for CSV/Parquet.
+
+    Beat scores in beat terms (``n_beats``, ``beats_<class>``); rhythm scores in window terms
+    (``n_windows``, ``windows_<class>``) with the record's ``predicted`` class, its
+    probabilities ``p_<class>`` and its ``reference_class``.
+    """
+    unit = "windows" if task == "rhythm" else "beats"
     out = []
     for r in rows:
-        d = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items() if k not in ("segments", "n_segments")}
-        d["n_beats"] = int(r["n_segments"])
-        d.update({f"beats_{c}": int(n) for c, n in zip(classes, r["segments"])})
+        d = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()
+             if k not in ("segments", "n_segments", "probability")}
+        d[f"n_{unit}"] = int(r["n_segments"])
+        d.update({f"{unit}_{c}": int(n) for c, n in zip(classes, r["segments"])})
+        if task == "rhythm":
+            d.update({f"p_{c}": float(p) for c, p in zip(classes, r.get("probability") or [np.nan] * len(classes))})
         out.append(d)
-    cols = ["record", "status", "error", "n_beats", *[f"beats_{c}" for c in classes], "ectopic_share", "lead",
-            "lead_fallback", "fs", "sig_len", "n_detected", "n_dropped_edge", "n_dropped_invalid", "reference",
-            "n_reference", "tp", "fn", "fp", "checksum", "offset", "seconds"]
+    per_record = ["predicted", *[f"p_{c}" for c in classes], "reference_class"] if task == "rhythm" else []
+    detector = ["ectopic_share"] if task == "beat" else []
+    cols = ["record", "status", "error", *per_record, f"n_{unit}", *[f"{unit}_{c}" for c in classes], *detector,
+            "lead", "lead_fallback", "fs", "sig_len", "n_detected", "n_dropped_edge", "n_dropped_invalid",
+            "reference", "n_reference", "tp", "fn", "fp", "checksum", "offset", "seconds"]
+    if task == "rhythm":
+        cols = [c for c in cols if c not in ("n_detected", "n_reference", "tp", "fn", "fp")]
     return pd.DataFrame(out, columns=cols)
 
 

@@ -471,6 +471,18 @@ def resolve_source(
     return RemoteSource(input.rstrip("/"), require_checksums=require_checksums)
 
 
+def single_record(input: str | None) -> tuple[str, str] | None:
+    """``(folder, record)`` when ``input`` names one local WFDB record (``path/to/A00003`` or its ``.hea``)."""
+    if not input or fsspec.core.split_protocol(input)[0] not in (None, "file"):
+        return None
+    path = Path(fsspec.core.strip_protocol(input)).expanduser()
+    if path.suffix == ".hea":
+        path = path.with_suffix("")
+    if path.is_dir() or not path.with_name(path.name + ".hea").is_file():
+        return None
+    return str(path.parent.resolve()), path.name
+
+
 def fetch_record(source: RecordSource, record: str, annotators: Sequence[str], cache: Path,
                  policy: download.RetryPolicy, *, required: Sequence[str] = ()) -> LocalRecord:
     """``source.fetch`` that fails the record (stage ``annotations``) when a ``required`` annotation file is absent."""

@@ -81,7 +81,8 @@ def test_to_dict_is_plain_data_in_declaration_order():
         "download": {"retries": 4, "backoff_s": 0.5, "timeout_s": 120.0, "require_checksums": False}}
     assert list(TrainConfig().to_dict()) == ["model", "epochs", "batch_size", "learning_rate", "lr_factor",
                                              "lr_patience", "class_weighting", "balanced_sampling", "patience", "seed",
-                                             "shuffle_chunks", "parallel_reads", "mixed_precision", "model_options"]
+                                             "shuffle_chunks", "parallel_reads", "bn_recalibration_batches", "mixed_precision",
+                                             "model_options"]
     assert ScoreConfig().to_dict()["detector"]["band_hz"] == [5.0, 15.0]
     assert "download" not in PreprocessConfig().content_dict()
 

@@ -61,3 +61,29 @@ def test_report_and_files(tmp_path):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = plot_history({"loss": [1.0, 0.5], "accuracy": [0.5, 0.8], "val_macro_f1": [0.3, 0.6]}, tmp_path / "c.png")
     assert curve.stat().st_size > 1000
+
+
+def test_challenge_f1_is_the_mean_f1_of_n_a_o_by_hand():
+    """Challenge 2017 scoring: F1 of N, A and O averaged; the noisy class is not in the mean."""
+    classes = ["N", "A", "O", "~"]
+    y_true = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
+    y_pred = np.array([0, 0, 0, 2, 1, 0, 2, 2, 3, 3])
+    m = classification_metrics(y_true, y_pred, classes, challenge_classes=["N", "A", "O"])
+    # N: TP 3, FP 1 (an A), FN 1 -> F1 2*3/(2*3+1+1) = 0.75; A: TP 1, FP 0, FN 1 -> 2/3;
+    # O: TP 2, FP 1 (an N), FN 1 -> 4/6 = 2/3. Mean: (0.75 + 2/3 + 2/3) / 3.
+    assert m["per_class"]["N"]["f1"] == pytest.approx(0.75)
+    assert m["per_class"]["A"]["f1"] == pytest.approx(2 / 3)
+    assert m["per_class"]["O"]["f1"] == pytest.approx(2 / 3)
+    assert m["challenge_f1"] == pytest.approx((0.75 + 2 / 3 + 2 / 3) / 3)
+    assert m["challenge_f1"] != pytest.approx(m["macro_f1"])  # ~ (F1 2/3 here) is left out
+    assert "challenge F1" in format_report(m)
+    assert "challenge_f1" not in classification_metrics(y_true, y_pred, classes)
+
+
+def test_window_probabilities_are_averaged_per_record_in_order():
+    from ecg_pipeline.pipeline.evaluate import aggregate_by_record
+
+    prob = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.1, 0.9]], np.float32)
+    names, mean, y = aggregate_by_record(prob, np.array([1, 0, 0, 1]), np.array(["b", "a", "a", "b"], object))
+    assert names.tolist() == ["b", "a"] and y.tolist() == [1, 0]
+    np.testing.assert_allclose(mean, [[0.5, 0.5], [0.4, 0.6]], rtol=1e-6)

@@ -36,3 +36,32 @@ def test_unknown_symbols_can_fail():
 def test_empty_annotations():
     out = label_beats(np.zeros(0, np.int64), np.zeros(0, object))
     assert out.sample.size == 0 and out.n_nonbeat == 0
+
+
+def _rec(name, seconds, fs=300.0):
+    from ecg_pipeline.pipeline.labels import RecordInput
+
+    return RecordInput(name, None, fs, int(seconds * fs))  # a label table reads no file
+
+
+def test_a_label_table_gives_each_window_its_recordings_label():
+    from ecg_pipeline.pipeline.errors import RecordError
+    from ecg_pipeline.pipeline.labels import RecordLabelTable, orphan_labels
+
+    t = RecordLabelTable(classes_=("N", "A", "O", "~"), window_s=30, hop_s=30, min_s=5).load(
+        "A1,N\nA2,A\nA3,X\nA4,O\nA5,~\n")
+    long = t.segments(_rec("sub/A2", 61))
+    assert long.anchor.tolist() == [0, 9000, 9300] and set(long.label) == {"A"}
+    short = t.segments(_rec("A1", 9.05))
+    assert short.anchor.tolist() == [0] and short.label.tolist() == ["N"]  # padded, never relabelled
+    with pytest.raises(RecordError, match="unknown label 'X'"):
+        t.segments(_rec("A3", 30))
+    with pytest.raises(RecordError, match="no label in REFERENCE.csv"):
+        t.segments(_rec("A9", 30))
+    with pytest.raises(RecordError, match=r"4.00 s long, shorter than the 5 s a recording needs"):
+        t.segments(_rec("A4", 4))
+    assert orphan_labels(t, ["A1", "A2", "A3", "A9"]) == {
+        "A4": "labels: REFERENCE.csv labels A4 (O), but the source has no such recording",
+        "A5": "labels: REFERENCE.csv labels A5 (~), but the source has no such recording"}
+    with pytest.raises(ValueError, match="A1 is labelled twice"):
+        t.load("A1,N\nA1,A\n")

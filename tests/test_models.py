@@ -58,3 +58,25 @@ def test_unsafe_formats_are_refused(tmp_path):
         load_model(fake)
     with pytest.raises(ModelError, match="no model file"):
         load_model(tmp_path / "absent.keras")
+
+
+def test_batch_norm_statistics_are_recomputed_with_the_current_weights():
+    """Precise BN: each moving mean becomes the plain average of the batch means, dropout off, nothing else moved."""
+    import keras
+
+    from ecg_pipeline.pipeline.models import recalibrate_batch_norm
+
+    x_in = keras.Input((6,))
+    bn = keras.layers.BatchNormalization(momentum=0.99)
+    drop = keras.layers.Dropout(0.5)
+    model = keras.Model(x_in, bn(drop(x_in)))
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc=k, size=(8, 6)).astype("float32") for k in range(4)]
+    kernel_before = [w.numpy().copy() for w in model.trainable_weights]
+    assert recalibrate_batch_norm(model, iter(batches)) == 4
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean([b.mean(axis=0) for b in batches], axis=0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), np.mean([b.var(axis=0) for b in batches], axis=0),
+                               rtol=1e-4)
+    assert (bn.momentum, drop.rate) == (0.99, 0.5)
+    for a, b in zip(kernel_before, model.trainable_weights):
+        np.testing.assert_array_equal(a, b.numpy())

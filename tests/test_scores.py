@@ -232,3 +232,14 @@ def test_a_scores_store_of_schema_v1_is_refused_with_what_to_do(tmp_path):
     with pytest.raises(StoreError, match="schema v1.*--overwrite"):
         ScoresWriter(path, _attrs(), CLASSES, chunk_size=256)
     assert ScoresWriter(path, _attrs(), CLASSES, chunk_size=256, overwrite=True).n == 0
+
+
+def test_time_shares_and_episodes_of_rhythm_windows():
+    from ecg_pipeline.pipeline.scores import episodes, time_shares
+
+    anchor = np.array([0, 3000, 6000, 6300])  # 10 s windows over a 31 s record at 300 Hz (last end-aligned)
+    predicted = np.array(["N", "A", "A", "N"], dtype=object)
+    shares = time_shares(anchor, predicted, 9300, ["N", "A", "O"])
+    # Each window owns the time until the next one starts: N 0-10 s and 21-31 s, A 10-21 s.
+    np.testing.assert_allclose(shares, [20 / 31, 11 / 31, 0.0])
+    assert episodes(anchor, predicted, 9300, 300.0) == [(0.0, 10.0, "N"), (10.0, 21.0, "A"), (21.0, 31.0, "N")]
