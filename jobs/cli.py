@@ -474,13 +474,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def format_score_report(report) -> str:
     """The end-of-job summary of ``score``."""
+    unit = "windows" if report.task == "rhythm" else "beats"
     lines = [
         "",
         f"{report.input} -> {report.out}",
         f"  records     {report.n_scored - len([f for f in report.failed])} scored now, {report.n_skipped} already "
         f"in the store, {len(report.failed)} failed, {report.n_records} listed",
-        f"  beats       {report.n_beats:,} in the store, {report.n_beats_run:,} scored now "
-        f"({report.beats_per_s:,.0f} beats/s over {report.wall_s:.1f} s: "
+        f"  {unit:<11} {report.n_beats:,} in the store, {report.n_beats_run:,} scored now "
+        f"({report.beats_per_s:,.0f} {unit}/s, {report.n_scored / report.wall_s if report.wall_s else 0:,.1f} "
+        f"records/s over {report.wall_s:.1f} s: "
         + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in report.phase_s.items()) + ")",
         "  predicted   " + "   ".join(f"{c} {n:,}" for c, n in report.beats_per_class.items()),
         f"  summary     {report.summary}",
@@ -490,7 +492,9 @@ def format_score_report(report) -> str:
     if total:
         lines.append("  worker time " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in report.stage_s.items()))
     ref = report.reference
-    if ref:
+    if ref and report.task == "rhythm":
+        lines += _rhythm_reference_lines(ref)
+    elif ref:
         d = ref["detector"]
         lines.append(f"  reference   {ref['records']} records with annotations: detector sensitivity "
                      f"{100 * d['sensitivity']:.2f}%, positive predictivity {100 * d['positive_predictivity']:.2f}% "
@@ -502,6 +506,27 @@ def format_score_report(report) -> str:
         lines.append("  failed records:")
         lines += [f"    {r:>8}  {e}" for r, e in report.failed]
     return "\n".join(lines) + "\n"
+
+
+def _rhythm_reference_lines(ref) -> list[str]:
+    from ..pipeline.evaluate import format_report as format_metrics
+
+    lines = []
+    if ref.get("classification"):
+        lines.append(format_metrics(ref["classification"], f"  {ref['records']} records with a reference class "
+                                                           "(label table), per record"))
+    ann = ref.get("rhythm_annotations")
+    if ann:
+        e = ann["episodes"]
+        se, pp = e.get("sensitivity"), e.get("positive_predictivity")
+        lines.append(f"  rhythm annotations: {len(ann['records'])} records; {ann['rhythm']} episodes: "
+                     f"sensitivity {'-' if se is None else f'{100 * se:.1f}%'} ({e.get('detected', 0)}/"
+                     f"{e.get('n_reference', 0)}), positive predictivity {'-' if pp is None else f'{100 * pp:.1f}%'} "
+                     f"({e.get('true', 0)}/{e.get('n_predicted', 0)})")
+        lines.append(f"    {'record':>10} {'burden model':>13} {'reference':>10}")
+        for rec, b in ann["records"].items():
+            lines.append(f"    {rec:>10} {b['burden_model']:>13.1%} {b['burden_reference']:>10.1%}")
+    return lines
 
 
 def cmd_score(args: argparse.Namespace) -> int:

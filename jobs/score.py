@@ -104,7 +104,7 @@ class ModelInfo:
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         return cls(path=str(path), sha256=digest, spec=spec, classes=tuple(meta["classes"]),
-                   input_dtype=meta.get("input", {}).get("dtype", "float32"), label_map=dict(st.get("label_map", {})),
+                   input_dtype=meta.get("input", {}).get("dtype", "float32"), label_map=dict(st.get("label_map") or {}),
                    database=st.get("database", ""), leads=leads, annotator=db.annotator if db else "atr",
                    task=task, **rhythm)
 
@@ -298,6 +298,16 @@ def _score_rhythm(ctx: ScoreContext, local: sources.LocalRecord, header: records
         out.seconds = {"read": read_s, **span.seconds}
     result.reference_class = ctx.labels.get(record.rsplit("/", 1)[-1], "")
     result.reference = np.full(len(result.anchor), result.reference_class, dtype=object)
+    if ctx.annotator and local.has(ctx.annotator):
+        # Rhythm notes ((AFIB, (N, ...) of the record's annotations: each window's majority rhythm as a class.
+        ann = records.read_annotations(local.base, record, ctx.annotator)
+        start, stop, rhythm = labels_mod.rhythm_intervals(ann.sample, ann.aux_note, header.sig_len)
+        if len(rhythm):
+            majority = labels_mod.window_majority(result.anchor, n_win, start, stop, rhythm)
+            result.reference = labels_mod.rhythm_classes(majority, info.classes)
+            result.reference_file = ctx.annotator
+    elif ctx.require_reference and ctx.annotator:
+        raise RecordError(record, "annotations", f"no {record}.{ctx.annotator} (asked for by --annotations)")
 
 
 def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, piece: Piece | None = None) -> PieceResult:
@@ -518,8 +528,10 @@ def run_scoring(request: ScoreRequest, client: Client,
     source = sources.resolve_source(request.input, source=request.source, db=request.db, version=request.version,
                                     work_dir=request.work_dir, max_archive_bytes=config.max_archive_bytes,
                                     require_checksums=config.download.require_checksums)
-    annotator = None if request.annotations is None or info.task == "rhythm" else (
-        info.annotator if request.annotations == "auto" else request.annotations)
+    # "auto": the model database's beat annotations; for rhythm models the WFDB reference annotations (.atr),
+    # whose rhythm notes are compared with the windows where a record has them.
+    annotator = None if request.annotations is None else (
+        (info.annotator if info.task == "beat" else "atr") if request.annotations == "auto" else request.annotations)
     plugin = ModelPlugin(info)
 
     attrs = _scores_attrs(request, info, source.description)
@@ -568,6 +580,9 @@ def run_scoring(request: ScoreRequest, client: Client,
     ref_metrics = None
     if info.task == "rhythm":
         ref_metrics = rhythm_reference_metrics(rows, info.classes, info.challenge_classes)
+        annotated = rhythm_annotation_metrics(writer, rows, info.classes)
+        if annotated:
+            ref_metrics = {**(ref_metrics or {}), "rhythm_annotations": annotated}
     elif any(r["reference"] for r in rows):
         g = writer.group
         n = writer.n
@@ -605,6 +620,51 @@ def rhythm_reference_metrics(rows, classes: Sequence[str], challenge_classes: Se
     unknown = sorted({r["reference_class"] for r in rows if r.get("reference_class") and
                       r["reference_class"] not in index})
     return {"records": len(rated), "classification": m, "unknown_reference_classes": unknown}
+
+
+def rhythm_annotation_metrics(writer: scores.ScoresWriter, rows, classes: Sequence[str],
+                              rhythm: str = "A") -> dict | None:
+    """Windows against the records' rhythm annotations (each window's majority rhythm, as a class).
+
+    Per record: the share of time in ``rhythm`` (AF burden) from the model and from the reference, on the
+    same window grid (``scores.time_shares``); over all records: ``rhythm`` episode sensitivity and positive
+    predictivity (``evaluate.episode_agreement``) and per-window classification metrics.
+    """
+    from ..pipeline.evaluate import episode_agreement
+
+    g, per_record, y_true, y_pred = writer.group, {}, [], []
+    counts = Counter()
+    index = {c: i for i, c in enumerate(classes)}
+    for r in rows:
+        if r["status"] != "ok" or not r.get("reference") or not int(r["n_segments"]):
+            continue
+        lo, hi = int(r["offset"]), int(r["offset"]) + int(r["n_segments"])
+        anchor = np.asarray(g["anchor"][lo:hi])
+        pred = np.asarray(g["predicted"][lo:hi], dtype=object)
+        ref = np.asarray(g["reference"][lo:hi], dtype=object)
+        sig_len, fs = int(r["sig_len"]), float(r["fs"])
+        i = index[rhythm]
+        have = ref != ""
+        ref_filled = np.where(have, ref, "O")  # windows before the first rhythm note: not the rhythm
+        per_record[r["record"]] = {
+            "burden_model": float(scores.time_shares(anchor, pred, sig_len, classes)[i]),
+            "burden_reference": float(scores.time_shares(anchor, ref_filled, sig_len, classes)[i])}
+        ep = episode_agreement([(a, b) for a, b, c in scores.episodes(anchor, ref_filled, sig_len, fs) if c == rhythm],
+                               [(a, b) for a, b, c in scores.episodes(anchor, pred, sig_len, fs) if c == rhythm])
+        counts.update({k: ep[k] for k in ("n_reference", "n_predicted", "detected", "true")})
+        y_true += [index[c] for c in ref[have]]
+        y_pred += [index[c] for c in pred[have]]
+    if not per_record:
+        return None
+    return {
+        "rhythm": rhythm, "records": per_record,
+        "episodes": {**dict(counts),
+                     "sensitivity": counts["detected"] / counts["n_reference"] if counts["n_reference"] else None,
+                     "positive_predictivity": counts["true"] / counts["n_predicted"] if counts["n_predicted"] else None},
+        "windows": classification_metrics(np.array(y_true, np.int64), np.array(y_pred, np.int64), list(classes)),
+        "grid": "per window: its majority rhythm note (N -> N, AFIB -> A, other rhythms -> O); "
+                "each window owns the time until the next window starts",
+    }
 
 
 def _episodes_frame(writer: scores.ScoresWriter, rows):

@@ -194,3 +194,21 @@ def write_evaluation(out_dir: str | Path, metrics: Mapping[str, Any], *, prefix:
     plot_confusion(metrics, paths["confusion_counts"], normalize=False, title=f"{title} (counts)" if title else "")
     plot_confusion(metrics, paths["confusion_ratios"], normalize=True, title=f"{title} (row ratios)" if title else "")
     return paths
+
+
+def episode_agreement(reference: Sequence[tuple[float, float]], predicted: Sequence[tuple[float, float]]
+                      ) -> dict[str, Any]:
+    """Episode sensitivity and positive predictivity of one rhythm (e.g. AF), by overlap.
+
+    A reference episode ``(start_s, end_s)`` is detected when a predicted one overlaps it;
+    a predicted episode is true when it overlaps a reference one (the episode counts of
+    ANSI/AAMI EC57's AF statistics, with any overlap as the match).
+    """
+    def overlaps(a, b):
+        return a[0] < b[1] and b[0] < a[1]
+
+    detected = sum(any(overlaps(r, p) for p in predicted) for r in reference)
+    true = sum(any(overlaps(p, r) for r in reference) for p in predicted)
+    return {"n_reference": len(reference), "n_predicted": len(predicted), "detected": detected, "true": true,
+            "sensitivity": detected / len(reference) if reference else float("nan"),
+            "positive_predictivity": true / len(predicted) if predicted else float("nan")}

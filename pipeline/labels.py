@@ -232,6 +232,20 @@ class RhythmAnnotations:
         return Segments(anchor, label, label.copy())
 
 
+#: WFDB rhythm notes (MIT-BIH ``aux_note`` without the "(") -> the Challenge 2017 classes: normal sinus
+#: rhythm is N, atrial fibrillation A, every other rhythm O (Other); noise has no rhythm note.
+CINC2017_RHYTHMS: Mapping[str, str] = MappingProxyType({
+    "N": "N", "AFIB": "A", **dict.fromkeys(["AB", "AFL", "B", "BII", "IVR", "NOD", "P", "PREX", "SBR", "SVTA", "T",
+                                            "VFL", "VT"], "O")})
+
+
+def rhythm_classes(rhythm: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Rhythm names -> a rhythm model's classes (``CINC2017_RHYTHMS``; unknown rhythms O, "" stays "")."""
+    if not {"N", "A", "O"} <= set(classes):
+        return np.full(len(rhythm), "", dtype=object)
+    return np.array([CINC2017_RHYTHMS.get(str(r), "O") if r else "" for r in rhythm], dtype=object)
+
+
 def rhythm_intervals(sample: np.ndarray, aux_note: np.ndarray | None,
                      sig_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(start, stop, rhythm)`` of each rhythm episode: from one ``(XXX`` note to the next (or the end)."""
