@@ -524,7 +524,7 @@ def _rhythm_reference_lines(ref) -> list[str]:
                      f"{e.get('n_reference', 0)}), positive predictivity {'-' if pp is None else f'{100 * pp:.1f}%'} "
                      f"({e.get('true', 0)}/{e.get('n_predicted', 0)})")
         lines.append(f"    {'record':>10} {'burden model':>13} {'reference':>10}")
-        for rec, b in ann["records"].items():
+        for rec, b in sorted(ann["records"].items()):
             lines.append(f"    {rec:>10} {b['burden_model']:>13.1%} {b['burden_reference']:>10.1%}")
     return lines
 

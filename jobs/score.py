@@ -632,16 +632,17 @@ def rhythm_annotation_metrics(writer: scores.ScoresWriter, rows, classes: Sequen
     """
     from ..pipeline.evaluate import episode_agreement
 
-    g, per_record, y_true, y_pred = writer.group, {}, [], []
+    per_record, y_true, y_pred = {}, [], []
     counts = Counter()
     index = {c: i for i, c in enumerate(classes)}
+    if not any(r["status"] == "ok" and r.get("reference") for r in rows):
+        return None
+    anchors, predictions, references = _segment_arrays(writer, "anchor", "predicted", "reference")
     for r in rows:
         if r["status"] != "ok" or not r.get("reference") or not int(r["n_segments"]):
             continue
         lo, hi = int(r["offset"]), int(r["offset"]) + int(r["n_segments"])
-        anchor = np.asarray(g["anchor"][lo:hi])
-        pred = np.asarray(g["predicted"][lo:hi], dtype=object)
-        ref = np.asarray(g["reference"][lo:hi], dtype=object)
+        anchor, pred, ref = anchors[lo:hi], predictions[lo:hi], references[lo:hi]
         sig_len, fs = int(r["sig_len"]), float(r["fs"])
         i = index[rhythm]
         have = ref != ""
@@ -667,16 +668,23 @@ def rhythm_annotation_metrics(writer: scores.ScoresWriter, rows, classes: Sequen
     }
 
 
+def _segment_arrays(writer: scores.ScoresWriter, *names: str) -> list[np.ndarray]:
+    """Whole committed per-segment arrays, read once (one read per record would cost seconds per thousand)."""
+    n = writer.n
+    return [np.asarray(writer.group[name][:n], dtype=object if name != "anchor" else np.int64) for name in names]
+
+
 def _episodes_frame(writer: scores.ScoresWriter, rows):
     """``record, start_s, end_s, class`` of every run of windows of one predicted class (``scores.episodes``)."""
     import pandas as pd
 
-    g, out = writer.group, []
+    out = []
+    anchors, predictions = _segment_arrays(writer, "anchor", "predicted")
     for r in rows:
         if r["status"] != "ok" or not int(r["n_segments"]):
             continue
         lo, hi = int(r["offset"]), int(r["offset"]) + int(r["n_segments"])
-        anchor, predicted = np.asarray(g["anchor"][lo:hi]), np.asarray(g["predicted"][lo:hi], dtype=object)
+        anchor, predicted = anchors[lo:hi], predictions[lo:hi]
         for start, end, c in scores.episodes(anchor, predicted, int(r["sig_len"]), float(r["fs"])):
             out.append({"record": r["record"], "start_s": round(start, 3), "end_s": round(end, 3), "class": c})
     return pd.DataFrame(out, columns=["record", "start_s", "end_s", "class"])

@@ -40,8 +40,8 @@ from ..pipeline.config import TrainConfig
 from ..pipeline.errors import ConfigError, PipelineError
 from ..pipeline.evaluate import aggregate_by_record, classification_metrics, format_report, plot_history, write_evaluation
 from ..pipeline.loader import LoaderOptions, ZarrSegmentLoader
-from ..pipeline.models import (ModelError, build_model, check_archive, load_model, recalibrate_batch_norm,
-                               save_model)
+from ..pipeline.models import (ModelError, build_model, check_archive, load_model, quiet_native_stderr,
+                               recalibrate_batch_norm, save_model)
 from ..pipeline.splits import DEFAULT_SPLITS, Split, by_records, make_split
 from ..pipeline.store import open_dataset
 
@@ -391,7 +391,8 @@ def run_training(request: TrainRequest) -> TrainResult:
     StoreError, ModelError
         The store or a checkpoint cannot be used.
     """
-    import keras
+    with quiet_native_stderr():  # TensorFlow's start-up notes, before TF_CPP_MIN_LOG_LEVEL is read
+        import keras
 
     t_start = time.perf_counter()
     cfg = request.config
