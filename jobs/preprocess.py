@@ -3,7 +3,8 @@
 Two phases of Dask tasks, composed from the stages in ``pipeline``:
 
 0. the database's record source (``sources``) is listed on a worker;
-1. ``plan_record`` (one task per record): ``extract.plan_record`` fetches the record
+1. ``plan_records`` (one task per batch of records, one record a task for a few long
+   ones: ``plan_batch_size``): ``extract.plan_record`` fetches each record
    through the source, reads its header and chosen lead, asks the label source for
    anchors and labels, and keeps the usable windows. It returns a small
    ``RecordPlan``; nothing is written yet.
@@ -106,9 +107,15 @@ class TaskContext:
 
 
 def plan_record(ctx: TaskContext, source: sources.RecordSource, record: str) -> RecordPlan:
-    """Phase 1 for one record (a task): ``extract.plan_record`` with this job's settings."""
+    """Phase 1 for one record: ``extract.plan_record`` with this job's settings."""
     return extract.plan_record(source, record, ctx.labels, ctx.leads(), ctx.config.lead_fallback, ctx.cache(),
                                ctx.policy)
+
+
+def plan_records(ctx: TaskContext, source: sources.RecordSource, records: list[str]) -> list[RecordPlan]:
+    """Phase 1 for a batch of records (a task): short recordings are planned many to a task, so that the
+    scheduler's per-task cost does not dominate (8,528 Challenge 2017 recordings of ~1 ms each)."""
+    return [plan_record(ctx, source, r) for r in records]
 
 
 @dataclass
@@ -127,13 +134,17 @@ def write_chunk(
     source: sources.RecordSource,
     writer: store.ChunkWriter,
     k: int,
-    parts: list[tuple[RecordPlan, int, int]],
+    parts: list[tuple[list[RecordPlan], int, int, int]],
     segs: slice,
     fingerprint: str,
     spec: spectrogram.SpectrogramSpec,
 ) -> ChunkResult:
-    """Phase 2 for one chunk (a task): its rows (``extract.chunk_contents``), written whole."""
-    rows = extract.chunk_contents(source, parts, spec, ctx.cache(), ctx.policy)
+    """Phase 2 for one chunk (a task): its rows (``extract.chunk_contents``), written whole.
+
+    ``parts``: ``(plan batch, index of the record's plan in it, first, end)`` per record piece.
+    """
+    pieces = [(batch[j], lo, hi) for batch, j, lo, hi in parts]
+    rows = extract.chunk_contents(source, pieces, spec, ctx.cache(), ctx.policy)
     timer = Timer()
     with timer("write"):
         # A chunk with a failed piece is written (so the store stays readable) but keeps no
@@ -343,20 +354,34 @@ def _prepare(source: sources.RecordSource, label_source: LabelSource, cache_dir:
     return listing, labels.load_table(label_source, listing.source, cache_root(cache_dir), policy)
 
 
+def plan_batch_size(n_records: int, n_workers: int) -> int:
+    """Records per plan task: one for a few long records (MIT-BIH: 48), up to 64 when there are thousands,
+    keeping at least 16 tasks per worker for balance."""
+    return int(min(64, max(1, n_records // (16 * max(n_workers, 1)))))
+
+
 def _plan_records(client: Client, ctx: TaskContext, src, names, progress) -> tuple[dict[str, RecordPlan], dict]:
-    """Phase 1: one ``plan_record`` task per record; a task that dies fails its record alone."""
-    futures = {client.submit(plan_record, ctx, src, r, key=f"plan-{r}-{os.urandom(4).hex()}"): r for r in names}
+    """Phase 1: ``plan_records`` tasks over batches of records; a task that dies fails its records alone.
+
+    Returns the plans and, per record, ``(future of its batch, index in it)``: phase-2 tasks take that
+    future, so Dask runs them where the records' files were fetched.
+    """
+    names = list(names)
+    size = plan_batch_size(len(names), len(client.nthreads()))
+    batches = [names[i:i + size] for i in range(0, len(names), size)]
+    futures = {client.submit(plan_records, ctx, src, b, key=f"plan-{b[0]}-{len(b)}-{os.urandom(4).hex()}",
+                             retries=1): b for b in batches}
     plans: dict[str, RecordPlan] = {}
     plan_futures: dict[str, Any] = {}
     bar = progress("download + plan", len(names))
     for fut in as_completed(futures):
-        r = futures[fut]
+        batch = futures[fut]
         try:
-            plans[r] = fut.result()
-            plan_futures[r] = fut
-        except Exception as exc:  # noqa: BLE001 - a worker died or a bug: the record fails
-            plans[r] = RecordPlan(r, error=f"task: {type(exc).__name__}: {exc}")
-        bar.update(1)
+            for j, plan in enumerate(fut.result()):
+                plans[plan.record], plan_futures[plan.record] = plan, (fut, j)
+        except Exception as exc:  # noqa: BLE001 - a worker died twice or a bug: the batch's records fail
+            plans.update({r: RecordPlan(r, error=f"task: {type(exc).__name__}: {exc}") for r in batch})
+        bar.update(len(batch))
     bar.close()
     return plans, plan_futures
 
@@ -403,7 +428,7 @@ def _write_chunks(client: Client, ctx: TaskContext, ctx_f, src, layout: store.La
         if held[k] == fp:
             skipped += 1
             continue
-        parts = [(plan_futures[names[i]], lo, hi) for i, lo, hi in pieces]
+        parts = [(*plan_futures[names[i]], lo, hi) for i, lo, hi in pieces]
         fut = client.submit(write_chunk, ctx_f, src, arrays, k, parts, layout.chunk_slice(k), fp, spec,
                             key=f"chunk-{k}-{os.urandom(4).hex()}", retries=1)
         chunk_futures[fut] = (k, [names[i] for i, _, _ in pieces])

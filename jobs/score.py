@@ -86,8 +86,11 @@ class ModelInfo:
         task = meta.get("task")
         if task not in ("beat", "rhythm"):
             raise models.ModelError(f"{path}: a {task!r} model; `score` scores beat and rhythm models")
-        st = meta["store"]
-        sp = st["spectrogram"]
+        st = meta.get("store") or {}
+        sp = st.get("spectrogram")
+        if not sp:
+            raise models.ModelError(f"{path}: its ecg_pipeline.json lacks the spectrogram parameters of the store "
+                                    "it was trained on; refused")
         spec = spectrogram.SpectrogramSpec(
             fs=float(sp["fs"]), n_before=int(sp["n_before"]), n_after=int(sp["n_after"]), nperseg=int(sp["nperseg"]),
             hop=int(sp["hop"]), nfft=int(sp["nfft"]), window=sp["window"], detrend=sp.get("detrend", "constant"),

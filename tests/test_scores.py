@@ -180,8 +180,11 @@ def test_model_metadata_is_required(tmp_path):
     model.save(bare)
     with pytest.raises(ModelError, match="no ecg_pipeline.json"):
         ModelInfo.read(bare)
+    other = save_model(model, tmp_path / "other.keras", {"task": "segmentation", "classes": ["N", "A"]})
+    with pytest.raises(ModelError, match="'segmentation' model; `score` scores beat and rhythm models"):
+        ModelInfo.read(other)
     rhythm = save_model(model, tmp_path / "rhythm.keras", {"task": "rhythm", "classes": ["N", "A"]})
-    with pytest.raises(ModelError, match="'rhythm' model"):
+    with pytest.raises(ModelError, match="lacks the spectrogram parameters"):
         ModelInfo.read(rhythm)
 
 
