@@ -55,7 +55,7 @@ def _registry_help(registry) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ecg-pipeline",
-        description="PhysioNet ECG databases -> beat spectrograms in labelled Zarr stores, on Dask.",
+        description="PhysioNet ECG databases -> beat or rhythm-window spectrograms in labelled Zarr stores, on Dask.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {pipeline.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,7 +71,8 @@ def _add_preprocess(sub) -> None:
         "preprocess",
         help="download, segment and transform a database into a Zarr store",
         description=(
-            "Download a PhysioNet database on Dask workers, cut one window per annotated beat, "
+            "Download a PhysioNet database on Dask workers, cut one window per annotated beat (beat databases) or "
+            "fixed windows covering each recording (rhythm databases such as challenge-2017), "
             "compute its log-magnitude STFT and write everything into a chunked, labelled Zarr v3 store. "
             "Re-running over the same --out resumes: only missing or changed chunks are written."
         ),

@@ -326,45 +326,50 @@ def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, p
         result.lead, result.lead_fallback, result.fs, result.sig_len = lead.name, lead.fallback, header.fs, header.sig_len
         if ctx.info.task == "rhythm":
             _score_rhythm(ctx, local, header, lead, piece, out, result)
-            if out.split:
-                return out
-            result.seconds = time.perf_counter() - t0
-            out.scores = result
-            return out
-        piece_len = int(ctx.config.piece_s * header.fs)
-        if piece is None and header.sig_len > piece_len:
-            n = -(-header.sig_len // piece_len)
-            out.split = [Piece(record, i, n, i * piece_len, min((i + 1) * piece_len, header.sig_len)) for i in range(n)]
-            return out
-        start, stop = (piece.start, piece.stop) if piece else (0, header.sig_len)
-        margin = int(MARGIN_S * header.fs)
-        first, last = max(start - margin, 0), min(stop + margin, header.sig_len)
-        x = records.read_signal(local.base, header, lead, first, last)
-        read_s = time.perf_counter() - t0  # fetch (a no-op for local and cached files), header, signal
-        model = get_worker().plugins[ctx.plugin]
-        out.model_load = model.load_id
-        span = score_span(x, header.fs, first, start, stop, ctx.info, ctx.config,
-                          lambda s: model.predict(s, ctx.config.batch_size))
-        result.anchor, result.probability = span.sample, span.probability
-        result.n_detected, result.n_dropped_edge, result.n_dropped_invalid = (
-            len(span.detected), span.n_dropped_edge, span.n_dropped_invalid)
-        out.seconds = {"read": read_s, **span.seconds}
-        result.reference = np.full(len(span.sample), "", dtype=object)
-        if ctx.annotator and local.has(ctx.annotator):
-            m = extract.match_reference(local.base, record, ctx.annotator, ctx.info.label_map, start, stop,
-                                        span.detected, span.sample, header.fs, ctx.config.match_tolerance_s)
-            result.reference, result.reference_file, result.n_reference = m.label, ctx.annotator, m.n_reference
-            result.tp, result.fn, result.fp = m.tp, m.fn, m.fp
-        elif ctx.require_reference and ctx.annotator:
-            raise RecordError(record, "annotations", f"no {record}.{ctx.annotator} (asked for by --annotations)")
+        else:
+            _score_beats(ctx, local, header, lead, piece, out, result, t0)
     except RecordError as exc:
         result.status, result.error = "failed", f"{exc.stage}: {exc.message}"
     except Exception as exc:  # noqa: BLE001 - one bad record must not sink the job
         result.status, result.error = "failed", f"score: {type(exc).__name__}: {exc}"
         log.exception("record %s", record)
+    if out.split:
+        return out
     result.seconds = time.perf_counter() - t0
     out.scores = result
     return out
+
+
+def _score_beats(ctx: ScoreContext, local: sources.LocalRecord, header: records.Header, lead: records.Lead,
+                 piece: Piece | None, out: PieceResult, result: scores.RecordScores, t0: float) -> None:
+    """The beat side of ``score_record``: detected R peaks of the record (or a piece of it)."""
+    record = header.record
+    piece_len = int(ctx.config.piece_s * header.fs)
+    if piece is None and header.sig_len > piece_len:
+        n = -(-header.sig_len // piece_len)
+        out.split = [Piece(record, i, n, i * piece_len, min((i + 1) * piece_len, header.sig_len)) for i in range(n)]
+        return
+    start, stop = (piece.start, piece.stop) if piece else (0, header.sig_len)
+    margin = int(MARGIN_S * header.fs)
+    first, last = max(start - margin, 0), min(stop + margin, header.sig_len)
+    x = records.read_signal(local.base, header, lead, first, last)
+    read_s = time.perf_counter() - t0  # fetch (a no-op for local and cached files), header, signal
+    model = get_worker().plugins[ctx.plugin]
+    out.model_load = model.load_id
+    span = score_span(x, header.fs, first, start, stop, ctx.info, ctx.config,
+                      lambda s: model.predict(s, ctx.config.batch_size))
+    result.anchor, result.probability = span.sample, span.probability
+    result.n_detected, result.n_dropped_edge, result.n_dropped_invalid = (
+        len(span.detected), span.n_dropped_edge, span.n_dropped_invalid)
+    out.seconds = {"read": read_s, **span.seconds}
+    result.reference = np.full(len(span.sample), "", dtype=object)
+    if ctx.annotator and local.has(ctx.annotator):
+        m = extract.match_reference(local.base, record, ctx.annotator, ctx.info.label_map, start, stop,
+                                    span.detected, span.sample, header.fs, ctx.config.match_tolerance_s)
+        result.reference, result.reference_file, result.n_reference = m.label, ctx.annotator, m.n_reference
+        result.tp, result.fn, result.fp = m.tp, m.fn, m.fp
+    elif ctx.require_reference and ctx.annotator:
+        raise RecordError(record, "annotations", f"no {record}.{ctx.annotator} (asked for by --annotations)")
 
 
 def merge_pieces(parts: Sequence[PieceResult], refractory_s: float) -> scores.RecordScores:
@@ -740,14 +745,11 @@ def _prepare_with_labels(source: sources.RecordSource, cache_dir: str | None, po
     if not look:
         return listing, {}
     try:
-        text = listing.source.fetch_file("REFERENCE.csv", cache_root(cache_dir), policy).read_text(encoding="utf-8-sig")
-    except (PipelineError, OSError, ValueError):
-        return listing, {}  # no table: the records are scored without reference
-    try:
-        return listing, dict(labels_mod.RecordLabelTable().load(text).table)
-    except ValueError as exc:
-        log.warning("%s: REFERENCE.csv ignored: %s", listing.source.description, exc)
+        table = labels_mod.load_table(labels_mod.RecordLabelTable(), listing.source, cache_root(cache_dir), policy)
+    except PipelineError as exc:  # no table, or a malformed one: the records are scored without reference
+        log.info("%s", exc)
         return listing, {}
+    return listing, dict(table.table)
 
 
 def _score_records(client: Client, ctx: ScoreContext, ctx_f, src, todo: Sequence[str], writer: scores.ScoresWriter,
