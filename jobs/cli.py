@@ -5,6 +5,7 @@
     ecg-pipeline train --store mitdb.zarr --split inter-patient --out runs/mitdb
     ecg-pipeline evaluate --model runs/mitdb/model.keras --store mitdb.zarr --split inter-patient
     ecg-pipeline score --model runs/mitdb/model.keras --input recordings.zip --out scores.zarr
+    ecg-pipeline plot scores.zarr --record 208 --start 60 --out plots/
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {pipeline.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for add in (_add_preprocess, _add_train, _add_evaluate, _add_score, _add_inspect):
+    for add in (_add_preprocess, _add_train, _add_evaluate, _add_score, _add_inspect, _add_plot):
         add(sub)
     return parser
 
@@ -245,6 +246,50 @@ def _add_inspect(sub) -> None:
                                      "its per-record table and class counts.")
     ins.add_argument("store", help="store path or fsspec URL")
     ins.add_argument("--allow-incomplete", action="store_true", help="show a store whose job has not finished")
+
+
+def _add_plot(sub) -> None:
+    """``plot STORE [--record R] [--start S] [--seconds N] [--out DIR]``."""
+    pl = sub.add_parser(
+        "plot",
+        help="draw a store as PNG figures: a spectrogram gallery, or a scored record's overview and ECG strip",
+        description=(
+            "Draw what a store holds, for people who never open a notebook. A spectrogram store (from `preprocess`) "
+            "gives a gallery of stored spectrograms per class, each beside its waveform (read again from the "
+            "store's source); with --record and --start also an ECG strip with the stored segments marked by their "
+            "labels. A scores store (from `score`) gives, for one record, an overview over time (beats per class "
+            "and the ectopic share; for rhythm models the windows' probabilities, episodes and time per class, the "
+            "AF burden) and an ECG strip with each beat marked by its predicted class and, where the record has "
+            "annotations, its reference class, mismatches highlighted (rhythm: the windows' classes as a band)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  ecg-pipeline plot mitdb.zarr --out plots/                       # gallery of every record\n"
+            "  ecg-pipeline plot mitdb.zarr --record 208 --start 120           # its gallery and a strip\n"
+            "  ecg-pipeline plot scores.zarr --record 208 --start 60 --seconds 15\n"
+            "  ecg-pipeline plot rhythm.zarr --record 201 --start 600 --seconds 120\n\n"
+            "writes <store>[-<record>]-gallery.png, <store>-<record>-overview.png, <store>-<record>-strip-<start>s.png\n"
+            "into --out and prints their paths.\n\n"
+            "exit status: 0 figures written, 2 nothing could be drawn (unknown record, a time outside it, not a store)"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pl.add_argument("store", help="a store of `preprocess` or `score` (path or fsspec URL)")
+    pl.add_argument("--record", metavar="NAME", help="the record to draw (default: all records for a gallery, the "
+                                                     "first scored record for scores)")
+    pl.add_argument("--start", type=float, metavar="SECONDS", help="where the ECG strip starts in the record (default "
+                                                                 "for scores: shortly before the first ectopic beat "
+                                                                 "or non-N window)")
+    pl.add_argument("--seconds", type=float, metavar="N", help="length of the strip (default 10 s; 90 s for rhythm)")
+    pl.add_argument("--out", default="plots", metavar="DIR", help="folder for the PNG files (default: plots)")
+    pl.add_argument("--input", metavar="PATH|URL", help="where to read the records' samples (default: the store's "
+                                                        "own source or input)")
+    pl.add_argument("--per-class", type=int, default=4, metavar="N", help="gallery: segments per class (default 4)")
+    pl.add_argument("--seed", type=int, default=0, help="gallery: which segments are drawn (default 0)")
+    pl.add_argument("--no-waveforms", action="store_true", help="gallery: spectrograms only (no record is read)")
+    pl.add_argument("--cache-dir", metavar="DIR",
+                    help="download cache (default: $ECG_PIPELINE_CACHE or ~/.cache/ecg-pipeline)")
+    pl.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
 
 
 def _cluster_args(parser: argparse.ArgumentParser, scheduler_help: str) -> None:
@@ -583,6 +628,17 @@ def format_record_scores(report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import PlotRequest, run_plot
+
+    request = PlotRequest(store=args.store, out=args.out, record=args.record, start_s=args.start, seconds=args.seconds,
+                          input=args.input, per_class=args.per_class, seed=args.seed, waveforms=not args.no_waveforms,
+                          cache_dir=args.cache_dir)
+    for path in run_plot(request):
+        sys.stdout.write(f"{path}\n")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -592,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(getattr(args, "verbose", 0))
     try:
         commands = {"preprocess": cmd_preprocess, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,
-                    "inspect": cmd_inspect}
+                    "inspect": cmd_inspect, "plot": cmd_plot}
         return commands[args.command](args)
     except (PipelineError, KeyError, OSError) as exc:
         # A job-level error is one line; -v adds the traceback (for a task's error: the driver's side of it).

@@ -265,3 +265,92 @@ def window_segments(x: np.ndarray, fs: float, first: int, anchor: np.ndarray, si
     with timer("stft"):
         out = segment.spectrograms(xm, am[check.keep], spec)
     return WindowedSegments(np.asarray(anchor, np.int64)[check.keep], out, check.n_invalid, dict(timer.seconds))
+
+
+@dataclass(frozen=True)
+class Strip:
+    """A stretch of one lead of a record, with the reference annotations inside it (for figures)."""
+
+    record: str
+    lead: str
+    fs: float
+    start: int  #: first sample (record samples at ``fs``)
+    signal: np.ndarray  #: float32, physical units
+    units: str = "mV"
+    sig_len: int = 0
+    ann_sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  #: reference beats in the stretch
+    ann_symbol: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
+
+    @property
+    def times(self) -> np.ndarray:
+        """Seconds from the record's start, one per sample."""
+        return (self.start + np.arange(self.signal.shape[0])) / self.fs
+
+
+def read_strip(source: sources.RecordSource, record: str, start_s: float, seconds: float, *,
+               lead: str | None = None, leads: Sequence[str] = (), annotator: str | None = None,
+               cache: Path = Path("."), policy: download.RetryPolicy = download.RetryPolicy()) -> Strip:
+    """Samples ``[start_s, start_s + seconds)`` of one lead of ``record`` (cut at the record's end).
+
+    Parameters
+    ----------
+    lead
+        The signal to read, by name (a scores store's ``record_lead``); else the first of
+        ``leads`` the record has, else its first signal.
+    annotator
+        Annotation file extension (``"atr"``) whose beats inside the stretch come with it,
+        where the record has one.
+
+    Raises
+    ------
+    RecordError
+        The record cannot be fetched or read, or has no such lead.
+    ValueError
+        ``start_s`` lies outside the record, or ``seconds`` is not positive.
+    """
+    if seconds <= 0:
+        raise ValueError(f"the strip length must be positive (got {seconds} s)")
+    local = sources.fetch_record(source, record, (annotator,) if annotator else (), cache, policy)
+    header = records.read_header(local.base, record)
+    chosen = records.choose_lead(header, (lead,) if lead else tuple(leads), "fail" if lead else "first")
+    duration = header.sig_len / header.fs
+    if not 0 <= start_s < duration:
+        raise ValueError(f"--start {start_s:g} s is outside record {record} (0 to {duration:.1f} s)")
+    first = int(round(start_s * header.fs))
+    stop = min(header.sig_len, first + max(int(round(seconds * header.fs)), 1))
+    signal = records.read_signal(local.base, header, chosen, first, stop)
+    ann_sample, ann_symbol = np.zeros(0, np.int64), np.zeros(0, object)
+    if annotator and local.has(annotator):
+        ann = records.read_annotations(local.base, record, annotator)
+        inside = (ann.sample >= first) & (ann.sample < stop)
+        ann_sample, ann_symbol = ann.sample[inside], ann.symbol[inside]
+    return Strip(record, chosen.name, header.fs, first, signal, header.units[chosen.index], header.sig_len,
+                 ann_sample, ann_symbol)
+
+
+def segment_waveforms(source: sources.RecordSource, record: Sequence[str], anchor: Sequence[int],
+                      lead: Sequence[str], n_before: int, n_after: int, *, cache: Path = Path("."),
+                      policy: download.RetryPolicy = download.RetryPolicy()) -> np.ndarray:
+    """The signal windows ``[anchor - n_before, anchor + n_after)`` of store segments, each record read once.
+
+    Returns an ``(n, n_before + n_after)`` float32 array at the records' own rate (a store's
+    anchors are record samples); samples outside a record are NaN.
+
+    Raises
+    ------
+    RecordError
+        A record cannot be fetched or read.
+    """
+    out = np.full((len(record), n_before + n_after), np.nan, dtype=np.float32)
+    for name in dict.fromkeys(record):
+        rows = [i for i, r in enumerate(record) if r == name]
+        local = sources.fetch_record(source, name, (), cache, policy)
+        header = records.read_header(local.base, name)
+        for want in dict.fromkeys(lead[i] for i in rows):
+            signal = records.read_signal(local.base, header, records.choose_lead(header, (want,)))
+            for i in (i for i in rows if lead[i] == want):
+                lo = int(anchor[i]) - n_before
+                a, b = max(lo, 0), min(lo + n_before + n_after, header.sig_len)
+                if a < b:
+                    out[i, a - lo:b - lo] = signal[a:b]
+    return out

@@ -384,3 +384,67 @@ def segments_per_class(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]
             total += np.asarray(r["segments"], dtype=np.int64)
     return {c: int(n) for c, n in zip(classes, total)}
 
+
+
+@dataclass(frozen=True)
+class RecordView:
+    """One record of a scores store: its segments (beats or windows) and its table row, as arrays."""
+
+    record: str
+    task: str
+    classes: tuple[str, ...]
+    status: str
+    error: str
+    lead: str
+    fs: float
+    sig_len: int
+    anchor: np.ndarray  #: int64, record samples at ``fs`` (R peaks, or window starts)
+    predicted: np.ndarray  #: object array of class names
+    reference: np.ndarray  #: object array: the matched reference class, "" where none
+    probability: np.ndarray  #: (n, n_classes) float32
+    reference_class: str = ""  #: rhythm: the record's class in a label table
+
+    @property
+    def duration_s(self) -> float:
+        return self.sig_len / self.fs if self.fs else 0.0
+
+    @property
+    def has_reference(self) -> bool:
+        return bool(np.any(self.reference != "")) if self.reference.size else False
+
+
+def record_names(ds: xr.Dataset) -> list[str]:
+    """The records of a scores store's table, in table order."""
+    return [str(r) for r in ds["record_id"].values]
+
+
+def record_view(ds: xr.Dataset, record: str) -> RecordView:
+    """The segments and table row of ``record`` in a scores store opened with ``open_scores``.
+
+    Raises
+    ------
+    KeyError
+        ``record`` is not in the store's table (the message lists what is).
+    """
+    names = record_names(ds)
+    if record not in names:
+        shown = ", ".join(names[:10]) + (f", ... ({len(names)} records)" if len(names) > 10 else "")
+        raise KeyError(f"record {record!r} is not in this scores store (records: {shown or 'none'})")
+    i = names.index(record)
+    row = {name: ds[name].values[i] for name in ds.data_vars if ds[name].dims[:1] == ("record_id",)}
+    lo = int(row["record_offset"])
+    hi = lo + int(row["record_n_segments"])
+    seg = slice(lo, hi) if row["record_status"] == "ok" else slice(0, 0)
+
+    def values(name, dtype=None):
+        v = ds[name].values[seg] if name in ds.variables else np.zeros(0)
+        return v.astype(dtype) if dtype is not None else v
+
+    return RecordView(
+        record=record, task=str(ds.attrs.get("task", "beat")), classes=tuple(str(c) for c in ds["class"].values),
+        status=str(row["record_status"]), error=str(row["record_error"]), lead=str(row["record_lead"]),
+        fs=float(row["record_fs"]), sig_len=int(row["record_sig_len"]),
+        anchor=values("anchor", np.int64), predicted=values("predicted", object),
+        reference=np.asarray(["" if not isinstance(r, str) else r for r in values("reference", object)], dtype=object),
+        probability=values("probability", np.float32),
+        reference_class=str(row.get("record_reference_class", "") or ""))
