@@ -13,6 +13,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,11 +86,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _check_span(request: PlotRequest, record: str, duration_s: float) -> None:
-    if request.start_s is not None and not 0 <= request.start_s < duration_s:
-        raise PipelineError(f"--start {request.start_s:g} s is outside record {record} (0 to {duration_s:.1f} s)")
-    if request.seconds is not None and request.seconds <= 0:
-        raise PipelineError(f"--seconds must be positive (got {request.seconds:g})")
+def _check_span(start_s: float | None, seconds: float | None, record: str, duration_s: float) -> None:
+    if start_s is not None and not 0 <= start_s < duration_s:
+        raise PipelineError(f"--start {start_s:g} s is outside record {record} (0 to {duration_s:.1f} s)")
+    if seconds is not None and seconds <= 0:
+        raise PipelineError(f"--seconds must be positive (got {seconds:g})")
 
 
 def _source(description: str | None, what: str) -> sources.RecordSource:
@@ -100,7 +101,10 @@ def _source(description: str | None, what: str) -> sources.RecordSource:
 
 
 def run_plot(request: PlotRequest) -> list[Path]:
-    """Draw the figures of ``request`` into ``request.out``; return the files written."""
+    """Draw the figures of ``request`` into ``request.out``; return the files written.
+
+    Every figure is drawn before the first file is written: an error leaves nothing behind.
+    """
     if request.per_class < 1:
         raise PipelineError(f"--per-class must be at least 1 (got {request.per_class})")
     kind = store_kind(request.store)
@@ -108,33 +112,60 @@ def run_plot(request: PlotRequest) -> list[Path]:
 
 
 def _plot_scores(request: PlotRequest) -> list[Path]:
-    ds = scores.open_scores(request.store, require_complete=False)
+    figures = scored_record(request.store, request.record, start_s=request.start_s, seconds=request.seconds,
+                            input=request.input, cache_dir=request.cache_dir)
+    out, stem = Path(request.out), _safe(Path(request.store.rstrip("/")).stem)
+    record, start = figures.record, figures.start_s
+    return [_save(figures.overview, out / f"{stem}-{_safe(record)}-overview.png"),
+            _save(figures.strip, out / f"{stem}-{_safe(record)}-strip-{start:g}s.png")]
+
+
+@dataclass
+class RecordFigures:
+    """The figures of one scored record."""
+
+    record: str
+    start_s: float  #: where the strip starts
+    overview: Any
+    strip: Any
+
+
+def scored_record(store: str, record: str | None = None, *, start_s: float | None = None,
+                  seconds: float | None = None, input: str | None = None,
+                  cache_dir: str | None = None) -> RecordFigures:
+    """The overview and the ECG strip of one record of a scores store.
+
+    Parameters
+    ----------
+    record
+        None: the first record scored.
+    start_s, seconds
+        The strip (default: 10 s of beats, or 90 s of rhythm windows, starting shortly before the
+        first ectopic beat or non-N window).
+    input
+        Where the record's samples are read from (default: the scoring job's ``--input``).
+    """
+    ds = scores.open_scores(store, require_complete=False)
     names = scores.record_names(ds)
-    if request.record is None:
+    if record is None:
         ok = [r for r in names if str(ds["record_status"].values[names.index(r)]) == "ok"]
         if not ok:
-            raise PipelineError(f"{request.store} holds no scored record")
+            raise PipelineError(f"{store} holds no scored record")
         record = ok[0]
-        log.info("no --record given: drawing %s (records: %s)", record, ", ".join(names[:8]))
-    else:
-        record = request.record
+        log.info("no record given: drawing %s (records: %s)", record, ", ".join(names[:8]))
     view = scores.record_view(ds, record)  # KeyError -> one line naming the records
     if view.status != "ok":
         raise PipelineError(f"record {record} was not scored ({view.error})")
-    _check_span(request, record, view.duration_s)
+    _check_span(start_s, seconds, record, view.duration_s)
     rhythm = view.task == "rhythm"
-    out, stem = Path(request.out), _safe(Path(request.store.rstrip("/")).stem)
-    written = [_save(plots.scores_overview(view), out / f"{stem}-{_safe(record)}-overview.png")]
-
     a = ds.attrs
-    seconds = request.seconds or (90.0 if rhythm else 10.0)
-    start = request.start_s if request.start_s is not None else _first_interesting(view, seconds)
-    source = _source(request.input or a.get("input"), f"the store's input {a.get('input')!r}"
-                     if not request.input else request.input)
+    seconds = seconds or (90.0 if rhythm else 10.0)
+    start = start_s if start_s is not None else _first_interesting(view, seconds)
+    source = _source(input or a.get("input"), input or f"the store's input {a.get('input')!r}")
     reference_file = str(ds["record_reference"].values[names.index(record)]) if "record_reference" in ds else ""
     try:
         strip = extract.read_strip(source, record, start, seconds, lead=view.lead or None,
-                                   annotator=reference_file or None, cache=cache_root(request.cache_dir))
+                                   annotator=reference_file or None, cache=cache_root(cache_dir))
     except (RecordError, ValueError) as exc:
         raise PipelineError(f"strip of record {record}: {exc}") from None
     missed = None
@@ -144,8 +175,7 @@ def _plot_scores(request: PlotRequest) -> list[Path]:
     fig = plots.ecg_strip(strip, anchor=view.anchor, predicted=view.predicted, classes=view.classes, task=view.task,
                           reference=view.reference, window_s=float(a.get("window_s", 30)) if rhythm else None,
                           reference_beats=missed)
-    written.append(_save(fig, out / f"{stem}-{_safe(record)}-strip-{start:g}s.png"))
-    return written
+    return RecordFigures(record, float(start), plots.scores_overview(view), fig)
 
 
 def _first_interesting(view: scores.RecordView, seconds: float) -> float:
@@ -171,83 +201,108 @@ def _missed_reference(strip: extract.Strip, view: scores.RecordView, label_map, 
 
 
 def _plot_spectrograms(request: PlotRequest) -> list[Path]:
+    out, stem = Path(request.out), _safe(Path(request.store.rstrip("/")).stem)
+    suffix = f"-{_safe(request.record)}" if request.record else ""
+    if request.start_s is not None and request.record is None:
+        raise PipelineError("--start draws a strip of one record: give --record too")
+    figure = gallery(request.store, record=request.record, per_class=request.per_class, seed=request.seed,
+                     input=request.input, waveforms=request.waveforms, cache_dir=request.cache_dir,
+                     _span=(request.start_s, request.seconds))
+    strip = None
+    if request.record is not None and request.start_s is not None:
+        strip = labelled_strip(request.store, request.record, request.start_s, request.seconds, input=request.input,
+                               cache_dir=request.cache_dir)
+    written = [_save(figure, out / f"{stem}{suffix}-gallery.png")]
+    if strip is not None:
+        written.append(_save(strip, out / f"{stem}-{_safe(request.record)}-strip-{request.start_s:g}s.png"))
+    return written
+
+
+def _store_source(attrs, input: str | None) -> sources.RecordSource:
+    """Where a spectrogram store's records are: ``input``, or the database source the store was made from."""
     from ..pipeline.databases import get_database
+
+    if input:
+        return _source(input, input)
+    try:
+        return sources.database_source(get_database(attrs["database"]), attrs.get("source") or None,
+                                       attrs.get("database_version"))
+    except (KeyError, PipelineError) as exc:
+        raise PipelineError(f"cannot find the store's source ({exc}); pass --input") from None
+
+
+def _record_index(ds, store: str, record: str) -> int:
+    ids = [str(r) for r in ds["record_id"].values]
+    if record not in ids:
+        shown = ", ".join(ids[:10]) + (f", ... ({len(ids)} records)" if len(ids) > 10 else "")
+        raise PipelineError(f"record {record!r} is not in {store} (records: {shown})")
+    return ids.index(record)
+
+
+def gallery(store: str, *, record: str | None = None, per_class: int = 4, seed: int = 0, input: str | None = None,
+            waveforms: bool = True, cache_dir: str | None = None, _span=(None, None)):
+    """The spectrogram gallery of a store made by ``preprocess`` (of one ``record``, or of all).
+
+    With ``waveforms``, each spectrogram's signal window is read again from ``input`` (default:
+    the store's source); where that fails the gallery is drawn without them and a warning says why.
+    """
     from ..pipeline.store import open_dataset
 
-    ds = open_dataset(request.store, require_complete=False)
+    if per_class < 1:
+        raise PipelineError(f"--per-class must be at least 1 (got {per_class})")
+    ds = open_dataset(store, require_complete=False)
     a = ds.attrs
     task = str(a.get("task", "beat"))
     classes = [str(c) for c in a.get("classes", [])]
     record_of = ds["record"].values
     selected = np.arange(ds.sizes["segment"])
-    if request.record is not None:
-        ids = [str(r) for r in ds["record_id"].values]
-        if request.record not in ids:
-            shown = ", ".join(ids[:10]) + (f", ... ({len(ids)} records)" if len(ids) > 10 else "")
-            raise PipelineError(f"record {request.record!r} is not in {request.store} (records: {shown})")
-        i = ids.index(request.record)
-        _check_span(request, request.record, float(ds["record_sig_len"].values[i]) / float(ds["record_fs"].values[i]))
-        selected = np.flatnonzero(record_of == request.record)
-    elif request.start_s is not None:
-        raise PipelineError("--start draws a strip of one record: give --record too")
-    picks = plots.gallery_indices(ds["label"].values[selected], classes, request.per_class, request.seed)
+    if record is not None:
+        i = _record_index(ds, store, record)
+        _check_span(*_span, record, float(ds["record_sig_len"].values[i]) / float(ds["record_fs"].values[i]))
+        selected = np.flatnonzero(record_of == record)
+    picks = plots.gallery_indices(ds["label"].values[selected], classes, per_class, seed)
     idx = np.sort(np.concatenate([selected[v] for v in picks.values()]).astype(np.int64))
     spec = a["spectrogram"]
-    source = None
     waveform = None
-    if request.waveforms and idx.size:
+    if waveforms and idx.size:
         try:
-            source = (_source(request.input, request.input) if request.input else
-                      sources.database_source(get_database(a["database"]), a.get("source") or None,
-                                              a.get("database_version")))
-            waveform = extract.segment_waveforms(source, [str(r) for r in record_of[idx]], ds["anchor"].values[idx],
-                                                 [str(x) for x in ds["lead"].values[idx]], int(spec["n_before"]),
-                                                 int(spec["n_after"]), cache=cache_root(request.cache_dir))
-        except (PipelineError, KeyError) as exc:
+            waveform = extract.segment_waveforms(_store_source(a, input), [str(r) for r in record_of[idx]],
+                                                 ds["anchor"].values[idx], [str(x) for x in ds["lead"].values[idx]],
+                                                 int(spec["n_before"]), int(spec["n_after"]), cache=cache_root(cache_dir))
+        except PipelineError as exc:
             # The spectrograms are all in the store: draw them, and say why the waveforms are missing.
             log.warning("waveforms left out: %s (pass --input, or --no-waveforms)", exc)
-            waveform, source = None, None
     values = ds["spectrogram"].isel(segment=idx).values if idx.size else np.zeros((0, ds.sizes["freq"], ds.sizes["time"]))
-    fs = float(spec["fs"])
-    caption = [f"{r} @ {float(s) / float(f):.1f} s" for r, s, f in
-               zip(record_of[idx], ds["anchor"].values[idx], _record_fs(ds, record_of[idx]))]
-    what = f"record {request.record}" if request.record else f"{ds.sizes['record_id']} records"
-    fig = plots.spectrogram_gallery(values, ds["label"].values[idx], ds["freq"].values, ds["time"].values,
-                                    classes=classes, task=task, waveform=waveform, fs=fs, n_before=int(spec["n_before"]),
-                                    caption=caption, title=f"{a.get('database')}: stored spectrograms per class ({what})")
-    out, stem = Path(request.out), _safe(Path(request.store.rstrip("/")).stem)
-    suffix = f"-{_safe(request.record)}" if request.record else ""
-    written = [_save(fig, out / f"{stem}{suffix}-gallery.png")]
-    if request.record is not None and request.start_s is not None:
-        written.append(_labelled_strip(request, ds, source, task, classes, out, stem))
-    return written
+    fs_of = dict(zip((str(r) for r in ds["record_id"].values), ds["record_fs"].values))
+    caption = [f"{r} @ {float(s) / float(fs_of.get(str(r), 1.0)):.1f} s" for r, s in zip(record_of[idx], ds["anchor"].values[idx])]
+    what = f"record {record}" if record else f"{ds.sizes['record_id']} records"
+    return plots.spectrogram_gallery(values, ds["label"].values[idx], ds["freq"].values, ds["time"].values,
+                                     classes=classes, task=task, waveform=waveform, fs=float(spec["fs"]),
+                                     n_before=int(spec["n_before"]), caption=caption,
+                                     title=f"{a.get('database')}: stored spectrograms per class ({what})")
 
 
-def _record_fs(ds, records) -> list[float]:
-    fs = dict(zip((str(r) for r in ds["record_id"].values), ds["record_fs"].values))
-    return [float(fs.get(str(r), 1.0)) for r in records]
+def labelled_strip(store: str, record: str, start_s: float, seconds: float | None = None, *, input: str | None = None,
+                   cache_dir: str | None = None):
+    """An ECG strip of a spectrogram store's record with its stored segments marked by their labels."""
+    from ..pipeline.store import open_dataset
 
-
-def _labelled_strip(request: PlotRequest, ds, source, task: str, classes, out: Path, stem: str) -> Path:
-    """A strip of a spectrogram store's record with its stored segments marked by their labels."""
-    from ..pipeline.databases import get_database
-
+    ds = open_dataset(store, require_complete=False)
     a = ds.attrs
-    if source is None:
-        source = (_source(request.input, request.input) if request.input else
-                  sources.database_source(get_database(a["database"]), a.get("source") or None, a.get("database_version")))
-    mine = ds["record"].values == request.record
-    anchor, label = ds["anchor"].values[mine], ds["label"].values[mine]
-    ids = [str(r) for r in ds["record_id"].values]
-    lead = str(ds["record_lead"].values[ids.index(request.record)])
-    seconds = request.seconds or (90.0 if task == "rhythm" else 10.0)
+    task = str(a.get("task", "beat"))
+    i = _record_index(ds, store, record)
+    _check_span(start_s, seconds, record, float(ds["record_sig_len"].values[i]) / float(ds["record_fs"].values[i]))
+    mine = ds["record"].values == record
+    lead = str(ds["record_lead"].values[i])
+    seconds = seconds or (90.0 if task == "rhythm" else 10.0)
     try:
-        strip = extract.read_strip(source, request.record, float(request.start_s), seconds, lead=lead or None,
-                                   cache=cache_root(request.cache_dir))
+        strip = extract.read_strip(_store_source(a, input), record, float(start_s), seconds, lead=lead or None,
+                                   cache=cache_root(cache_dir))
     except (RecordError, ValueError) as exc:
-        raise PipelineError(f"strip of record {request.record}: {exc}") from None
-    window = float(a["spectrogram"]["n_before"] + a["spectrogram"]["n_after"]) / float(a["spectrogram"]["fs"])
-    fig = plots.ecg_strip(strip, anchor=anchor, predicted=label, classes=classes, task=task,
-                          window_s=window if task == "rhythm" else None,
-                          title=f"record {request.record}: stored segments and their labels")
-    return _save(fig, out / f"{stem}-{_safe(request.record)}-strip-{request.start_s:g}s.png")
+        raise PipelineError(f"strip of record {record}: {exc}") from None
+    spec = a["spectrogram"]
+    window = float(spec["n_before"] + spec["n_after"]) / float(spec["fs"])
+    return plots.ecg_strip(strip, anchor=ds["anchor"].values[mine], predicted=ds["label"].values[mine],
+                           classes=[str(c) for c in a.get("classes", [])], task=task,
+                           window_s=window if task == "rhythm" else None,
+                           title=f"record {record}: stored segments and their labels")

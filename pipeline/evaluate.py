@@ -126,56 +126,19 @@ def format_report(metrics: Mapping[str, Any], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(**kw):
-    # A bare Figure renders to files through Agg without pyplot: no backend is chosen for the
-    # process, so a notebook or GUI importing this module keeps its own.
-    from matplotlib.figure import Figure
-
-    return Figure(**kw)
-
-
 def plot_confusion(metrics: Mapping[str, Any], path: str | Path, *, normalize: bool, title: str = "") -> Path:
-    """Confusion matrix as counts, or as ratios of each reference class (rows sum to 1)."""
-    cm = np.asarray(metrics["confusion_matrix"], dtype=float)
-    classes = metrics["classes"]
-    shown = _ratio(cm, cm.sum(axis=1, keepdims=True)) if normalize else cm
-    fig = _figure(figsize=(5.2, 4.6), dpi=120)
-    ax = fig.subplots()
-    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(shown.max(), 1))
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("reference class")
-    ax.set_title(title or ("confusion matrix (row ratios)" if normalize else "confusion matrix (counts)"))
-    limit = (shown.max() or 1) / 2
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            text = f"{shown[i, j]:.2f}" if normalize else f"{int(shown[i, j]):,}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if shown[i, j] > limit else "black")
-    fig.tight_layout()
-    fig.savefig(path)
+    """Save ``plots.confusion_figure`` to ``path``."""
+    from .plots import confusion_figure
+
+    confusion_figure(metrics, normalize=normalize, title=title).savefig(path)
     return Path(path)
 
 
 def plot_history(history: Mapping[str, Sequence[float]], path: str | Path) -> Path:
-    """Loss, accuracy and validation macro F1 per epoch."""
-    panels = [("loss", ("loss", "val_loss")), ("accuracy", ("accuracy", "val_accuracy")),
-              ("F1", ("val_macro_f1", "val_challenge_f1"))]
-    panels = [(t, [k for k in keys if k in history]) for t, keys in panels]
-    panels = [(t, keys) for t, keys in panels if keys]
-    fig = _figure(figsize=(4.2 * len(panels), 3.4), dpi=120)
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels):
-        for k in keys:
-            values = history[k]
-            ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=k.replace("_", " "))
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    """Save ``plots.history_figure`` to ``path``."""
+    from .plots import history_figure
+
+    history_figure(history).savefig(path)
     return Path(path)
 
 

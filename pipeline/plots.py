@@ -12,7 +12,9 @@ Reading what is drawn is elsewhere: a store's spectrograms and labels come from
   reference class, mismatches highlighted), or for rhythm scores the windows' classes
   as a band under the strip;
 * ``scores_overview``: one record of a scores store over time: beats per class and the
-  ectopic share, or the rhythm windows' probabilities, episodes and time per class.
+  ectopic share, or the rhythm windows' probabilities, episodes and time per class;
+* ``history_figure``, ``confusion_figure``: a training run's curves and confusion matrices
+  (``evaluate.write_evaluation`` saves them into the run folder).
 """
 
 from __future__ import annotations
@@ -300,5 +302,50 @@ def _rhythm_overview(view: RecordView, t: np.ndarray, duration: float, colours: 
     if af is not None:
         head += f", AF burden {100 * af:.1f} %"
     ax.set_title(title or head, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(metrics: Mapping[str, Any], *, normalize: bool, title: str = ""):
+    """A confusion matrix (``evaluate.classification_metrics``) as counts, or as ratios of each reference class
+    (rows sum to 1)."""
+    cm = np.asarray(metrics["confusion_matrix"], dtype=float)
+    classes = metrics["classes"]
+    rows = cm.sum(axis=1, keepdims=True)
+    shown = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0) if normalize else cm
+    fig = _figure(figsize=(5.2, 4.6), dpi=120)
+    ax = fig.subplots()
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(shown.max(), 1))
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("reference class")
+    ax.set_title(title or ("confusion matrix (row ratios)" if normalize else "confusion matrix (counts)"))
+    limit = (shown.max() or 1) / 2
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            text = f"{shown[i, j]:.2f}" if normalize else f"{int(shown[i, j]):,}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if shown[i, j] > limit else "black")
+    fig.tight_layout()
+    return fig
+
+
+def history_figure(history: Mapping[str, Sequence[float]]):
+    """Loss, accuracy and the validation F1 (macro, or the challenge's) per epoch of a training run."""
+    panels = [("loss", ("loss", "val_loss")), ("accuracy", ("accuracy", "val_accuracy")),
+              ("F1", ("val_macro_f1", "val_challenge_f1"))]
+    panels = [(t, [k for k in keys if k in history]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    fig = _figure(figsize=(4.2 * len(panels), 3.4), dpi=120)
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for k in keys:
+            values = history[k]
+            ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=k.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     return fig
