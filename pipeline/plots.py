@@ -190,7 +190,7 @@ def ecg_strip(strip: Any, *, anchor: np.ndarray, predicted: Sequence[str], class
         ends = np.append(anchor[1:], last)
         for band, values, name in zip(band_axes, (predicted, reference), ("predicted", "reference")):
             for a, e, c in zip(anchor, ends, values):
-                if e / strip.fs < t0 or a / strip.fs > t1 or c == "":
+                if e / strip.fs <= t0 or a / strip.fs >= t1 or c == "":
                     continue
                 band.axvspan(max(a / strip.fs, t0), min(e / strip.fs, t1), color=colours.get(str(c), "k"), lw=0)
                 if name == "predicted":

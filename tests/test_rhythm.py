@@ -275,13 +275,20 @@ def test_one_record_prints_its_class_probabilities(cinc, mirror, tmp_path):
     assert line.split()[1] == max(values, key=values.get)
 
 
-@pytest.mark.realdata
-@pytest.mark.slow
-def test_a_long_record_is_scored_in_windows_with_episodes(cinc, mirror):
-    work = cinc["work"]
-    out = work / "r201.zarr"
+@pytest.fixture(scope="module")
+def r201(cinc, mirror):
+    """MIT-BIH record 201 (30 min, AF episodes in its rhythm annotations) scored in windows by the rhythm model."""
+    out = cinc["work"] / "r201.zarr"
     _ok(_cli("score", "--model", str(cinc["run"] / "model.keras"), "--db", "mitdb", "--source", mirror.as_uri(),
              "--records", "201", "--out", str(out), "--workers", "2", "--no-progress"))
+    return out
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_a_long_record_is_scored_in_windows_with_episodes(cinc, r201):
+    work = cinc["work"]
+    out = r201
     from ecg_pipeline.pipeline.scores import open_scores
 
     ds = open_scores(str(out))
@@ -290,3 +297,28 @@ def test_a_long_record_is_scored_in_windows_with_episodes(cinc, mirror):
     assert episodes.start_s.iloc[0] == 0 and episodes.end_s.iloc[-1] == pytest.approx(650000 / 360, abs=1e-3)
     assert (episodes.start_s.values[1:] == episodes.end_s.values[:-1]).all()  # contiguous, no gap, no overlap
     assert (episodes["class"].values[1:] != episodes["class"].values[:-1]).all()  # runs are merged
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_rhythm_figures_show_the_windows_episodes_and_af_burden(r201, tmp_path):
+    from ecg_pipeline.jobs import cli
+    from ecg_pipeline.jobs.plot import scored_record
+    from ecg_pipeline.pipeline.scores import open_scores, record_view, time_shares
+
+    view = record_view(open_scores(str(r201)), "201")
+    assert view.task == "rhythm" and view.has_reference  # the windows' majority rhythm from 201.atr
+    figures = scored_record(str(r201), "201", start_s=600, seconds=120)
+    strip, predicted_band, reference_band = figures.strip.axes
+    assert strip.get_xlim() == pytest.approx((600, 720), abs=0.01)
+    # 30 s windows starting every 30 s: the 120 s strip shows 4 windows in each band, coloured by class.
+    assert len(predicted_band.patches) == 4 and len(reference_band.patches) == 4
+    assert [b.get_ylabel() for b in (predicted_band, reference_band)] == ["predicted", "reference"]
+    overview = figures.overview
+    ax_prob, band, ref_band, ax_share = overview.axes
+    shares = time_shares(view.anchor, view.predicted, view.sig_len, view.classes)
+    assert [round(b.get_width(), 6) for b in ax_share.patches][::-1] == [round(100 * v, 6) for v in shares]
+    assert f"AF burden {100 * shares[list(view.classes).index('A')]:.1f} %" in ax_prob.get_title()
+    assert len(ax_prob.lines) == len(view.classes)
+    assert cli.main(["plot", str(r201), "--record", "201", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir())[0] == "r201-201-overview.png"
