@@ -62,8 +62,8 @@ def dask_client(
 
     ``start_method`` is how the local workers start: ``fork`` (the default on Linux)
     starts them in ~0.1 s with the driver's modules already imported, against ~2 s for
-    ``spawn`` (the default elsewhere: fork is unsafe on macOS). Jobs that import
-    TensorFlow in the driver should pass ``spawn``.
+    ``spawn`` (the default elsewhere: fork is unsafe on macOS, and the default wherever
+    TensorFlow, JAX or PyTorch is already imported: their threads do not survive a fork).
 
     ``quiet_task_errors`` drops the local workers' "Compute Failed" log records (see
     ``DropComputeFailed``); a remote cluster's workers log to their own terminals and are left alone.
@@ -78,7 +78,11 @@ def dask_client(
             client.close()
         return
     n_workers = n_workers or os.cpu_count() or 1
-    start_method = start_method or ("fork" if sys.platform.startswith("linux") else "spawn")
+    if start_method is None:
+        # A forked child gets the parent's memory but not its threads: once TensorFlow (or JAX) has started its
+        # thread pools in this process, forked workers deadlock in it (a notebook that trains, then scores).
+        runtime = any(m in sys.modules for m in ("tensorflow", "jax", "torch"))
+        start_method = "fork" if sys.platform.startswith("linux") and not runtime else "spawn"
     with dask.config.set({"distributed.worker.multiprocessing-method": start_method}), LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,

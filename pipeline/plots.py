@@ -193,8 +193,9 @@ def ecg_strip(strip: Any, *, anchor: np.ndarray, predicted: Sequence[str], class
                 if e / strip.fs <= t0 or a / strip.fs >= t1 or c == "":
                     continue
                 band.axvspan(max(a / strip.fs, t0), min(e / strip.fs, t1), color=colours.get(str(c), "k"), lw=0)
+                shown.setdefault(str(c), 0)
                 if name == "predicted":
-                    shown[str(c)] = shown.get(str(c), 0) + 1
+                    shown[str(c)] += 1
             band.set_yticks([])
             band.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     (band_axes[-1] if band_axes else ax).set_xlabel("time (s)")
