@@ -210,6 +210,30 @@ class Piece:
     stop: int
 
 
+#: Fewest samples a piece holds, whatever ``piece_s`` and the sampling rate (a 1/60 Hz trend is one piece).
+MIN_PIECE_SAMPLES = 1024
+#: Most pieces one record is split into: beyond, pieces grow longer than ``piece_s`` instead.
+MAX_PIECES = 1024
+
+
+def plan_pieces(record: str, sig_len: int, fs: float, piece_s: float) -> list[Piece]:
+    """The pieces a record of ``sig_len`` samples is scored in, one task each; ``[]``: one task for the whole record.
+
+    Bounded by design: pieces of ``piece_s`` seconds but at least ``MIN_PIECE_SAMPLES``, and
+    at most ``MAX_PIECES`` of them (then equal pieces of ``ceil(sig_len / MAX_PIECES)``);
+    ``sig_len`` is the length ``records.read_header`` checked against the signal files.
+    """
+    piece_len = max(int(piece_s * fs) if np.isfinite(piece_s * fs) else 0, MIN_PIECE_SAMPLES)
+    if sig_len <= piece_len:
+        return []
+    n = -(-sig_len // piece_len)
+    if n > MAX_PIECES:
+        n = MAX_PIECES
+        piece_len = -(-sig_len // n)
+        n = -(-sig_len // piece_len)
+    return [Piece(record, i, n, i * piece_len, min((i + 1) * piece_len, sig_len)) for i in range(n)]
+
+
 @dataclass
 class SpanScores:
     """Beats found and scored in one piece."""
@@ -278,10 +302,8 @@ def _score_rhythm(ctx: ScoreContext, local: sources.LocalRecord, header: records
                                             f"{info.min_s:g} s the model's recordings had at least")
     hop_s = ctx.config.rhythm_hop_s or info.hop_s
     anchor = extract.record_windows(header.sig_len, header.fs, info.window_s, hop_s)
-    piece_len = int(ctx.config.piece_s * header.fs)
-    if piece is None and header.sig_len > piece_len:
-        n = -(-header.sig_len // piece_len)
-        out.split = [Piece(record, i, n, i * piece_len, min((i + 1) * piece_len, header.sig_len)) for i in range(n)]
+    if piece is None and (split := plan_pieces(record, header.sig_len, header.fs, ctx.config.piece_s)):
+        out.split = split
         return
     if piece is not None:
         anchor = anchor[(anchor >= piece.start) & (anchor < piece.stop)]
@@ -321,8 +343,9 @@ def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, p
     try:
         local = source.fetch(record, (ctx.annotator,) if ctx.annotator else (), ctx.cache(), ctx.policy)
         result.checksum = local.checksum
-        header = records.read_header(local.base, record)
+        header = records.read_header(local.base, record)  # checked against the files: no work for absent samples
         lead = records.choose_lead(header, ctx.leads(), ctx.config.lead_fallback)
+        header = header.for_lead(lead)  # the lead's own rate (several samples per frame)
         result.lead, result.lead_fallback, result.fs, result.sig_len = lead.name, lead.fallback, header.fs, header.sig_len
         if ctx.info.task == "rhythm":
             _score_rhythm(ctx, local, header, lead, piece, out, result)
@@ -344,10 +367,8 @@ def _score_beats(ctx: ScoreContext, local: sources.LocalRecord, header: records.
                  piece: Piece | None, out: PieceResult, result: scores.RecordScores, t0: float) -> None:
     """The beat side of ``score_record``: detected R peaks of the record (or a piece of it)."""
     record = header.record
-    piece_len = int(ctx.config.piece_s * header.fs)
-    if piece is None and header.sig_len > piece_len:
-        n = -(-header.sig_len // piece_len)
-        out.split = [Piece(record, i, n, i * piece_len, min((i + 1) * piece_len, header.sig_len)) for i in range(n)]
+    if piece is None and (split := plan_pieces(record, header.sig_len, header.fs, ctx.config.piece_s)):
+        out.split = split
         return
     start, stop = (piece.start, piece.stop) if piece else (0, header.sig_len)
     margin = int(MARGIN_S * header.fs)

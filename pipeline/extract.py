@@ -68,6 +68,7 @@ def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, 
         with timer("read_header"):
             header = records.read_header(local.base, record)
             lead = records.choose_lead(header, tuple(leads), lead_fallback)  # type: ignore[arg-type]
+            header = header.for_lead(lead)  # the lead's own rate (several samples per frame)
         with timer("read_signal"):
             # A full read of the chosen lead finds truncated or undecodable files now, before
             # any segment is allotted to the record, and marks windows over invalid samples.
@@ -313,6 +314,7 @@ def read_strip(source: sources.RecordSource, record: str, start_s: float, second
     local = sources.fetch_record(source, record, (annotator,) if annotator else (), cache, policy)
     header = records.read_header(local.base, record)
     chosen = records.choose_lead(header, (lead,) if lead else tuple(leads), "fail" if lead else "first")
+    header = header.for_lead(chosen)  # the lead's own rate (several samples per frame)
     duration = header.sig_len / header.fs
     if not 0 <= start_s < duration:
         raise ValueError(f"--start {start_s:g} s is outside record {record} (0 to {duration:.1f} s)")
@@ -350,7 +352,7 @@ def segment_waveforms(source: sources.RecordSource, record: Sequence[str], ancho
             signal = records.read_signal(local.base, header, records.choose_lead(header, (want,)))
             for i in (i for i in rows if lead[i] == want):
                 lo = int(anchor[i]) - n_before
-                a, b = max(lo, 0), min(lo + n_before + n_after, header.sig_len)
+                a, b = max(lo, 0), min(lo + n_before + n_after, len(signal))
                 if a < b:
                     out[i, a - lo:b - lo] = signal[a:b]
     return out

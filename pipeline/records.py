@@ -2,30 +2,72 @@
 
 Only parsing lives here; files arrive through ``pipeline.download``. Every function
 raises ``RecordError`` naming the record and the stage, so a job can report it.
+
+Headers are parsed with wfdb's own header functions, from their text: the record
+line's base time and date are not used by the pipeline and are dropped before
+parsing, so dates written as some databases write them (``2014-05-08 05:05:15``)
+do not refuse a record. Every header fact the job relies on is checked against the
+files before any work (``read_header``): the signal formats, the number of signals,
+and, for the fixed-size formats, that each signal file holds the declared length
+(a header without a length takes it from the file size, as wfdb does). So a header
+cannot make a job plan work for samples that do not exist.
+
+Also read as wfdb reads them: signals with several samples per frame (at their own
+rate, ``fs * spf``: ``Header.for_lead``), multi-segment records (one record, the
+segments joined; gaps and signals a segment lacks are NaN), and signals without a
+name (``signal <i>``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import wfdb
+from wfdb.io import _header, _signal
+from wfdb.io import header as _wfdb_header
 
 from .errors import RecordError
+
+#: More signals than this in one header is not a recording (a 12-lead ECG has 12; MIMIC waveforms ~ 10).
+MAX_SIGNALS = 1024
+#: A header file larger than this is not a header (a multi-segment master of 100,000 segments is ~2 MB).
+MAX_HEADER_BYTES = 16 * 2**20
+
+#: Bytes per sample of the WFDB signal formats with a fixed size (exact fractions: 212 packs 2 samples in 3 bytes).
+_BYTES_PER_SAMPLE = {"8": Fraction(1), "80": Fraction(1), "16": Fraction(2), "61": Fraction(2), "160": Fraction(2),
+                     "212": Fraction(3, 2), "310": Fraction(4, 3), "311": Fraction(4, 3), "24": Fraction(3),
+                     "32": Fraction(4)}
+#: Every format wfdb reads (the FLAC formats 508/516/524 have no fixed size).
+_FORMATS = tuple(_signal.DAT_FMTS)
 
 
 @dataclass(frozen=True)
 class Header:
-    """What the job needs from a ``.hea`` file."""
+    """What the job needs from a ``.hea`` file (checked against the record's files)."""
 
     record: str
-    fs: float
-    sig_len: int
+    fs: float  #: frames per second (for a lead with several samples per frame: ``for_lead``)
+    sig_len: int  #: frames
     sig_names: tuple[str, ...]
     units: tuple[str, ...]
-    files: tuple[str, ...]  #: distinct signal file names, relative to the header's folder
+    files: tuple[str, ...]  #: distinct files the signals need (segment headers too), relative to the header's folder
+    spf: tuple[int, ...] = ()  #: samples per frame of each signal; () when one each
+    n_segments: int = 0  #: a multi-segment record: its number of segments (0: a single-segment record)
+
+    def for_lead(self, lead: "Lead") -> "Header":
+        """The header as ``lead`` sees it: ``fs`` and ``sig_len`` at the lead's own rate (``fs * spf``).
+
+        ``read_signal`` counts samples at that rate, so a job that scores one lead takes this
+        header for its sampling rate, length and the sample numbers it reads.
+        """
+        k = self.spf[lead.index] if self.spf else 1
+        if k == 1:
+            return self
+        return replace(self, fs=self.fs * k, sig_len=self.sig_len * k, spf=())
 
 
 @dataclass(frozen=True)
@@ -37,29 +79,309 @@ class Lead:
     fallback: bool  #: True when none of the preferred leads was present
 
 
-def read_header(base: Path, record: str) -> Header:
-    """Parse ``<base>.hea`` (``base`` is the record path without extension)."""
+# ---------------------------------------------------------------------------------------------------------------------
+# headers: parsed with wfdb's functions, checked against the files
+
+
+@dataclass
+class _Segment:
+    """One single-segment header of a record and where its frames lie in the record."""
+
+    start: int  #: first frame in the record
+    length: int  #: frames
+    rec: wfdb.Record | None  #: None: a gap (``~``)
+    folder: Path = field(default_factory=Path)
+
+
+@dataclass
+class _Record:
+    """A record's header(s), parsed and checked."""
+
+    fs: float
+    sig_len: int
+    names: tuple[str, ...]
+    units: tuple[str, ...]
+    spf: tuple[int, ...]
+    files: tuple[str, ...]
+    segments: list[_Segment]
+    layout: Literal["single", "fixed", "variable"] = "single"
+
+
+def _read_text(hea: Path, record: str) -> str:
     try:
-        h = wfdb.rdheader(str(base))
+        size = hea.stat().st_size
+        if size > MAX_HEADER_BYTES:
+            raise RecordError(record, "header", f"{hea.name} is {size:,} bytes: not a WFDB header "
+                                                f"(at most {MAX_HEADER_BYTES:,})")
+        return hea.read_bytes().decode("ascii", errors="ignore")  # as wfdb.rdheader reads it
+    except FileNotFoundError:
+        raise RecordError(record, "header", f"{hea.name}: not found") from None
+    except OSError as exc:
+        raise RecordError(record, "header", f"cannot read {hea.name}: {exc}") from exc
+
+
+def _record_line(line: str) -> str:
+    """The record line without its base time and date (``name[/n_seg] n_sig [fs[/counter[(base)]] [sig_len]]``).
+
+    The pipeline uses neither, and databases write them in forms wfdb's parser refuses
+    (an ISO date ``2014-05-08 05:05:15`` fails with "unconverted data remains").
+    """
+    tokens = line.split()
+    keep = 4 if len(tokens) >= 4 and tokens[3].isdigit() else 3
+    return " ".join(tokens[:keep])
+
+
+def _parse(hea: Path, record: str) -> wfdb.Record | wfdb.MultiRecord:
+    """``hea`` parsed as ``wfdb.rdheader`` parses it, from its text (the user's file is never changed)."""
+    text = _read_text(hea, record)
+    try:
+        lines, comments = _wfdb_header.parse_header_content(text)
+        if not lines:
+            raise _header.HeaderSyntaxError("no record line")
+        fields = _header._parse_record_line(_record_line(lines[0]))
+        if fields["n_seg"] is None:
+            rec = wfdb.Record()
+            if len(lines) > 1:
+                for k, v in _header._parse_signal_lines(lines[1:]).items():
+                    setattr(rec, k, v)
+            for k, v in fields.items():
+                if k != "n_seg":
+                    setattr(rec, k, v)
+        else:
+            rec = wfdb.MultiRecord()
+            for k, v in _header._read_segment_lines(lines[1:]).items():
+                setattr(rec, k, v)
+            for k, v in fields.items():
+                setattr(rec, k, v)
+        rec.comments = [c.strip(" \t#") for c in comments]
     except Exception as exc:  # noqa: BLE001 - wfdb raises many types for bad headers
-        raise RecordError(record, "header", f"cannot parse {Path(base).name}.hea: {type(exc).__name__}: {exc}") from exc
-    if getattr(h, "n_seg", None) is not None:
-        raise RecordError(record, "header", "multi-segment records are not supported yet")
-    if not h.sig_name or not h.sig_len or not h.fs:
-        raise RecordError(
-            record, "header", f"header lacks signals, length or sampling frequency (sig_name={h.sig_name}, sig_len={h.sig_len}, fs={h.fs})"
-        )
-    if h.n_sig != len(h.sig_name):
-        raise RecordError(record, "header", f"header declares {h.n_sig} signals but describes {len(h.sig_name)}")
-    files = tuple(dict.fromkeys(h.file_name))
-    return Header(
-        record=record,
-        fs=float(h.fs),
-        sig_len=int(h.sig_len),
-        sig_names=tuple(h.sig_name),
-        units=tuple(h.units or ["mV"] * len(h.sig_name)),
-        files=files,
-    )
+        raise RecordError(record, "header", f"cannot parse {hea.name}: {type(exc).__name__}: {exc}") from exc
+    return rec
+
+
+def _signal_count(rec: wfdb.Record, hea: str, record: str) -> int:
+    n = int(rec.n_sig or 0)
+    described = len(rec.file_name or [])
+    if n > MAX_SIGNALS:
+        raise RecordError(record, "header", f"{hea} declares {n} signals; more than {MAX_SIGNALS} is not a recording")
+    if n != described:
+        raise RecordError(record, "header", f"header declares {n} signals but describes {described}")
+    return n
+
+
+def _file_problem(folder: Path, rec: wfdb.Record, hea: str, sig_len: int | None) -> tuple[str, int | None]:
+    """What a single-segment header's signal files say about its length: ``(problem, frames)``.
+
+    ``problem`` is ``""`` when every fixed-size signal file holds ``sig_len`` frames, else
+    ``"<file> is truncated: ..."`` naming the file, its size, the length the header
+    declares and the frames the file holds. ``frames`` is the length the files hold (the
+    shortest fixed-size file; None when no file has a fixed size). Files are grouped as
+    wfdb reads them: a file's signals share its frames (each ``spf`` samples of its format),
+    from the byte offset of its first signal.
+    """
+    per_file: dict[str, list[tuple[str, int, int]]] = {}
+    offsets = rec.byte_offset or [None] * len(rec.file_name)
+    for name, fmt, spf, offset in zip(rec.file_name, rec.fmt, rec.samps_per_frame or [1] * len(rec.file_name), offsets):
+        per_file.setdefault(name, []).append((str(fmt), int(spf or 1), int(offset or 0)))
+    held: int | None = None
+    for name, sigs in per_file.items():
+        if any(fmt not in _BYTES_PER_SAMPLE for fmt, _, _ in sigs):
+            continue  # compressed (FLAC): no size to check against
+        path = folder / name
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{name}: not found (named by {hea})") from None
+        offset = sigs[0][2]
+        per_frame = sum(_BYTES_PER_SAMPLE[fmt] * spf for fmt, spf, _ in sigs)
+        frames = int(max(actual - offset, 0) // per_frame)
+        held = frames if held is None else min(held, frames)
+        if sig_len is not None:
+            expected = int(np.ceil(float(offset + sig_len * per_frame)))
+            if actual < expected:
+                fmts = "/".join(dict.fromkeys(fmt for fmt, _, _ in sigs))
+                what = f"format {fmts}" + (f", {len(sigs)} signals" if len(sigs) > 1 else "")
+                return (f"{name} is truncated: {actual:,} bytes, the header implies {expected:,}: {hea} declares "
+                        f"{sig_len} samples, {name} holds {frames} ({what})"), held
+    return "", held
+
+
+def _single(folder: Path, rec: wfdb.Record, hea: str, record: str, *, layout_only: bool = False) -> int:
+    """Check a single-segment header against its files; return its length in frames (set on ``rec`` too)."""
+    n = _signal_count(rec, hea, record)
+    if layout_only:  # a variable-layout record's layout header: signal names only, no files
+        return 0
+    if n == 0:
+        raise RecordError(record, "header", f"{hea} describes no signals")
+    rec.samps_per_frame = [int(s) if s is not None else 1 for s in (rec.samps_per_frame or [1] * n)]
+    for i, (name, fmt, spf) in enumerate(zip(rec.file_name, rec.fmt, rec.samps_per_frame)):
+        what = f"signal {i} ({rec.sig_name[i]})" if rec.sig_name and rec.sig_name[i] else f"signal {i}"
+        if str(fmt) not in _FORMATS:
+            raise RecordError(record, "header", f"{what} of {hea} has format {fmt}, which is not a WFDB signal "
+                                                f"format wfdb reads ({', '.join(_FORMATS)})")
+        if not name or name == "~":
+            raise RecordError(record, "header", f"{what} of {hea} has no signal file")
+        if spf < 1:
+            raise RecordError(record, "header", f"{what} of {hea} has {spf} samples per frame")
+    if not rec.fs or not np.isfinite(float(rec.fs)) or float(rec.fs) <= 0:
+        raise RecordError(record, "header", f"{hea} gives no usable sampling frequency ({rec.fs})")
+    declared = None if rec.sig_len is None else int(rec.sig_len)
+    try:
+        problem, held = _file_problem(folder, rec, hea, declared)
+    except FileNotFoundError as exc:
+        raise RecordError(record, "signal", str(exc)) from None
+    if problem:
+        raise RecordError(record, "signal", problem)
+    if declared is None:
+        if held is None:
+            raise RecordError(record, "header", f"{hea} gives no signal length, and its format "
+                                                f"{'/'.join(dict.fromkeys(rec.fmt))} has no fixed size to take it from")
+        declared = held
+    if declared <= 0:
+        raise RecordError(record, "signal", f"{hea}: the record holds no samples")
+    rec.sig_len = declared
+    return declared
+
+
+def _names(rec, n: int) -> tuple[str, ...]:
+    names = list(rec.sig_name or [None] * n)
+    return tuple(nm.strip() if isinstance(nm, str) and nm.strip() else f"signal {i}" for i, nm in enumerate(names))
+
+
+def _load(base: Path, record: str) -> _Record:
+    """The record's header(s) parsed and checked against its files (``RecordError`` otherwise)."""
+    base = Path(base)
+    folder, hea = base.parent, f"{base.name}.hea"
+    rec = _parse(folder / hea, record)
+    if isinstance(rec, wfdb.Record):
+        sig_len = _single(folder, rec, hea, record)
+        n = rec.n_sig
+        return _Record(float(rec.fs), sig_len, _names(rec, n), tuple(u or "mV" for u in (rec.units or ["mV"] * n)),
+                       tuple(rec.samps_per_frame), tuple(dict.fromkeys(rec.file_name)),
+                       [_Segment(0, sig_len, rec, folder)])
+    return _load_segments(folder, hea, rec, record)
+
+
+def _load_segments(folder: Path, hea: str, master: wfdb.MultiRecord, record: str) -> _Record:
+    """A multi-segment record as one: its segments checked against their files, in order, gaps kept."""
+    names_seg, lengths = list(master.seg_name or []), [int(x) for x in (master.seg_len or [])]
+    if not names_seg or len(names_seg) != int(master.n_seg):
+        raise RecordError(record, "header", f"{hea} declares {master.n_seg} segments but lists {len(names_seg)}")
+    if not master.fs or not np.isfinite(float(master.fs)) or float(master.fs) <= 0:
+        raise RecordError(record, "header", f"{hea} gives no usable sampling frequency ({master.fs})")
+    variable = lengths[0] == 0
+    files: list[str] = []
+    segments: list[_Segment] = []
+    layout_names: tuple[str, ...] | None = None
+    spf: dict[str, int] = {}
+    units: dict[str, str] = {}
+    start = 0
+    for i, (seg, length) in enumerate(zip(names_seg, lengths)):
+        if seg == "~":
+            segments.append(_Segment(start, length, None, folder))
+            start += length
+            continue
+        seg_hea = f"{seg}.hea"
+        rec = _parse(folder / seg_hea, record)
+        files.append(seg_hea)
+        if not isinstance(rec, wfdb.Record):
+            raise RecordError(record, "header", f"segment {seg_hea} of {hea} is itself a multi-segment header")
+        if variable and i == 0:  # the layout header: every signal of the record, no samples
+            _single(folder, rec, seg_hea, record, layout_only=True)
+            layout_names = _names(rec, rec.n_sig)
+            continue
+        got = _single(folder, rec, seg_hea, record)
+        if got != length:
+            raise RecordError(record, "signal", f"{hea} gives segment {seg} {length} samples; {seg_hea} declares or "
+                                                f"its files hold {got}")
+        if rec.fs and abs(float(rec.fs) - float(master.fs)) > 1e-9 * float(master.fs):
+            raise RecordError(record, "header", f"segment {seg_hea} is sampled at {rec.fs} Hz, {hea} at {master.fs} Hz")
+        seg_names = _names(rec, rec.n_sig)
+        if not variable and layout_names is None:
+            layout_names = seg_names
+        elif not variable and seg_names != layout_names:
+            raise RecordError(record, "header", f"segment {seg_hea} has signals {list(seg_names)}, the record's "
+                                                f"fixed layout {list(layout_names)}")
+        for j, name in enumerate(seg_names):
+            if spf.setdefault(name, rec.samps_per_frame[j]) != rec.samps_per_frame[j]:
+                raise RecordError(record, "header", f"signal {name} has {spf[name]} samples per frame in one segment "
+                                                    f"and {rec.samps_per_frame[j]} in {seg_hea}")
+            units.setdefault(name, rec.units[j] if rec.units and rec.units[j] else "mV")
+        files += list(dict.fromkeys(rec.file_name))
+        segments.append(_Segment(start, length, rec, folder))
+        start += length
+    if layout_names is None:
+        raise RecordError(record, "header", f"{hea}: every segment is a gap")
+    if master.sig_len is not None and int(master.sig_len) != start:
+        raise RecordError(record, "header", f"{hea} declares {master.sig_len} samples; its segments hold {start}")
+    if start <= 0:
+        raise RecordError(record, "signal", f"{hea}: the record holds no samples")
+    return _Record(float(master.fs), start, layout_names, tuple(units.get(n, "mV") for n in layout_names),
+                   tuple(spf.get(n, 1) for n in layout_names), tuple(dict.fromkeys(files)), segments,
+                   "variable" if variable else "fixed")
+
+
+def read_header(base: Path, record: str) -> Header:
+    """Parse ``<base>.hea`` (``base`` is the record path without extension) and check it against the files.
+
+    Raises
+    ------
+    RecordError
+        Stage ``header``: the header cannot be parsed, declares an unknown format, no or too
+        many signals, or no usable sampling rate. Stage ``signal``: a signal file is
+        missing, or holds fewer samples than the header declares (``"<file> is truncated:
+        ..."``, naming both counts): nothing is planned for samples that do not exist.
+    """
+    r = _load(base, record)
+    return Header(record=record, fs=r.fs, sig_len=r.sig_len, sig_names=r.names, units=r.units, files=r.files,
+                  spf=r.spf if any(k != 1 for k in r.spf) else (),
+                  n_segments=len(r.segments) if r.layout != "single" else 0)
+
+
+def segment_names(hea: Path) -> tuple[str, ...]:
+    """The segment (and layout) headers a multi-segment master header names, ``()`` for any other header.
+
+    For listing a folder: the segments of a multi-segment record are part of it, not records
+    of their own. Reads the record line only, unless it declares segments; an unreadable
+    header names none (the record itself then fails with its cause).
+    """
+    try:
+        with open(hea, "rb") as f:
+            for raw in f:
+                line = raw.decode("ascii", errors="ignore").strip()
+                if line and not line.startswith("#"):
+                    break
+            else:
+                return ()
+        if "/" not in line.split()[0]:
+            return ()
+        rec = _parse(Path(hea), Path(hea).stem)
+    except (OSError, IndexError, RecordError):
+        return ()
+    return tuple(n for n in (getattr(rec, "seg_name", None) or []) if n != "~")
+
+
+def header_files(base: Path, record: str) -> tuple[str, ...]:
+    """The files ``<base>.hea`` names (signal files; segment headers and the signal files of those present),
+    relative to its folder, without checking them: what a source must fetch beside the header.
+
+    A source fetches until this stops growing (a segment header names more files).
+    """
+    base = Path(base)
+    folder, hea = base.parent, f"{base.name}.hea"
+    rec = _parse(folder / hea, record)
+    if isinstance(rec, wfdb.Record):
+        return tuple(dict.fromkeys(n for n in (rec.file_name or []) if n and n != "~"))
+    out: list[str] = []
+    for seg in rec.seg_name or []:
+        if seg == "~":
+            continue
+        out.append(f"{seg}.hea")
+        if (folder / f"{seg}.hea").is_file():
+            sub = _parse(folder / f"{seg}.hea", record)
+            if isinstance(sub, wfdb.Record):
+                out += [n for n in (sub.file_name or []) if n and n != "~"]
+    return tuple(dict.fromkeys(out))
 
 
 def choose_lead(header: Header, preferred: tuple[str, ...], fallback: Literal["fail", "first"] = "fail") -> Lead:
@@ -68,7 +390,7 @@ def choose_lead(header: Header, preferred: tuple[str, ...], fallback: Literal["f
     MIT-BIH: most records have MLII first; 114 has it second; 102 and 104 have none
     (they have V5 and V2), which the default preference list covers.
     """
-    names = [n.strip().upper() for n in header.sig_names]
+    names = [(n or "").strip().upper() for n in header.sig_names]
     for want in preferred:
         if want.strip().upper() in names:
             i = names.index(want.strip().upper())
@@ -101,45 +423,59 @@ def read_annotations(base: Path, record: str, extension: str) -> Annotations:
     return Annotations(np.asarray(ann.sample, dtype=np.int64), np.asarray(ann.symbol, dtype=object), aux)
 
 
+def _read_channel(seg: _Segment, channel: int, first: int, stop: int) -> np.ndarray:
+    """Samples ``[first, stop)`` (at the signal's own rate) of one signal of a single-segment header, physical
+    units, as ``wfdb.rdrecord(smooth_frames=False)`` reads them (wfdb's reader and digital-to-physical step)."""
+    rec = seg.rec
+    k = rec.samps_per_frame[channel]
+    f0, f1 = first // k, -(-stop // k)
+    digital = _signal._rd_segment(
+        file_name=rec.file_name, dir_name=str(seg.folder), pn_dir=None, fmt=rec.fmt, n_sig=rec.n_sig,
+        sig_len=rec.sig_len, byte_offset=rec.byte_offset, samps_per_frame=rec.samps_per_frame, skew=rec.skew,
+        init_value=rec.init_value, sampfrom=f0, sampto=f1, channels=[channel], ignore_skew=False)
+    one = wfdb.Record(e_d_signal=digital, fmt=[rec.fmt[channel]], adc_gain=[rec.adc_gain[channel]],
+                      baseline=[rec.baseline[channel]], samps_per_frame=[k], n_sig=1)
+    physical = one.dac(expanded=True, return_res=64)[0]
+    return physical[first - f0 * k: stop - f0 * k]
+
+
 def read_signal(base: Path, header: Header, lead: Lead, sampfrom: int = 0, sampto: int | None = None) -> np.ndarray:
-    """One lead in physical units (float32), samples ``[sampfrom, sampto)``.
+    """One lead in physical units (float32), samples ``[sampfrom, sampto)`` at the lead's own rate.
+
+    A lead with several samples per frame is read at its true rate (``Header.for_lead``:
+    ``fs * spf``), not one sample a frame. A multi-segment record reads as one: its
+    segments joined, with NaN over gaps and where a segment lacks the lead. The header
+    is read again from the files (``header`` names the record, its length is the default
+    ``sampto``), so a file truncated since ``read_header`` fails here the same way.
 
     Raises ``RecordError`` (stage ``signal``) for unreadable or truncated signal files.
     """
-    sampto = header.sig_len if sampto is None else sampto
+    r = _load(base, header.record)
+    k = r.spf[lead.index] if lead.index < len(r.spf) else 1
+    total = r.sig_len * k
+    sampto = total if sampto is None else sampto
+    if not 0 <= sampfrom <= sampto <= total:
+        raise RecordError(header.record, "signal", f"samples {sampfrom}-{sampto} lie outside the record "
+                                                   f"(0-{total})")
+    parts = []
     try:
-        rec = wfdb.rdrecord(str(base), sampfrom=sampfrom, sampto=sampto, channels=[lead.index])
-        sig = rec.p_signal[:, 0].astype(np.float32)
-    except Exception as exc:  # noqa: BLE001
-        hint = _truncation(base)
-        raise RecordError(
-            header.record, "signal", hint or f"cannot read samples {sampfrom}-{sampto} of {', '.join(header.files)}: "
-                                             f"{type(exc).__name__}: {exc}"
-        ) from exc
-    if sig.shape[0] != sampto - sampfrom:
-        raise RecordError(header.record, "signal", f"expected {sampto - sampfrom} samples, read {sig.shape[0]} (truncated file?)")
-    return sig
-
-
-#: Bytes per sample of the WFDB signal formats with a fixed size.
-_BYTES_PER_SAMPLE = {"8": 1, "80": 1, "16": 2, "61": 2, "160": 2, "212": 1.5, "310": 4 / 3, "311": 4 / 3,
-                     "24": 3, "32": 4}
-
-
-def _truncation(base: Path) -> str:
-    """``"<file> is truncated (...)"`` when a signal file is shorter than its header says, else ``""``."""
-    try:
-        h = wfdb.rdheader(str(base))
-        per_file: dict[str, list[tuple[str, int]]] = {}
-        for name, fmt, offset in zip(h.file_name, h.fmt, h.byte_offset or [0] * len(h.file_name)):
-            per_file.setdefault(name, []).append((str(fmt), int(offset or 0)))
-        for name, sigs in per_file.items():
-            if any(fmt not in _BYTES_PER_SAMPLE for fmt, _ in sigs):
+        for seg in r.segments:
+            lo, hi = max(sampfrom, seg.start * k), min(sampto, (seg.start + seg.length) * k)
+            if lo >= hi:
                 continue
-            expected = int(np.ceil(sigs[0][1] + h.sig_len * sum(_BYTES_PER_SAMPLE[f] for f, _ in sigs)))
-            actual = (Path(base).parent / name).stat().st_size
-            if actual < expected:
-                return f"{name} is truncated: {actual:,} bytes, the header implies {expected:,}"
-    except Exception:  # noqa: BLE001 - only a hint; the caller reports the original error
-        return ""
-    return ""
+            channel = lead.index
+            if seg.rec is not None and r.layout == "variable":
+                names = _names(seg.rec, seg.rec.n_sig)
+                channel = names.index(r.names[lead.index]) if r.names[lead.index] in names else -1
+            if seg.rec is None or channel < 0:
+                parts.append(np.full(hi - lo, np.nan, np.float32))
+            else:
+                parts.append(_read_channel(seg, channel, lo - seg.start * k, hi - seg.start * k).astype(np.float32))
+    except Exception as exc:  # noqa: BLE001
+        raise RecordError(header.record, "signal", f"cannot read samples {sampfrom}-{sampto} of "
+                                                   f"{', '.join(r.files)}: {type(exc).__name__}: {exc}") from exc
+    sig = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if sig.shape[0] != sampto - sampfrom:
+        raise RecordError(header.record, "signal", f"expected {sampto - sampfrom} samples, read {sig.shape[0]} "
+                                                   "(truncated file?)")
+    return sig

@@ -117,17 +117,74 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _signal_names(header: records.Header, record: str) -> list[str]:
-    """Signal files named by the header, relative to the source root (names checked)."""
+def _signal_names(files: Sequence[str], record: str) -> list[str]:
+    """Files named by the record's header (``records.header_files``), relative to the source root (names checked)."""
     folder = posixpath.dirname(record)
     out = []
-    for f in header.files:
+    for f in files:
         name = posixpath.join(folder, f) if folder else f
         try:
             out.append(download.safe_name(name))
         except ValueError as exc:
             raise RecordError(record, "header", str(exc)) from exc
     return out
+
+
+def list_folder(root: Path) -> list[str]:
+    """The records of a local folder, as PhysioNet lays them out.
+
+    A ``RECORDS`` file lists them, in its order; an entry ending in ``/`` is a folder
+    of records (its own ``RECORDS``, else its headers). Without one at the root, every
+    ``.hea`` file is a record, except where a folder has its own ``RECORDS`` (that list
+    holds for the folder and below) and except the segment and layout headers of a
+    multi-segment record (part of that record).
+    """
+    root = Path(root)
+    if (root / "RECORDS").is_file():
+        return _records_file(root, "", set())
+    return _discover(root, "", set())
+
+
+def _records_file(root: Path, prefix: str, seen: set[str]) -> list[str]:
+    seen.add(prefix)
+    text = (root / prefix / "RECORDS").read_text(encoding="utf-8", errors="replace")
+    out = []
+    for entry in text.split():
+        name = posixpath.join(prefix, entry) if prefix else entry
+        if not entry.endswith("/"):
+            out.append(name)
+            continue
+        sub = name.rstrip("/")
+        try:
+            download.safe_name(sub)
+        except ValueError:
+            out.append(sub)  # fails alone, as an unsafe record name
+            continue
+        if sub in seen:
+            continue
+        if (root / sub / "RECORDS").is_file():
+            out += _records_file(root, sub, seen)
+        elif (root / sub).is_dir():
+            out += _discover(root, sub, seen)
+        else:
+            out.append(sub)  # fails alone: not found
+    return out
+
+
+def _discover(root: Path, prefix: str, seen: set[str]) -> list[str]:
+    top = root / prefix if prefix else root
+    listed = sorted({p.parent for p in top.rglob("RECORDS") if p.is_file() and p.parent != top},
+                    key=lambda p: len(p.parts))
+    owned: list[Path] = []  # folders whose RECORDS file speaks for them (outermost first)
+    for folder in listed:
+        if not any(folder.is_relative_to(o) for o in owned):
+            owned.append(folder)
+    heads = [p for p in archives.find_records(top) if not any(p.is_relative_to(o) for o in owned)]
+    segments = {(p.parent, s) for p in heads for s in records.segment_names(p.with_name(f"{p.name}.hea"))}
+    out = [p.relative_to(root).as_posix() for p in heads if (p.parent, p.name) not in segments]
+    for folder in owned:
+        out += _records_file(root, folder.relative_to(root).as_posix(), seen)
+    return sorted(out)
 
 
 @dataclass(frozen=True)
@@ -145,12 +202,7 @@ class FolderSource:
         root = Path(self.root)
         if not root.is_dir():
             raise SourceError(f"{self.description}: no such folder")
-        listed = root / "RECORDS"
-        if listed.is_file():
-            names = tuple(listed.read_text(encoding="utf-8", errors="replace").split())
-        else:
-            names = tuple(p.relative_to(root).as_posix() for p in archives.find_records(root))
-        return Listing(self, names)
+        return Listing(self, tuple(list_folder(root)))
 
     def fetch(self, record: str, annotators: Sequence[str] = (), cache: Path | None = None,
               policy: download.RetryPolicy = download.RetryPolicy()) -> LocalRecord:
@@ -163,8 +215,7 @@ class FolderSource:
         hea = base.with_name(f"{base.name}.hea")
         if not hea.is_file():
             raise RecordError(record, "download", f"{record}.hea: not found in {self.description}")
-        header = records.read_header(base, record)
-        names = [f"{record}.hea", *_signal_names(header, record)]
+        names = [f"{record}.hea", *_signal_names(records.header_files(base, record), record)]
         present = frozenset(a for a in annotators if (root / f"{record}.{a}").is_file())
         names += [f"{record}.{a}" for a in annotators if a in present]
         files = []
@@ -258,9 +309,13 @@ class RemoteSource:
         got = []
         try:
             got.append(self._get(fs, root, f"{record}.hea", local, record, policy))
-            header = records.read_header(local / record, record)
-            for name in _signal_names(header, record):
-                got.append(self._get(fs, root, name, local, record, policy))
+            # Until nothing new is named: a multi-segment header names segment headers, which name signal files.
+            fetched = {f"{record}.hea"}
+            while todo := [n for n in _signal_names(records.header_files(local / record, record), record)
+                           if n not in fetched]:
+                for name in todo:
+                    got.append(self._get(fs, root, name, local, record, policy))
+                    fetched.add(name)
         except SourceNotFound as exc:
             raise RecordError(record, "download", str(exc)) from exc
         present = set()
