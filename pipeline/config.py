@@ -171,7 +171,8 @@ class PreprocessConfig(_Config):
     leads: tuple[_Name, ...] | None = _leads_field(
         "Signal names to use, best first; null takes the database's default list.")
     lead_fallback: Literal["fail", "first"] = Field(
-        "fail", description="When a record has none of `leads`: `fail` marks it failed, `first` takes its first signal.")
+        "fail", description="When a record has none of `leads`: `fail` marks it failed, `first` takes its first signal "
+                            "with a recognised ECG lead name (records.is_ecg_lead; never PLETH, ABP, RESP...).")
     unknown_symbols: Literal["Q", "drop", "fail"] = Field(
         "Q", description="Annotation symbols that are neither beats of the label map nor known non-beats: keep as "
                          "class Q, drop, or fail the record. Always counted.")
@@ -287,8 +288,10 @@ class ScoreConfig(_Config):
     leads: tuple[_Name, ...] | None = _leads_field(
         "Signal names to score, best first; null takes the preferred leads of the model's training database.")
     lead_fallback: Literal["fail", "first"] = Field(
-        "first", description="When a record has none of `leads`: `first` scores its first signal (the summary says "
-                             "which), `fail` marks it failed.")
+        "first", description="When a record has none of `leads`: `first` scores its first signal with a recognised "
+                             "ECG lead name (records.is_ecg_lead: MLII, II, V1-V6, aVF, ECG1...; the summary says "
+                             "which) and fails a record without one (PLETH, ABP, RESP are never scored unless `leads` "
+                             "names them), `fail` marks it failed.")
     detector: DetectorSpec = Field(
         default_factory=DetectorSpec, description="R-peak detector (pipeline.detect.DetectorSpec).")
     piece_s: float = Field(

@@ -20,6 +20,7 @@ name (``signal <i>``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -384,8 +385,27 @@ def header_files(base: Path, record: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+#: Signal names recognised as ECG leads, compared without case, spaces, ``-`` or ``_`` (``ECG 1``, ``ml-ii``):
+#: the limb and augmented leads, V1-V6 (and ``V``), modified leads (MLII, ML5, CM5...), ``ECG`` with an optional
+#: number or lead, and the EKG spelling. A record's other signals (PLETH, ABP, RESP, unnamed ones) are never
+#: scored through the fallback; a user who wants one names it in the configuration's ``leads``.
+ECG_LEAD_PATTERN = re.compile(
+    r"^(?:(?:ECG|EKG)?(?:LEAD)?(?:I|II|III|AVR|AVL|AVF|V[1-6]?|ML(?:I|II|III|[1-6])|M?CM?[1-6]|D[1-3])"
+    r"|(?:ECG|EKG)\d*)$")
+
+
+def is_ecg_lead(name: str | None) -> bool:
+    """Whether ``name`` is a recognised ECG lead name (``ECG_LEAD_PATTERN``)."""
+    return bool(ECG_LEAD_PATTERN.match(re.sub(r"[\s_\-]+", "", (name or "").upper())))
+
+
 def choose_lead(header: Header, preferred: tuple[str, ...], fallback: Literal["fail", "first"] = "fail") -> Lead:
     """Take the first of ``preferred`` the record has (names compared case-insensitively).
+
+    With ``fallback="first"``, a record with none of them gives its first signal that has a
+    recognised ECG lead name (``is_ecg_lead``), flagged as a fallback; a record with no ECG
+    signal at all fails, naming its signals, so a plethysmogram or blood pressure is never
+    scored as ECG unless ``preferred`` names it.
 
     MIT-BIH: most records have MLII first; 114 has it second; 102 and 104 have none
     (they have V5 and V2), which the default preference list covers.
@@ -396,7 +416,12 @@ def choose_lead(header: Header, preferred: tuple[str, ...], fallback: Literal["f
             i = names.index(want.strip().upper())
             return Lead(i, header.sig_names[i], False)
     if fallback == "first":
-        return Lead(0, header.sig_names[0], True)
+        for i, name in enumerate(header.sig_names):
+            if is_ecg_lead(name):
+                return Lead(i, name, True)
+        raise RecordError(header.record, "lead", f"no ECG lead among its signals {list(header.sig_names)} (none is "
+                                                 f"one of {list(preferred)} or a recognised ECG lead name); name the "
+                                                 "signal in the configuration's `leads` to score it anyway")
     raise RecordError(
         header.record, "lead", f"none of the leads {list(preferred)} in signals {list(header.sig_names)}"
     )

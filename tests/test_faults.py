@@ -236,7 +236,8 @@ def test_a_signal_without_a_name_gets_one(tmp_path):
     (tmp_path / "s.hea").write_text("\n".join(lines) + "\n")
     h = records.read_header(tmp_path / "s", "s")
     assert h.sig_names == ("signal 0", "V1")
-    assert records.choose_lead(h, ("MLII",), "first") == records.Lead(0, "signal 0", True)
+    # An unnamed signal is not known to be ECG: the fallback takes the ECG lead; naming it takes it.
+    assert records.choose_lead(h, ("MLII",), "first") == records.Lead(1, "V1", True)
     assert records.choose_lead(h, ("signal 0",)).index == 0
     assert records.read_signal(tmp_path / "s", h, _lead(h)).shape == (720,)
 
@@ -280,7 +281,9 @@ def test_score_reports_each_bad_record_and_scores_the_rest(untrained_model, tmp_
     (folder / "iso.dat").write_bytes(x.tobytes())
     (folder / "iso.hea").write_text("iso 1 360 10800 2014-05-08 05:05:15\niso.dat 16 200 16 0 0 0 0 MLII\n")
     (folder / "nolen.dat").write_bytes(x.tobytes())
-    (folder / "nolen.hea").write_text("nolen 1 360\nnolen.dat 16 200 16 0 0 0 0\n")  # no length, no name
+    (folder / "nolen.hea").write_text("nolen 1 360\nnolen.dat 16 200 16 0 0 0 0 ECG\n")  # no length
+    (folder / "noname.dat").write_bytes(x.tobytes())
+    (folder / "noname.hea").write_text("noname 1 360 10800\nnoname.dat 16 200 16 0 0 0 0\n")  # no signal name
     _segments(folder)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     out = tmp_path / "s.zarr"
@@ -290,7 +293,9 @@ def test_score_reports_each_bad_record_and_scores_the_rest(untrained_model, tmp_
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # 1: some records failed, the job ran
     table = pd.read_csv(tmp_path / "s.records.csv", keep_default_na=False).set_index("record")
-    assert sorted(table.index) == ["100", "huge", "iso", "m", "nolen"]  # m's segments are not records
+    assert sorted(table.index) == ["100", "huge", "iso", "m", "nolen", "noname"]  # m's segments are not records
+    assert table.loc["noname", "status"] == "failed" and table.loc["noname", "error"].startswith(
+        "lead: no ECG lead among its signals ['signal 0']")
     assert table.loc["huge", "status"] == "failed"
     assert table.loc["huge", "error"] == ("signal: huge.dat is truncated: 43,200 bytes, the header implies "
                                           "2,000,000,000,000: huge.hea declares 1000000000000 samples, huge.dat "
@@ -299,6 +304,6 @@ def test_score_reports_each_bad_record_and_scores_the_rest(untrained_model, tmp_
     ok = table[table.status == "ok"]
     assert sorted(ok.index) == ["100", "iso", "m", "nolen"]
     assert ok.loc["iso", "sig_len"] == ok.loc["nolen", "sig_len"] == 10800 and ok.loc["m", "sig_len"] == 3000
-    assert ok.loc["nolen", "lead"] == "signal 0"
+    assert ok.loc["nolen", "lead"] == "ECG"
     # The same signal, whatever its header's date or length field: the same beats.
     assert ok.loc["iso", "n_beats"] == ok.loc["nolen", "n_beats"] > 0

@@ -53,3 +53,18 @@ def test_missing_annotations(tmp_path):
     write_record(tmp_path, "e")
     with pytest.raises(RecordError, match="record e: annotations: cannot read e.qrs"):
         records.read_annotations(tmp_path / "e", "e", "qrs")
+
+
+def test_ecg_lead_names_are_recognised_and_other_signals_never_taken_by_the_fallback(tmp_path):
+    for name in ("MLII", "II", "aVF", "V1", "V6", "ECG", "ECG1", "ecg 2", "EKG", "Lead II", "ML5", "CM5", "I", "III"):
+        assert records.is_ecg_lead(name), name
+    for name in ("PLETH", "ABP", "RESP", "signal 0", "", "SpO2", "EEG", "V7", "ECG-PLETH"):
+        assert not records.is_ecg_lead(name), name
+    write_record(tmp_path, "p", leads=("PLETH", "II", "ABP"))
+    h = records.read_header(tmp_path / "p", "p")
+    assert records.choose_lead(h, ("MLII",), "first") == records.Lead(1, "II", True)
+    write_record(tmp_path, "q", leads=("PLETH", "ABP"))
+    h = records.read_header(tmp_path / "q", "q")
+    with pytest.raises(RecordError, match=r"no ECG lead among its signals \['PLETH', 'ABP'\]"):
+        records.choose_lead(h, ("MLII",), "first")
+    assert records.choose_lead(h, ("pleth",), "first") == records.Lead(0, "PLETH", False)  # named: taken
