@@ -269,6 +269,10 @@ class DetectorSpec(_Config):
     fiducial_band_hz: tuple[_Hz, _Hz] = Field(
         (0.5, 40.0), strict=False, description="Band of the signal whose largest deflection near each detection is "
                                                "the reported R peak (the fiducial point).")
+    min_amplitude_mv: float = Field(
+        0.1, ge=0, le=10, description="Least peak-to-peak deflection (mV) of the fiducial-band signal within "
+                                      "`search_s` of a detection: noise on a flat line yields no beats. On the 48 "
+                                      "MIT-BIH records no annotated beat is below 0.2 mV; 0 turns the floor off.")
 
     @field_validator("band_hz", "fiducial_band_hz")
     @classmethod

@@ -46,3 +46,18 @@ def test_detector_on_mitdb_records(mirror, record):
     x = rec.p_signal[:, rec.sig_name.index("MLII")]
     m = match_beats(label_beats(ann.sample, ann.symbol, AAMI_EC57).sample, detect_r_peaks(x, rec.fs), rec.fs)
     assert m.sensitivity > 0.98 and m.positive_predictivity > 0.98, (record, m.sensitivity, m.positive_predictivity)
+
+
+def test_noise_on_a_flat_line_gives_no_beats_and_real_beats_clear_the_floor(mirror):
+    from ecg_pipeline.pipeline.config import DetectorSpec
+
+    rng = np.random.default_rng(1)
+    noise = 0.01 * rng.standard_normal(360 * 60)  # 10 uV of noise on a flat line, one minute
+    assert detect_r_peaks(noise, 360.0, DetectorSpec(min_amplitude_mv=0)).size > 30  # the local level adapts to it
+    assert detect_r_peaks(noise, 360.0).size == 0
+    assert detect_r_peaks(noise * 1000, 360.0, mv_per_unit=1e-3).size == 0  # the same noise in uV
+    base = str(mirror / "mitdb" / "1.0.0" / "119")
+    x = wfdb.rdrecord(base).p_signal[:, 0]
+    floored, bare = detect_r_peaks(x, 360.0), detect_r_peaks(x, 360.0, DetectorSpec(min_amplitude_mv=0))
+    ref = label_beats(*(lambda a: (a.sample, a.symbol))(wfdb.rdann(base, "atr")), AAMI_EC57).sample
+    assert match_beats(ref, floored, 360.0).tp == match_beats(ref, bare, 360.0).tp  # no true beat is below it
