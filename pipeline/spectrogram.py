@@ -14,6 +14,12 @@ import numpy as np
 import scipy.fft
 import scipy.signal
 
+from .errors import ConfigError
+
+
+class SpectrogramSpecError(ConfigError, ValueError):
+    """STFT parameters that cannot work with the window (a job-level error: one line, exit status 2)."""
+
 
 @dataclass(frozen=True)
 class SpectrogramSpec:
@@ -35,11 +41,11 @@ class SpectrogramSpec:
 
     def __post_init__(self) -> None:
         if self.nperseg > self.n_before + self.n_after:
-            raise ValueError(
-                f"STFT nperseg ({self.nperseg}) is longer than the window ({self.n_before + self.n_after} samples)"
-            )
+            raise SpectrogramSpecError(
+                f"stft.nperseg ({self.nperseg}) is longer than the window ({self.n_before + self.n_after} samples at "
+                f"{self.fs:g} Hz): choose a shorter nperseg or a longer window")
         if self.nfft < self.nperseg:
-            raise ValueError(f"nfft ({self.nfft}) must be >= nperseg ({self.nperseg})")
+            raise SpectrogramSpecError(f"stft.nfft ({self.nfft}) must be at least stft.nperseg ({self.nperseg})")
 
     @property
     def n_freq(self) -> int:

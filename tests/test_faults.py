@@ -307,3 +307,16 @@ def test_score_reports_each_bad_record_and_scores_the_rest(untrained_model, tmp_
     assert ok.loc["nolen", "lead"] == "ECG"
     # The same signal, whatever its header's date or length field: the same beats.
     assert ok.loc["iso", "n_beats"] == ok.loc["nolen", "n_beats"] > 0
+
+
+@pytest.mark.realdata
+def test_an_stft_longer_than_the_window_is_one_line_and_leaves_no_store(mirror, tmp_path):
+    (tmp_path / "c.yaml").write_text("stft:\n  nperseg: 4096\n")
+    out = tmp_path / "s.zarr"
+    r = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "preprocess", "mitdb", "--source",
+                        mirror.as_uri(), "--records", "100", "--out", str(out), "--config", str(tmp_path / "c.yaml"),
+                        "--workers", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "ecg-pipeline: error: stft.nperseg (4096) is longer than the window (252 samples at 360 Hz)" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
