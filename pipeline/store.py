@@ -234,6 +234,8 @@ def prepare(
 
     sizes = _dim_sizes(layout)
     held: list[str] = [""] * layout.n_chunks
+    old_fp = group.get(f"{STATE_GROUP}/{FINGERPRINT}")
+    written = old_fp is not None and old_fp.shape[0] and any(str(h) for h in old_fp[:])
     for name, spec in schema["variables"].items():
         shape = tuple(sizes[d] for d in spec["dims"])
         if spec["dims"][0] == "record_id":
@@ -241,10 +243,18 @@ def prepare(
         chunks = tuple(layout.chunk_size if d == "segment" else max(sizes[d], 1) for d in spec["dims"])
         want = dtype if name == "spectrogram" else spec["dtype"][0]
         existing = group.get(name)
+        if existing is not None and tuple(existing.chunks) != chunks:
+            # A first run that wrote nothing (every record failed) may have laid out arrays for a shape it never
+            # knew; arrays that hold committed chunks are never re-chunked under them.
+            if written:
+                raise StoreError(f"{path}: array {name} has chunks {tuple(existing.chunks)}, this job writes "
+                                 f"{chunks}; pass --overwrite or choose another --out")
+            del group[name]
+            existing = None
         if existing is None:
             create_array(group, name, spec, shape, chunks, want, compressor,
                          coordinates=SEGMENT_COORDS if name == "spectrogram" else ())
-        elif existing.shape != shape:  # dtype and chunks are fixed by the config fingerprint
+        elif existing.shape != shape:  # dtype is fixed by the config fingerprint
             existing.resize(shape)
     group["freq"][:] = coords["freq"]
     group["time"][:] = coords["time"]

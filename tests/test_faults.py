@@ -320,3 +320,24 @@ def test_an_stft_longer_than_the_window_is_one_line_and_leaves_no_store(mirror, 
     assert r.returncode == 2, r.stdout + r.stderr
     assert "ecg-pipeline: error: stft.nperseg (4096) is longer than the window (252 samples at 360 Hz)" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+
+
+@pytest.mark.realdata
+def test_a_store_where_every_record_failed_is_laid_out_again_by_the_next_run(mirror, tmp_path):
+    (tmp_path / "not-a-folder").write_text("")
+    out = tmp_path / "s.zarr"
+
+    def preprocess(cache):
+        return subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "preprocess", "mitdb", "--source",
+                               mirror.as_uri(), "--records", "100", "--out", str(out), "--workers", "1",
+                               "--no-progress", "--cache-dir", str(cache)], capture_output=True, text=True, timeout=300)
+
+    first = preprocess(tmp_path / "not-a-folder")  # every record fails: nothing tells the arrays their shape
+    assert first.returncode == 1 and "100" in first.stdout, first.stdout + first.stderr
+    second = preprocess(tmp_path / "cache")
+    assert second.returncode == 0, second.stdout + second.stderr
+    from ecg_pipeline.pipeline.store import open_dataset
+
+    ds = open_dataset(str(out))
+    assert ds.spectrogram.encoding["chunks"][1:] == (ds.sizes["freq"], ds.sizes["time"]) == (33, 24)
+    assert (ds.record_status.values == "ok").all() and ds.sizes["segment"] > 2000
