@@ -137,16 +137,22 @@ def _retrying(what: str, policy: RetryPolicy, fn):
         except Exception as exc:  # noqa: BLE001 - classified below
             error = exc
         if _is_permanent(error):
-            raise DownloadError(f"{what}: {type(error).__name__}: {error}") from error
+            raise DownloadError(f"{what}: {_cause(error)}") from error
         if attempt < policy.retries:
             delay = policy.backoff_s * 2**attempt
-            log.warning("%s: attempt %d failed (%s); retrying in %.1fs", what, attempt + 1, error, delay)
+            log.warning("%s: attempt %d failed (%s); retrying in %.1fs", what, attempt + 1, _cause(error), delay)
             time.sleep(delay)
     if isinstance(error, ChecksumError):
         raise error
     raise DownloadError(
-        f"{what}: failed after {policy.retries + 1} attempts: {type(error).__name__}: {error}"
+        f"{what}: failed after {policy.retries + 1} attempts: {_cause(error)}"
     ) from error
+
+
+def _cause(error: BaseException | None) -> str:
+    """``Type: message``, or the type alone for errors without a message (a timeout's is empty)."""
+    text = str(error) if error is not None else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def read_text(fs: AbstractFileSystem, path: str, policy: RetryPolicy = RetryPolicy()) -> str:

@@ -54,6 +54,7 @@ class LabelledBeats:
     n_nonbeat: int  #: annotations that are not beats (rhythm, noise, ...)
     n_unknown: int  #: annotations with a symbol outside the map and the non-beat set
     unknown_symbols: tuple[str, ...]  #: the distinct unknown symbols met
+    n_not_text: int = 0  #: annotations whose symbol is no text (None, NaN): ignored, neither beat nor Q
 
 
 def label_beats(
@@ -77,6 +78,13 @@ def label_beats(
     """
     symbol = np.asarray(symbol, dtype=object)
     sample = np.asarray(sample, dtype=np.int64)
+    # A symbol that is no text (a NaN from a malformed annotation table) is no beat of any class: leave it out,
+    # counted, rather than let str(nan) make it an unknown symbol and so class Q.
+    text = np.frompyfunc(lambda v: isinstance(v, str) and v != "", 1, 1)(symbol).astype(bool) if symbol.size \
+        else np.zeros(0, bool)
+    n_not_text = int((~text).sum())
+    if n_not_text:
+        symbol, sample = symbol[text], sample[text]
     # Vectorise over the distinct symbols (a record has ~15 of them, ~2,000 beats).
     distinct, inverse = np.unique(symbol.astype(str), return_inverse=True)
     cls = np.array([label_map.get(s, "") for s in distinct], dtype=object)
@@ -97,6 +105,7 @@ def label_beats(
         n_nonbeat=int(is_nonbeat_d[inverse].sum()),
         n_unknown=n_unknown,
         unknown_symbols=unknown_syms,
+        n_not_text=n_not_text,
     )
 
 

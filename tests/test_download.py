@@ -115,3 +115,37 @@ def test_parse_sha256sums():
         "100.dat": h, "x_mitdb/x_111.atr": h}
     with pytest.raises(ValueError, match="line 1"):
         download.parse_sha256sums("nothex  100.dat\n")
+
+
+def test_a_stalled_server_times_out_and_each_retry_says_why(tmp_path, caplog):
+    """A server that accepts the connection and never answers: the timeout's exception has no message of its own."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])  # kept open, never answered
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    policy = FAST.model_copy(update={"timeout_s": 0.5})
+    try:
+        fs, root = download.open_source(f"http://127.0.0.1:{server.getsockname()[1]}/", policy)
+        with pytest.raises(DownloadError, match=r"failed after 3 attempts: \w*Timeout\w*"):
+            download.fetch_file(fs, download.database_root(root, "mitdb", "1.0.0"), "100.hea", tmp_path, None, policy)
+    finally:
+        stop.set()
+        thread.join()
+        for c in held:
+            c.close()
+        server.close()
+    retries = [r.getMessage() for r in caplog.records if "attempt" in r.getMessage()]
+    assert len(retries) == 2 and all("failed (" in m and "failed ()" not in m for m in retries), retries

@@ -65,3 +65,9 @@ def test_a_label_table_gives_each_window_its_recordings_label():
         "A5": "labels: REFERENCE.csv labels A5 (~), but the source has no such recording"}
     with pytest.raises(ValueError, match="A1 is labelled twice"):
         t.load("A1,N\nA1,A\n")
+
+
+def test_symbols_that_are_no_text_are_ignored_and_counted():
+    beats = label_beats(np.array([10, 20, 30, 40]), np.array(["N", float("nan"), None, "V"], dtype=object))
+    assert beats.sample.tolist() == [10, 40] and beats.label.tolist() == ["N", "V"]
+    assert (beats.n_not_text, beats.n_unknown) == (2, 0)  # not class Q
