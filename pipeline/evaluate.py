@@ -44,10 +44,17 @@ def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str]) -> dict[str, 
     f1 = _ratio(2 * precision * recall, precision + recall)
     present = support > 0
     total = int(support.sum())
+    # ANSI/AAMI EC57's names for the same counts: sensitivity Se = recall, positive predictivity +P = precision,
+    # and the false-positive rate FPR = FP / (FP + TN), the share of the other classes' beats called this class.
+    fp = predicted - tp
+    negatives = total - support
+    fpr = _ratio(fp, negatives.astype(float))
     return {
         "classes": list(classes),
         "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                          "support": int(support[i])} for i, c in enumerate(classes)},
+                          "support": int(support[i]), "sensitivity": float(recall[i]),
+                          "positive_predictivity": float(precision[i]), "false_positive_rate": float(fpr[i])}
+                      for i, c in enumerate(classes)},
         "accuracy": float(tp.sum() / total) if total else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
@@ -118,6 +125,11 @@ def format_report(metrics: Mapping[str, Any], title: str = "") -> str:
                      f"(mean F1 of {', '.join(metrics['challenge_classes'])})")
     if metrics.get("unit") == "record":
         lines.append(f"(per recording: {metrics.get('aggregation', 'windows aggregated per recording')})")
+    if all("false_positive_rate" in m for m in metrics["per_class"].values()):
+        lines += ["", "ANSI/AAMI EC57 (Se sensitivity, +P positive predictivity, FPR false-positive rate)",
+                  f"{'':>12} {'Se':>9} {'+P':>9} {'FPR':>9} {'F1':>9}"]
+        lines += [f"{c:>12} {m['sensitivity']:>9.4f} {m['positive_predictivity']:>9.4f} "
+                  f"{m['false_positive_rate']:>9.4f} {m['f1']:>9.4f}" for c, m in metrics["per_class"].items()]
     cm = np.asarray(metrics["confusion_matrix"])
     classes = metrics["classes"]
     lines += ["", "confusion matrix (rows: reference, columns: predicted)",

@@ -33,7 +33,13 @@ def test_metrics_by_hand():
     assert pc["N"]["precision"] == pytest.approx(0.75) and pc["N"]["recall"] == pytest.approx(0.75)
     assert pc["S"]["f1"] == pytest.approx(2 / 3)
     assert pc["V"]["f1"] == pytest.approx(0.75)
-    assert pc["F"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert pc["F"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1, "sensitivity": 0.0,
+                       "positive_predictivity": 0.0, "false_positive_rate": pytest.approx(1 / 11)}
+    # EC57's names: Se = recall, +P = precision; FPR = FP / (FP + TN) over the beats of the other classes.
+    assert pc["N"]["sensitivity"] == pc["N"]["recall"] and pc["N"]["positive_predictivity"] == pc["N"]["precision"]
+    assert pc["N"]["false_positive_rate"] == pytest.approx(1 / 8)
+    ec57 = format_report(m).split("ANSI/AAMI EC57")[1].splitlines()
+    assert ec57[2].split() == ["N", "0.7500", "0.7500", "0.1250", "0.7500"]
     assert pc["Q"]["support"] == 0
     assert m["accuracy"] == pytest.approx(8 / 12)
     # Q has no support: the macro average is over N, S, V, F only.
