@@ -110,6 +110,9 @@ def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype) -> dict
         "classes": list(a["classes"]),
         "challenge_classes": list(a.get("challenge_classes", [])),
         "input": {"shape": list(input_shape), "dtype": str(dtype), "variable": "spectrogram"},
+        # What the network has seen: records at the store's rate (others are resampled to it), so content up to
+        # half of it. A record sampled below it has empty upper spectrogram rows: `score` refuses or flags it.
+        "accepted": {"min_fs_hz": float(a["spectrogram"]["fs"]), "band_hz": [0.0, float(a["spectrogram"]["fs"]) / 2]},
         "store": {
             "database": a.get("database"), "database_version": a.get("database_version"),
             "config_fingerprint": a.get("config_fingerprint"), "spectrogram": a.get("spectrogram"),
