@@ -282,8 +282,10 @@ def _add_plot(sub) -> None:
                                                                  "or non-N window)")
     pl.add_argument("--seconds", type=float, metavar="N", help="length of the strip (default 10 s; 90 s for rhythm)")
     pl.add_argument("--out", default="plots", metavar="DIR", help="folder for the PNG files (default: plots)")
-    pl.add_argument("--input", metavar="PATH|URL", help="where to read the records' samples (default: the store's "
-                                                        "own source or input)")
+    pl.add_argument("--input", metavar="PATH|URL", help="where to read the records' samples: for a spectrogram store "
+                                                        "the root of a PhysioNet-style tree (as preprocess --source), "
+                                                        "for scores the records (as score --input); default: the "
+                                                        "store's own source or input")
     pl.add_argument("--per-class", type=int, default=4, metavar="N", help="gallery: segments per class (default 4)")
     pl.add_argument("--seed", type=int, default=0, help="gallery: which segments are drawn (default 0)")
     pl.add_argument("--no-waveforms", action="store_true", help="gallery: spectrograms only (no record is read)")

@@ -219,13 +219,12 @@ def _plot_spectrograms(request: PlotRequest) -> list[Path]:
 
 
 def _store_source(attrs, input: str | None) -> sources.RecordSource:
-    """Where a spectrogram store's records are: ``input``, or the database source the store was made from."""
+    """Where a spectrogram store's records are: its database in the PhysioNet-style tree ``input`` (as
+    ``preprocess --source`` takes it), or in the tree the store was made from."""
     from ..pipeline.databases import get_database
 
-    if input:
-        return _source(input, input)
     try:
-        return sources.database_source(get_database(attrs["database"]), attrs.get("source") or None,
+        return sources.database_source(get_database(attrs["database"]), input or attrs.get("source") or None,
                                        attrs.get("database_version"))
     except (KeyError, PipelineError) as exc:
         raise PipelineError(f"cannot find the store's source ({exc}); pass --input") from None

@@ -87,6 +87,7 @@ def spectrogram_gallery(spectrogram: np.ndarray, label: Sequence[str], freq: np.
     finite = spectrogram[np.isfinite(spectrogram)]
     vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
     image = None
+    xlabel = "s from window start" if task == "rhythm" else "s from R peak"
     for col, c in enumerate(classes):
         idx = np.flatnonzero(label == c)
         for row in range(rows):
@@ -115,9 +116,9 @@ def spectrogram_gallery(spectrogram: np.ndarray, label: Sequence[str], freq: np.
             if caption is not None:
                 ax_s.set_title(caption[i], fontsize=6, loc="right")
             if row == rows - 1 or row == idx.size - 1:
-                ax_s.set_xlabel("s from anchor", fontsize=7)
+                ax_s.set_xlabel(xlabel, fontsize=7)
                 if ax_w is not None:
-                    ax_w.set_xlabel("s from anchor", fontsize=7)
+                    ax_w.set_xlabel(xlabel, fontsize=7)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.6, label="log |STFT|")
     fig.suptitle(title or "stored spectrograms per class")

@@ -71,7 +71,7 @@ def test_gallery_shows_each_picked_segment_beside_its_waveform(small_store, mirr
                                     classes=classes, waveform=waveform, fs=spec["fs"], n_before=spec["n_before"])
     meshes = [ax for ax in fig.axes if ax.collections and ax.get_ylabel() == "Hz"]
     assert len(meshes) == idx.size
-    assert all(ax.get_xlabel() in ("", "s from anchor") for ax in meshes)
+    assert all(ax.get_xlabel() in ("", "s from R peak") for ax in meshes)
     assert meshes[0].get_ylim()[1] == pytest.approx(float(ds.freq.values[-1]), abs=float(ds.freq.values[1]))
     lines = [ax for ax in fig.axes if ax.lines and ax.get_ylabel() == "mV"]
     assert len(lines) == idx.size
@@ -111,14 +111,16 @@ def test_overview_bars_add_up_to_the_records_beats(scored):
     assert ax_e.get_xlabel() == "time (min)" and ax_e.get_ylabel() == "ectopic share (%)"
 
 
-def test_plot_command_writes_pngs_for_both_kinds_of_store(scored, small_store, tmp_path):
+def test_plot_command_writes_pngs_for_both_kinds_of_store(scored, small_store, mirror, tmp_path, caplog):
     r = _ok(_cli("plot", str(scored), "--record", "208", "--start", "60", "--seconds", "5", "--out", str(tmp_path)))
     paths = r.stdout.split()
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["scores-208-overview.png", "scores-208-strip-60s.png"]
     assert all(open(p, "rb").read(8) == PNG for p in paths)
     # A spectrogram store: the gallery of one record, and a strip of its labelled beats.
+    # --input for a spectrogram store: a PhysioNet-style tree holding its database, as preprocess --source takes it.
     assert cli.main(["plot", str(small_store), "--record", "119", "--start", "10", "--per-class", "2",
-                     "--out", str(tmp_path)]) == 0
+                     "--input", str(mirror), "--out", str(tmp_path)]) == 0
+    assert "waveforms left out" not in caplog.text
     assert (tmp_path / "small-119-gallery.png").read_bytes()[:8] == PNG
     assert (tmp_path / "small-119-strip-10s.png").read_bytes()[:8] == PNG
 
