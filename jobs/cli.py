@@ -394,7 +394,10 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     request = PreprocessRequest(db=args.db, out=args.out, version=args.db_version, source=args.source,
                                 records=args.records, cache_dir=args.cache_dir, config=config,
                                 overwrite=args.overwrite)
-    with _cluster(args, n_workers=args.workers) as client:
+    from ..pipeline.lease import hold
+
+    # The store's lease first: a second writer is refused before a cluster starts (the job holds it again).
+    with hold(args.out, "preprocess"), _cluster(args, n_workers=args.workers) as client:
         link = client.dashboard_link
         sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
         report = run_preprocess(request, client, progress=_progress(not args.no_progress))
@@ -604,7 +607,9 @@ def cmd_score(args: argparse.Namespace) -> int:
                                annotations=annotations, config=config, cache_dir=args.cache_dir,
                                work_dir=args.work_dir, summary=args.summary, overwrite=args.overwrite,
                                labels=args.labels)
-        with _cluster(args, n_workers=args.workers) as client:
+        from ..pipeline.lease import hold
+
+        with hold(out, "score"), _cluster(args, n_workers=args.workers) as client:  # the lease first, as above
             link = client.dashboard_link
             sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
             report = run_scoring(request, client, progress=_progress(not args.no_progress, unit="record"))

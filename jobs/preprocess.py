@@ -35,7 +35,7 @@ from distributed import Client, as_completed
 
 from .. import pipeline
 from .common import NoProgress, ProgressBar, Timer, cache_root, prepare_source
-from ..pipeline import download, extract, labels, segment, sources, spectrogram, store
+from ..pipeline import download, extract, labels, lease, segment, sources, spectrogram, store
 from ..pipeline.extract import RecordPlan
 from ..pipeline.config import PreprocessConfig, load_config
 from ..pipeline.databases import Database, get_database
@@ -255,8 +255,15 @@ def run_preprocess(
 
     Record problems never raise: they are in the report and the store's per-record
     table. Raises only for problems with the job as a whole (unknown database, no
-    record list, a store that cannot be resumed).
+    record list, a store that cannot be resumed, a store another live job writes:
+    ``lease.StoreBusy``). The store's lease (``pipeline.lease``) is held throughout.
     """
+    with lease.hold(request.out, "preprocess", storage_options=request.storage_options):
+        return _run_preprocess(request, client, progress)
+
+
+def _run_preprocess(request: PreprocessRequest, client: Client,
+                    progress: Callable[[str, int], ProgressBar] | None) -> PreprocessReport:
     t0 = time.perf_counter()
     progress = progress or (lambda desc, total: NoProgress())
     db, version = request.database, request.db_version

@@ -38,7 +38,7 @@ from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from .. import pipeline
 from .common import NoProgress, Timer, cache_root, prepare_source
-from ..pipeline import extract, models, records, scores, sources, spectrogram, tables
+from ..pipeline import extract, lease, models, records, scores, sources, spectrogram, tables
 from ..pipeline.config import ScoreConfig
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import RetryPolicy
@@ -545,8 +545,14 @@ def run_scoring(request: ScoreRequest, client: Client,
 
     Record problems never raise (they are in the store's per-record table and the
     summary). Raises ``PipelineError`` for problems with the job as a whole: an unsafe
-    model, an unreadable input, a store from another model.
+    model, an unreadable input, a store from another model, a store another live job
+    writes (``lease.StoreBusy``). The store's lease (``pipeline.lease``) is held throughout.
     """
+    with lease.hold(request.out, "score", storage_options=request.storage_options):
+        return _run_scoring(request, client, progress)
+
+
+def _run_scoring(request: ScoreRequest, client: Client, progress: Callable[[str, int], Any] | None) -> ScoreReport:
     t0 = time.perf_counter()
     progress = progress or (lambda desc, total: NoProgress())
     config = request.config
