@@ -553,6 +553,12 @@ def format_score_report(report) -> str:
         from ..pipeline.evaluate import format_report as format_metrics
 
         lines.append(format_metrics(ref["classification"], "  matched beats, reference class vs predicted"))
+    flagged = [(r["record"], r["quality"]) for r in report.records if r.get("quality") and r.get("status") == "ok"]
+    if flagged:
+        lines.append(f"  quality     {len(flagged)} record(s) scored with a doubt (see the quality column):")
+        lines += [f"    {r:>8}  {q}" for r, q in flagged[:20]]
+        if len(flagged) > 20:
+            lines.append(f"    ... and {len(flagged) - 20} more")
     if report.failed:
         lines.append("  failed records:")
         lines += [f"    {r:>8}  {e}" for r, e in report.failed]

@@ -38,7 +38,7 @@ from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from .. import pipeline
 from .common import NoProgress, Timer, cache_root, prepare_source
-from ..pipeline import extract, lease, models, records, scores, sources, spectrogram, tables
+from ..pipeline import extract, lease, models, quality, records, scores, sources, spectrogram, tables
 from ..pipeline.config import ScoreConfig
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import RetryPolicy
@@ -69,6 +69,12 @@ class ModelInfo:
     hop_s: float = 0.0  #: rhythm: seconds between window starts the model was trained with
     min_s: float = 0.0  #: rhythm: shortest recording the model's store kept
     challenge_classes: tuple[str, ...] = ()
+    min_fs: float = 0.0  #: the lowest sampling rate the model was trained for (metadata ``accepted``; else its store's)
+
+    @property
+    def min_seconds(self) -> float:
+        """The shortest record the model can say anything of: a rhythm model's shortest recording, a beat window."""
+        return self.min_s if self.task == "rhythm" else (self.spec.n_before + self.spec.n_after) / self.spec.fs
 
     @classmethod
     def read(cls, path: str | Path) -> "ModelInfo":
@@ -109,7 +115,7 @@ class ModelInfo:
         return cls(path=str(path), sha256=digest, spec=spec, classes=tuple(meta["classes"]),
                    input_dtype=meta.get("input", {}).get("dtype", "float32"), label_map=dict(st.get("label_map") or {}),
                    database=st.get("database", ""), leads=leads, annotator=db.annotator if db else "atr",
-                   task=task, **rhythm)
+                   task=task, min_fs=float((meta.get("accepted") or {}).get("min_fs_hz") or spec.fs), **rhythm)
 
 
 class ModelPlugin(WorkerPlugin):
@@ -278,6 +284,8 @@ class PieceResult:
     scores: scores.RecordScores | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     model_load: str = ""  #: which load of the model scored it (worker, process, time)
+    lead_stats: quality.LeadStats | None = None  #: a piece's share of the lead, for the record's quality verdict
+    mv_per_unit: float | None = 1.0  #: the lead's units in mV (``quality.mv_per_unit``)
 
 
 def score_windows(x: np.ndarray, fs: float, first: int, anchor: np.ndarray, sig_len: int, info: ModelInfo,
@@ -312,6 +320,9 @@ def _score_rhythm(ctx: ScoreContext, local: sources.LocalRecord, header: records
     first, last = (int(anchor[0]), min(int(anchor[-1]) + n_win, header.sig_len)) if len(anchor) else (0, 0)
     x = records.read_signal(local.base, header, lead, first, last) if len(anchor) else np.zeros(0, np.float32)
     read_s = time.perf_counter() - t0
+    own = (piece.start, piece.stop) if piece is not None else (0, header.sig_len)
+    _judge_now(ctx, header, lead, quality.LeadStats.of(x[max(own[0] - first, 0):max(min(own[1], last) - first, 0)]),
+               piece, out, result)
     model = get_worker().plugins[ctx.plugin]
     out.model_load = model.load_id
     span = score_windows(x, header.fs, first, anchor, header.sig_len, info,
@@ -333,6 +344,27 @@ def _score_rhythm(ctx: ScoreContext, local: sources.LocalRecord, header: records
             result.reference_file = ctx.annotator
     elif ctx.require_reference and ctx.annotator:
         raise RecordError(record, "annotations", f"no {record}.{ctx.annotator} (asked for by --annotations)")
+
+
+def judge(ctx: ScoreContext, result: scores.RecordScores, stats: quality.LeadStats,
+          mv_per_unit: float | None) -> tuple[str, str]:
+    """The quality verdict on a record's lead against what the model knows (``quality.record_quality``): its text,
+    and the error that fails the record when it must not be scored (``""`` otherwise, or with ``quality: flag``)."""
+    v = quality.record_quality(stats, result.fs, min_seconds=ctx.info.min_seconds, min_fs=ctx.info.min_fs,
+                               mv_per_unit=mv_per_unit, lead=result.lead, lead_fallback=result.lead_fallback)
+    refuse = v.refused and ctx.config.quality == "refuse"
+    return v.text, f"quality: {v.text} (not scored; `quality: flag` scores it anyway)" if refuse else ""
+
+
+def _judge_now(ctx: ScoreContext, header: records.Header, lead: records.Lead, stats: quality.LeadStats,
+               piece: Piece | None, out: PieceResult, result: scores.RecordScores) -> None:
+    """A whole record is judged before the model sees it; pieces carry their stats to ``merge_pieces``."""
+    out.lead_stats = stats
+    out.mv_per_unit = quality.mv_per_unit(header.units[lead.index] if lead.index < len(header.units) else "mV")
+    if piece is None:
+        result.quality, refusal = judge(ctx, result, stats, out.mv_per_unit)
+        if refusal:
+            raise RecordError(header.record, "quality", refusal.removeprefix("quality: "))
 
 
 def score_record(ctx: ScoreContext, source: sources.RecordSource, record: str, piece: Piece | None = None) -> PieceResult:
@@ -375,6 +407,7 @@ def _score_beats(ctx: ScoreContext, local: sources.LocalRecord, header: records.
     first, last = max(start - margin, 0), min(stop + margin, header.sig_len)
     x = records.read_signal(local.base, header, lead, first, last)
     read_s = time.perf_counter() - t0  # fetch (a no-op for local and cached files), header, signal
+    _judge_now(ctx, header, lead, quality.LeadStats.of(x[start - first:stop - first]), piece, out, result)
     model = get_worker().plugins[ctx.plugin]
     out.model_load = model.load_id
     span = score_span(x, header.fs, first, start, stop, ctx.info, ctx.config,
@@ -393,11 +426,24 @@ def _score_beats(ctx: ScoreContext, local: sources.LocalRecord, header: records.
         raise RecordError(record, "annotations", f"no {record}.{ctx.annotator} (asked for by --annotations)")
 
 
-def merge_pieces(parts: Sequence[PieceResult], refractory_s: float) -> scores.RecordScores:
-    """One record's scores from its pieces (in order); a beat found on both sides of a cut is kept once."""
+def merge_pieces(parts: Sequence[PieceResult], refractory_s: float,
+                 verdict: Callable[[scores.RecordScores, quality.LeadStats, float | None], tuple[str, str]] | None = None
+                 ) -> scores.RecordScores:
+    """One record's scores from its pieces (in order); a beat found on both sides of a cut is kept once.
+
+    ``verdict`` turns the pieces' merged ``LeadStats`` into the record's quality text and, for a
+    record that must not be scored, the error that fails it.
+    """
     parts = sorted(parts, key=lambda p: p.piece)
     failed = [p.scores for p in parts if p.scores.status != "ok"]
     base = parts[0].scores
+    text, refusal = ("", "")
+    if verdict is not None and all(p.lead_stats is not None for p in parts):
+        text, refusal = verdict(base, quality.LeadStats.merge([p.lead_stats for p in parts]), parts[0].mv_per_unit)
+    if refusal and not failed:
+        return scores.RecordScores(base.record, "failed", refusal, base.checksum, base.lead, base.lead_fallback,
+                                   base.fs, base.sig_len, seconds=sum(p.scores.seconds for p in parts),
+                                   task=base.task, quality=text)
     if failed:
         return scores.RecordScores(base.record, "failed", failed[0].error, base.checksum, base.lead, base.lead_fallback,
                                    base.fs, base.sig_len, seconds=sum(p.scores.seconds for p in parts),
@@ -422,7 +468,7 @@ def merge_pieces(parts: Sequence[PieceResult], refractory_s: float) -> scores.Re
         n_dropped_edge=sum(s.n_dropped_edge for s in r), n_dropped_invalid=sum(s.n_dropped_invalid for s in r),
         reference_file=base.reference_file, n_reference=sum(s.n_reference for s in r), tp=sum(s.tp for s in r),
         fn=sum(s.fn for s in r), fp=sum(s.fp for s in r), seconds=sum(s.seconds for s in r), task=base.task,
-        reference_class=base.reference_class)
+        reference_class=base.reference_class, quality=text)
     return out
 
 
@@ -811,7 +857,8 @@ def _score_records(client: Client, ctx: ScoreContext, ctx_f, src, todo: Sequence
         parts.append(res)
         if len(parts) < expected.get(r, 1):
             continue
-        rec = merge_pieces(parts, ctx.config.detector.refractory_s) if len(parts) > 1 else res.scores
+        rec = merge_pieces(parts, ctx.config.detector.refractory_s,
+                           lambda base, stats, mv: judge(ctx, base, stats, mv)) if len(parts) > 1 else res.scores
         del pieces[r]
         pending.append(rec)
         beats_run += rec.n_segments

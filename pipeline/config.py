@@ -298,6 +298,10 @@ class ScoreConfig(_Config):
                              "names them), `fail` marks it failed.")
     detector: DetectorSpec = Field(
         default_factory=DetectorSpec, description="R-peak detector (pipeline.detect.DetectorSpec).")
+    quality: Literal["refuse", "flag"] = Field(
+        "refuse", description="Records a model must not score (no signal, too short, flat, sampled below the rate "
+                              "the model was trained on; pipeline.quality): `refuse` fails them with stage "
+                              "`quality`, `flag` scores them anyway. Either way the verdict is in the table.")
     piece_s: float = Field(
         1800.0, ge=60, description="Records longer than this many seconds are scored in pieces of this length, one "
                                    "task each.")

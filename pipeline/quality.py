@@ -37,15 +37,49 @@ class Verdict:
         return bool(self.reasons)
 
 
-def record_quality(signal: np.ndarray, fs: float, *, min_seconds: float = 0.0, min_fs: float | None = None,
-                   flat_mv: float = 0.05, mv_per_unit: float = 1.0, lead: str = "",
-                   lead_fallback: bool = False) -> Verdict:
+@dataclass(frozen=True)
+class LeadStats:
+    """What the verdict needs of a lead, from the whole of it or merged from pieces (``merge``)."""
+
+    n: int  #: samples
+    n_finite: int  #: samples that are not NaN
+    p2p: float  #: robust peak-to-peak range (0.5th to 99.5th percentile) in signal units; NaN without samples
+
+    @classmethod
+    def of(cls, signal: np.ndarray) -> "LeadStats":
+        signal = np.asarray(signal)
+        finite = np.isfinite(signal)
+        n_finite = int(finite.sum())
+        if not n_finite:
+            return cls(int(signal.shape[0]), 0, float("nan"))
+        lo, hi = np.percentile(signal[finite], [0.5, 99.5])
+        return cls(int(signal.shape[0]), n_finite, float(hi - lo))
+
+    @classmethod
+    def merge(cls, parts: "list[LeadStats]") -> "LeadStats":
+        """The stats of consecutive pieces of one lead: a lead is flat only where every piece is."""
+        p2p = [p.p2p for p in parts if np.isfinite(p.p2p)]
+        return cls(sum(p.n for p in parts), sum(p.n_finite for p in parts), max(p2p) if p2p else float("nan"))
+
+
+#: Physical units -> millivolts (WFDB headers name a signal's units; ECG is mostly in mV).
+_MV_PER_UNIT = {"mv": 1.0, "uv": 1e-3, "μv": 1e-3, "µv": 1e-3, "v": 1e3, "nv": 1e-6}
+
+
+def mv_per_unit(units: str | None) -> float | None:
+    """Millivolts per physical unit of a signal, or None for units that are not a voltage (``mmHg``, ``NU``)."""
+    return _MV_PER_UNIT.get((units or "mV").strip().lower())
+
+
+def record_quality(signal: np.ndarray | LeadStats, fs: float, *, min_seconds: float = 0.0,
+                   min_fs: float | None = None, flat_mv: float = 0.05, mv_per_unit: float | None = 1.0,
+                   lead: str = "", lead_fallback: bool = False) -> Verdict:
     """The verdict on one lead of a record.
 
     Parameters
     ----------
     signal
-        The lead in physical units (NaN where samples are missing).
+        The lead in physical units (NaN where samples are missing), or its ``LeadStats``.
     fs
         Its sampling rate in Hz.
     min_seconds
@@ -57,28 +91,26 @@ def record_quality(signal: np.ndarray, fs: float, *, min_seconds: float = 0.0, m
         A lead whose robust peak-to-peak range (0.5th to 99.5th percentile) is below this many
         millivolts carries no ECG.
     mv_per_unit
-        Converts ``signal`` to millivolts (1e-3 for a lead in uV).
+        Converts ``signal`` to millivolts (1e-3 for a lead in uV; ``quality.mv_per_unit(units)``);
+        None for units that are no voltage (no flatness test, and a reason says so).
     lead, lead_fallback
         The lead taken, and whether it was taken by the fallback (none of the wanted leads was there).
     """
-    signal = np.asarray(signal)
+    stats = signal if isinstance(signal, LeadStats) else LeadStats.of(signal)
     reasons: list[str] = []
-    n = signal.shape[0]
-    finite = np.isfinite(signal)
-    n_finite = int(finite.sum())
-    if n == 0 or n_finite == 0:
-        reasons.append("no signal (no samples)" if n == 0 else f"no signal (all {n:,} samples missing)")
+    if stats.n == 0 or stats.n_finite == 0:
+        reasons.append("no signal (no samples)" if stats.n == 0 else f"no signal (all {stats.n:,} samples missing)")
     else:
-        duration = n / fs
+        duration = stats.n / fs
         if min_seconds and duration < min_seconds:
             reasons.append(f"too short ({duration:.2f} s; the model needs {min_seconds:g} s)")
-        missing = 1 - n_finite / n
+        missing = 1 - stats.n_finite / stats.n
         if missing > 0.5:
             reasons.append(f"mostly missing ({missing:.0%} of samples NaN)")
-        lo, hi = np.percentile(signal[finite], [0.5, 99.5])
-        p2p = float(hi - lo) * mv_per_unit
-        if p2p < flat_mv:
-            reasons.append(f"flat (peak-to-peak {p2p:.3g} mV, below {flat_mv:g} mV)")
+        if mv_per_unit is None:
+            reasons.append("units are no voltage")
+        elif stats.p2p * mv_per_unit < flat_mv:
+            reasons.append(f"flat (peak-to-peak {stats.p2p * mv_per_unit:.3g} mV, below {flat_mv:g} mV)")
     if min_fs is not None and fs < min_fs * (1 - 1e-6):
         reasons.append(f"sampling rate {fs:g} Hz below the {min_fs:g} Hz the model was trained on")
     if lead_fallback:

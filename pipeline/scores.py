@@ -82,6 +82,7 @@ class RecordScores:
     seconds: float = 0.0
     task: str = "beat"  #: the model's task: rhythm records also get a record-level prediction
     reference_class: str = ""  #: rhythm: the record's class in a label table, "" when none
+    quality: str = ""  #: why the record is doubtful (``pipeline.quality``), "" when nothing is to be said
 
     @property
     def n_segments(self) -> int:
@@ -95,7 +96,7 @@ class RecordScores:
         return self.probability.mean(axis=0).astype(np.float32)
 
 
-_TABLE_FIELDS = ("status", "error", "checksum", "lead", "lead_fallback", "fs", "sig_len", "n_detected",
+_TABLE_FIELDS = ("status", "error", "quality", "checksum", "lead", "lead_fallback", "fs", "sig_len", "n_detected",
                  "n_dropped_edge", "n_dropped_invalid", "reference_file", "n_reference", "tp", "fn", "fp", "seconds")
 
 
@@ -242,7 +243,7 @@ class ScoresWriter:
             if int(row["offset"]) + int(row["n_segments"]) > self.n:
                 continue  # committed data never reached the commit point: score the record again
             row["record"] = str(rec)
-            for k in ("status", "error", "checksum", "lead", "reference", "predicted", "reference_class"):
+            for k in ("status", "error", "quality", "checksum", "lead", "reference", "predicted", "reference_class"):
                 if k in row:
                     row[k] = str(row[k])
             self.rows[str(rec)] = row
@@ -299,7 +300,9 @@ class ScoresWriter:
                 values = np.asarray([r[key] for r in rows], dtype=dtype).reshape(n, len(self.classes))
                 shape, chunks = (n, len(self.classes)), (max(n, 1), len(self.classes))
             else:
-                values = np.asarray([r[key] for r in rows], dtype=object if dtype == "str" else dtype)
+                # Rows committed before a column existed (an optional one, such as quality) give its empty value.
+                values = np.asarray([r.get(key, "") if spec.get("optional") else r[key] for r in rows],
+                                    dtype=object if dtype == "str" else dtype)
                 shape, chunks = (n,), (max(n, 1),)
             arr = store.create_array(group, name, spec, shape, chunks, dtype)
             if n:
@@ -335,7 +338,7 @@ def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str], tas
         out.append(d)
     per_record = ["predicted", *[f"p_{c}" for c in classes], "reference_class"] if task == "rhythm" else []
     detector = ["ectopic_share"] if task == "beat" else []
-    cols = ["record", "status", "error", *per_record, f"n_{unit}", *[f"{unit}_{c}" for c in classes], *detector,
+    cols = ["record", "status", "error", "quality", *per_record, f"n_{unit}", *[f"{unit}_{c}" for c in classes], *detector,
             "lead", "lead_fallback", "fs", "sig_len", "n_detected", "n_dropped_edge", "n_dropped_invalid",
             "reference", "n_reference", "tp", "fn", "fp", "checksum", "offset", "seconds"]
     if task == "rhythm":

@@ -341,3 +341,53 @@ def test_a_store_where_every_record_failed_is_laid_out_again_by_the_next_run(mir
     ds = open_dataset(str(out))
     assert ds.spectrogram.encoding["chunks"][1:] == (ds.sizes["freq"], ds.sizes["time"]) == (33, 24)
     assert (ds.record_status.values == "ok").all() and ds.sizes["segment"] > 2000
+
+
+def _wr(folder: Path, name: str, x: np.ndarray, fs: float, lead: str = "MLII") -> None:
+    wfdb.wrsamp(name, fs=fs, units=["mV"], sig_name=[lead], p_signal=np.asarray(x, float)[:, None], fmt=["16"],
+                adc_gain=[200.0], baseline=[0], write_dir=str(folder))
+
+
+def test_records_outside_what_the_model_knows_are_refused_or_flagged_never_silently_scored(untrained_model, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_record(folder, "good", seconds=30)
+    rng = np.random.default_rng(0)
+    n = 360 * 30
+    wfdb.wrsamp("nan", fs=360, units=["mV"], sig_name=["MLII"], p_signal=np.full((n, 1), np.nan), fmt=["16"],
+                adc_gain=[200.0], baseline=[0], write_dir=str(folder))
+    _wr(folder, "zero", np.zeros(n), 360)
+    _wr(folder, "flat", 0.005 * rng.standard_normal(n), 360)  # a flat line with a little noise
+    _wr(folder, "tiny", np.sin(np.arange(10) / 3.0), 360)
+    t = np.arange(128 * 30)
+    beats = (t % 102 == 0).astype(float)  # beats at 128 Hz, as a Holter at that rate records them
+    _wr(folder, "slow", np.convolve(beats, np.hanning(9), "same"), 128)
+    _wr(folder, "pleth", np.sin(t / 20.0), 128, lead="PLETH")
+
+    def score(out, config=None):
+        args = [sys.executable, "-m", "ecg_pipeline.jobs.cli", "score", "--model", str(untrained_model), "--input",
+                str(folder), "--out", str(out), "--workers", "1", "--no-annotations", "--no-progress",
+                "--cache-dir", str(tmp_path / "cache")]
+        if config:
+            (tmp_path / "c.yaml").write_text(config)
+            args += ["--config", str(tmp_path / "c.yaml")]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+        return r, pd.read_csv(str(out).removesuffix(".zarr") + ".records.csv", keep_default_na=False).set_index("record")
+
+    r, table = score(tmp_path / "s.zarr")
+    assert table.loc["good", "status"] == "ok" and table.loc["good", "quality"] == ""
+    expected = {"nan": "quality: no signal (all 10,800 samples missing)", "zero": "quality: flat (peak-to-peak 0 mV",
+                "flat": "quality: flat (peak-to-peak", "tiny": "quality: too short (0.03 s; the model needs 0.7 s)",
+                "slow": "quality: sampling rate 128 Hz below the 360 Hz the model was trained on",
+                "pleth": "lead: no ECG lead among its signals ['PLETH']"}
+    for record, error in expected.items():
+        assert table.loc[record, "status"] == "failed" and table.loc[record, "error"].startswith(error), \
+            (record, table.loc[record, "error"])
+        assert record in r.stdout
+    # `quality: flag`: the 128 Hz record is scored, and the table and the summary say why it is doubtful.
+    r, table = score(tmp_path / "flagged.zarr", "quality: flag\n")
+    assert table.loc["slow", "status"] == "ok" and table.loc["slow", "n_beats"] > 0
+    assert table.loc["slow", "quality"] == "sampling rate 128 Hz below the 360 Hz the model was trained on"
+    assert re.search(r"quality +\d+ record\(s\) scored with a doubt", r.stdout) and "slow  sampling rate" in r.stdout
