@@ -195,7 +195,8 @@ def test_training_on_real_recordings_learns_and_reports_per_recording(cinc):
 
 
 def _zip_of_recordings(mirror, names, dest: Path) -> Path:
-    """A zip of real recordings, one resampled to 250 Hz (format 16 .dat), one broken, one too short."""
+    """A zip of real recordings, one resampled to 500 Hz and one to 250 Hz (format 16 .dat), one broken, one too
+    short."""
     ref = _reference(mirror)
     folder = dest / "recs"
     folder.mkdir(parents=True)
@@ -206,15 +207,17 @@ def _zip_of_recordings(mirror, names, dest: Path) -> Path:
     rec = wfdb.rdrecord(str(folder / names[0]))
     from ecg_pipeline.pipeline.resample import resample
 
+    for rate in (500, 250):
+        y = resample(rec.p_signal[:, 0].astype(np.float32), 300.0, float(rate))
+        wfdb.wrsamp(f"R{rate}", fs=rate, units=["mV"], sig_name=["ECG"], p_signal=y[:, None].astype(np.float64),
+                    fmt=["16"], write_dir=str(folder))
     x = resample(rec.p_signal[:, 0].astype(np.float32), 300.0, 250.0)
-    wfdb.wrsamp("R250", fs=250, units=["mV"], sig_name=["ECG"], p_signal=x[:, None].astype(np.float64),
-                fmt=["16"], write_dir=str(folder))
     shutil.copy(folder / f"{names[1]}.hea", folder / "BROKEN.hea")
     (folder / "BROKEN.hea").write_text((folder / f"{names[1]}.hea").read_text().replace(names[1], "BROKEN"))
     (folder / "BROKEN.mat").write_bytes((folder / f"{names[1]}.mat").read_bytes()[:500])
     wfdb.wrsamp("SHORT", fs=300, units=["mV"], sig_name=["ECG"], p_signal=x[:900, None].astype(np.float64),
                 fmt=["16"], write_dir=str(folder))
-    labelled = [*names, "R250", "BROKEN", "SHORT"]
+    labelled = [*names, "R500", "R250", "BROKEN", "SHORT"]
     (folder / "REFERENCE.csv").write_text("".join(f"{n},{ref.get(n, ref[names[0]])}\n" for n in labelled))
     archive = dest / "recordings.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -236,8 +239,11 @@ def test_scoring_a_zip_of_real_recordings_with_the_rhythm_model(cinc, mirror):
     assert table.loc["BROKEN", "status"] == "failed" and table.loc["BROKEN", "error"].startswith("signal:")
     assert table.loc["SHORT", "error"] == ("signal: 3.00 s long, shorter than the 5 s the model's recordings had "
                                            "at least")
+    # Below the rate the model was trained on (300 Hz), the spectrogram's upper rows would be empty: refused.
+    assert table.loc["R250", "error"] == ("quality: sampling rate 250 Hz below the 300 Hz the model was trained on "
+                                          "(not scored; `quality: flag` scores it anyway)")
     ok = table[table.status == "ok"]
-    assert set(ok.index) == {*test, "R250"} and ok.loc["R250", "fs"] == 250
+    assert set(ok.index) == {*test, "R500"} and ok.loc["R500", "fs"] == 500  # above it: resampled and scored
     probs = ok[[f"p_{c}" for c in CLASSES]].astype(float)  # failed records have none ("" in the CSV)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=2e-3)
     assert (ok.predicted == probs.idxmax(axis=1).str[2:]).all()
