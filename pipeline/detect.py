@@ -77,7 +77,8 @@ def detect_r_peaks(x: np.ndarray, fs: float, spec: DetectorSpec | None = None, o
     # beat (MIT-BIH). The 5-15 Hz band alone often peaks on a deep Q or S wave, 50 ms off, and the
     # model's windows were cut around the annotated point.
     sos_f = signal.butter(2, spec.fiducial_band_hz, btype="bandpass", fs=fs, output="sos")
-    wide = np.abs(signal.sosfiltfilt(sos_f, x))
+    fiducial = signal.sosfiltfilt(sos_f, x)
+    wide = np.abs(fiducial)
     idx = np.clip(r[:, None] + offsets[None, :], 0, n - 1)
     r = idx[np.arange(len(idx)), wide[idx].argmax(axis=1)]
     r = np.unique(r)
@@ -87,9 +88,8 @@ def detect_r_peaks(x: np.ndarray, fs: float, spec: DetectorSpec | None = None, o
     if spec.min_amplitude_mv > 0:
         # The local level adapts to any signal, noise included: an absolute floor on each detection's QRS
         # deflection keeps a flat line with a little noise from becoming a train of beats.
-        signed = signal.sosfiltfilt(sos_f, x)
         span = 2 * half + 1
-        p2p = ndimage.maximum_filter1d(signed, span)[r] - ndimage.minimum_filter1d(signed, span)[r]
+        p2p = ndimage.maximum_filter1d(fiducial, span)[r] - ndimage.minimum_filter1d(fiducial, span)[r]
         r = r[p2p * mv_per_unit >= spec.min_amplitude_mv]
     return r.astype(np.int64)
 
