@@ -53,3 +53,21 @@ def small_store(mirror, tmp_path_factory):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory):
+    """A beat model with the pipeline's metadata and random weights: scoring needs its window and STFT, not skill
+    (the fault and kill tests score with it)."""
+    pytest.importorskip("tensorflow")
+    from ecg_pipeline.pipeline import models
+    from ecg_pipeline.pipeline.spectrogram import SpectrogramSpec
+
+    spec = SpectrogramSpec(fs=360.0, n_before=90, n_after=162, nperseg=64, hop=8, nfft=64)
+    model = models.spectrogram_cnn((spec.n_freq, spec.n_time), 5, input_dtype="float32", width=4, dense=8)
+    path = tmp_path_factory.mktemp("untrained-model") / "model.keras"
+    models.save_model(model, path, {
+        "package": "ecg-pipeline", "task": "beat", "anchor_kind": "r-peak", "classes": ["N", "S", "V", "F", "Q"],
+        "input": {"shape": [spec.n_freq, spec.n_time], "dtype": "float32", "variable": "spectrogram"},
+        "store": {"database": "mitdb", "spectrogram": spec.attrs(), "label_map": {}, "preprocess_config": {}}})
+    return path

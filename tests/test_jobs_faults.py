@@ -160,23 +160,6 @@ def test_local_workers_exit_when_their_driver_is_killed(tmp_path, method):
                 pass
 
 
-@pytest.fixture(scope="module")
-def untrained_model(tmp_path_factory):
-    """A beat model with the pipeline's metadata and random weights (as in test_faults.py)."""
-    pytest.importorskip("tensorflow")
-    from ecg_pipeline.pipeline import models
-    from ecg_pipeline.pipeline.spectrogram import SpectrogramSpec
-
-    spec = SpectrogramSpec(fs=360.0, n_before=90, n_after=162, nperseg=64, hop=8, nfft=64)
-    model = models.spectrogram_cnn((spec.n_freq, spec.n_time), 5, input_dtype="float32", width=4, dense=8)
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    models.save_model(model, path, {
-        "package": "ecg-pipeline", "task": "beat", "anchor_kind": "r-peak", "classes": ["N", "S", "V", "F", "Q"],
-        "input": {"shape": [spec.n_freq, spec.n_time], "dtype": "float32", "variable": "spectrogram"},
-        "store": {"database": "mitdb", "spectrogram": spec.attrs(), "label_map": {}, "preprocess_config": {}}})
-    return path
-
-
 def _records_committed(out: Path) -> int:
     try:
         return int(zarr.open_group(str(out), mode="r", use_consolidated=False).attrs.get("n_records", 0))
