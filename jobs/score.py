@@ -101,6 +101,10 @@ class ModelInfo:
             fs=float(sp["fs"]), n_before=int(sp["n_before"]), n_after=int(sp["n_after"]), nperseg=int(sp["nperseg"]),
             hop=int(sp["hop"]), nfft=int(sp["nfft"]), window=sp["window"], detrend=sp.get("detrend", "constant"),
             log_eps=float(sp["log_eps"]), pad=sp.get("pad", "none"))
+        declared = (meta.get("input") or {}).get("shape")
+        if declared is not None and tuple(declared) != (spec.n_freq, spec.n_time):
+            raise models.ModelError(f"{path}: its metadata's STFT gives windows of {(spec.n_freq, spec.n_time)}, its "
+                                    f"input shape says {tuple(declared)}; metadata and network disagree, refused")
         ls = st.get("label_source") or {}
         rhythm = {} if task == "beat" else {
             "window_s": (spec.n_before + spec.n_after) / spec.fs, "hop_s": float(ls.get("hop_s", 0) or 0),

@@ -28,7 +28,7 @@ import fsspec
 from fsspec.spec import AbstractFileSystem
 
 from .config import DownloadConfig
-from .errors import ChecksumError, DownloadError, SourceNotFound
+from .errors import CacheError, ChecksumError, DownloadError, SourceNotFound
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,29 @@ def _write_marker(path: Path, digest: str) -> None:
     tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex}.part")
     tmp.write_text(json.dumps({"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
     os.replace(tmp, marker)
+
+
+def writable_folder(folder: Path, what: str = "download cache", option: str = "--cache-dir") -> Path:
+    """Create ``folder`` and prove a file can be written there, before any record needs it.
+
+    A job checks its cache once, when it lists the source, so a cache it cannot write is one
+    job-level error before work starts, not the same failure repeated for every record.
+
+    Raises
+    ------
+    CacheError
+        Naming the folder and the operating system's reason.
+    """
+    folder = Path(folder)
+    probe = folder / f".write-probe.{uuid.uuid4().hex}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CacheError(f"{what} {folder}: cannot write there ({type(exc).__name__}: "
+                         f"{exc.strerror or exc}); pass {option} with a writable folder") from None
+    return folder
 
 
 def fetch_file(

@@ -44,5 +44,9 @@ class SourceNotFound(DownloadError, FileNotFoundError):
     """The source answered that the file does not exist (HTTP 404 and the like)."""
 
 
+class CacheError(PipelineError):
+    """The local download cache or work folder cannot be written (a job-level error, found before work)."""
+
+
 class StoreError(PipelineError):
     """A Zarr store does not match the store schema, or cannot be resumed."""

@@ -274,7 +274,67 @@ def check_archive(path: str | Path) -> dict[str, Any]:
     if "Lambda" in _class_names(config):
         raise ModelError(f"{path}: refused: the model holds a Lambda layer, whose code would run on load "
                          "(Keras safe mode)")
-    return read_metadata(path)
+    metadata = read_metadata(path)
+    inputs, n_out = _declared_io(config)
+    check_network(path, metadata, inputs, n_out)
+    return metadata
+
+
+def _declared_io(config: Any) -> tuple[dict[str, tuple], int | None]:
+    """What a functional model's ``config.json`` declares: its inputs' shapes (no batch axis) by name,
+    and the width of its output where the output layer states it (``units``, or a softmax's input)."""
+    c = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(c, dict) or not isinstance(c.get("layers"), list):
+        return {}, None
+    by_name = {layer.get("name") or (layer.get("config") or {}).get("name"): layer
+               for layer in c["layers"] if isinstance(layer, dict)}
+    inputs = {}
+    for name, layer in by_name.items():
+        shape = (layer.get("config") or {}).get("batch_shape")
+        if layer.get("class_name") == "InputLayer" and isinstance(shape, list):
+            inputs[name] = tuple(shape[1:])
+    n_out = None
+    outs = c.get("output_layers")
+    if isinstance(outs, list) and len(outs) == 3 and isinstance(outs[0], str):  # one output: [name, 0, 0]
+        layer = by_name.get(outs[0]) or {}
+        units = (layer.get("config") or {}).get("units")
+        if isinstance(units, int):
+            n_out = units
+        elif layer.get("class_name") in ("Softmax", "Activation"):
+            try:
+                shape = layer["inbound_nodes"][0]["args"][0]["config"]["shape"]
+                n_out = shape[-1] if isinstance(shape[-1], int) else None
+            except (KeyError, IndexError, TypeError):
+                pass
+    return inputs, n_out
+
+
+def check_network(path: str | Path, metadata: Mapping[str, Any], inputs: Mapping[str, tuple],
+                  n_out: int | None) -> None:
+    """Refuse a model whose network disagrees with its ``ecg_pipeline.json``: the input a store variable
+    feeds, or the number of classes its output scores. ``inputs`` and ``n_out`` come from the archive's
+    ``config.json`` (``check_archive``, no TensorFlow) or from the loaded network (``load_model``).
+
+    Raises
+    ------
+    ModelError
+        Naming the file, what the metadata says and what the network takes.
+    """
+    declared = metadata.get("input") or {}
+    variable, shape = declared.get("variable", "spectrogram"), declared.get("shape")
+    if shape is not None and inputs:
+        got = inputs.get(variable) if variable in inputs else (next(iter(inputs.values())) if len(inputs) == 1
+                                                               else None)
+        if got is None:
+            raise ModelError(f"{path}: its metadata feeds the store variable {variable!r}, the network has no such "
+                             f"input ({', '.join(inputs)}); refused")
+        if len(got) != len(shape) or any(g is not None and g != d for g, d in zip(got, shape)):  # None: any
+            raise ModelError(f"{path}: its metadata gives {variable} windows of shape {tuple(shape)}, the network "
+                             f"takes {tuple(got)}; metadata and network disagree, refused")
+    classes = metadata.get("classes")
+    if classes is not None and n_out is not None and n_out != len(classes):
+        raise ModelError(f"{path}: its metadata names {len(classes)} classes ({', '.join(map(str, classes))}), the "
+                         f"network scores {n_out}; metadata and network disagree, refused")
 
 
 def load_model(path: str | Path, *, compile: bool = False):
@@ -301,4 +361,8 @@ def load_model(path: str | Path, *, compile: bool = False):
         raise ModelError(f"{path}: cannot load model: {exc}") from None
     except (TypeError, KeyError, OSError) as exc:
         raise ModelError(f"{path}: cannot load model: {type(exc).__name__}: {exc}") from None
+    # The loaded network is the truth: check it too (config.json may not state every output's width).
+    inputs = {t.name.split(":")[0]: tuple(t.shape[1:]) for t in model.inputs}
+    n_out = model.outputs[0].shape[-1] if len(model.outputs) == 1 else None
+    check_network(path, metadata, inputs, n_out)
     return model, metadata

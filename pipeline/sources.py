@@ -260,6 +260,8 @@ class RemoteSource:
         return download.open_source(self.url, policy)
 
     def prepare(self, cache: Path | None = None, policy: download.RetryPolicy = download.RetryPolicy()) -> Listing:
+        if cache is not None:
+            download.writable_folder(self.cache_dir(cache))
         fs, root = self._root(policy)
         try:
             manifest = download.read_manifest(fs, root, policy)
@@ -430,6 +432,7 @@ class ArchiveSource:
             if sha is None:
                 log.warning("%s: not listed in SHA256SUMS.txt: fetched unverified", self.archive)
         ready = replace(self, sha256=sha)
+        download.writable_folder(self._work(cache), *(("work folder", "--work-dir") if self.work_dir else ()))
         listing = ready.folder(cache, policy).prepare(cache, policy)
         return Listing(ready, listing.records, has_checksums=sha is not None)
 

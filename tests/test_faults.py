@@ -307,23 +307,53 @@ def test_an_stft_longer_than_the_window_is_one_line_and_leaves_no_store(mirror, 
 
 @pytest.mark.realdata
 def test_a_store_where_every_record_failed_is_laid_out_again_by_the_next_run(mirror, tmp_path):
-    (tmp_path / "not-a-folder").write_text("")
+    # A copy of record 100 whose signal file was cut short: its one record fails, so nothing tells the arrays
+    # their shape on the first run.
+    broken = tmp_path / "broken" / "mitdb" / "1.0.0"
+    broken.mkdir(parents=True)
+    real = mirror / "mitdb" / "1.0.0"
+    for ext in ("hea", "atr"):
+        (broken / f"100.{ext}").write_bytes((real / f"100.{ext}").read_bytes())
+    (broken / "100.dat").write_bytes((real / "100.dat").read_bytes()[:5000])
     out = tmp_path / "s.zarr"
 
-    def preprocess(cache):
+    def preprocess(source, cache):
         return subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "preprocess", "mitdb", "--source",
-                               mirror.as_uri(), "--records", "100", "--out", str(out), "--workers", "1",
-                               "--no-progress", "--cache-dir", str(cache)], capture_output=True, text=True, timeout=300)
+                               source.as_uri(), "--records", "100", "--out", str(out), "--workers", "1",
+                               "--no-progress", "--cache-dir", str(tmp_path / cache)], capture_output=True, text=True,
+                              timeout=300)
 
-    first = preprocess(tmp_path / "not-a-folder")  # every record fails: nothing tells the arrays their shape
-    assert first.returncode == 1 and "100" in first.stdout, first.stdout + first.stderr
-    second = preprocess(tmp_path / "cache")
+    first = preprocess(tmp_path / "broken", "cache-a")
+    assert first.returncode == 1 and "100" in first.stdout and "truncated" in first.stdout, first.stdout + first.stderr
+    second = preprocess(mirror, "cache-b")
     assert second.returncode == 0, second.stdout + second.stderr
     from ecg_pipeline.pipeline.store import open_dataset
 
     ds = open_dataset(str(out))
     assert ds.spectrogram.encoding["chunks"][1:] == (ds.sizes["freq"], ds.sizes["time"]) == (33, 24)
     assert (ds.record_status.values == "ok").all() and ds.sizes["segment"] > 2000
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("job", ["preprocess", "score"])
+def test_a_cache_that_cannot_be_written_is_one_line_before_any_work(job, mirror, untrained_model, tmp_path):
+    # A path under a regular file cannot be created, whoever runs the test (root ignores permission bits).
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "out.zarr"
+    cache = tmp_path / "a-file" / "cache"
+    if job == "preprocess":
+        args = ["preprocess", "mitdb", "--source", mirror.as_uri(), "--records", "100,101"]
+    else:  # an archive input is extracted under the cache
+        with zipfile.ZipFile(tmp_path / "in.zip", "w") as z:
+            for ext in ("hea", "dat"):
+                z.write(mirror / "mitdb" / "1.0.0" / f"100.{ext}", f"100.{ext}")
+        args = ["score", "--model", str(untrained_model), "--input", str(tmp_path / "in.zip")]
+    r = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", *args, "--out", str(out), "--workers", "1",
+                        "--no-progress", "--cache-dir", str(cache)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert re.search(rf"error: download cache {re.escape(str(cache))}\S*: cannot write there \(NotADirectoryError",
+                     r.stderr), r.stderr
+    assert "Traceback" not in r.stderr and not out.exists() and "100" not in r.stdout
 
 
 def _wr(folder: Path, name: str, x: np.ndarray, fs: float, lead: str = "MLII") -> None:
@@ -374,3 +404,24 @@ def test_records_outside_what_the_model_knows_are_refused_or_flagged_never_silen
     assert table.loc["slow", "status"] == "ok" and table.loc["slow", "n_beats"] > 0
     assert table.loc["slow", "quality"] == "sampling rate 128 Hz below the 360 Hz the model was trained on"
     assert re.search(r"quality +\d+ record\(s\) scored with a doubt", r.stdout) and "slow  sampling rate" in r.stdout
+
+
+@pytest.mark.realdata
+def test_a_model_whose_metadata_disagrees_with_its_network_is_one_line_and_leaves_no_store(untrained_model, mirror,
+                                                                                           tmp_path):
+    from ecg_pipeline.pipeline import models
+
+    network, meta = models.load_model(untrained_model)
+    wrong = models.save_model(network, tmp_path / "wrong.keras", {**meta, "classes": ["N", "S", "V"]})
+    out = tmp_path / "s.zarr"
+    r = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "score", "--model", str(wrong), "--input",
+                        str(mirror / "mitdb" / "1.0.0"), "--records", "100", "--out", str(out), "--workers", "1",
+                        "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "names 3 classes (N, S, V), the network scores 5; metadata and network disagree" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+    # Unknown records are refused the same way: one line, no store.
+    r = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "score", "--model", str(untrained_model),
+                        "--input", str(mirror / "mitdb" / "1.0.0"), "--records", "100,999", "--out", str(out),
+                        "--workers", "1", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no record(s) 999" in r.stderr and not out.exists(), r.stderr

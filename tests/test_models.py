@@ -80,3 +80,28 @@ def test_batch_norm_statistics_are_recomputed_with_the_current_weights():
     assert (bn.momentum, drop.rate) == (0.99, 0.5)
     for a, b in zip(kernel_before, model.trainable_weights):
         np.testing.assert_array_equal(a, b.numpy())
+
+
+def _saved(tmp_path, name, model, shape, classes):
+    return save_model(model, tmp_path / f"{name}.keras", {"classes": classes, "input": {
+        "shape": list(shape), "dtype": "float32", "variable": "spectrogram"}})
+
+
+@pytest.mark.parametrize("kind", ["spectrogram-cnn", "rhythm-cnn"])
+def test_a_network_that_disagrees_with_its_metadata_is_refused_before_and_after_loading(kind, tmp_path):
+    from ecg_pipeline.pipeline.models import check_archive
+
+    n_time = 24 if kind == "spectrogram-cnn" else None
+    opts = {"width": 4} if kind == "spectrogram-cnn" else {"width": 4, "blocks": 2}
+    model = build_model(kind, (33, n_time), 5, input_dtype="float32", options=opts)
+    good = _saved(tmp_path, "good", model, (33, 24), list("NSVFQ"))  # a rhythm network takes any length
+    assert load_model(good)[1]["classes"] == list("NSVFQ") and check_archive(good)["input"]["shape"] == [33, 24]
+    for name, shape, classes, message in [
+            ("shape", (17, 24), list("NSVFQ"), r"windows of shape \(17, 24\), the network takes \(33, "),
+            ("classes", (33, 24), list("NSV"), "names 3 classes .N, S, V., the network scores 5")]:
+        path = _saved(tmp_path, name, model, shape, classes)
+        # The archive's config.json (read without TensorFlow, on the driver) and the loaded network (on workers).
+        with pytest.raises(ModelError, match=message):
+            check_archive(path)
+        with pytest.raises(ModelError, match=message):
+            load_model(path)
