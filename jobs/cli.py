@@ -550,6 +550,9 @@ def format_score_report(report) -> str:
         lines.append(f"  reference   {ref['records']} records with annotations: detector sensitivity "
                      f"{100 * d['sensitivity']:.2f}%, positive predictivity {100 * d['positive_predictivity']:.2f}% "
                      f"(TP {d['tp']:,}, FN {d['fn']:,}, FP {d['fp']:,}; match within {1000 * d['tolerance_s']:.0f} ms)")
+        if d.get("edge_beats"):
+            lines.append(f"              {d['edge_beats']:,} reference beat(s) nearer a record end than a window's "
+                         "half-width are left out of these figures (no window fits there)")
         from ..pipeline.evaluate import format_report as format_metrics
 
         lines.append(format_metrics(ref["classification"], "  matched beats, reference class vs predicted"))

@@ -422,10 +422,11 @@ def _score_beats(ctx: ScoreContext, local: sources.LocalRecord, header: records.
     out.seconds = {"read": read_s, **span.seconds}
     result.reference = np.full(len(span.sample), "", dtype=object)
     if ctx.annotator and local.has(ctx.annotator):
+        zone = extract.scoreable_zone(header.sig_len, header.fs, ctx.info.spec)
         m = extract.match_reference(local.base, record, ctx.annotator, ctx.info.label_map, start, stop,
-                                    span.detected, span.sample, header.fs, ctx.config.match_tolerance_s)
+                                    span.detected, span.sample, header.fs, ctx.config.match_tolerance_s, zone)
         result.reference, result.reference_file, result.n_reference = m.label, ctx.annotator, m.n_reference
-        result.tp, result.fn, result.fp = m.tp, m.fn, m.fp
+        result.tp, result.fn, result.fp, result.n_reference_edge = m.tp, m.fn, m.fp, m.n_edge
     elif ctx.require_reference and ctx.annotator:
         raise RecordError(record, "annotations", f"no {record}.{ctx.annotator} (asked for by --annotations)")
 
@@ -470,7 +471,8 @@ def merge_pieces(parts: Sequence[PieceResult], refractory_s: float,
         reference=np.concatenate([s.reference for s in r])[keep],
         n_detected=sum(s.n_detected for s in r) - int((~keep).sum()),
         n_dropped_edge=sum(s.n_dropped_edge for s in r), n_dropped_invalid=sum(s.n_dropped_invalid for s in r),
-        reference_file=base.reference_file, n_reference=sum(s.n_reference for s in r), tp=sum(s.tp for s in r),
+        reference_file=base.reference_file, n_reference=sum(s.n_reference for s in r),
+        n_reference_edge=sum(s.n_reference_edge for s in r), tp=sum(s.tp for s in r),
         fn=sum(s.fn for s in r), fp=sum(s.fp for s in r), seconds=sum(s.seconds for s in r), task=base.task,
         reference_class=base.reference_class, quality=text)
     return out
@@ -573,6 +575,7 @@ def reference_metrics(ds_reference: np.ndarray, ds_predicted: np.ndarray, rows, 
     if not with_ref:
         return None
     tp = sum(int(r["tp"]) for r in with_ref)
+    edge = sum(int(r.get("n_reference_edge", 0) or 0) for r in with_ref)
     fn = sum(int(r["fn"]) for r in with_ref)
     fp = sum(int(r["fp"]) for r in with_ref)
     index = {c: i for i, c in enumerate(classes)}
@@ -584,7 +587,7 @@ def reference_metrics(ds_reference: np.ndarray, ds_predicted: np.ndarray, rows, 
         "records": len(with_ref),
         "detector": {"tp": tp, "fn": fn, "fp": fp, "sensitivity": tp / (tp + fn) if tp + fn else 0.0,
                      "positive_predictivity": tp / (tp + fp) if tp + fp else 0.0,
-                     "tolerance_s": None},
+                     "tolerance_s": None, "edge_beats": edge},
         "classification": cls,
     }
 

@@ -195,29 +195,49 @@ class ReferenceMatch:
     """Detections of a span against a record's reference beats (ANSI/AAMI EC57 matching)."""
 
     label: np.ndarray  #: per scored anchor: the matched reference beat's class, "" where none
-    n_reference: int
+    n_reference: int  #: reference beats inside the scoreable zone (those the figures count)
     tp: int
     fn: int
     fp: int
+    n_edge: int = 0  #: reference beats nearer a record end than a window's half-width: never scored, not counted
+
+
+def scoreable_zone(sig_len: int, fs: float, spec: SpectrogramSpec) -> tuple[int, int]:
+    """Record samples ``[lo, hi)`` where a beat's window always fits inside the record (at ``fs``).
+
+    A beat nearer an end than its window's half-width is never scored, whoever found it; one
+    sample of slack on each side covers the rounding of the resampling to ``spec.fs``.
+    """
+    scale = fs / spec.fs
+    return int(np.ceil(spec.n_before * scale)) + 1, sig_len - int(np.ceil(spec.n_after * scale)) - 1
 
 
 def match_reference(base: Path, record: str, annotator: str, label_map, start: int, stop: int,
-                    detected: np.ndarray, scored: np.ndarray, fs: float, tolerance_s: float) -> ReferenceMatch:
+                    detected: np.ndarray, scored: np.ndarray, fs: float, tolerance_s: float,
+                    zone: tuple[int, int] | None = None) -> ReferenceMatch:
     """Match the R peaks ``detected`` in ``[start, stop)`` with the reference beats there, one to one.
 
     ``scored`` (a subset of ``detected``) get the class of the reference beat they match.
+    ``zone`` (``scoreable_zone``): only beats and detections inside it count in the detector
+    figures; the reference beats of ``[start, stop)`` outside it are counted apart (``n_edge``).
     """
     from .detect import match_beats
     from .labels import label_beats
 
     ann = records.read_annotations(base, record, annotator)
     beats = label_beats(ann.sample, ann.symbol, label_map, "Q")
-    sel = (beats.sample >= start) & (beats.sample < stop)
+    lo, hi = zone if zone is not None else (start, stop)
+    span = (beats.sample >= start) & (beats.sample < stop)
+    sel = span & (beats.sample >= lo) & (beats.sample < hi)
     ref_sample, ref_label = beats.sample[sel], beats.label[sel].astype(object)
-    m = match_beats(ref_sample, detected, fs, tolerance_s)
-    matched = np.full(len(detected), "", dtype=object)
+    inside = (detected >= lo) & (detected < hi)
+    m = match_beats(ref_sample, detected[inside], fs, tolerance_s)
+    matched = np.full(int(inside.sum()), "", dtype=object)
     matched[m.det_index] = ref_label[m.ref_index]
-    return ReferenceMatch(matched[np.isin(detected, scored)], m.n_ref, m.tp, m.n_ref - m.tp, m.n_det - m.tp)
+    label = np.full(len(detected), "", dtype=object)
+    label[inside] = matched
+    return ReferenceMatch(label[np.isin(detected, scored)], m.n_ref, m.tp, m.n_ref - m.tp, m.n_det - m.tp,
+                          int(span.sum() - sel.sum()))
 
 
 @dataclass

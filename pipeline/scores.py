@@ -75,7 +75,8 @@ class RecordScores:
     n_dropped_edge: int = 0
     n_dropped_invalid: int = 0
     reference_file: str = ""  #: annotation extension compared with; "" without reference
-    n_reference: int = 0
+    n_reference: int = 0  #: reference beats where a window fits (the detector figures' beats)
+    n_reference_edge: int = 0  #: reference beats nearer a record end than a window's half-width (not counted)
     tp: int = 0
     fn: int = 0
     fp: int = 0
@@ -97,7 +98,8 @@ class RecordScores:
 
 
 _TABLE_FIELDS = ("status", "error", "quality", "checksum", "lead", "lead_fallback", "fs", "sig_len", "n_detected",
-                 "n_dropped_edge", "n_dropped_invalid", "reference_file", "n_reference", "tp", "fn", "fp", "seconds")
+                 "n_dropped_edge", "n_dropped_invalid", "reference_file", "n_reference", "n_reference_edge", "tp", "fn", "fp",
+                 "seconds")
 
 
 def table_row(r: RecordScores, offset: int, classes: Sequence[str]) -> dict[str, Any]:
@@ -237,7 +239,8 @@ class ScoresWriter:
             return
         if "record_id" not in group:  # a store written before _state: its table arrays are all there is
             return
-        table = {name: group[name][:] for name, spec in self.schema["variables"].items() if spec["dims"][0] == "record_id"}
+        table = {name: group[name][:] for name, spec in self.schema["variables"].items()
+                 if spec["dims"][0] == "record_id" and name in group}
         for i, rec in enumerate(table["record_id"]):
             row = {name.removeprefix("record_"): table[name][i] for name in table if name != "record_id"}
             if int(row["offset"]) + int(row["n_segments"]) > self.n:
@@ -301,7 +304,8 @@ class ScoresWriter:
                 shape, chunks = (n, len(self.classes)), (max(n, 1), len(self.classes))
             else:
                 # Rows committed before a column existed (an optional one, such as quality) give its empty value.
-                values = np.asarray([r.get(key, "") if spec.get("optional") else r[key] for r in rows],
+                empty = "" if dtype == "str" else 0
+                values = np.asarray([r.get(key, empty) if spec.get("optional") else r[key] for r in rows],
                                     dtype=object if dtype == "str" else dtype)
                 shape, chunks = (n,), (max(n, 1),)
             arr = store.create_array(group, name, spec, shape, chunks, dtype)
@@ -340,9 +344,9 @@ def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str], tas
     detector = ["ectopic_share"] if task == "beat" else []
     cols = ["record", "status", "error", "quality", *per_record, f"n_{unit}", *[f"{unit}_{c}" for c in classes], *detector,
             "lead", "lead_fallback", "fs", "sig_len", "n_detected", "n_dropped_edge", "n_dropped_invalid",
-            "reference", "n_reference", "tp", "fn", "fp", "checksum", "offset", "seconds"]
+            "reference", "n_reference", "n_reference_edge", "tp", "fn", "fp", "checksum", "offset", "seconds"]
     if task == "rhythm":
-        cols = [c for c in cols if c not in ("n_detected", "n_reference", "tp", "fn", "fp")]
+        cols = [c for c in cols if c not in ("n_detected", "n_reference", "n_reference_edge", "tp", "fn", "fp")]
     return pd.DataFrame(out, columns=cols)
 
 
