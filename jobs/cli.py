@@ -347,7 +347,7 @@ def _progress(enabled: bool, unit: str = "task"):
 
 def format_report(report) -> str:
     """The end-of-job summary table."""
-    ok = [r for r in report.records if r.status == "ok"]
+    ok = [r for r in report.records if r.status == "ok"]  # every count below is of written records
     lines = [
         "",
         f"{report.database} {report.version} -> {report.out}",
@@ -355,10 +355,10 @@ def format_report(report) -> str:
         f"  segments    {report.n_segments:,}   chunks written {report.chunks_written}, "
         f"already there {report.chunks_skipped}, of {report.chunks_total}",
         "  per class   " + "   ".join(f"{c} {n:,}" for c, n in report.segments_per_class.items()),
-        f"  dropped     {sum(r.n_dropped_edge for r in report.records):,} at record edges, "
-        f"{sum(r.n_dropped_invalid for r in report.records):,} over invalid samples, "
-        f"{sum(r.n_dropped_unknown for r in report.records):,} unknown symbols "
-        f"({sum(r.n_unknown for r in report.records):,} unknown in all)",
+        f"  dropped     {sum(r.n_dropped_edge for r in ok):,} at record edges, "
+        f"{sum(r.n_dropped_invalid for r in ok):,} over invalid samples, "
+        f"{sum(r.n_dropped_unknown for r in ok):,} unknown symbols "
+        f"({sum(r.n_unknown for r in ok):,} unknown in all)",
         f"  downloaded  {report.bytes_downloaded / 1e6:,.1f} MB",
         f"  wall time   {report.wall_s:.1f} s  ("
         + ", ".join(f"{k} {v:.1f} s" for k, v in report.phase_s.items()) + ")",

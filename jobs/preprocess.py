@@ -198,7 +198,7 @@ class PreprocessReport:
 
     @property
     def n_segments(self) -> int:
-        return sum(r.n_segments for r in self.records)
+        return sum(r.n_segments for r in self.records if r.status == "ok")  # written, not planned
 
     @property
     def ok(self) -> bool:
@@ -318,7 +318,9 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
     # The per-record table and the final attributes (driver only: one writer).
     outcomes = _outcomes(names, layout, plans, failures, final=True)
     store.write_record_table(request.out, _record_table(outcomes), request.storage_options)
-    per_class = Counter(c for r in names if plans[r].ok for c in plans[r].label.tolist())
+    # Counts of what was written: a record whose chunk failed (a full disk) is not counted, whatever it planned.
+    written_ok = {o.record for o in outcomes if o.status == "ok"}
+    per_class = Counter(c for r in names if r in written_ok for c in plans[r].label.tolist())
     segments_per_class = {c: int(per_class.get(c, 0)) for c in label_source.classes}
     store.finish(request.out, {"complete": written + skipped == layout.n_chunks,
                                "segments_per_class": segments_per_class,

@@ -257,7 +257,7 @@ class SpanScores:
 
 
 def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, info: ModelInfo, config: ScoreConfig,
-               predict_fn: Callable[[np.ndarray], np.ndarray]) -> SpanScores:
+               predict_fn: Callable[[np.ndarray], np.ndarray], mv_per_unit: float | None = 1.0) -> SpanScores:
     """Detect, window, transform and score the beats of ``[start, stop)``.
 
     Parameters
@@ -269,8 +269,10 @@ def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, info
         The model: its sampling rate, window and STFT (``x`` is resampled to its rate).
     predict_fn
         Spectrograms (model input dtype) -> probabilities.
+    mv_per_unit
+        Millivolts per unit of ``x`` (the lead's units), for the detector's amplitude floor.
     """
-    seg = extract.detected_segments(x, fs, first, start, stop, info.spec, config.detector)
+    seg = extract.detected_segments(x, fs, first, start, stop, info.spec, config.detector, mv_per_unit)
     timer = Timer()
     with timer("model"):
         prob = predict_fn(seg.spectrogram.astype(info.input_dtype))
@@ -415,7 +417,7 @@ def _score_beats(ctx: ScoreContext, local: sources.LocalRecord, header: records.
     model = get_worker().plugins[ctx.plugin]
     out.model_load = model.load_id
     span = score_span(x, header.fs, first, start, stop, ctx.info, ctx.config,
-                      lambda s: model.predict(s, ctx.config.batch_size))
+                      lambda s: model.predict(s, ctx.config.batch_size), out.mv_per_unit)
     result.anchor, result.probability = span.sample, span.probability
     result.n_detected, result.n_dropped_edge, result.n_dropped_invalid = (
         len(span.detected), span.n_dropped_edge, span.n_dropped_invalid)

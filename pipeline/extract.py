@@ -159,7 +159,7 @@ class DetectedSegments:
 
 
 def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: int, spec: SpectrogramSpec,
-                      detector) -> DetectedSegments:
+                      detector, mv_per_unit: float | None = 1.0) -> DetectedSegments:
     """Resample to ``spec.fs``, detect R peaks, keep the span's own, check windows and transform them.
 
     Parameters
@@ -170,6 +170,9 @@ def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: in
         the beats the whole record gives: the detector's blocks sit on the record's grid).
     detector
         ``config.DetectorSpec``.
+    mv_per_unit
+        Millivolts per unit of ``x`` (``quality.mv_per_unit`` of the lead's units), for the detector's
+        amplitude floor; None (not a voltage) is taken as mV.
     """
     from . import detect, resample
 
@@ -178,7 +181,8 @@ def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: in
     with timer("resample"):
         xm = resample.resample(x, fs, spec.fs)
     with timer("detect"):
-        peaks = detect.detect_r_peaks(xm, spec.fs, detector, origin=int(round(first * scale)))
+        peaks = detect.detect_r_peaks(xm, spec.fs, detector, origin=int(round(first * scale)),
+                                      mv_per_unit=1.0 if mv_per_unit is None else mv_per_unit)
         native = first + np.round(peaks / scale).astype(np.int64)
         own = (native >= start) & (native < stop)
         peaks, native = peaks[own], native[own]

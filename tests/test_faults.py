@@ -356,9 +356,10 @@ def test_a_cache_that_cannot_be_written_is_one_line_before_any_work(job, mirror,
     assert "Traceback" not in r.stderr and not out.exists() and "100" not in r.stdout
 
 
-def _wr(folder: Path, name: str, x: np.ndarray, fs: float, lead: str = "MLII") -> None:
-    wfdb.wrsamp(name, fs=fs, units=["mV"], sig_name=[lead], p_signal=np.asarray(x, float)[:, None], fmt=["16"],
-                adc_gain=[200.0], baseline=[0], write_dir=str(folder))
+def _wr(folder: Path, name: str, x: np.ndarray, fs: float, lead: str = "MLII", units: str = "mV") -> None:
+    gain = 200.0 if units == "mV" else 0.2  # adu per unit: 5 uV steps either way
+    wfdb.wrsamp(name, fs=fs, units=[units], sig_name=[lead], p_signal=np.asarray(x, float)[:, None], fmt=["16"],
+                adc_gain=[gain], baseline=[0], write_dir=str(folder))
 
 
 def test_records_outside_what_the_model_knows_are_refused_or_flagged_never_silently_scored(untrained_model, tmp_path):
@@ -376,6 +377,10 @@ def test_records_outside_what_the_model_knows_are_refused_or_flagged_never_silen
     beats = (t % 102 == 0).astype(float)  # beats at 128 Hz, as a Holter at that rate records them
     _wr(folder, "slow", np.convolve(beats, np.hanning(9), "same"), 128)
     _wr(folder, "pleth", np.sin(t / 20.0), 128, lead="PLETH")
+    # The same lead and the same noise in microvolts: the detector's floor is in mV whatever the units.
+    good = wfdb.rdrecord(str(folder / "good")).p_signal[:, 0]
+    _wr(folder, "good_uv", 1000 * good, 360, units="uV")
+    _wr(folder, "flat_uv", 5 * rng.standard_normal(n), 360, units="uV")
 
     def score(out, config=None):
         args = [sys.executable, "-m", "ecg_pipeline.jobs.cli", "score", "--model", str(untrained_model), "--input",
@@ -394,6 +399,7 @@ def test_records_outside_what_the_model_knows_are_refused_or_flagged_never_silen
     expected = {"nan": "quality: no signal (all 10,800 samples missing)", "zero": "quality: flat (peak-to-peak 0 mV",
                 "flat": "quality: flat (peak-to-peak", "tiny": "quality: too short (0.03 s; the model needs 0.7 s)",
                 "slow": "quality: sampling rate 128 Hz below the 360 Hz the model was trained on",
+                "flat_uv": "quality: flat (peak-to-peak",
                 "pleth": "lead: no ECG lead among its signals ['PLETH']"}
     for record, error in expected.items():
         assert table.loc[record, "status"] == "failed" and table.loc[record, "error"].startswith(error), \
@@ -402,6 +408,9 @@ def test_records_outside_what_the_model_knows_are_refused_or_flagged_never_silen
     # `quality: flag`: the 128 Hz record is scored, and the table and the summary say why it is doubtful.
     r, table = score(tmp_path / "flagged.zarr", "quality: flag\n")
     assert table.loc["slow", "status"] == "ok" and table.loc["slow", "n_beats"] > 0
+    assert table.loc["good_uv", "n_beats"] == table.loc["good", "n_beats"] > 0
+    for record in ("flat", "flat_uv"):  # scored when asked to, and noise gives no beat, in mV or in uV
+        assert table.loc[record, "status"] == "ok" and table.loc[record, "n_detected"] == 0, record
     assert table.loc["slow", "quality"] == "sampling rate 128 Hz below the 360 Hz the model was trained on"
     assert re.search(r"quality +\d+ record\(s\) scored with a doubt", r.stdout) and "slow  sampling rate" in r.stdout
 

@@ -429,3 +429,46 @@ def test_the_lease_is_released_on_ctrl_c(mirror, tmp_path):
         assert job.wait(timeout=TIMEOUT) == 130, _output(log)
         assert "ecg-pipeline: interrupted" in Path(f"{log}.err").read_text()
     assert not _lease_of(out).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a full disk: the summary counts what was written
+
+
+@pytest.mark.realdata
+def test_a_disk_that_refuses_writes_fails_the_records_counts_nothing_and_a_rerun_resumes(mirror, tmp_path):
+    import resource
+
+    config = tmp_path / "c.yaml"
+    config.write_text("store:\n  chunk_size: 512\n")
+    args = ["preprocess", "mitdb", "--source", mirror.as_uri(), "--records", "100,101,103", "--config", str(config),
+            "--workers", "2", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    clean = _run([*args, "--out", str(tmp_path / "clean.zarr")])  # also fills the download cache
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    chunks = sorted(p.stat().st_size for p in (tmp_path / "clean.zarr" / "spectrogram").rglob("c/*/0/0"))
+    # A file size limit (RLIMIT_FSIZE, inherited by the workers) between the last, partial chunk and the full ones:
+    # every full chunk write fails with EFBIG as on a full disk; the store's metadata and the table still fit.
+    limit = (chunks[0] + chunks[1]) // 2
+    assert chunks[0] < limit < chunks[1] and len(chunks) == 13, chunks
+
+    def capped():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    out = tmp_path / "s.zarr"
+    full = subprocess.run([PY, "-m", "ecg_pipeline.jobs.cli", *args, "--out", str(out)], capture_output=True,
+                          text=True, timeout=600, env=_env(), preexec_fn=capped)
+    assert full.returncode == 1, full.stdout + full.stderr
+    assert "records     0 done, 3 failed" in full.stdout and "segments    0 " in full.stdout, full.stdout
+    assert "per class   N 0   S 0   V 0   F 0   Q 0" in full.stdout, full.stdout  # not the planned beats
+    assert full.stdout.count("OSError: [Errno 27] File too large") == 3, full.stdout
+    from ecg_pipeline.pipeline.store import open_dataset
+
+    ds = open_dataset(str(out), require_complete=False)
+    assert set(ds.record_status.values) == {"failed"} and not any(ds.attrs["segments_per_class"].values())
+    # The same command with room to write finishes the store, equal to the clean run.
+    again = _run([*args, "--out", str(out)])
+    assert again.returncode == 0 and "already there 1" in again.stdout, again.stdout + again.stderr
+    a, b = open_dataset(str(out)), open_dataset(str(tmp_path / "clean.zarr"))
+    assert a.attrs["segments_per_class"] == b.attrs["segments_per_class"]
+    np.testing.assert_array_equal(a.spectrogram.values, b.spectrogram.values)
+    np.testing.assert_array_equal(a.label.values, b.label.values)
