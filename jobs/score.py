@@ -342,7 +342,7 @@ def _score_rhythm(ctx: ScoreContext, local: sources.LocalRecord, header: records
     result.reference = np.full(len(result.anchor), result.reference_class, dtype=object)
     if ctx.annotator and local.has(ctx.annotator):
         # Rhythm notes ((AFIB, (N, ...) of the record's annotations: each window's majority rhythm as a class.
-        ann = records.read_annotations(local.base, record, ctx.annotator)
+        ann = records.read_annotations(local.base, record, ctx.annotator, header.fs)
         start, stop, rhythm = labels_mod.rhythm_intervals(ann.sample, ann.aux_note, header.sig_len)
         if len(rhythm):
             majority = labels_mod.window_majority(result.anchor, n_win, start, stop, rhythm)

@@ -228,7 +228,7 @@ def match_reference(base: Path, record: str, annotator: str, label_map, start: i
     from .detect import match_beats
     from .labels import label_beats
 
-    ann = records.read_annotations(base, record, annotator)
+    ann = records.read_annotations(base, record, annotator, fs)
     beats = label_beats(ann.sample, ann.symbol, label_map, "Q")
     lo, hi = zone if zone is not None else (start, stop)
     span = (beats.sample >= start) & (beats.sample < stop)
@@ -347,7 +347,7 @@ def read_strip(source: sources.RecordSource, record: str, start_s: float, second
     signal = records.read_signal(local.base, header, chosen, first, stop)
     ann_sample, ann_symbol = np.zeros(0, np.int64), np.zeros(0, object)
     if annotator and local.has(annotator):
-        ann = records.read_annotations(local.base, record, annotator)
+        ann = records.read_annotations(local.base, record, annotator, header.fs)
         inside = (ann.sample >= first) & (ann.sample < stop)
         ann_sample, ann_symbol = ann.sample[inside], ann.symbol[inside]
     return Strip(record, chosen.name, header.fs, first, signal, header.units[chosen.index], header.sig_len,

@@ -200,7 +200,7 @@ class BeatAnnotations:
     def segments(self, rec: RecordInput) -> Segments:
         from .records import read_annotations
 
-        ann = read_annotations(rec.base, rec.record, self.annotator)
+        ann = read_annotations(rec.base, rec.record, self.annotator, rec.fs)
         try:
             beats = label_beats(ann.sample, ann.symbol, LABEL_MAPS[self.label_map], self.unknown)
         except ValueError as exc:
@@ -233,7 +233,7 @@ class RhythmAnnotations:
     def segments(self, rec: RecordInput) -> Segments:
         from .records import read_annotations
 
-        ann = read_annotations(rec.base, rec.record, self.annotator)
+        ann = read_annotations(rec.base, rec.record, self.annotator, rec.fs)
         start, stop, rhythm = rhythm_intervals(ann.sample, ann.aux_note, rec.sig_len)
         n_win, n_hop = int(round(self.window_s * rec.fs)), int(round(self.hop_s * rec.fs))
         anchor = np.arange(0, max(rec.sig_len - n_win, -1) + 1, n_hop, dtype=np.int64)

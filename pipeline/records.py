@@ -436,8 +436,13 @@ class Annotations:
     aux_note: np.ndarray | None = None  #: object array of str: rhythm changes such as "(AFIB", "(N"
 
 
-def read_annotations(base: Path, record: str, extension: str) -> Annotations:
-    """Read ``<base>.<extension>`` with ``wfdb.rdann``."""
+def read_annotations(base: Path, record: str, extension: str, fs: float | None = None) -> Annotations:
+    """Read ``<base>.<extension>`` with ``wfdb.rdann``; with ``fs``, give its times as samples at that rate.
+
+    WFDB annotation times count frames (or the file's own ``## time resolution``), so on a lead with
+    several samples per frame, read at its true rate (``Header.for_lead``), they are scaled by
+    ``fs`` over the annotations' rate; at the frame rate they are left as they are.
+    """
     try:
         ann = wfdb.rdann(str(base), extension)
     except Exception as exc:  # noqa: BLE001
@@ -445,7 +450,10 @@ def read_annotations(base: Path, record: str, extension: str) -> Annotations:
             record, "annotations", f"cannot read {Path(base).name}.{extension}: {type(exc).__name__}: {exc}"
         ) from exc
     aux = np.asarray([(a or "").rstrip("\x00") for a in (ann.aux_note or [""] * len(ann.sample))], dtype=object)
-    return Annotations(np.asarray(ann.sample, dtype=np.int64), np.asarray(ann.symbol, dtype=object), aux)
+    sample = np.asarray(ann.sample, dtype=np.int64)
+    if fs and ann.fs and abs(float(ann.fs) - fs) > 1e-6 * fs:
+        sample = np.round(sample * (fs / float(ann.fs))).astype(np.int64)
+    return Annotations(sample, np.asarray(ann.symbol, dtype=object), aux)
 
 
 def _read_channel(seg: _Segment, channel: int, first: int, stop: int) -> np.ndarray:

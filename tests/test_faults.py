@@ -136,6 +136,15 @@ def test_samples_per_frame_are_read_at_the_true_rate(tmp_path):
     assert x.shape == (4000,)
     np.testing.assert_array_equal(x, expected)
     np.testing.assert_array_equal(records.read_signal(tmp_path / "f", at, ecg, 1001, 2999), expected[1001:2999])
+    # Annotation times count frames: on the lead's own rate they are four times larger, at the frame rate as written.
+    wfdb.wrann("f", "atr", np.array([100, 400, 700]), symbol=["N", "V", "N"], write_dir=str(tmp_path))
+    np.testing.assert_array_equal(records.read_annotations(tmp_path / "f", "f", "atr", at.fs).sample, [400, 1600, 2800])
+    np.testing.assert_array_equal(records.read_annotations(tmp_path / "f", "f", "atr", h.fs).sample, [100, 400, 700])
+    np.testing.assert_array_equal(records.read_annotations(tmp_path / "f", "f", "atr").sample, [100, 400, 700])
+    # A file that states its own time resolution (WFDB high-resolution mode) is taken at its word.
+    wfdb.wrann("f", "hr", np.array([400, 1600]), symbol=["N", "N"], fs=1000, write_dir=str(tmp_path))
+    np.testing.assert_array_equal(records.read_annotations(tmp_path / "f", "f", "hr", at.fs).sample, [400, 1600])
+    np.testing.assert_array_equal(records.read_annotations(tmp_path / "f", "f", "hr", h.fs).sample, [100, 400])
 
 
 def _segments(folder: Path) -> np.ndarray:
