@@ -366,6 +366,12 @@ def format_report(report) -> str:
     if report.missing_source_files:
         lines.append(f"  note: the source lacks {len(report.missing_source_files)} file(s) listed in SHA256SUMS.txt: "
                      f"{', '.join(report.missing_source_files)} (no record that succeeded needed them)")
+    flagged = [r for r in ok if r.quality]
+    if flagged:
+        lines.append(f"  quality     {len(flagged)} record(s) with a doubt (record_quality in the store):")
+        lines += [f"    {r.record:>8}  {r.quality}" for r in flagged[:20]]
+        if len(flagged) > 20:
+            lines.append(f"    ... and {len(flagged) - 20} more")
     if report.failed:
         lines.append("  failed records:")
         lines += [f"    {r.record:>8}  {r.error}" for r in report.failed]

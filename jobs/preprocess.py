@@ -160,6 +160,7 @@ class RecordOutcome:
     record: str
     status: str
     error: str
+    quality: str  #: why the record is doubtful (``quality.record_quality``); "" when nothing is to be said
     checksum: str
     lead: str
     offset: int
@@ -205,7 +206,7 @@ class PreprocessReport:
         return not self.failed
 
 
-_TABLE_STR = ("status", "error", "checksum", "lead")
+_TABLE_STR = ("status", "error", "quality", "checksum", "lead")
 
 
 def _outcomes(names, layout: store.Layout, plans, failures: Mapping[str, str], final: bool) -> list[RecordOutcome]:
@@ -215,7 +216,8 @@ def _outcomes(names, layout: store.Layout, plans, failures: Mapping[str, str], f
         p = plans[r]
         error = p.error or failures.get(r, "")
         rows.append(RecordOutcome(
-            record=r, status="failed" if error else ("ok" if final else "pending"), error=error, checksum=p.checksum,
+            record=r, status="failed" if error else ("ok" if final else "pending"), error=error, quality=p.quality,
+            checksum=p.checksum,
             lead=p.lead, offset=int(off), n_segments=int(n), n_dropped_edge=p.n_dropped_edge,
             n_dropped_invalid=p.n_dropped_invalid, n_dropped_unknown=p.n_dropped_unknown, n_unknown=p.n_unknown,
             n_nonbeat=p.n_nonbeat, fs=p.fs, sig_len=p.sig_len,

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import download, records, segment, sources
+from . import download, quality, records, segment, sources
 from .errors import RecordError
 from .labels import LabelSource, RecordInput
 from .spectrogram import SpectrogramSpec
@@ -45,6 +45,7 @@ class RecordPlan:
     n_dropped_unknown: int = 0
     n_unknown: int = 0
     n_nonbeat: int = 0
+    quality: str = ""  #: why the record is doubtful (``quality.record_quality``), "" when nothing is to be said
     bytes_downloaded: int = 0
     signal_files: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
@@ -77,6 +78,12 @@ def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, 
             segs = labels.segments(RecordInput(record, local.base, header.fs, header.sig_len, signal))
             window = segment.WindowSpec.from_seconds(*labels.window, header.fs, pad=labels.pad)  # type: ignore[arg-type]
             check = segment.check_windows(signal, segs.anchor, window)
+        with timer("quality"):
+            # Flagged, not refused: the annotations say what the record holds; the table says what is doubtful.
+            units = header.units[lead.index] if lead.index < len(header.units) else "mV"
+            plan.quality = quality.record_quality(
+                signal, header.fs, min_seconds=sum(labels.window) if labels.pad == "none" else 0.0,
+                mv_per_unit=quality.mv_per_unit(units), lead=lead.name, lead_fallback=lead.fallback).text
         # Unknown symbols dropped by policy are counted; kept ones are class Q already.
         plan.n_dropped_unknown = segs.n_unknown if getattr(labels, "unknown", "") == "drop" else 0
         plan.n_dropped_edge, plan.n_dropped_invalid = check.n_edge, check.n_invalid

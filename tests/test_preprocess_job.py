@@ -40,6 +40,13 @@ def bad_db(tmp_path):
     with open(folder / "106.dat", "r+b") as f:  # truncated, and published that way (checksum matches)
         f.truncate(2000)
     (folder / "107.hea").write_text("107 two 360\n107.dat 212 200 11 1024 0 0 0 MLII\n")
+    import wfdb
+
+    # A lead that carries nothing (all zeros) under good annotations: stored, and flagged by its quality verdict.
+    wfdb.wrsamp("110", fs=360, units=["mV"], sig_name=["MLII"], p_signal=np.zeros((3600, 1)), fmt=["16"],
+                adc_gain=[200.0], baseline=[0], write_dir=str(folder))
+    wfdb.wrann("110", "atr", np.arange(180, 3400, 288), symbol=["N"] * 12, write_dir=str(folder))
+    records["110"] = {}
     write_sums(folder)
     (folder / "108.atr").unlink()  # listed in SHA256SUMS.txt, absent at the source
     (folder / "RECORDS").write_text("\n".join([*records, "../evil"]) + "\n")
@@ -69,7 +76,9 @@ def test_bad_input_fails_alone_with_its_cause(client, bad_db, tmp_path):
     with HTTPMirror(bad_db, Faults(corrupt={"105.dat"})) as srv:
         report = _run(client, srv.url, out)
     status = {r.record: (r.status, r.error) for r in report.records}
-    assert {r for r, (s, _) in status.items() if s == "ok"} == {"100", "101", "102", "103", "109"}
+    assert {r for r, (s, _) in status.items() if s == "ok"} == {"100", "101", "102", "103", "109", "110"}
+    quality = {r.record: r.quality for r in report.records if r.status == "ok"}
+    assert quality.pop("110").startswith("flat (peak-to-peak 0 mV") and set(quality.values()) == {""}
     assert status["104"][1] == "lead: none of the leads ['MLII', 'V5', 'V1', 'V2', 'V4'] in signals ['ABP', 'PLETH']"
     assert status["105"][1].startswith("checksum: 105.dat: SHA-256 mismatch")
     assert status["106"][1].startswith("signal: 106.dat is truncated:")
@@ -81,6 +90,7 @@ def test_bad_input_fails_alone_with_its_cause(client, bad_db, tmp_path):
 
     ds = store.open_dataset(str(out))
     folder = bad_db / "mitdb" / VERSION
+    assert str(ds.record_quality.sel(record_id="110").values).startswith("flat (peak-to-peak 0 mV")
     table = ds[["record_status", "record_n_segments", "record_lead", "record_n_unknown", "record_n_dropped_edge"]]
     table = table.to_dataframe()
     for rec in ("100", "101", "102", "103", "109"):
