@@ -366,7 +366,7 @@ def _judge_now(ctx: ScoreContext, header: records.Header, lead: records.Lead, st
                piece: Piece | None, out: PieceResult, result: scores.RecordScores) -> None:
     """A whole record is judged before the model sees it; pieces carry their stats to ``merge_pieces``."""
     out.lead_stats = stats
-    out.mv_per_unit = quality.mv_per_unit(header.units[lead.index] if lead.index < len(header.units) else "mV")
+    out.mv_per_unit = quality.mv_per_unit(header.units_of(lead))
     if piece is None:
         result.quality, refusal = judge(ctx, result, stats, out.mv_per_unit)
         if refusal:
@@ -577,9 +577,9 @@ def reference_metrics(ds_reference: np.ndarray, ds_predicted: np.ndarray, rows, 
     if not with_ref:
         return None
     tp = sum(int(r["tp"]) for r in with_ref)
-    edge = sum(int(r.get("n_reference_edge", 0) or 0) for r in with_ref)
     fn = sum(int(r["fn"]) for r in with_ref)
     fp = sum(int(r["fp"]) for r in with_ref)
+    edge = sum(int(r.get("n_reference_edge", 0) or 0) for r in with_ref)  # rows of older stores lack it
     index = {c: i for i, c in enumerate(classes)}
     matched = ds_reference != ""
     y_true = np.array([index[c] for c in ds_reference[matched]], dtype=np.int64)

@@ -80,10 +80,10 @@ def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, 
             check = segment.check_windows(signal, segs.anchor, window)
         with timer("quality"):
             # Flagged, not refused: the annotations say what the record holds; the table says what is doubtful.
-            units = header.units[lead.index] if lead.index < len(header.units) else "mV"
             plan.quality = quality.record_quality(
                 signal, header.fs, min_seconds=sum(labels.window) if labels.pad == "none" else 0.0,
-                mv_per_unit=quality.mv_per_unit(units), lead=lead.name, lead_fallback=lead.fallback).text
+                mv_per_unit=quality.mv_per_unit(header.units_of(lead)), lead=lead.name,
+                lead_fallback=lead.fallback).text
         # Unknown symbols dropped by policy are counted; kept ones are class Q already.
         plan.n_dropped_unknown = segs.n_unknown if getattr(labels, "unknown", "") == "drop" else 0
         plan.n_dropped_edge, plan.n_dropped_invalid = check.n_edge, check.n_invalid
@@ -357,7 +357,7 @@ def read_strip(source: sources.RecordSource, record: str, start_s: float, second
         ann = records.read_annotations(local.base, record, annotator, header.fs)
         inside = (ann.sample >= first) & (ann.sample < stop)
         ann_sample, ann_symbol = ann.sample[inside], ann.symbol[inside]
-    return Strip(record, chosen.name, header.fs, first, signal, header.units[chosen.index], header.sig_len,
+    return Strip(record, chosen.name, header.fs, first, signal, header.units_of(chosen), header.sig_len,
                  ann_sample, ann_symbol)
 
 

@@ -70,6 +70,10 @@ class Header:
             return self
         return replace(self, fs=self.fs * k, sig_len=self.sig_len * k, spf=())
 
+    def units_of(self, lead: "Lead") -> str:
+        """The physical units of ``lead`` (``mV`` where the header gives none)."""
+        return self.units[lead.index] if lead.index < len(self.units) else "mV"
+
 
 @dataclass(frozen=True)
 class Lead:

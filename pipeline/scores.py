@@ -98,8 +98,8 @@ class RecordScores:
 
 
 _TABLE_FIELDS = ("status", "error", "quality", "checksum", "lead", "lead_fallback", "fs", "sig_len", "n_detected",
-                 "n_dropped_edge", "n_dropped_invalid", "reference_file", "n_reference", "n_reference_edge", "tp", "fn", "fp",
-                 "seconds")
+                 "n_dropped_edge", "n_dropped_invalid", "reference_file", "n_reference", "n_reference_edge",
+                 "tp", "fn", "fp", "seconds")
 
 
 def table_row(r: RecordScores, offset: int, classes: Sequence[str]) -> dict[str, Any]:
