@@ -38,7 +38,7 @@ import numpy as np
 import wfdb
 
 from ecg_pipeline.jobs.preprocess import PreprocessRequest, run_preprocess
-from ecg_pipeline.pipeline import segment, spectrogram
+from ecg_pipeline.pipeline import rr, segment, spectrogram
 from ecg_pipeline.pipeline.cluster import dask_client
 from ecg_pipeline.pipeline.config import PreprocessConfig, load_config
 from ecg_pipeline.pipeline.databases import get_database
@@ -74,9 +74,11 @@ def baseline(db_dir: Path, out_dir: Path, config: PreprocessConfig) -> tuple[flo
         w = segment.WindowSpec.from_seconds(config.window.before_s, config.window.after_s, h.fs)
         keep = segment.in_bounds(beats.sample, h.sig_len, w)
         spec = spectrogram.SpectrogramSpec(h.fs, w.n_before, w.n_after, config.stft.nperseg, config.stft.hop,
-                                           config.stft.nfft or config.stft.nperseg)
+                                           config.stft.nfft or config.stft.nperseg,
+                                           max_freq_hz=config.stft.max_freq_hz)
         s = spectrogram.spectrogram(segment.extract_windows(sig, beats.sample[keep], w), spec)
         np.save(out_dir / f"{rec}.npy", s.astype(np.float16))
+        np.save(out_dir / f"{rec}.rr.npy", rr.features_at(beats.sample[keep], beats.sample, h.fs, config.rr.spec()))
         n += s.shape[0]
     return time.perf_counter() - t0, n
 
@@ -93,7 +95,8 @@ def baseline_challenge(folder: Path, out_dir: Path, config: PreprocessConfig) ->
         w = segment.WindowSpec.from_seconds(0.0, r.length_s, fs, pad="wrap")
         anchor = segment.cover_windows(len(x), w.length, int(round(r.hop_s * fs)))
         spec = spectrogram.SpectrogramSpec(fs, 0, w.n_after, config.stft.nperseg, config.stft.hop,
-                                           config.stft.nfft or config.stft.nperseg, pad="wrap")
+                                           config.stft.nfft or config.stft.nperseg, pad="wrap",
+                                           max_freq_hz=config.stft.max_freq_hz)
         s = spectrogram.spectrogram(segment.extract_windows(x, anchor, w), spec)
         np.save(out_dir / f"{rec}.npy", s.astype(np.float16))
         n += s.shape[0]

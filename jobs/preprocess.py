@@ -35,7 +35,7 @@ from distributed import Client, as_completed
 
 from .. import pipeline
 from .common import NoProgress, ProgressBar, Timer, cache_root, prepare_source
-from ..pipeline import download, extract, labels, lease, segment, sources, spectrogram, store
+from ..pipeline import download, extract, labels, lease, rr, segment, sources, spectrogram, store
 from ..pipeline.extract import RecordPlan
 from ..pipeline.config import PreprocessConfig, load_config
 from ..pipeline.databases import Database, get_database
@@ -105,11 +105,15 @@ class TaskContext:
     def leads(self) -> tuple[str, ...]:
         return self.config.leads or self.db.leads
 
+    def rr_spec(self):
+        """The RR features of beat segments (``config.rr``); None for stores whose segments are not beats."""
+        return self.config.rr.spec() if self.labels.task == "beat" else None
+
 
 def plan_record(ctx: TaskContext, source: sources.RecordSource, record: str) -> RecordPlan:
     """Phase 1 for one record: ``extract.plan_record`` with this job's settings."""
     return extract.plan_record(source, record, ctx.labels, ctx.leads(), ctx.config.lead_fallback, ctx.cache(),
-                               ctx.policy)
+                               ctx.policy, ctx.rr_spec())
 
 
 def plan_records(ctx: TaskContext, source: sources.RecordSource, records: list[str]) -> list[RecordPlan]:
@@ -149,7 +153,8 @@ def write_chunk(
     with timer("write"):
         # A chunk with a failed piece is written (so the store stays readable) but keeps no
         # fingerprint, so the next run computes it again.
-        store.write_chunk(writer, k, segs, rows.spectrogram, rows.coords, "" if rows.failures else fingerprint)
+        store.write_chunk(writer, k, segs, rows.spectrogram, rows.coords, "" if rows.failures else fingerprint,
+                          rr=rows.rr)
     return ChunkResult(k, not rows.failures, rows.failures, {**rows.seconds, **timer.seconds}, segs.stop - segs.start)
 
 
@@ -244,7 +249,7 @@ def spectrogram_spec(c: PreprocessConfig, fs: float, label_source: LabelSource |
     return spectrogram.SpectrogramSpec(
         fs=fs, n_before=w.n_before, n_after=w.n_after, nperseg=c.stft.nperseg, hop=c.stft.hop,
         nfft=c.stft.nfft or c.stft.nperseg, window=c.stft.window, detrend=c.stft.detrend, log_eps=c.stft.log_eps,
-        pad=pad,
+        pad=pad, max_freq_hz=c.stft.max_freq_hz,
     )
 
 
@@ -301,10 +306,13 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
         if p.ok and p.fs != fs_store:
             p.ok, p.error = False, f"header: sampling frequency {p.fs} Hz differs from the store's {fs_store} Hz"
     spec = spectrogram_spec(config, fs_store, label_source) if fs_store else None
+    rr_spec = ctx.rr_spec()
     layout = store.Layout(tuple(names), tuple(plans[r].n_segments for r in names), spec.n_freq if spec else 0,
-                          spec.n_time if spec else 0, config.store.chunk_size)
+                          spec.n_time if spec else 0, config.store.chunk_size,
+                          len(rr.STORED_FEATURES) if rr_spec else 0)
     coords = {"freq": spec.freqs() if spec else np.zeros(0, np.float32),
-              "time": spec.times() if spec else np.zeros(0, np.float32)}
+              "time": spec.times() if spec else np.zeros(0, np.float32),
+              "rr_feature": np.array(rr.STORED_FEATURES if rr_spec else (), dtype=object)}
     held = store.prepare(request.out, layout, _store_attrs(request, config, label_source, spec, listing), config.store.dtype,
                          coords=coords, compressor=config.store.compressor, overwrite=request.overwrite,
                          storage_options=request.storage_options)
@@ -420,6 +428,7 @@ def _store_attrs(request: PreprocessRequest, config: PreprocessConfig, labels: L
         "config": config.to_dict(),
         "config_fingerprint": config.fingerprint(labels.task),
         "spectrogram": spec.attrs() if spec else {},
+        **({"rr": config.rr.spec().attrs()} if labels.task == "beat" else {}),
         "missing_source_files": list(listing.missing),
     }
 

@@ -38,7 +38,7 @@ from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from .. import pipeline
 from .common import NoProgress, Timer, cache_root, prepare_source
-from ..pipeline import extract, lease, models, quality, records, scores, sources, spectrogram, tables
+from ..pipeline import extract, lease, models, quality, records, rr, scores, sources, spectrogram, tables
 from ..pipeline.config import ScoreConfig
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import RetryPolicy
@@ -70,6 +70,27 @@ class ModelInfo:
     min_s: float = 0.0  #: rhythm: shortest recording the model's store kept
     challenge_classes: tuple[str, ...] = ()
     min_fs: float = 0.0  #: the lowest sampling rate the model was trained for (metadata ``accepted``; else its store's)
+    inputs: tuple[str, ...] = ("spectrogram",)  #: the store variables the network takes, by input name
+    rr_spec: rr.RRSpec | None = None  #: how its RR features are computed (models that take ``rr``)
+
+    @property
+    def margin_s(self) -> float:
+        """Signal read on each side of a piece: the detector's context, and the RR features' reach."""
+        return MARGIN_S + (self.rr_spec.reach_s if self.rr_spec is not None else 0.0)
+
+    def batch(self, seg: "extract.DetectedSegments") -> Any:
+        """The network's input for detected beats: the spectrograms, with their RR features by name."""
+        x = seg.spectrogram.astype(self.input_dtype)
+        if "rr" not in self.inputs:
+            return x
+        return {"spectrogram": x, "rr": seg.rr}
+
+    def dummy(self, n: int) -> Any:
+        """A batch of ``n`` zero segments (to trace the network)."""
+        x = np.zeros((n, self.spec.n_freq, self.spec.n_time), dtype=self.input_dtype)
+        if "rr" not in self.inputs:
+            return x
+        return {"spectrogram": x, "rr": np.zeros((n, len(rr.STORED_FEATURES)), np.float32)}
 
     @property
     def min_seconds(self) -> float:
@@ -97,10 +118,7 @@ class ModelInfo:
         if not sp:
             raise models.ModelError(f"{path}: its ecg_pipeline.json lacks the spectrogram parameters of the store "
                                     "it was trained on; refused")
-        spec = spectrogram.SpectrogramSpec(
-            fs=float(sp["fs"]), n_before=int(sp["n_before"]), n_after=int(sp["n_after"]), nperseg=int(sp["nperseg"]),
-            hop=int(sp["hop"]), nfft=int(sp["nfft"]), window=sp["window"], detrend=sp.get("detrend", "constant"),
-            log_eps=float(sp["log_eps"]), pad=sp.get("pad", "none"))
+        spec = spectrogram.SpectrogramSpec.from_attrs(sp)
         declared = (meta.get("input") or {}).get("shape")
         if declared is not None and tuple(declared) != (spec.n_freq, spec.n_time):
             raise models.ModelError(f"{path}: its metadata's STFT gives windows of {(spec.n_freq, spec.n_time)}, its "
@@ -114,12 +132,22 @@ class ModelInfo:
         db = DATABASES.get(st.get("database", ""))
         pre = st.get("preprocess_config") or {}
         leads = tuple(pre.get("leads") or (db.leads if db else ()))
+        inp = meta.get("input") or {}
+        inputs = tuple(inp.get("variables") or ("spectrogram",))
+        rr_spec = None
+        if "rr" in inputs:
+            try:
+                rr_spec = rr.RRSpec.from_attrs(inp.get("rr") or {})
+            except (KeyError, TypeError, ValueError) as exc:
+                raise models.ModelError(f"{path}: takes RR features but its metadata does not say how they are "
+                                        f"computed ({type(exc).__name__}: {exc}); refused") from None
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         return cls(path=str(path), sha256=digest, spec=spec, classes=tuple(meta["classes"]),
                    input_dtype=meta.get("input", {}).get("dtype", "float32"), label_map=dict(st.get("label_map") or {}),
                    database=st.get("database", ""), leads=leads, annotator=db.annotator if db else "atr",
-                   task=task, min_fs=float((meta.get("accepted") or {}).get("min_fs_hz") or spec.fs), **rhythm)
+                   task=task, min_fs=float((meta.get("accepted") or {}).get("min_fs_hz") or spec.fs),
+                   inputs=inputs, rr_spec=rr_spec, **rhythm)
 
 
 class ModelPlugin(WorkerPlugin):
@@ -155,9 +183,8 @@ class ModelPlugin(WorkerPlugin):
         self.load_id = f"{worker.address}/{os.getpid()}/{time.time_ns()}"  # one per load, for the report
         # Trace the model for a full and a smaller batch now: TensorFlow then generalises the batch
         # dimension, so records of any length do not retrace it (about 1 s each) during the job.
-        shape = (self.info.spec.n_freq, self.info.spec.n_time)
         for n in ((256, 255) if self.info.task == "beat" else (16, 15)):  # rhythm windows are ~100x larger
-            self.model.predict_on_batch(np.zeros((n, *shape), dtype=self.info.input_dtype))
+            self.model.predict_on_batch(self.info.dummy(n))
 
     def teardown(self, worker) -> None:
         self.model = None
@@ -178,12 +205,18 @@ def _limit_tf_threads(n: int) -> None:
         pass  # TensorFlow already ran in this process: its pools are fixed
 
 
-def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Class probabilities of ``x`` in batches (``predict_on_batch``: no per-call dataset set-up)."""
-    if not len(x):
+def predict(model, x: Any, batch_size: int) -> np.ndarray:
+    """Class probabilities of ``x`` (an array, or arrays by input name) in batches (``predict_on_batch``: no
+    per-call dataset set-up)."""
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    if not n:
         return np.zeros((0, model.output_shape[-1]), np.float32)
-    return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + batch_size]), dtype=np.float32)
-                           for i in range(0, len(x), batch_size)])
+
+    def part(i: int):
+        return {k: v[i:i + batch_size] for k, v in x.items()} if isinstance(x, dict) else x[i:i + batch_size]
+
+    return np.concatenate([np.asarray(model.predict_on_batch(part(i)), dtype=np.float32)
+                           for i in range(0, n, batch_size)])
 
 
 @dataclass(frozen=True)
@@ -272,10 +305,10 @@ def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, info
     mv_per_unit
         Millivolts per unit of ``x`` (the lead's units), for the detector's amplitude floor.
     """
-    seg = extract.detected_segments(x, fs, first, start, stop, info.spec, config.detector, mv_per_unit)
+    seg = extract.detected_segments(x, fs, first, start, stop, info.spec, config.detector, mv_per_unit, info.rr_spec)
     timer = Timer()
     with timer("model"):
-        prob = predict_fn(seg.spectrogram.astype(info.input_dtype))
+        prob = predict_fn(info.batch(seg))
     return SpanScores(seg.anchor, prob, seg.detected, seg.n_dropped_edge, seg.n_dropped_invalid,
                       {**seg.seconds, **timer.seconds})
 
@@ -409,7 +442,7 @@ def _score_beats(ctx: ScoreContext, local: sources.LocalRecord, header: records.
         out.split = split
         return
     start, stop = (piece.start, piece.stop) if piece else (0, header.sig_len)
-    margin = int(MARGIN_S * header.fs)
+    margin = int(ctx.info.margin_s * header.fs)
     first, last = max(start - margin, 0), min(stop + margin, header.sig_len)
     x = records.read_signal(local.base, header, lead, first, last)
     read_s = time.perf_counter() - t0  # fetch (a no-op for local and cached files), header, signal

@@ -40,10 +40,11 @@ from ..pipeline.config import TrainConfig
 from ..pipeline.errors import ConfigError, PipelineError
 from ..pipeline.evaluate import aggregate_by_record, classification_metrics, format_report, plot_history, write_evaluation
 from ..pipeline.loader import LoaderOptions, ZarrSegmentLoader
-from ..pipeline.models import (ModelError, build_model, check_archive, load_model, quiet_native_stderr,
-                               recalibrate_batch_norm, save_model)
+from ..pipeline.models import (MODEL_INPUTS, ModelError, build_model, check_archive, flops_per_segment, load_model,
+                               quiet_native_stderr, recalibrate_batch_norm, save_model)
+from ..pipeline.spectrogram import SpectrogramSpec
 from ..pipeline.splits import DEFAULT_SPLITS, Split, by_records, make_split
-from ..pipeline.store import open_dataset
+from ..pipeline.store import open_dataset, rebuild_hint
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,13 @@ class TrainResult:
     host: str
     pid: int
     test: dict[str, Any]
+    flops_per_segment: int = 0  #: the model's cost (``models.flops_per_segment``)
 
 
-def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype) -> dict[str, Any]:
+def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype, inputs: tuple[str, ...]) -> dict[str, Any]:
     a = ds.attrs
+    spec = SpectrogramSpec.from_attrs(a["spectrogram"])
+    top = float(spec.freqs()[-1])
     return {
         "package": "ecg-pipeline",
         "package_version": pipeline.__version__,
@@ -109,10 +113,11 @@ def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype) -> dict
         "anchor_kind": a["anchor_kind"],
         "classes": list(a["classes"]),
         "challenge_classes": list(a.get("challenge_classes", [])),
-        "input": {"shape": list(input_shape), "dtype": str(dtype), "variable": "spectrogram"},
-        # What the network has seen: records at the store's rate (others are resampled to it), so content up to
-        # half of it. A record sampled below it has empty upper spectrogram rows: `score` refuses or flags it.
-        "accepted": {"min_fs_hz": float(a["spectrogram"]["fs"]), "band_hz": [0.0, float(a["spectrogram"]["fs"]) / 2]},
+        "input": {"shape": list(input_shape), "dtype": str(dtype), "variable": "spectrogram",
+                  "variables": list(inputs), **({"rr": a["rr"]} if "rr" in inputs else {})},
+        # What the network has seen: records at the store's rate (others are resampled to it), the rows up to
+        # `top` Hz. A record sampled too low for them has empty rows there: `score` refuses or flags it.
+        "accepted": {"min_fs_hz": spec.min_fs_hz, "band_hz": [0.0, top]},
         "store": {
             "database": a.get("database"), "database_version": a.get("database_version"),
             "config_fingerprint": a.get("config_fingerprint"), "spectrogram": a.get("spectrogram"),
@@ -122,6 +127,13 @@ def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype) -> dict
         "split": split.to_dict(),
         "train_config": config.to_dict(),
     }
+
+
+def _rr_stats(ds, train: np.ndarray) -> dict[str, Any]:
+    """Mean and variance of each RR feature over the training part: the model standardises with them."""
+    values = np.asarray(ds["rr"].values)[np.asarray(train, dtype=np.int64)].astype(np.float64)
+    return {"n": int(values.shape[1]), "features": [str(f) for f in ds["rr_feature"].values],
+            "mean": values.mean(axis=0).tolist(), "variance": values.var(axis=0).tolist()}
 
 
 def check_compatible(metadata: Mapping[str, Any], ds, model_path: str | Path) -> None:
@@ -138,6 +150,28 @@ def check_compatible(metadata: Mapping[str, Any], ds, model_path: str | Path) ->
                          f"{ds.attrs.get('task')} segments")
     if list(metadata["classes"]) != list(ds.attrs["classes"]):
         raise ModelError(f"{model_path} predicts classes {metadata['classes']}, the store has {ds.attrs['classes']}")
+    check_inputs(model_inputs(metadata), ds.attrs, ds.variables, str(model_path), metadata.get("input", {}).get("rr"),
+                 ds.encoding.get("source", "STORE"))
+
+
+def model_inputs(metadata: Mapping[str, Any]) -> tuple[str, ...]:
+    """The store variables a saved model takes (spectrogram-only models of older versions: just that)."""
+    return tuple((metadata.get("input") or {}).get("variables") or ("spectrogram",))
+
+
+def check_inputs(inputs: tuple[str, ...], attrs: Mapping[str, Any], variables, what: str,
+                 rr_attrs: Mapping[str, Any] | None = None, store: str = "STORE") -> None:
+    """Refuse a store that lacks a variable the model takes, or whose RR features were computed otherwise."""
+    where = attrs.get("database", "the store")
+    for name in inputs:
+        if name not in variables:
+            raise ModelError(f"{what} takes the store variable {name!r}, which this store (schema "
+                             f"v{attrs.get('schema_version')}, {attrs.get('task')} segments) lacks; "
+                             + (rebuild_hint(attrs, store) if attrs.get("task") == "beat" else
+                                "choose a model of this task"))
+    if "rr" in inputs and rr_attrs is not None and dict(attrs.get("rr") or {}) != dict(rr_attrs):
+        raise ModelError(f"{what} was trained on RR features computed with other parameters than {where}'s "
+                         f"(model {dict(rr_attrs)}, store {attrs.get('rr')}); re-run preprocess with the model's")
 
 
 def _no_metadata_error(model_path: str | Path) -> ModelError:
@@ -252,11 +286,12 @@ class Scorer:
 
 
 def _evaluate(model, loader: ZarrSegmentLoader, scorer: Scorer, split: Split, part: str, store: str,
-              model_path: str | Path, out: str | Path | None, title: str) -> dict[str, Any]:
-    """Metrics of ``model`` on ``loader`` (a part of ``split``); written to ``out`` when given."""
+              model_path: str | Path, out: str | Path | None, title: str,
+              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics of ``model`` on ``loader`` (a part of ``split``), with ``extra``; written to ``out`` when given."""
     prob, _ = predict_classes(model, loader)
     metrics, names, prob, y = scorer(loader, prob)
-    metrics.update(split=split.name, part=part, store=store, model=str(model_path))
+    metrics.update(split=split.name, part=part, store=store, model=str(model_path), **dict(extra or {}))
     if out:
         write_evaluation(out, metrics, title=title)
         if scorer.task == "rhythm":
@@ -431,8 +466,11 @@ def run_training(request: TrainRequest) -> TrainResult:
     _write_json(out / "split.json", split.to_dict())
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
+    inputs = MODEL_INPUTS.get(cfg.model, ("spectrogram",))
+    check_inputs(inputs, ds.attrs, ds.variables, f"model {cfg.model}", store=str(request.store))
+
     def loader(part: str, train: bool) -> ZarrSegmentLoader:
-        opts = LoaderOptions(batch_size=cfg.batch_size, shuffle=train, shuffle_chunks=cfg.shuffle_chunks,
+        opts = LoaderOptions(batch_size=cfg.batch_size, shuffle=train, shuffle_chunks=cfg.shuffle_chunks, inputs=inputs,
                              parallel_reads=cfg.parallel_reads,
                              # a resumed run continues the per-epoch sequence instead of repeating epoch 1's order
                              seed=cfg.seed + 1000 * state["epoch"] if train else cfg.seed,
@@ -442,7 +480,7 @@ def run_training(request: TrainRequest) -> TrainResult:
 
     train_l, val_l = loader("train", True), loader("val", False)
     test_part = "test" if len(split["test"]) else "val"
-    metadata = _metadata(ds, split, cfg, train_l.sample_shape, train_l.dtype)
+    metadata = _metadata(ds, split, cfg, train_l.sample_shape, train_l.dtype, inputs)
 
     device = _device()
     with _precision(cfg.mixed_precision) as policy:
@@ -456,7 +494,8 @@ def run_training(request: TrainRequest) -> TrainResult:
                 (out / BEST_FILE).unlink()
         else:
             model = build_model(cfg.model, train_l.sample_shape, len(train_l.classes),
-                                input_dtype=str(train_l.dtype), options=cfg.model_options)
+                                input_dtype=str(train_l.dtype), options=cfg.model_options,
+                                rr_stats=_rr_stats(ds, split["train"]) if "rr" in inputs else None)
             model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
                           loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
         run_state, epoch_line = _make_callback()
@@ -486,7 +525,8 @@ def run_training(request: TrainRequest) -> TrainResult:
 
     test_l = loader(test_part, False) if test_part != "val" else val_l
     metrics = _evaluate(best, test_l, scorer, split, test_part, request.store, model_path, out,
-                        f"{cfg.model}, {split.name} split, {test_part} part")
+                        f"{cfg.model}, {split.name} split, {test_part} part",
+                        {"flops_per_segment": flops_per_segment(best)})
 
     n_trained = len(train_l) * state["epoch"]
     result = TrainResult(
@@ -495,7 +535,8 @@ def run_training(request: TrainRequest) -> TrainResult:
         n_samples={p: int(len(split[p])) for p in ("train", "val", "test")}, train_s=state["train_s"],
         wall_s=time.perf_counter() - t_start,
         train_samples_per_s=n_trained / state["train_s"] if state["train_s"] else 0.0,
-        device=device, host=socket.gethostname(), pid=os.getpid(), test=metrics)
+        device=device, host=socket.gethostname(), pid=os.getpid(), test=metrics,
+        flops_per_segment=metrics["flops_per_segment"])
     _write_json(out / "run.json", asdict(result))
     return result
 
@@ -527,10 +568,12 @@ def run_evaluation(model_path: str, store: str, split_spec: str | None = None, *
         split = make_split(split_spec or saved.get("name") or task_default, ds, seed=seed)
     if not len(split[part]):
         raise ConfigError(f"split {split.name} has no {part} segments in {store}")
-    loader = ZarrSegmentLoader(store, split[part], LoaderOptions(batch_size=batch_size, shuffle=False),
+    loader = ZarrSegmentLoader(store, split[part], LoaderOptions(batch_size=batch_size, shuffle=False,
+                                                                 inputs=model_inputs(metadata)),
                                storage_options=storage_options)
     return _evaluate(model, loader, Scorer.of(ds), split, part, store, model_path, out,
-                     f"{Path(model_path).name}, {split.name} split, {part} part")
+                     f"{Path(model_path).name}, {split.name} split, {part} part",
+                     {"flops_per_segment": flops_per_segment(model)})
 
 
 def submit_training(request: TrainRequest, client, resources: Mapping[str, float] | None = None) -> TrainResult:
@@ -567,6 +610,7 @@ def format_result(result: TrainResult) -> str:
         f"segments   train {result.n_samples['train']:,}  val {result.n_samples['val']:,}  test {result.n_samples['test']:,}",
         f"time       {result.train_s / 60:.1f} min training ({result.train_samples_per_s:,.0f} samples/s), "
         f"{result.wall_s / 60:.1f} min in all",
+        f"cost       {result.flops_per_segment / 1e6:.2f} MFLOP per segment (conv and dense layers)",
         "",
         format_report(t, f"{t['split']} split, {t['part']} part"),
     ]

@@ -138,6 +138,12 @@ class StftConfig(_Config):
     window: str = Field("hann", description="scipy.signal.get_window name.")
     detrend: Literal["constant", "none"] = Field("constant", description="Remove each beat's mean before the STFT.")
     log_eps: float = Field(1e-4, gt=0, description="Spectrogram = log(|STFT| + log_eps).")
+    max_freq_hz: float | None = Field(
+        40.0, gt=0, description="Keep the frequency rows up to this many Hz only (null: up to half the sampling "
+                                "rate). A band every accepted recorder carries makes the model's input the same "
+                                "for a record sampled at 128 Hz as at 360 Hz (rows above a record's own Nyquist "
+                                "rate are empty after resampling); models accept records sampled at 2.5 x this "
+                                "or more.")
 
     @field_validator("nfft")
     @classmethod
@@ -146,6 +152,22 @@ class StftConfig(_Config):
         if nfft is not None and nperseg is not None and nfft < nperseg:
             raise ValueError(f"{nfft} must be >= stft.nperseg ({nperseg})")
         return nfft
+
+
+class RRConfig(_Config):
+    """RR-interval features of each beat (pipeline.rr), from all beats of its record: beat stores only."""
+
+    local_beats: int = Field(10, ge=1, le=1000, description="Intervals on each side of a beat in its local average RR.")
+    long_s: float = Field(300.0, gt=0, le=86400, description="The long average RR: valid intervals that ended in "
+                                                              "the last this many seconds (causal).")
+    min_rr_s: float = Field(0.15, gt=0, le=10, description="Shorter intervals are not heartbeats (flagged).")
+    max_rr_s: float = Field(3.0, gt=0, le=60, description="Longer intervals are gaps in the beats (flagged).")
+    default_rr_s: float = Field(0.8, gt=0, le=60, description="Every interval of a record without one valid interval.")
+
+    def spec(self):
+        from .rr import RRSpec
+
+        return RRSpec(self.local_beats, self.long_s, self.min_rr_s, self.max_rr_s, self.default_rr_s)
 
 
 class StoreConfig(_Config):
@@ -179,6 +201,7 @@ class PreprocessConfig(_Config):
     window: WindowConfig = Field(default_factory=WindowConfig)
     rhythm: RhythmWindowConfig = Field(default_factory=RhythmWindowConfig)
     stft: StftConfig = Field(default_factory=StftConfig)
+    rr: RRConfig = Field(default_factory=RRConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
 
@@ -189,8 +212,10 @@ class PreprocessConfig(_Config):
         """
         d = self.to_dict()
         d.pop("download")
-        for key in (("rhythm",) if task == "beat" else ("window", "unknown_symbols")):
+        for key in (("rhythm",) if task == "beat" else ("window", "unknown_symbols", "rr")):
             d.pop(key)
+        if d["stft"].get("max_freq_hz") is None:
+            d["stft"].pop("max_freq_hz", None)  # every row, as before the key existed: those fingerprints hold
         return d
 
     def fingerprint(self, task: str = "beat") -> str:
@@ -223,7 +248,8 @@ class TrainConfig(_Config):
         return name
 
     model: str = Field(
-        "spectrogram-cnn", description="Model name: a key of the model registry (pipeline.models.MODELS).",
+        "beat-rr-cnn", description="Model name: a key of the model registry (pipeline.models.MODELS). Rhythm "
+                               "stores default to rhythm-cnn.",
         json_schema_extra=lambda schema: schema.update(enum=_model_names()))
     epochs: int = Field(30, ge=1, le=10000, description="Most epochs to train (early stopping may end sooner).")
     batch_size: int = Field(256, ge=1, le=65536, description="Global batch size.")

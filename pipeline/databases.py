@@ -113,7 +113,7 @@ register_database(Database(
     challenge_classes=("N", "A", "O"),
     # 30 s windows: a frame every 32 samples keeps the input at ~280 frames; 512 windows a chunk
     # gives ~19 write tasks for the 8,528 recordings.
-    preprocess_defaults={"stft": {"hop": 32}, "store": {"chunk_size": 512}},
+    preprocess_defaults={"stft": {"hop": 32, "max_freq_hz": None}, "store": {"chunk_size": 512}},
 ))
 
 

@@ -130,6 +130,8 @@ def format_report(metrics: Mapping[str, Any], title: str = "") -> str:
                   f"{'':>12} {'Se':>9} {'+P':>9} {'FPR':>9} {'F1':>9}"]
         lines += [f"{c:>12} {m['sensitivity']:>9.4f} {m['positive_predictivity']:>9.4f} "
                   f"{m['false_positive_rate']:>9.4f} {m['f1']:>9.4f}" for c, m in metrics["per_class"].items()]
+    if "flops_per_segment" in metrics:
+        lines += ["", f"model cost: {metrics['flops_per_segment'] / 1e6:.2f} MFLOP per segment (conv and dense layers)"]
     cm = np.asarray(metrics["confusion_matrix"])
     classes = metrics["classes"]
     lines += ["", "confusion matrix (rows: reference, columns: predicted)",

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import download, quality, records, segment, sources
+from . import download, quality, records, rr, segment, sources
 from .errors import RecordError
 from .labels import LabelSource, RecordInput
 from .spectrogram import SpectrogramSpec
@@ -40,6 +40,7 @@ class RecordPlan:
     anchor: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     symbol: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     label: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
+    rr: np.ndarray | None = None  #: (n_segments, len(rr.STORED_FEATURES)) float32 for beat segments, else None
     n_dropped_edge: int = 0
     n_dropped_invalid: int = 0
     n_dropped_unknown: int = 0
@@ -56,10 +57,13 @@ class RecordPlan:
 
 
 def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, leads: Sequence[str],
-                lead_fallback: str, cache: Path, policy: download.RetryPolicy) -> RecordPlan:
+                lead_fallback: str, cache: Path, policy: download.RetryPolicy,
+                rr_spec: rr.RRSpec | None = None) -> RecordPlan:
     """Fetch, read and label one record; record problems become ``plan.error``, never an exception.
 
-    The window around each anchor is the label source's (``labels.window``, ``labels.pad``).
+    The window around each anchor is the label source's (``labels.window``, ``labels.pad``). Where the
+    label source gives the record's beats and ``rr_spec`` is set, each kept segment gets its RR features
+    (``rr.features_at``) from every beat of the record, the ones whose window does not fit included.
     """
     plan = RecordPlan(record)
     timer = Timer()
@@ -89,6 +93,9 @@ def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, 
         plan.n_dropped_edge, plan.n_dropped_invalid = check.n_edge, check.n_invalid
         kept = segs.select(check.keep)
         plan.anchor, plan.symbol, plan.label = kept.anchor, kept.symbol, kept.label
+        if rr_spec is not None and segs.beats is not None:
+            with timer("rr"):
+                plan.rr = rr.features_at(kept.anchor, segs.beats, header.fs, rr_spec)
         plan.n_unknown, plan.n_nonbeat = segs.n_unknown, segs.n_nonbeat
         plan.lead, plan.lead_index, plan.fs, plan.sig_len = lead.name, lead.index, header.fs, header.sig_len
         plan.digest, plan.checksum, plan.bytes_downloaded = local.digest, local.checksum, local.bytes_downloaded
@@ -109,6 +116,7 @@ class ChunkContents:
     coords: dict[str, np.ndarray]  #: record, anchor, label, symbol, lead
     failures: dict[str, str]  #: record -> "<stage>: <cause>"
     seconds: dict[str, float]
+    rr: np.ndarray | None = None  #: (n, n_rr) float32 where the plans carry RR features
 
 
 def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPlan, int, int]],
@@ -120,12 +128,16 @@ def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPla
     out = np.full((n, spec.n_freq, spec.n_time), np.nan, dtype=np.float32)
     coords = {name: np.empty(n, dtype=object) for name in ("record", "label", "symbol", "lead")}
     coords["anchor"] = np.zeros(n, dtype=np.int64)
+    n_rr = next((p.rr.shape[1] for p, _, _ in parts if p.rr is not None), 0)
+    rr_rows = np.full((n, n_rr), np.nan, np.float32) if n_rr else None
     failures: dict[str, str] = {}
     pos = 0
     for plan, lo, hi in parts:
         rows = slice(pos, pos + hi - lo)
         pos += hi - lo
         anchor = plan.anchor[lo:hi]
+        if rr_rows is not None and plan.rr is not None:
+            rr_rows[rows] = plan.rr[lo:hi]
         coords["record"][rows] = plan.record
         coords["anchor"][rows] = anchor
         coords["symbol"][rows] = plan.symbol[lo:hi]
@@ -150,7 +162,7 @@ def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPla
             failures[plan.record] = f"{exc.stage}: {exc.message}"
         except Exception as exc:  # noqa: BLE001 - one bad record must not sink the chunk
             failures[plan.record] = f"spectrogram: {type(exc).__name__}: {exc}"
-    return ChunkContents(out, coords, failures, dict(timer.seconds))
+    return ChunkContents(out, coords, failures, dict(timer.seconds), rr_rows)
 
 
 @dataclass
@@ -163,11 +175,18 @@ class DetectedSegments:
     n_dropped_edge: int
     n_dropped_invalid: int
     seconds: dict[str, float] = field(default_factory=dict)
+    rr: np.ndarray | None = None  #: (n, len(rr.STORED_FEATURES)) RR features of ``anchor``, with ``rr_spec``
 
 
 def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: int, spec: SpectrogramSpec,
-                      detector, mv_per_unit: float | None = 1.0) -> DetectedSegments:
+                      detector, mv_per_unit: float | None = 1.0,
+                      rr_spec: rr.RRSpec | None = None) -> DetectedSegments:
     """Resample to ``spec.fs``, detect R peaks, keep the span's own, check windows and transform them.
+
+    With ``rr_spec``, each kept beat also gets its RR features (``rr.features_at``, the function
+    ``plan_record`` uses on annotated beats) in the context of every peak detected in ``x``: the span's
+    margins included, so a piece of a record whose margin covers ``rr_spec.reach_s`` gets the features
+    the whole record gives.
 
     Parameters
     ----------
@@ -191,6 +210,7 @@ def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: in
         peaks = detect.detect_r_peaks(xm, spec.fs, detector, origin=int(round(first * scale)),
                                       mv_per_unit=1.0 if mv_per_unit is None else mv_per_unit)
         native = first + np.round(peaks / scale).astype(np.int64)
+        context = native
         own = (native >= start) & (native < stop)
         peaks, native = peaks[own], native[own]
     with timer("segment"):
@@ -198,7 +218,12 @@ def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: in
         check = segment.check_windows(xm, peaks, segment.WindowSpec(spec.n_before, spec.n_after))
     with timer("stft"):
         out = segment.spectrograms(xm, peaks[check.keep], spec)
-    return DetectedSegments(native[check.keep], out, native, check.n_edge, check.n_invalid, dict(timer.seconds))
+    features = None
+    if rr_spec is not None:
+        with timer("rr"):
+            features = rr.features_at(native[check.keep], context, fs, rr_spec)
+    return DetectedSegments(native[check.keep], out, native, check.n_edge, check.n_invalid, dict(timer.seconds),
+                            features)
 
 
 @dataclass

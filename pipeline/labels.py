@@ -55,6 +55,9 @@ class LabelledBeats:
     n_unknown: int  #: annotations with a symbol outside the map and the non-beat set
     unknown_symbols: tuple[str, ...]  #: the distinct unknown symbols met
     n_not_text: int = 0  #: annotations whose symbol is no text (None, NaN): ignored, neither beat nor Q
+    #: every beat annotation, kept or not (a known or unknown beat symbol; not the non-beats): the
+    #: rhythm around each beat (``pipeline.rr``) counts beats the policy leaves out
+    all_sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def label_beats(
@@ -98,6 +101,7 @@ def label_beats(
     if unknown == "Q":
         cls = np.where(is_unknown_d, "Q", cls)
     keep = cls[inverse] != ""
+    is_beat = ~is_nonbeat_d[inverse]
     return LabelledBeats(
         sample=sample[keep],
         symbol=symbol[keep],
@@ -106,6 +110,7 @@ def label_beats(
         n_unknown=n_unknown,
         unknown_symbols=unknown_syms,
         n_not_text=n_not_text,
+        all_sample=sample[is_beat],
     )
 
 
@@ -136,9 +141,13 @@ class Segments:
     symbol: np.ndarray  #: object array: the original annotation symbol / table entry
     n_nonbeat: int = 0
     n_unknown: int = 0
+    #: beat sources: every beat of the record (R peaks), segmented or not, the context of its RR features
+    #: (``pipeline.rr.features_at``); None for sources whose segments are not beats
+    beats: np.ndarray | None = None
 
     def select(self, mask: np.ndarray) -> "Segments":
-        return Segments(self.anchor[mask], self.label[mask], self.symbol[mask], self.n_nonbeat, self.n_unknown)
+        return Segments(self.anchor[mask], self.label[mask], self.symbol[mask], self.n_nonbeat, self.n_unknown,
+                        self.beats)
 
 
 class LabelSource(Protocol):
@@ -205,7 +214,7 @@ class BeatAnnotations:
             beats = label_beats(ann.sample, ann.symbol, LABEL_MAPS[self.label_map], self.unknown)
         except ValueError as exc:
             raise RecordError(rec.record, "annotations", str(exc)) from exc
-        return Segments(beats.sample, beats.label, beats.symbol, beats.n_nonbeat, beats.n_unknown)
+        return Segments(beats.sample, beats.label, beats.symbol, beats.n_nonbeat, beats.n_unknown, beats.all_sample)
 
 
 @dataclass(frozen=True)
@@ -399,7 +408,7 @@ class DetectedBeats:
             ref = self.reference.segments(rec)
             m = match_beats(ref.anchor, peaks, rec.fs, self.tolerance_s)
             label[m.det_index], symbol[m.det_index] = ref.label[m.ref_index], ref.symbol[m.ref_index]
-        return Segments(peaks.astype(np.int64), label, symbol)
+        return Segments(peaks.astype(np.int64), label, symbol, beats=peaks.astype(np.int64))
 
 
 _LABEL_SOURCES: dict[str, type] = {}

@@ -14,7 +14,8 @@ How an epoch flows::
 * Every selected sample appears exactly once per epoch (unless balanced sampling
   is on); with a ``seed`` the order of every epoch is reproducible.
 * Labels are small (one byte a segment) and are read once, whole, when the
-  loader is made; only spectrograms stream.
+  loader is made; only the inputs (``spectrogram``, and ``rr`` for a model that
+  takes RR features: ``LoaderOptions.inputs``) stream.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import zarr
 
 from .errors import StoreError
-from .store import LABEL, check_version
+from .store import LABEL, check_version, rebuild_hint
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,10 @@ class LoaderOptions:
         and yield float32; off by default because the models do it themselves.
     drop_remainder
         Drop the last, short batch of each epoch.
+    inputs
+        Per-segment store variables to stream, each read with the same chunked reads. One input
+        (the default, ``spectrogram``) yields ``x`` as an array; more yield ``x`` as a dict keyed by
+        variable name, the input names of a model that takes them (``("spectrogram", "rr")``).
     """
 
     batch_size: int = 256
@@ -75,10 +80,13 @@ class LoaderOptions:
     balanced_sampling: bool = False
     normalize: bool = False
     drop_remainder: bool = False
+    inputs: tuple[str, ...] = ("spectrogram",)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.shuffle_chunks < 1 or self.parallel_reads < 1:
             raise ValueError("batch_size, shuffle_chunks and parallel_reads must be >= 1")
+        if not self.inputs or len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(f"inputs must name distinct store variables, not {self.inputs!r}")
         if self.class_weighting not in ("none", "balanced", "sqrt"):
             raise ValueError(f"class_weighting must be none, balanced or sqrt, not {self.class_weighting!r}")
 
@@ -143,6 +151,18 @@ class ZarrSegmentLoader:
         self.chunk_size = int(self._spec.chunks[0])
         n = int(self._spec.shape[0])
         self.n_segments_in_store = n
+        self._arrays = {}
+        for name in self.options.inputs:
+            if name not in group:
+                raise StoreError(f"{path} has no variable {name!r} (store schema v{attrs.get('schema_version')}, "
+                                 f"{attrs.get('task')} segments); {rebuild_hint(attrs, self.path)}")
+            arr = group[name]
+            if arr.shape[0] != n or int(arr.chunks[0]) != self.chunk_size:
+                raise StoreError(f"{path}: variable {name!r} is not laid out along the segments like spectrogram")
+            self._arrays[name] = arr
+        #: per input: sample shape and dtype
+        self.input_shapes = {k: tuple(a.shape[1:]) for k, a in self._arrays.items()}
+        self.input_dtypes = {k: np.dtype(a.dtype) for k, a in self._arrays.items()}
 
         idx = np.arange(n, dtype=np.int64) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
         if idx.size and (idx[0] < 0 or idx[-1] >= n):
@@ -182,26 +202,35 @@ class ZarrSegmentLoader:
         b = batch_size or self.options.batch_size
         return len(self) // b if self.options.drop_remainder else -(-len(self) // b)
 
-    def read_chunks(self, positions: Sequence[int], order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Spectrograms and class indices of the selected segments in chunks ``self.chunks[positions]``.
+    def read_chunks(self, positions: Sequence[int], order: np.ndarray | None = None) -> tuple[Any, np.ndarray]:
+        """Inputs and class indices of the selected segments in chunks ``self.chunks[positions]``.
 
-        Each chunk is read with one Zarr call (the span of its selected segments).
-        With ``order`` (a permutation of the group's samples), the result is
-        ``x[order]``, written in place so that a group is copied once, not twice.
+        Each chunk of each input variable is read with one Zarr call (the span of its selected
+        segments). With ``order`` (a permutation of the group's samples), the result is
+        ``x[order]``, written in place so that a group is copied once, not twice. ``x`` is an
+        array for one input, a dict by variable name for several.
         """
+        xs = self._read_inputs(positions, order)
+        total = sum(len(self._local[p]) for p in positions)
+        y = np.concatenate([self._codes[p] for p in positions]) if total else np.zeros(0, np.int32)
+        return (xs[self.options.inputs[0]] if len(xs) == 1 else xs), (y if order is None else y[order])
+
+    def _read_inputs(self, positions: Sequence[int], order: np.ndarray | None) -> dict[str, np.ndarray]:
         sizes = [len(self._local[p]) for p in positions]
         total = int(sum(sizes))
-        x = np.empty((total, *self.sample_shape), self.dtype)
-        y = np.concatenate([self._codes[p] for p in positions]) if total else np.zeros(0, np.int32)
         dest = np.arange(total) if order is None else np.argsort(order)
-        start = 0
-        for p, size in zip(positions, sizes):
-            k, local = int(self.chunks[p]), self._local[p]
-            lo = k * self.chunk_size
-            block = self._spec[lo + int(local[0]): lo + int(local[-1]) + 1]
-            x[dest[start:start + size]] = block[local - local[0]]
-            start += size
-        return x, (y if order is None else y[order])
+        out = {}
+        for name, arr in self._arrays.items():
+            x = np.empty((total, *self.input_shapes[name]), self.input_dtypes[name])
+            start = 0
+            for p, size in zip(positions, sizes):
+                k, local = int(self.chunks[p]), self._local[p]
+                lo = k * self.chunk_size
+                block = arr[lo + int(local[0]): lo + int(local[-1]) + 1]
+                x[dest[start:start + size]] = block[local - local[0]]
+                start += size
+            out[name] = x
+        return out
 
     def _read_group(self, positions: np.ndarray, seed: np.int64):
         """One shuffle group: its samples permuted (or, for balanced sampling, drawn), with weights."""
@@ -214,10 +243,12 @@ class ZarrSegmentLoader:
                 draw = rng.choice(len(y_all), size=len(y_all), replace=True, p=w / w.sum())
             else:
                 order = rng.permutation(len(y_all))
-        x, y = self.read_chunks(positions, order)
+        xs = self._read_inputs(positions, order)
+        y = np.concatenate([self._codes[p] for p in positions])
+        y = y if order is None else y[order]
         if draw is not None:
-            x, y = x[draw], y[draw]
-        return x, y, self.class_weights[y].astype(np.float32)
+            xs, y = {k: v[draw] for k, v in xs.items()}, y[draw]
+        return (*xs.values(), y, self.class_weights[y].astype(np.float32))
 
     def dataset(self, *, batch_size: int | None = None, shard: tuple[int, int] | None = None):
         """The ``tf.data.Dataset`` of one epoch (Keras re-iterates it, reshuffled, each epoch).
@@ -249,17 +280,24 @@ class ZarrSegmentLoader:
             ids = ids.shuffle(len(positions), seed=seed, reshuffle_each_iteration=True)
         groups = ids.batch(opt.shuffle_chunks)
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        x_dtype = tf.as_dtype(self.dtype)
-        shape = self.sample_shape
+        names = tuple(self._arrays)
+        dtypes = [tf.as_dtype(self.input_dtypes[k]) for k in names]
 
         def read(pos, s):
-            x, y, w = tf.numpy_function(self._read_group, [pos, s], [x_dtype, tf.int32, tf.float32], stateful=False)
-            return tf.ensure_shape(x, (None, *shape)), tf.ensure_shape(y, (None,)), tf.ensure_shape(w, (None,))
+            *xs, y, w = tf.numpy_function(self._read_group, [pos, s], [*dtypes, tf.int32, tf.float32], stateful=False)
+            xs = [tf.ensure_shape(x, (None, *self.input_shapes[k])) for k, x in zip(names, xs)]
+            x = xs[0] if len(xs) == 1 else dict(zip(names, xs))
+            return x, tf.ensure_shape(y, (None,)), tf.ensure_shape(w, (None,))
 
         ds = tf.data.Dataset.zip(groups, seeds).map(read, num_parallel_calls=opt.parallel_reads, deterministic=True)
         ds = ds.rebatch(batch_size, drop_remainder=opt.drop_remainder)
         if opt.normalize:
-            ds = ds.map(lambda x, y, w: (standardize(x), y, w), num_parallel_calls=tf.data.AUTOTUNE)
+            def norm(x, y, w):
+                if isinstance(x, dict):
+                    return {**x, "spectrogram": standardize(x["spectrogram"])}, y, w
+                return standardize(x), y, w
+
+            ds = ds.map(norm, num_parallel_calls=tf.data.AUTOTUNE)
         if opt.class_weighting == "none":
             ds = ds.map(lambda x, y, w: (x, y))
         if shard is None:

@@ -22,6 +22,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from .errors import PipelineError
 
 METADATA_NAME = "ecg_pipeline.json"
@@ -91,6 +93,93 @@ def spectrogram_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dtype
     x = layers.Dropout(dropout, name="drop1")(x)
     out = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probability")(x)
     return keras.Model(x_in, out, name="spectrogram_cnn")
+
+
+#: RR features relative to the patient's own rhythm (``pipeline.rr``): what ``beat-rr-cnn`` uses by default
+RELATIVE_RR = ("pre_local", "post_local", "pre_long", "local_long", "flagged")
+
+
+def beat_rr_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dtype: str = "float16",
+                rr_stats: Mapping[str, Any] | None = None, width: int = 16, dense: int = 32, rr_units: int = 16,
+                dropout: float = 0.2, rr_use: tuple[str, ...] | list[str] | None = RELATIVE_RR):
+    """Beat classifier with rhythm context: a light CNN over the beat's spectrogram, beside its RR features.
+
+    Two inputs, named after the store variables that feed them: ``spectrogram`` (standardised per
+    sample, then three 3x3 conv+BN+ReLU stages of ``width``, ``2 width``, ``4 width`` filters, the first
+    two followed by a 2x2 max-pool, flattened) and ``rr`` (the ``pipeline.rr`` features, standardised
+    inside the model with the training part's mean and variance from ``rr_stats``; of them, the model
+    uses ``rr_use`` (a fixed, untrained selection: the input stays the whole store variable), then a
+    dense layer of ``rr_units``). The two are concatenated, then a dense layer with dropout and a softmax.
+
+    ``rr_use`` defaults to the features relative to the patient's own rhythm (ratios, and the flag):
+    intervals in seconds also tell one patient's heart rate from another's, which a model trained on
+    few patients can learn in place of prematurity. ``None`` uses all.
+
+    The shape branch is light on purpose (about 1 MFLOP a beat on a 40 Hz band: ``flops_per_segment``):
+    what tells an S beat from an N beat in a new patient is prematurity against that patient's own
+    rhythm, which the RR features carry; the spectrogram has to tell QRS shapes apart (V, F, Q).
+    """
+    keras = _keras()
+    layers = keras.layers
+    n_freq, n_time = input_shape
+    stats = dict(rr_stats or {})
+    n_rr = int(stats.get("n", 0))
+    if n_rr < 1:
+        raise ValueError("beat-rr-cnn needs the store's RR features (rr_stats from the training part)")
+    x_in = keras.Input(shape=(n_freq, n_time), dtype=input_dtype, name="spectrogram")
+    r_in = keras.Input(shape=(n_rr,), dtype="float32", name="rr")
+    x = layers.Reshape((n_freq, n_time, 1), name="channel")(x_in)
+    x = layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1e-3, name="standardize")(x)
+    for stage, filters in enumerate((width, 2 * width, 4 * width)):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{stage}")(x)
+        x = layers.BatchNormalization(name=f"bn{stage}")(x)
+        x = layers.ReLU(name=f"relu{stage}")(x)
+        if stage < 2:
+            x = layers.MaxPooling2D(2, padding="same", name=f"pool{stage}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dropout(dropout, name="drop0")(x)
+    x = layers.Dense(dense, activation="relu", name="shape")(x)
+    mean = stats.get("mean", [0.0] * n_rr)
+    variance = stats.get("variance", [1.0] * n_rr)
+    r = layers.Normalization(mean=mean, variance=variance, name="rr_standardize")(r_in)
+    names = list(stats.get("features") or [f"rr{i}" for i in range(n_rr)])
+    select = None
+    if rr_use is not None:
+        missing = sorted(set(rr_use) - set(names))
+        if missing or not rr_use:
+            raise ValueError(f"rr_use names {missing or 'no'} features; the store has {names}")
+        select = layers.Dense(len(rr_use), use_bias=False, trainable=False, name="rr_select")
+        r = select(r)
+    r = layers.Dense(rr_units, activation="relu", name="rhythm")(r)
+    h = layers.Concatenate(name="shape_and_rhythm")([x, r])
+    h = layers.Dropout(dropout, name="drop1")(h)
+    h = layers.Dense(dense, activation="relu", name="dense")(h)
+    out = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probability")(h)
+    model = keras.Model({"spectrogram": x_in, "rr": r_in}, out, name="beat_rr_cnn")
+    if select is not None:
+        matrix = np.zeros((n_rr, len(rr_use)), np.float32)
+        matrix[[names.index(f) for f in rr_use], np.arange(len(rr_use))] = 1.0
+        select.set_weights([matrix])
+    return model
+
+
+def flops_per_segment(model) -> int:
+    """Multiply-adds x 2 of one segment through the model's convolution and dense layers (the rest, batch
+    norm, pooling and activations, adds a few percent): the model's cost as the report and README give it."""
+    total = 0
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind in ("Conv2D", "Conv1D"):
+            out_shape = layer.output.shape
+            kernel = layer.kernel.shape  # (*k, c_in, c_out)
+            per_out = int(np.prod(kernel[:-1]))
+            total += 2 * per_out * int(np.prod([d for d in out_shape[1:] if d is not None]))
+        elif kind == "Dense":
+            kernel = layer.kernel.shape
+            out_shape = layer.output.shape
+            rows = int(np.prod([d for d in out_shape[1:-1] if d is not None])) if len(out_shape) > 2 else 1
+            total += 2 * int(kernel[0]) * int(kernel[1]) * rows
+    return int(total)
 
 
 def rhythm_cnn(input_shape: tuple[int, int | None], n_classes: int, *, input_dtype: str = "float32",
@@ -181,29 +270,46 @@ def recalibrate_batch_norm(model, batches) -> int:
 _REGISTRY: dict[str, tuple[Callable[..., Any], str]] = {}
 #: name -> (builder ``fn(input_shape, n_classes, *, input_dtype, **options)``, one-line help); see ``register_model``
 MODELS: Mapping[str, tuple[Callable[..., Any], str]] = MappingProxyType(_REGISTRY)
+_INPUTS: dict[str, tuple[str, ...]] = {}
+#: name -> the store variables the model takes, in order (its input names); the first is ``spectrogram``
+MODEL_INPUTS: Mapping[str, tuple[str, ...]] = MappingProxyType(_INPUTS)
 
 
-def register_model(name: str, builder: Callable[..., Any], help: str) -> None:
-    """Make ``name`` a choice of ``train --model`` and the ``model`` key: one module plus this call."""
+def register_model(name: str, builder: Callable[..., Any], help: str,
+                   inputs: tuple[str, ...] = ("spectrogram",)) -> None:
+    """Make ``name`` a choice of ``train --model`` and the ``model`` key: one module plus this call.
+
+    ``inputs``: the per-segment store variables the model takes, named as its Keras inputs. A builder
+    of a model that takes ``rr`` gets ``rr_stats`` (``n``, and the training part's ``mean`` and
+    ``variance`` of each feature) to standardise them inside the model.
+    """
     if name in _REGISTRY and _REGISTRY[name][0] is not builder:
         raise ValueError(f"model {name!r} is already registered")
+    if not inputs or inputs[0] != "spectrogram":
+        raise ValueError(f"model {name!r}: its first input must be the spectrogram, not {inputs!r}")
     _REGISTRY[name] = (builder, help)
+    _INPUTS[name] = tuple(inputs)
 
 
 register_model("spectrogram-cnn", spectrogram_cnn, "beats: three conv stages (16/32/64), flatten, dense")
+register_model("beat-rr-cnn", beat_rr_cnn,
+               "beats with rhythm context: a light CNN (16/32/64, one conv a stage) beside the RR features",
+               inputs=("spectrogram", "rr"))
 register_model("rhythm-cnn", rhythm_cnn,
                "rhythm: blocks of 4 x (conv + BN + ReLU + dropout) then max-pool, averaged over time")
 
 
 def build_model(name: str, input_shape: tuple[int, int], n_classes: int, *, input_dtype: str = "float16",
-                options: Mapping[str, Any] | None = None):
-    """Build model ``name`` of ``MODELS`` for inputs of ``input_shape`` (the store's ``(freq, time)``)."""
+                options: Mapping[str, Any] | None = None, rr_stats: Mapping[str, Any] | None = None):
+    """Build model ``name`` of ``MODELS`` for inputs of ``input_shape`` (the store's ``(freq, time)``);
+    ``rr_stats`` for a model that takes RR features (``MODEL_INPUTS``)."""
     try:
         fn = MODELS[name][0]
     except KeyError:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+    extra = {"rr_stats": rr_stats} if "rr" in MODEL_INPUTS[name] else {}
     try:
-        return fn(input_shape, n_classes, input_dtype=input_dtype, **dict(options or {}))
+        return fn(input_shape, n_classes, input_dtype=input_dtype, **extra, **dict(options or {}))
     except (TypeError, ValueError) as exc:
         raise ModelError(f"model {name}: bad model_options {dict(options or {})}: {exc}") from None
 
@@ -331,6 +437,10 @@ def check_network(path: str | Path, metadata: Mapping[str, Any], inputs: Mapping
         if len(got) != len(shape) or any(g is not None and g != d for g, d in zip(got, shape)):  # None: any
             raise ModelError(f"{path}: its metadata gives {variable} windows of shape {tuple(shape)}, the network "
                              f"takes {tuple(got)}; metadata and network disagree, refused")
+    for name in declared.get("variables", [])[1:]:  # the store variables beside the spectrogram
+        if inputs and name not in inputs:
+            raise ModelError(f"{path}: its metadata feeds the store variable {name!r}, the network has no such input "
+                             f"({', '.join(inputs)}); refused")
     classes = metadata.get("classes")
     if classes is not None and n_out is not None and n_out != len(classes):
         raise ModelError(f"{path}: its metadata names {len(classes)} classes ({', '.join(map(str, classes))}), the "

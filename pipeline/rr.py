@@ -15,11 +15,15 @@ signal, a missed stretch of noise) is replaced by the local average and flagged.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
 #: The features, in the order of the last axis of ``RRFeatures.values`` (seconds, or ratios).
 RR_FEATURES = ("pre_rr", "post_rr", "local_rr", "long_rr", "pre_local", "post_local", "pre_long", "local_long")
+#: What a store's ``rr`` variable holds per segment: the features, then ``flagged`` (1.0 where an interval
+#: was missing or no heartbeat and the local average stands in for it, else 0.0).
+STORED_FEATURES = (*RR_FEATURES, "flagged")
 
 #: Bits of ``RRFeatures.flags``.
 NO_PREVIOUS, NO_NEXT, BAD_PREVIOUS, BAD_NEXT = 1, 2, 4, 8
@@ -35,9 +39,25 @@ class RRSpec:
     max_rr_s: float = 3.0  #: longer ones are gaps (missing signal, undetected noise)
     default_rr_s: float = 0.8  #: the value of every interval of a record without a single valid one
 
-    def attrs(self) -> dict[str, float]:
+    def attrs(self) -> dict[str, Any]:
+        """The parameters as a store's (and a model's) ``rr`` attribute."""
         return {"local_beats": self.local_beats, "long_s": self.long_s, "min_rr_s": self.min_rr_s,
-                "max_rr_s": self.max_rr_s, "default_rr_s": self.default_rr_s, "features": list(RR_FEATURES)}
+                "max_rr_s": self.max_rr_s, "default_rr_s": self.default_rr_s, "features": list(STORED_FEATURES),
+                "units": "s (pre_rr, post_rr, local_rr, long_rr), ratios (the others), 0/1 (flagged)"}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> "RRSpec":
+        """The spec a store's or a model's ``rr`` attribute describes."""
+        if list(attrs.get("features", [])) != list(STORED_FEATURES):
+            raise ValueError(f"RR features {attrs.get('features')} are not this version's {list(STORED_FEATURES)}")
+        return cls(int(attrs["local_beats"]), float(attrs["long_s"]), float(attrs["min_rr_s"]),
+                   float(attrs["max_rr_s"]), float(attrs["default_rr_s"]))
+
+    @property
+    def reach_s(self) -> float:
+        """How far from a beat its features may look: a span of a record scored alone needs this much signal
+        (and its beats) on each side to give the features the whole record gives."""
+        return self.long_s + self.local_beats * self.max_rr_s
 
 
 @dataclass(frozen=True)
@@ -105,3 +125,17 @@ def rr_features(sample: np.ndarray, fs: float, spec: RRSpec = RRSpec()) -> RRFea
     post = np.where(post_ok, post, local)
     values = np.stack([pre, post, local, long, pre / local, post / local, pre / long, local / long], axis=1)
     return RRFeatures(values.astype(np.float32), flags)
+
+
+def features_at(anchor: np.ndarray, beats: np.ndarray, fs: float, spec: RRSpec = RRSpec()) -> np.ndarray:
+    """The stored RR features (``STORED_FEATURES``) of the beats at ``anchor``, in the context of all ``beats``.
+
+    ``beats`` are every beat of the record (or span); ``anchor`` the ones segmented, in any order (an
+    anchor missing from ``beats`` is added to the context). Returns ``(len(anchor), len(STORED_FEATURES))``
+    float32 in the order of ``anchor``: one call per record, no per-beat loop.
+    """
+    anchor = np.asarray(anchor, dtype=np.int64)
+    context = np.union1d(np.asarray(beats, dtype=np.int64), anchor)
+    f = rr_features(context, fs, spec)
+    at = np.searchsorted(context, anchor)
+    return np.concatenate([f.values[at], (f.flags[at] != 0).astype(np.float32)[:, None]], axis=1)

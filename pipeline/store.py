@@ -1,6 +1,6 @@
 """Stage 5: the labelled Zarr v3 store of spectrograms, one schema for beat and rhythm stores.
 
-Layout (``schemas/store-v2.json`` is the contract, checked on write and on open):
+Layout (``schemas/store-v3.json`` is the contract, checked on write and on open):
 
 * ``spectrogram (segment, freq, time)`` with per-segment coordinates ``record``,
   ``anchor`` (the sample a segment is placed at), ``label`` (its class), ``symbol``
@@ -39,15 +39,18 @@ from .errors import StoreError
 if TYPE_CHECKING:
     import xarray as xr
 
-SCHEMA_FILE = "store-v2.json"
+SCHEMA_FILE = "store-v3.json"
 STATE_GROUP = "_state"
 FINGERPRINT = "chunk_fingerprint"
 SEGMENT_COORDS = ("record", "anchor", "label", "symbol", "lead")
 LABEL = "label"  #: the per-segment class variable
+RR = "rr"  #: the per-segment RR features (beat stores, schema v3)
+#: Schema versions this version reads: v2 stores are v3 stores without ``rr`` (spectrogram-only models use them)
+READABLE_VERSIONS = (2, 3)
 
 
 def store_schema() -> dict[str, Any]:
-    """The store schema (``schemas/store-v2.json``)."""
+    """The store schema (``schemas/store-v3.json``)."""
     return schemas.load(SCHEMA_FILE)
 
 
@@ -82,6 +85,7 @@ class Layout:
     n_freq: int
     n_time: int
     chunk_size: int
+    n_rr: int = 0  #: RR features per segment (beat stores); 0: no ``rr`` variable
 
     @property
     def offsets(self) -> np.ndarray:
@@ -163,7 +167,8 @@ def create_array(group, name: str, spec: Mapping[str, Any], shape: tuple[int, ..
 
 
 def _dim_sizes(layout: Layout) -> dict[str, int]:
-    return {"segment": layout.n_segments, "freq": layout.n_freq, "time": layout.n_time, "record_id": len(layout.records)}
+    return {"segment": layout.n_segments, "freq": layout.n_freq, "time": layout.n_time, "record_id": len(layout.records),
+            "rr_feature": layout.n_rr}
 
 
 def prepare(
@@ -220,7 +225,7 @@ def prepare(
         old = dict(group.attrs)
         if old.get("package") != "ecg-pipeline":
             raise StoreError(f"{path} is a Zarr group but not an ecg-pipeline store; choose another --out or pass --overwrite")
-        check_version(old, path)
+        check_version(old, path, write=True)
         for key in ("schema_version", "database", "database_version", "config_fingerprint"):
             if old.get(key) != attrs.get(key):
                 raise StoreError(
@@ -240,6 +245,8 @@ def prepare(
         shape = tuple(sizes[d] for d in spec["dims"])
         if spec["dims"][0] == "record_id":
             continue  # the per-record table is written whole by write_record_table
+        if "rr_feature" in spec["dims"] and not layout.n_rr:
+            continue  # segments that are not beats have no RR features
         chunks = tuple(layout.chunk_size if d == "segment" else max(sizes[d], 1) for d in spec["dims"])
         want = dtype if name == "spectrogram" else spec["dtype"][0]
         existing = group.get(name)
@@ -258,6 +265,8 @@ def prepare(
             existing.resize(shape)
     group["freq"][:] = coords["freq"]
     group["time"][:] = coords["time"]
+    if layout.n_rr:
+        group["rr_feature"][:] = np.asarray(coords["rr_feature"], dtype=object)
 
     state = group.require_group(STATE_GROUP)
     fp = state.get(FINGERPRINT)
@@ -291,7 +300,8 @@ class ChunkWriter:
 def chunk_writer(path: str, storage_options: Mapping[str, Any] | None = None) -> ChunkWriter:
     group = open_group(path, "r+", storage_options)
     # A chunk is never all fill value here: skip zarr's empty-chunk scan (2/3 of the write time).
-    arrays = {n: group[n].with_config({"write_empty_chunks": True}) for n in ("spectrogram", *SEGMENT_COORDS)}
+    names = ("spectrogram", *SEGMENT_COORDS, *((RR,) if RR in group else ()))
+    arrays = {n: group[n].with_config({"write_empty_chunks": True}) for n in names}
     return ChunkWriter(arrays, group[f"{STATE_GROUP}/{FINGERPRINT}"])
 
 
@@ -303,12 +313,13 @@ def write_chunk(
     labels: Mapping[str, np.ndarray],
     fingerprint: str,
     storage_options: Mapping[str, Any] | None = None,
+    rr: np.ndarray | None = None,
 ) -> None:
     """Write segment chunk ``k`` whole, then record its fingerprint.
 
     ``target`` is a ``ChunkWriter`` (or the store's path). The fingerprint is cleared
     first and set last, so a task killed half-way leaves a chunk that the next run sees
-    as missing.
+    as missing. ``rr``: the chunk's RR features, for a store that has the variable.
     """
     writer = target if isinstance(target, ChunkWriter) else chunk_writer(target, storage_options)
     spec_arr = writer.arrays["spectrogram"]
@@ -319,6 +330,11 @@ def write_chunk(
     writer.arrays["spectrogram"][segments] = spectrogram.astype(spec_arr.dtype, copy=False)
     for name in SEGMENT_COORDS:
         writer.arrays[name][segments] = labels[name]
+    if RR in writer.arrays:
+        if rr is None or rr.shape != (segments.stop - segments.start, writer.arrays[RR].shape[1]):
+            raise StoreError(f"chunk {k}: the store holds RR features, this write gives "
+                             f"{None if rr is None else rr.shape}")
+        writer.arrays[RR][segments] = rr.astype(np.float32, copy=False)
     writer.fingerprint[k] = fingerprint
 
 
@@ -358,15 +374,27 @@ def _dtype_ok(dtype: np.dtype, allowed: Sequence[str]) -> bool:
     return False
 
 
-def check_version(attrs: Mapping[str, Any], where: str) -> None:
-    """Refuse a store of another schema version with what to do about it."""
+def rebuild_hint(attrs: Mapping[str, Any], where: str) -> str:
+    return (f"rebuild it with `ecg-pipeline preprocess {attrs.get('database', 'DB')} --out {where} --overwrite` (same "
+            "--records and --config), or write a new --out")
+
+
+def check_version(attrs: Mapping[str, Any], where: str, *, write: bool = False) -> None:
+    """Refuse a store of a schema version this one cannot read (or, with ``write``, cannot resume) with what to do.
+
+    A v2 store is read as a v3 store without RR features; resuming it, or training a model that takes RR
+    features on it, is refused with how to rebuild it."""
     version = attrs.get("schema_version")
-    if attrs.get("package") == "ecg-pipeline" and version != store_schema()["schema_version"]:
+    current = store_schema()["schema_version"]
+    if attrs.get("package") != "ecg-pipeline":
+        return
+    if write and version in READABLE_VERSIONS and version != current:
+        raise StoreError(f"{where} was written with store schema v{version} (this ecg-pipeline writes v{current}: "
+                         f"RR-interval features per beat); {rebuild_hint(attrs, where)}")
+    if version not in READABLE_VERSIONS:
         raise StoreError(
-            f"{where} was written with store schema v{version} (this ecg-pipeline reads v{store_schema()['schema_version']}: "
-            "generic `label`/`anchor` variables and the task in the attributes); rebuild it with "
-            f"`ecg-pipeline preprocess {attrs.get('database', 'DB')} --out {where} --overwrite` (same --records and "
-            "--config), or write a new --out")
+            f"{where} was written with store schema v{version} (this ecg-pipeline reads v2 and v{current}: "
+            f"generic `label`/`anchor` variables and the task in the attributes); {rebuild_hint(attrs, where)}")
 
 
 def validate(ds: xr.Dataset, *, require_complete: bool = True, where: str = "dataset") -> xr.Dataset:
