@@ -105,3 +105,49 @@ def test_a_network_that_disagrees_with_its_metadata_is_refused_before_and_after_
             check_archive(path)
         with pytest.raises(ModelError, match=message):
             load_model(path)
+
+
+def _rr_stats(n=9):
+    from ecg_pipeline.pipeline.rr import STORED_FEATURES
+
+    return {"n": n, "features": list(STORED_FEATURES), "mean": [0.8, 0.8, 0.8, 0.8, 1, 1, 1, 1, 0.01],
+            "variance": [0.04] * 4 + [0.02] * 4 + [0.01]}
+
+
+def test_a_two_input_model_is_fed_by_input_name_saved_and_loaded_safely(tmp_path):
+    from ecg_pipeline.pipeline.models import MODEL_INPUTS, check_archive, flops_per_segment
+
+    assert MODEL_INPUTS["beat-rr-cnn"] == ("spectrogram", "rr") and MODEL_INPUTS["spectrogram-cnn"] == ("spectrogram",)
+    from ecg_pipeline.pipeline.models import RELATIVE_RR
+
+    model = build_model("beat-rr-cnn", (8, 24), 5, input_dtype="float16", rr_stats=_rr_stats(),
+                        options={"rr_use": list(RELATIVE_RR)})
+    assert {t.name.split(":")[0] for t in model.inputs} == {"spectrogram", "rr"}
+    rng = np.random.default_rng(0)
+    x = {"rr": rng.normal(1, 0.2, size=(6, 9)).astype("float32"),
+         "spectrogram": rng.normal(size=(6, 8, 24)).astype("float16")}  # by name: the order does not matter
+    p = model.predict(x, verbose=0)
+    assert p.shape == (6, 5) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    # With rr_use, only those features are used: changing the seconds (pre_rr, ...) changes nothing.
+    y = {**x, "rr": x["rr"].copy()}
+    y["rr"][:, :4] += 0.5
+    assert np.allclose(model.predict(y, verbose=0), p, atol=1e-6)
+    z = {**x, "rr": x["rr"].copy()}
+    z["rr"][:, 4] *= 0.5  # pre_local: a premature beat
+    assert not np.allclose(model.predict(z, verbose=0), p, atol=1e-6)
+    meta = {"classes": list("NSVFQ"), "input": {"shape": [8, 24], "dtype": "float16", "variable": "spectrogram",
+                                                "variables": ["spectrogram", "rr"]}}
+    path = save_model(model, tmp_path / "m.keras", meta)
+    assert check_archive(path)["input"]["variables"] == ["spectrogram", "rr"]
+    loaded, _ = load_model(path)  # Keras safe mode: the selection and standardisation are plain layers
+    assert np.allclose(loaded.predict(x, verbose=0), p, atol=1e-6)
+    assert 0.5e6 < flops_per_segment(loaded) < 3e6  # the light model of the README (~1 MFLOP a beat)
+    assert flops_per_segment(build_model("spectrogram-cnn", (33, 24), 5)) > 10e6
+    # A spectrogram-only network whose metadata says it takes rr is refused.
+    plain = save_model(build_model("spectrogram-cnn", (8, 24), 5, options={"width": 4}), tmp_path / "p.keras", meta)
+    with pytest.raises(ModelError, match="feeds the store variable 'rr'"):
+        check_archive(plain)
+    with pytest.raises(ModelError, match="needs the store's RR features"):
+        build_model("beat-rr-cnn", (8, 24), 5)
+    with pytest.raises(ModelError, match="rr_use names"):
+        build_model("beat-rr-cnn", (8, 24), 5, rr_stats=_rr_stats(), options={"rr_use": ["heart_rate"]})

@@ -133,9 +133,13 @@ def test_saved_model_takes_the_store_as_stored(run, small_store):
     ds = open_dataset(str(small_store))
     assert meta["store"]["spectrogram"] == ds.attrs["spectrogram"]
     assert meta["classes"] == ds.attrs["classes"]
-    x = ds.spectrogram[:8].values  # float16, exactly as stored
+    # Fed by name from the store variables its metadata lists (the default model takes spectrogram and rr),
+    # exactly as stored (float16 spectrograms, float32 RR features).
+    assert meta["input"]["variables"] == ["spectrogram", "rr"] and meta["input"]["rr"] == ds.attrs["rr"]
+    x = {name: ds[name][:8].values for name in meta["input"]["variables"]}
     p = model.predict(x, verbose=0)
     assert p.shape == (8, 5) and np.allclose(p.sum(axis=1), 1, atol=1e-4)
+    assert 0 < json.loads((out / "metrics.json").read_text())["flops_per_segment"] < 3e6
 
 
 def test_evaluate_recomputes_the_metrics(run, small_store, files, tmp_path):
