@@ -127,6 +127,38 @@ if __name__ == "__main__":
 '''
 
 
+def _heartbeat_filter_in_worker(dask_worker):
+    """In a worker: its heartbeat filter, and what it does with a heartbeat failure now and once closing."""
+    import logging
+
+    from distributed.core import Status
+
+    from ecg_pipeline.pipeline.cluster import DropClosingHeartbeatFailure
+
+    found = [f for f in logging.getLogger("distributed.worker").filters if isinstance(f, DropClosingHeartbeatFailure)]
+    record = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 0,
+                               "Failed to communicate with scheduler during heartbeat.", None, None)
+    other = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 0, "Worker stream died", None, None)
+    running = found[0].filter(record) if found else None
+    closing = DropClosingHeartbeatFailure(type("W", (), {"status": Status.closing})())
+    return {"n": len(found), "follows_this_worker": bool(found) and found[0].worker is dask_worker,
+            "kept_while_running": running, "dropped_while_closing": not closing.filter(record),
+            "other_kept_while_closing": closing.filter(other)}
+
+
+def test_local_workers_drop_only_the_heartbeat_race_of_their_own_close():
+    """Every local worker drops the "Failed to communicate with scheduler during heartbeat" traceback that an
+    orderly close can race into (dask/distributed#7105), and only while it is closing."""
+    from ecg_pipeline.pipeline.cluster import dask_client
+
+    with dask_client(n_workers=2, dashboard_address=None) as client:
+        seen = client.run(_heartbeat_filter_in_worker)
+    assert len(seen) == 2
+    for worker, found in seen.items():
+        assert found == {"n": 1, "follows_this_worker": True, "kept_while_running": True,
+                         "dropped_while_closing": True, "other_kept_while_closing": True}, (worker, found)
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_local_workers_exit_when_their_driver_is_killed(tmp_path, method):
     """Both workers busy in a task, their parent-alive pipes held open by another process: SIGKILL the driver and
