@@ -263,6 +263,11 @@ class TrainConfig(_Config):
     balanced_sampling: bool = Field(
         False, description="Resample each shuffle group so that classes are drawn equally often.")
     patience: int = Field(6, ge=1, description="Epochs without a better validation macro F1 before stopping.")
+    refit: bool = Field(
+        True, description="After the validation part has picked the best epoch, train a fresh model on the training "
+                          "and validation parts together for that many epochs, with the same learning rates, and "
+                          "keep it. With whole patients held out for validation (inter-patient, stratified "
+                          "records) this gives the model the patients the validation part held.")
     seed: int = Field(0, ge=0, description="Seed of weights, split (intra-patient) and loader order.")
     shuffle_chunks: int = Field(16, ge=1, description="Zarr chunks per shuffle group (the shuffle buffer).")
     parallel_reads: int = Field(2, ge=1, description="Groups of chunks read concurrently.")
@@ -478,7 +483,7 @@ TASK_TRAIN_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "beat": MappingProxyType({}),
     "rhythm": MappingProxyType({"model": "rhythm-cnn", "epochs": 40, "batch_size": 32, "learning_rate": 1e-3,
                                 "lr_patience": 3, "patience": 8, "shuffle_chunks": 64,
-                                "bn_recalibration_batches": 64}),
+                                "bn_recalibration_batches": 64, "refit": False}),
 })
 
 

@@ -110,6 +110,40 @@ def test_every_model_file_of_the_run_folder_is_self_describing(run):
     assert model["classes"] and model["store"]["spectrogram"]
 
 
+def test_the_kept_model_is_refit_on_train_and_val_for_the_best_epochs(run):
+    """``refit`` (the default): model.keras is a fresh model trained on train + val for the best epoch's count
+    of epochs at the selection run's learning rates, its last half of epochs averaged, and says so."""
+    from ecg_pipeline.pipeline.models import read_metadata
+
+    out, r = run
+    state = json.loads((out / "train_state.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    refit = read_metadata(out / "model.keras")["train"]["refit"]
+    assert refit["epochs"] == state["best_epoch"] == state["refit_epochs"] >= 1
+    assert refit["learning_rates"] == history["epoch_learning_rate"][: state["best_epoch"]]
+    assert refit["n_segments"] == split["n_segments"]["train"] + split["n_segments"]["val"]
+    best = state["best_epoch"]
+    assert refit["averaged_epochs"] == list(range(best - (best + 1) // 2 + 1, best + 1))  # its last half
+    assert json.loads((out / "run.json").read_text())["refit_epochs"] == state["best_epoch"]
+    assert f"refit on train + val for {state['best_epoch']} epochs" in r.stdout
+    assert "refit" not in read_metadata(out / "checkpoint.keras")["train"]
+
+
+def test_without_refit_the_best_epoch_is_kept(small_store, files, tmp_path):
+    from ecg_pipeline.pipeline.models import read_metadata
+
+    (tmp_path / "config.yaml").write_text((files / "config.yaml").read_text() + "refit: false\n")
+    r = _cli("train", "--store", str(small_store), "--split", str(files / "split.yaml"), "--config",
+             str(tmp_path / "config.yaml"), "--epochs", "2", "--out", str(tmp_path / "run"), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = read_metadata(tmp_path / "run" / "model.keras")["train"]
+    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert "refit" not in train and train["weights_epoch"] == state["best_epoch"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["refit_epochs"] == 0
+    assert "refit on" not in r.stdout
+
+
 def test_a_model_file_without_metadata_is_refused_in_one_line(run, small_store, files, tmp_path):
     out, _ = run
     bare = _without_metadata(out / "model.keras", tmp_path / "bare.keras")
