@@ -392,7 +392,6 @@ def _make_callback():
 
         def on_epoch_begin(self, epoch, logs=None):
             self._t0 = time.perf_counter()
-            self._lr = float(np.asarray(self.model.optimizer.learning_rate))
 
         def on_epoch_end(self, epoch, logs=None):
             logs = dict(logs or {})
@@ -563,39 +562,37 @@ def run_training(request: TrainRequest) -> TrainResult:
 SWA_BN_BATCHES = 100
 
 
-class _WeightAverage:
-    """A Keras callback (built lazily: Keras is imported late) that averages the weights after each epoch from
-    ``first`` (0-based) on: stochastic weight averaging (Izmailov et al. 2018). Measured on DS1 -> DS2 (beat-rr-cnn,
-    8 epochs, 3 seeds): the V F1 of single epochs swung 0.71-0.86 within one run; the average of epochs 3-8
-    landed at 0.79-0.84, S F1 0.48-0.54."""
+def _weight_average(first: int):
+    """A Keras callback (made here: Keras is imported late, as in ``_make_callback``) that averages the weights
+    after each epoch from ``first`` (0-based) on: stochastic weight averaging (Izmailov et al. 2018); ``apply``
+    puts the average into the model. Measured on DS1 -> DS2 (beat-rr-cnn, 8 epochs, 3 seeds): the V F1 of single
+    epochs swung 0.71-0.86 within one run; the average of epochs 3-8 landed at 0.79-0.84, S F1 0.48-0.54."""
+    import keras
 
-    def __new__(cls, first: int):
-        import keras
+    class WeightAverage(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.first, self.n, self.sums = max(0, first), 0, None
 
-        class WeightAverage(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.first, self.n, self.sums = max(0, first), 0, None
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch < self.first:
+                return
+            values = [np.asarray(v.numpy(), dtype=np.float64) for v in self.model.weights]
+            self.sums = values if self.sums is None else [a + b for a, b in zip(self.sums, values)]
+            self.n += 1
 
-            def on_epoch_end(self, epoch, logs=None):
-                if epoch < self.first:
-                    return
-                values = [np.asarray(v.numpy(), dtype=np.float64) for v in self.model.weights]
-                self.sums = values if self.sums is None else [a + b for a, b in zip(self.sums, values)]
-                self.n += 1
+        def apply(self, model) -> None:
+            if self.n:
+                for v, total in zip(model.weights, self.sums):
+                    v.assign((total / self.n).astype(v.dtype))
 
-            def apply(self, model) -> None:
-                if self.n:
-                    for v, total in zip(model.weights, self.sums):
-                        v.assign((total / self.n).astype(v.dtype))
-
-        return WeightAverage()
+    return WeightAverage()
 
 
 def _refit(request: TrainRequest, ds, split: Split, inputs: tuple[str, ...], state: dict[str, Any],
            metadata: dict[str, Any], sample_shape, dtype: str, n_classes: int):
     """A fresh model trained on train + val for the best epoch's count of epochs, at the learning rates the
-    selection run used in them, with the weights of its last half of epochs averaged (``_WeightAverage``);
+    selection run used in them, with the weights of its last half of epochs averaged (``_weight_average``);
     saved as ``model.keras`` (replacing the best epoch), with ``train.refit``.
 
     A run killed during the refit repeats it on ``--resume`` (nothing of it is checkpointed: it is as long as
@@ -620,7 +617,7 @@ def _refit(request: TrainRequest, ds, split: Split, inputs: tuple[str, ...], sta
     log.info("refit: %s on train + val (%d segments) for %d epochs", cfg.model, len(data), epochs)
     t0 = time.perf_counter()
     schedule = keras.callbacks.LearningRateScheduler(lambda epoch, lr: rates[min(epoch, epochs - 1)])
-    average = _WeightAverage(first=epochs - (epochs + 1) // 2)
+    average = _weight_average(first=epochs - (epochs + 1) // 2)
     model.fit(data.dataset(), epochs=epochs, callbacks=[schedule, average], verbose=0, shuffle=False)
     average.apply(model)
     # The averaged weights never ran with the moving batch-norm statistics: recompute them on training batches.
