@@ -109,6 +109,10 @@ class TaskContext:
         """The RR features of beat segments (``config.rr``); None for stores whose segments are not beats."""
         return self.config.rr.spec() if self.labels.task == "beat" else None
 
+    def template_spec(self):
+        """The neighbour templates of beat segments (``config.template``); None for other stores or beats 0."""
+        return self.config.template.spec() if self.labels.task == "beat" else None
+
 
 def plan_record(ctx: TaskContext, source: sources.RecordSource, record: str) -> RecordPlan:
     """Phase 1 for one record: ``extract.plan_record`` with this job's settings."""
@@ -148,13 +152,13 @@ def write_chunk(
     ``parts``: ``(plan batch, index of the record's plan in it, first, end)`` per record piece.
     """
     pieces = [(batch[j], lo, hi) for batch, j, lo, hi in parts]
-    rows = extract.chunk_contents(source, pieces, spec, ctx.cache(), ctx.policy)
+    rows = extract.chunk_contents(source, pieces, spec, ctx.cache(), ctx.policy, ctx.template_spec())
     timer = Timer()
     with timer("write"):
         # A chunk with a failed piece is written (so the store stays readable) but keeps no
         # fingerprint, so the next run computes it again.
         store.write_chunk(writer, k, segs, rows.spectrogram, rows.coords, "" if rows.failures else fingerprint,
-                          rr=rows.rr)
+                          rr=rows.rr, template=rows.template)
     return ChunkResult(k, not rows.failures, rows.failures, {**rows.seconds, **timer.seconds}, segs.stop - segs.start)
 
 
@@ -309,7 +313,7 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
     rr_spec = ctx.rr_spec()
     layout = store.Layout(tuple(names), tuple(plans[r].n_segments for r in names), spec.n_freq if spec else 0,
                           spec.n_time if spec else 0, config.store.chunk_size,
-                          len(rr.STORED_FEATURES) if rr_spec else 0)
+                          len(rr.STORED_FEATURES) if rr_spec else 0, ctx.template_spec() is not None)
     coords = {"freq": spec.freqs() if spec else np.zeros(0, np.float32),
               "time": spec.times() if spec else np.zeros(0, np.float32),
               "rr_feature": np.array(rr.STORED_FEATURES if rr_spec else (), dtype=object)}
@@ -429,6 +433,7 @@ def _store_attrs(request: PreprocessRequest, config: PreprocessConfig, labels: L
         "config_fingerprint": config.fingerprint(labels.task),
         "spectrogram": spec.attrs() if spec else {},
         **({"rr": config.rr.spec().attrs()} if labels.task == "beat" else {}),
+        **({"template": config.template.spec().attrs()} if labels.task == "beat" and config.template.beats else {}),
         "missing_source_files": list(listing.missing),
     }
 

@@ -38,7 +38,7 @@ from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from .. import pipeline
 from .common import NoProgress, Timer, cache_root, prepare_source
-from ..pipeline import extract, lease, models, quality, records, rr, scores, sources, spectrogram, tables
+from ..pipeline import extract, lease, models, quality, records, rr, scores, sources, spectrogram, tables, template
 from ..pipeline.config import ScoreConfig
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import RetryPolicy
@@ -72,25 +72,32 @@ class ModelInfo:
     min_fs: float = 0.0  #: the lowest sampling rate the model was trained for (metadata ``accepted``; else its store's)
     inputs: tuple[str, ...] = ("spectrogram",)  #: the store variables the network takes, by input name
     rr_spec: rr.RRSpec | None = None  #: how its RR features are computed (models that take ``rr``)
+    template_spec: template.TemplateSpec | None = None  #: how its templates are made (models that take ``template``)
 
     @property
     def margin_s(self) -> float:
         """Signal read on each side of a piece: the detector's context, and the RR features' reach."""
-        return MARGIN_S + (self.rr_spec.reach_s if self.rr_spec is not None else 0.0)
+        # A template's neighbours: 2 x beats on a side near an end, at most a 3 s interval each (rr.RRSpec.max_rr_s).
+        reach = 2 * self.template_spec.beats * 3.0 if self.template_spec is not None else 0.0
+        return MARGIN_S + max(self.rr_spec.reach_s if self.rr_spec is not None else 0.0, reach)
 
     def batch(self, seg: "extract.DetectedSegments") -> Any:
         """The network's input for detected beats: the spectrograms, with their RR features by name."""
         x = seg.spectrogram.astype(self.input_dtype)
-        if "rr" not in self.inputs:
+        if len(self.inputs) == 1:
             return x
-        return {"spectrogram": x, "rr": seg.rr}
+        out = {"spectrogram": x, "rr": seg.rr}
+        if "template" in self.inputs:
+            out["template"] = seg.template.astype(self.input_dtype)
+        return {k: out[k] for k in self.inputs}
 
     def dummy(self, n: int) -> Any:
         """A batch of ``n`` zero segments (to trace the network)."""
         x = np.zeros((n, self.spec.n_freq, self.spec.n_time), dtype=self.input_dtype)
-        if "rr" not in self.inputs:
+        if len(self.inputs) == 1:
             return x
-        return {"spectrogram": x, "rr": np.zeros((n, len(rr.STORED_FEATURES)), np.float32)}
+        out = {"spectrogram": x, "rr": np.zeros((n, len(rr.STORED_FEATURES)), np.float32), "template": x}
+        return {k: out[k] for k in self.inputs}
 
     @property
     def min_seconds(self) -> float:
@@ -141,13 +148,20 @@ class ModelInfo:
             except (KeyError, TypeError, ValueError) as exc:
                 raise models.ModelError(f"{path}: takes RR features but its metadata does not say how they are "
                                         f"computed ({type(exc).__name__}: {exc}); refused") from None
+        template_spec = None
+        if "template" in inputs:
+            try:
+                template_spec = template.TemplateSpec.from_attrs(inp.get("template") or {})
+            except (KeyError, TypeError, ValueError) as exc:
+                raise models.ModelError(f"{path}: takes neighbour templates but its metadata does not say how they "
+                                        f"are made ({type(exc).__name__}: {exc}); refused") from None
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         return cls(path=str(path), sha256=digest, spec=spec, classes=tuple(meta["classes"]),
                    input_dtype=meta.get("input", {}).get("dtype", "float32"), label_map=dict(st.get("label_map") or {}),
                    database=st.get("database", ""), leads=leads, annotator=db.annotator if db else "atr",
                    task=task, min_fs=float((meta.get("accepted") or {}).get("min_fs_hz") or spec.fs),
-                   inputs=inputs, rr_spec=rr_spec, **rhythm)
+                   inputs=inputs, rr_spec=rr_spec, template_spec=template_spec, **rhythm)
 
 
 class ModelPlugin(WorkerPlugin):
@@ -305,7 +319,8 @@ def score_span(x: np.ndarray, fs: float, first: int, start: int, stop: int, info
     mv_per_unit
         Millivolts per unit of ``x`` (the lead's units), for the detector's amplitude floor.
     """
-    seg = extract.detected_segments(x, fs, first, start, stop, info.spec, config.detector, mv_per_unit, info.rr_spec)
+    seg = extract.detected_segments(x, fs, first, start, stop, info.spec, config.detector, mv_per_unit, info.rr_spec,
+                                    info.template_spec)
     timer = Timer()
     with timer("model"):
         prob = predict_fn(info.batch(seg))

@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from .. import pipeline
+from ..pipeline.augment import premature_beats
 from ..pipeline.config import TrainConfig
 from ..pipeline.errors import ConfigError, PipelineError
 from ..pipeline.evaluate import aggregate_by_record, classification_metrics, format_report, plot_history, write_evaluation
@@ -116,7 +117,8 @@ def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype, inputs:
         "classes": list(a["classes"]),
         "challenge_classes": list(a.get("challenge_classes", [])),
         "input": {"shape": list(input_shape), "dtype": str(dtype), "variable": "spectrogram",
-                  "variables": list(inputs), **({"rr": a["rr"]} if "rr" in inputs else {})},
+                  "variables": list(inputs), **({"rr": a["rr"]} if "rr" in inputs else {}),
+                  **({"template": a["template"]} if "template" in inputs else {})},
         # What the network has seen: records at the store's rate (others are resampled to it), the rows up to
         # `top` Hz. A record sampled too low for them has empty rows there: `score` refuses or flags it.
         "accepted": {"min_fs_hz": spec.min_fs_hz, "band_hz": [0.0, top]},
@@ -129,6 +131,13 @@ def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype, inputs:
         "split": split.to_dict(),
         "train_config": config.to_dict(),
     }
+
+
+def _augmentation(cfg: TrainConfig, ds, inputs: tuple[str, ...]):
+    """The training loader's augmentation: premature beats for a model that takes RR features (None otherwise)."""
+    if "rr" not in inputs:
+        return None
+    return premature_beats(cfg.premature_beats, list(ds.attrs["classes"]), [str(f) for f in ds["rr_feature"].values])
 
 
 def _rr_stats(ds, train: np.ndarray) -> dict[str, Any]:
@@ -153,7 +162,7 @@ def check_compatible(metadata: Mapping[str, Any], ds, model_path: str | Path) ->
     if list(metadata["classes"]) != list(ds.attrs["classes"]):
         raise ModelError(f"{model_path} predicts classes {metadata['classes']}, the store has {ds.attrs['classes']}")
     check_inputs(model_inputs(metadata), ds.attrs, ds.variables, str(model_path), metadata.get("input", {}).get("rr"),
-                 ds.encoding.get("source", "STORE"))
+                 ds.encoding.get("source", "STORE"), metadata.get("input", {}).get("template"))
 
 
 def model_inputs(metadata: Mapping[str, Any]) -> tuple[str, ...]:
@@ -162,8 +171,10 @@ def model_inputs(metadata: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def check_inputs(inputs: tuple[str, ...], attrs: Mapping[str, Any], variables, what: str,
-                 rr_attrs: Mapping[str, Any] | None = None, store: str = "STORE") -> None:
-    """Refuse a store that lacks a variable the model takes, or whose RR features were computed otherwise."""
+                 rr_attrs: Mapping[str, Any] | None = None, store: str = "STORE",
+                 template_attrs: Mapping[str, Any] | None = None) -> None:
+    """Refuse a store that lacks a variable the model takes, or whose RR features or templates were computed
+    otherwise."""
     where = attrs.get("database", "the store")
     for name in inputs:
         if name not in variables:
@@ -174,6 +185,9 @@ def check_inputs(inputs: tuple[str, ...], attrs: Mapping[str, Any], variables, w
     if "rr" in inputs and rr_attrs is not None and dict(attrs.get("rr") or {}) != dict(rr_attrs):
         raise ModelError(f"{what} was trained on RR features computed with other parameters than {where}'s "
                          f"(model {dict(rr_attrs)}, store {attrs.get('rr')}); re-run preprocess with the model's")
+    if "template" in inputs and template_attrs is not None and dict(attrs.get("template") or {}) != dict(template_attrs):
+        raise ModelError(f"{what} was trained on templates made with other parameters than {where}'s (model "
+                         f"{dict(template_attrs)}, store {attrs.get('template')}); re-run preprocess with the model's")
 
 
 def _no_metadata_error(model_path: str | Path) -> ModelError:
@@ -479,7 +493,8 @@ def run_training(request: TrainRequest) -> TrainResult:
                              # a resumed run continues the per-epoch sequence instead of repeating epoch 1's order
                              seed=cfg.seed + 1000 * state["epoch"] if train else cfg.seed,
                              class_weighting=cfg.class_weighting if train else "none",
-                             balanced_sampling=cfg.balanced_sampling and train)
+                             balanced_sampling=cfg.balanced_sampling and train,
+                             augment=_augmentation(cfg, ds, inputs) if train else None)
         return ZarrSegmentLoader(request.store, split[part], opts, storage_options=request.storage_options)
 
     train_l, val_l = loader("train", True), loader("val", False)
@@ -526,7 +541,7 @@ def run_training(request: TrainRequest) -> TrainResult:
         best, saved = load_model(out / MODEL_FILE)
         refitted = saved.get("train", {}).get("refit")
         metadata = _train_metadata(metadata, state, state["best_epoch"], True)
-        if refitted and (not cfg.refit or (not more and refitted["epochs"] == state["best_epoch"])):
+        if refitted and (not cfg.refit or (not more and refitted["epochs"] == _refit_length(cfg, state))):
             # a resumed run whose model.keras is already the refit of this best epoch (the refit is deterministic)
             metadata["train"]["refit"] = refitted
             model_path = save_model(best, out / MODEL_FILE, metadata)
@@ -589,11 +604,16 @@ def _weight_average(first: int):
     return WeightAverage()
 
 
+def _refit_length(cfg: TrainConfig, state: Mapping[str, Any]) -> int:
+    """Epochs of the refit: ``refit_epochs``, or the best epoch's count where that is 0."""
+    return int(cfg.refit_epochs or state["best_epoch"])
+
+
 def _refit(request: TrainRequest, ds, split: Split, inputs: tuple[str, ...], state: dict[str, Any],
            metadata: dict[str, Any], sample_shape, dtype: str, n_classes: int):
-    """A fresh model trained on train + val for the best epoch's count of epochs, at the learning rates the
-    selection run used in them, with the weights of its last half of epochs averaged (``_weight_average``);
-    saved as ``model.keras`` (replacing the best epoch), with ``train.refit``.
+    """A fresh model trained on train + val for ``_refit_length`` epochs, at the learning rates the selection
+    run used in them (its last one past its end), with the weights of its last half of epochs averaged
+    (``_weight_average``); saved as ``model.keras`` (replacing the best epoch), with ``train.refit``.
 
     A run killed during the refit repeats it on ``--resume`` (nothing of it is checkpointed: it is as long as
     the selection run up to its best epoch).
@@ -601,13 +621,14 @@ def _refit(request: TrainRequest, ds, split: Split, inputs: tuple[str, ...], sta
     import keras
 
     cfg, out = request.config, Path(request.out)
-    epochs = int(state["best_epoch"])
+    epochs = _refit_length(cfg, state)
     rates = list(state["history"].get("epoch_learning_rate", []))[:epochs]
     rates += [rates[-1] if rates else cfg.learning_rate] * (epochs - len(rates))  # runs of older versions
     both = np.union1d(split["train"], split["val"])
     opts = LoaderOptions(batch_size=cfg.batch_size, shuffle=True, shuffle_chunks=cfg.shuffle_chunks, inputs=inputs,
                          parallel_reads=cfg.parallel_reads, seed=cfg.seed + 500,
-                         class_weighting=cfg.class_weighting, balanced_sampling=cfg.balanced_sampling)
+                         class_weighting=cfg.class_weighting, balanced_sampling=cfg.balanced_sampling,
+                         augment=_augmentation(cfg, ds, inputs))
     data = ZarrSegmentLoader(request.store, both, opts, storage_options=request.storage_options)
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(cfg.model, sample_shape, n_classes, input_dtype=dtype, options=cfg.model_options,

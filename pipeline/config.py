@@ -170,6 +170,18 @@ class RRConfig(_Config):
         return RRSpec(self.local_beats, self.long_s, self.min_rr_s, self.max_rr_s, self.default_rr_s)
 
 
+class TemplateConfig(_Config):
+    """The shape context of each beat (pipeline.template): its neighbours' median spectrogram, beat stores only."""
+
+    beats: int = Field(8, ge=0, le=256, description="Segments on each side of a beat whose median spectrogram is its "
+                                                    "`template` (0: the store has no template variable).")
+
+    def spec(self):
+        from .template import TemplateSpec
+
+        return TemplateSpec(self.beats) if self.beats else None
+
+
 class StoreConfig(_Config):
     """How spectrograms are laid out in Zarr."""
 
@@ -202,6 +214,7 @@ class PreprocessConfig(_Config):
     rhythm: RhythmWindowConfig = Field(default_factory=RhythmWindowConfig)
     stft: StftConfig = Field(default_factory=StftConfig)
     rr: RRConfig = Field(default_factory=RRConfig)
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
 
@@ -212,7 +225,7 @@ class PreprocessConfig(_Config):
         """
         d = self.to_dict()
         d.pop("download")
-        for key in (("rhythm",) if task == "beat" else ("window", "unknown_symbols", "rr")):
+        for key in (("rhythm",) if task == "beat" else ("window", "unknown_symbols", "rr", "template")):
             d.pop(key)
         if d["stft"].get("max_freq_hz") is None:
             d["stft"].pop("max_freq_hz", None)  # every row, as before the key existed: those fingerprints hold
@@ -248,7 +261,7 @@ class TrainConfig(_Config):
         return name
 
     model: str = Field(
-        "beat-rr-cnn", description="Model name: a key of the model registry (pipeline.models.MODELS). Rhythm "
+        "beat-template-cnn", description="Model name: a key of the model registry (pipeline.models.MODELS). Rhythm "
                                "stores default to rhythm-cnn.",
         json_schema_extra=lambda schema: schema.update(enum=_model_names()))
     epochs: int = Field(30, ge=1, le=10000, description="Most epochs to train (early stopping may end sooner).")
@@ -262,12 +275,21 @@ class TrainConfig(_Config):
         "sqrt", description="Per-sample loss weights by class: balanced n/(k n_c), its square root, or none.")
     balanced_sampling: bool = Field(
         False, description="Resample each shuffle group so that classes are drawn equally often.")
+    premature_beats: float = Field(
+        0.03, ge=0, le=1, description="Premature-beat augmentation (pipeline.augment.PrematureBeats) for models that "
+                                      "take RR features, on stores with classes N and S: in each epoch this share of "
+                                      "the N training beats of a regular rhythm get the RR features of a premature "
+                                      "beat and the label S; 0: off.")
     patience: int = Field(6, ge=1, description="Epochs without a better validation macro F1 before stopping.")
     refit: bool = Field(
         True, description="After the validation part has picked the best epoch, train a fresh model on the training "
                           "and validation parts together for that many epochs, with the same learning rates, and "
                           "keep it. With whole patients held out for validation (inter-patient, stratified "
                           "records) this gives the model the patients the validation part held.")
+    refit_epochs: int = Field(
+        10, ge=0, le=10000, description="Epochs of the refit (weights averaged over the last half); 0: as many as "
+                                        "the best epoch. A fixed length, because the best epoch of a few validation "
+                                        "patients is noisy: on DS1 -> DS2 it ranged over 3-16 epochs between seeds.")
     seed: int = Field(0, ge=0, description="Seed of weights, split (intra-patient) and loader order.")
     shuffle_chunks: int = Field(16, ge=1, description="Zarr chunks per shuffle group (the shuffle buffer).")
     parallel_reads: int = Field(2, ge=1, description="Groups of chunks read concurrently.")

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import download, quality, records, rr, segment, sources
+from . import download, quality, records, rr, segment, sources, template
 from .errors import RecordError
 from .labels import LabelSource, RecordInput
 from .spectrogram import SpectrogramSpec
@@ -117,15 +117,23 @@ class ChunkContents:
     failures: dict[str, str]  #: record -> "<stage>: <cause>"
     seconds: dict[str, float]
     rr: np.ndarray | None = None  #: (n, n_rr) float32 where the plans carry RR features
+    template: np.ndarray | None = None  #: (n, n_freq, n_time) float32 with a ``template_spec``
 
 
 def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPlan, int, int]],
                    spec: SpectrogramSpec, cache: Path,
-                   policy: download.RetryPolicy) -> ChunkContents:
-    """Spectrograms of record pieces ``(plan, first, end)`` in order; a failed piece fails its record alone."""
+                   policy: download.RetryPolicy,
+                   template_spec: "template.TemplateSpec | None" = None) -> ChunkContents:
+    """Spectrograms of record pieces ``(plan, first, end)`` in order; a failed piece fails its record alone.
+
+    With ``template_spec``, also each segment's template (``template.neighbour_template``) over its
+    record's segments: the piece's spectrograms are computed with the neighbours a template needs
+    (``template.with_context``), so a record split over chunks gets the templates the whole record gives.
+    """
     timer = Timer()
     n = sum(hi - lo for _, lo, hi in parts)
     out = np.full((n, spec.n_freq, spec.n_time), np.nan, dtype=np.float32)
+    tmpl = np.full_like(out, np.nan) if template_spec is not None else None
     coords = {name: np.empty(n, dtype=object) for name in ("record", "label", "symbol", "lead")}
     coords["anchor"] = np.zeros(n, dtype=np.int64)
     n_rr = next((p.rr.shape[1] for p, _, _ in parts if p.rr is not None), 0)
@@ -150,19 +158,25 @@ def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPla
                 base = source.fetch_again(plan.local, cache, policy)
             header = records.Header(plan.record, plan.fs, plan.sig_len, (), (), plan.signal_files)
             lead = records.Lead(plan.lead_index, plan.lead, False)
-            first = int(anchor[0]) - spec.n_before
-            stop = int(anchor[-1]) + spec.n_after
+            a, b = (lo, hi) if tmpl is None else template.with_context(len(plan.anchor), lo, hi, template_spec.beats)
+            wide = plan.anchor[a:b]
+            first = int(wide[0]) - spec.n_before
+            stop = int(wide[-1]) + spec.n_after
             with timer("read_signal"):
                 # A padded window's real part ends with the record (segment.WindowSpec.pad).
                 sig = records.read_signal(base, header, lead, first, min(stop, plan.sig_len) if spec.pad != "none"
                                           else stop)
             with timer("stft"):
-                out[rows] = segment.spectrograms(sig, anchor, spec, offset=first)
+                s = segment.spectrograms(sig, wide, spec, offset=first)
+                out[rows] = s[lo - a:hi - a]
+            if tmpl is not None:
+                with timer("template"):
+                    tmpl[rows] = template.neighbour_template(s, template_spec.beats)[lo - a:hi - a]
         except RecordError as exc:
             failures[plan.record] = f"{exc.stage}: {exc.message}"
         except Exception as exc:  # noqa: BLE001 - one bad record must not sink the chunk
             failures[plan.record] = f"spectrogram: {type(exc).__name__}: {exc}"
-    return ChunkContents(out, coords, failures, dict(timer.seconds), rr_rows)
+    return ChunkContents(out, coords, failures, dict(timer.seconds), rr_rows, tmpl)
 
 
 @dataclass
@@ -176,17 +190,21 @@ class DetectedSegments:
     n_dropped_invalid: int
     seconds: dict[str, float] = field(default_factory=dict)
     rr: np.ndarray | None = None  #: (n, len(rr.STORED_FEATURES)) RR features of ``anchor``, with ``rr_spec``
+    template: np.ndarray | None = None  #: (n, n_freq, n_time) templates of ``anchor``, with ``template_spec``
 
 
 def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: int, spec: SpectrogramSpec,
                       detector, mv_per_unit: float | None = 1.0,
-                      rr_spec: rr.RRSpec | None = None) -> DetectedSegments:
+                      rr_spec: rr.RRSpec | None = None,
+                      template_spec: "template.TemplateSpec | None" = None) -> DetectedSegments:
     """Resample to ``spec.fs``, detect R peaks, keep the span's own, check windows and transform them.
 
     With ``rr_spec``, each kept beat also gets its RR features (``rr.features_at``, the function
     ``plan_record`` uses on annotated beats) in the context of every peak detected in ``x``: the span's
     margins included, so a piece of a record whose margin covers ``rr_spec.reach_s`` gets the features
-    the whole record gives.
+    the whole record gives. With ``template_spec``, each also gets its template
+    (``template.neighbour_template``, as ``chunk_contents`` makes it from annotated beats) over the
+    usable detected beats, those of the margins included.
 
     Parameters
     ----------
@@ -210,20 +228,34 @@ def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: in
         peaks = detect.detect_r_peaks(xm, spec.fs, detector, origin=int(round(first * scale)),
                                       mv_per_unit=1.0 if mv_per_unit is None else mv_per_unit)
         native = first + np.round(peaks / scale).astype(np.int64)
-        context = native
+        context, context_peaks = native, peaks
         own = (native >= start) & (native < stop)
         peaks, native = peaks[own], native[own]
+    window = segment.WindowSpec(spec.n_before, spec.n_after)
     with timer("segment"):
         # Windows must lie inside the record; the span holds them wherever the record does.
-        check = segment.check_windows(xm, peaks, segment.WindowSpec(spec.n_before, spec.n_after))
-    with timer("stft"):
-        out = segment.spectrograms(xm, peaks[check.keep], spec)
+        check = segment.check_windows(xm, peaks, window)
+    tmpl = None
+    if template_spec is None:
+        with timer("stft"):
+            out = segment.spectrograms(xm, peaks[check.keep], spec)
+    else:
+        with timer("segment"):
+            usable = np.flatnonzero(segment.check_windows(xm, context_peaks, window).keep)
+            pos = np.flatnonzero(own[usable])  # the span's usable beats among all usable ones (contiguous)
+            a, b = (template.with_context(len(usable), int(pos[0]), int(pos[-1]) + 1, template_spec.beats)
+                    if pos.size else (0, 0))
+        with timer("stft"):
+            wide = segment.spectrograms(xm, context_peaks[usable[a:b]], spec)
+            out = wide[pos - a]
+        with timer("template"):
+            tmpl = template.neighbour_template(wide, template_spec.beats)[pos - a]
     features = None
     if rr_spec is not None:
         with timer("rr"):
             features = rr.features_at(native[check.keep], context, fs, rr_spec)
     return DetectedSegments(native[check.keep], out, native, check.n_edge, check.n_invalid, dict(timer.seconds),
-                            features)
+                            features, tmpl)
 
 
 @dataclass

@@ -69,6 +69,10 @@ class LoaderOptions:
         Per-segment store variables to stream, each read with the same chunked reads. One input
         (the default, ``spectrogram``) yields ``x`` as an array; more yield ``x`` as a dict keyed by
         variable name, the input names of a model that takes them (``("spectrogram", "rr")``).
+    augment
+        A training augmentation applied to each shuffle group after it is read (``pipeline.augment``:
+        ``augment(xs, y, rng) -> (xs, y)`` with ``xs`` by variable name, seeded by the group's seed); if it
+        has ``count_shift(y, rr, n_classes)``, class weights count the labels it changes.
     """
 
     batch_size: int = 256
@@ -81,6 +85,7 @@ class LoaderOptions:
     normalize: bool = False
     drop_remainder: bool = False
     inputs: tuple[str, ...] = ("spectrogram",)
+    augment: Any = None
 
     def __post_init__(self):
         if self.batch_size < 1 or self.shuffle_chunks < 1 or self.parallel_reads < 1:
@@ -178,7 +183,12 @@ class ZarrSegmentLoader:
             codes[label == c] = i
         self.labels = codes[idx]  #: class index of each selected segment, in segment order
         self.class_counts = np.bincount(self.labels, minlength=len(self.classes))
-        self.class_weights = class_weights(self.class_counts, self.options.class_weighting)
+        counts = self.class_counts.astype(np.float64)
+        aug = self.options.augment
+        if aug is not None and hasattr(aug, "count_shift") and "rr" in self._arrays:
+            counts = np.maximum(counts + aug.count_shift(self.labels, np.asarray(self._arrays["rr"][:])[idx],
+                                                         len(self.classes)), 0.0)
+        self.class_weights = class_weights(counts, self.options.class_weighting)
 
         # Per needed chunk: positions of the selected segments inside it.
         chunk_of = idx // self.chunk_size
@@ -235,8 +245,8 @@ class ZarrSegmentLoader:
     def _read_group(self, positions: np.ndarray, seed: np.int64):
         """One shuffle group: its samples permuted (or, for balanced sampling, drawn), with weights."""
         order = draw = None
+        rng = np.random.default_rng(int(seed) & 0xFFFFFFFFFFFF)
         if self.options.shuffle or self.options.balanced_sampling:
-            rng = np.random.default_rng(int(seed) & 0xFFFFFFFFFFFF)
             y_all = np.concatenate([self._codes[p] for p in positions])
             if self.options.balanced_sampling:
                 w = self._draw_weight[y_all]
@@ -248,6 +258,9 @@ class ZarrSegmentLoader:
         y = y if order is None else y[order]
         if draw is not None:
             xs, y = {k: v[draw] for k, v in xs.items()}, y[draw]
+        if self.options.augment is not None:
+            xs, y = self.options.augment(xs, y, rng)
+            xs = {k: xs[k] for k in self._arrays}
         return (*xs.values(), y, self.class_weights[y].astype(np.float32))
 
     def dataset(self, *, batch_size: int | None = None, shard: tuple[int, int] | None = None):

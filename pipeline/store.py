@@ -1,6 +1,6 @@
 """Stage 5: the labelled Zarr v3 store of spectrograms, one schema for beat and rhythm stores.
 
-Layout (``schemas/store-v3.json`` is the contract, checked on write and on open):
+Layout (``schemas/store-v4.json`` is the contract, checked on write and on open):
 
 * ``spectrogram (segment, freq, time)`` with per-segment coordinates ``record``,
   ``anchor`` (the sample a segment is placed at), ``label`` (its class), ``symbol``
@@ -39,18 +39,20 @@ from .errors import StoreError
 if TYPE_CHECKING:
     import xarray as xr
 
-SCHEMA_FILE = "store-v3.json"
+SCHEMA_FILE = "store-v4.json"
 STATE_GROUP = "_state"
 FINGERPRINT = "chunk_fingerprint"
 SEGMENT_COORDS = ("record", "anchor", "label", "symbol", "lead")
 LABEL = "label"  #: the per-segment class variable
 RR = "rr"  #: the per-segment RR features (beat stores, schema v3)
-#: Schema versions this version reads: v2 stores are v3 stores without ``rr`` (spectrogram-only models use them)
-READABLE_VERSIONS = (2, 3)
+TEMPLATE = "template"  #: the per-segment median spectrogram of the neighbouring beats (beat stores, schema v4)
+#: Schema versions this version reads: v2 stores are v4 stores without ``rr`` and ``template``, v3 stores without
+#: ``template`` (models that do not take them use them)
+READABLE_VERSIONS = (2, 3, 4)
 
 
 def store_schema() -> dict[str, Any]:
-    """The store schema (``schemas/store-v3.json``)."""
+    """The store schema (``schemas/store-v4.json``)."""
     return schemas.load(SCHEMA_FILE)
 
 
@@ -86,6 +88,7 @@ class Layout:
     n_time: int
     chunk_size: int
     n_rr: int = 0  #: RR features per segment (beat stores); 0: no ``rr`` variable
+    template: bool = False  #: a ``template`` variable (beat stores with ``template.beats`` > 0)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -247,8 +250,10 @@ def prepare(
             continue  # the per-record table is written whole by write_record_table
         if "rr_feature" in spec["dims"] and not layout.n_rr:
             continue  # segments that are not beats have no RR features
+        if name == TEMPLATE and not layout.template:
+            continue
         chunks = tuple(layout.chunk_size if d == "segment" else max(sizes[d], 1) for d in spec["dims"])
-        want = dtype if name == "spectrogram" else spec["dtype"][0]
+        want = dtype if name in ("spectrogram", TEMPLATE) else spec["dtype"][0]
         existing = group.get(name)
         if existing is not None and tuple(existing.chunks) != chunks:
             # A first run that wrote nothing (every record failed) may have laid out arrays for a shape it never
@@ -300,7 +305,7 @@ class ChunkWriter:
 def chunk_writer(path: str, storage_options: Mapping[str, Any] | None = None) -> ChunkWriter:
     group = open_group(path, "r+", storage_options)
     # A chunk is never all fill value here: skip zarr's empty-chunk scan (2/3 of the write time).
-    names = ("spectrogram", *SEGMENT_COORDS, *((RR,) if RR in group else ()))
+    names = ("spectrogram", *SEGMENT_COORDS, *(n for n in (RR, TEMPLATE) if n in group))
     arrays = {n: group[n].with_config({"write_empty_chunks": True}) for n in names}
     return ChunkWriter(arrays, group[f"{STATE_GROUP}/{FINGERPRINT}"])
 
@@ -314,12 +319,13 @@ def write_chunk(
     fingerprint: str,
     storage_options: Mapping[str, Any] | None = None,
     rr: np.ndarray | None = None,
+    template: np.ndarray | None = None,
 ) -> None:
     """Write segment chunk ``k`` whole, then record its fingerprint.
 
     ``target`` is a ``ChunkWriter`` (or the store's path). The fingerprint is cleared
     first and set last, so a task killed half-way leaves a chunk that the next run sees
-    as missing. ``rr``: the chunk's RR features, for a store that has the variable.
+    as missing. ``rr``, ``template``: the chunk's RR features and templates, for a store that has them.
     """
     writer = target if isinstance(target, ChunkWriter) else chunk_writer(target, storage_options)
     spec_arr = writer.arrays["spectrogram"]
@@ -335,6 +341,11 @@ def write_chunk(
             raise StoreError(f"chunk {k}: the store holds RR features, this write gives "
                              f"{None if rr is None else rr.shape}")
         writer.arrays[RR][segments] = rr.astype(np.float32, copy=False)
+    if TEMPLATE in writer.arrays:
+        if template is None or template.shape != spectrogram.shape:
+            raise StoreError(f"chunk {k}: the store holds templates, this write gives "
+                             f"{None if template is None else template.shape}")
+        writer.arrays[TEMPLATE][segments] = template.astype(writer.arrays[TEMPLATE].dtype, copy=False)
     writer.fingerprint[k] = fingerprint
 
 
@@ -382,18 +393,18 @@ def rebuild_hint(attrs: Mapping[str, Any], where: str) -> str:
 def check_version(attrs: Mapping[str, Any], where: str, *, write: bool = False) -> None:
     """Refuse a store of a schema version this one cannot read (or, with ``write``, cannot resume) with what to do.
 
-    A v2 store is read as a v3 store without RR features; resuming it, or training a model that takes RR
-    features on it, is refused with how to rebuild it."""
+    A v2 store is read as a v4 store without RR features and templates, a v3 store as one without templates;
+    resuming them, or training a model that takes what they lack, is refused with how to rebuild it."""
     version = attrs.get("schema_version")
     current = store_schema()["schema_version"]
     if attrs.get("package") != "ecg-pipeline":
         return
     if write and version in READABLE_VERSIONS and version != current:
         raise StoreError(f"{where} was written with store schema v{version} (this ecg-pipeline writes v{current}: "
-                         f"RR-interval features per beat); {rebuild_hint(attrs, where)}")
+                         f"RR-interval features and neighbour templates per beat); {rebuild_hint(attrs, where)}")
     if version not in READABLE_VERSIONS:
         raise StoreError(
-            f"{where} was written with store schema v{version} (this ecg-pipeline reads v2 and v{current}: "
+            f"{where} was written with store schema v{version} (this ecg-pipeline reads v2 to v{current}: "
             f"generic `label`/`anchor` variables and the task in the attributes); {rebuild_hint(attrs, where)}")
 
 

@@ -42,16 +42,18 @@ def test_fingerprints_are_the_ones_stores_on_disk_carry():
     """Fingerprints only change on purpose. Store schema v3 added the RR features (`rr`) and the 40 Hz band
     (`stft.max_freq_hz`) to beat stores, so beat fingerprints before it (40033dad...) are not resumed into
     (and v2 stores are refused for writing with how to rebuild them); a config without the band keeps its
-    fingerprint but for the `rr` section, and rhythm stores keep theirs (test_a_fingerprint_covers...)."""
-    assert PreprocessConfig().fingerprint() == "2da72bc5891a6da9b63d5f316026bdaad5fb06c307838a8fd0c8819ca393c7a1"
+    fingerprint but for the `rr` section, and rhythm stores keep theirs (test_a_fingerprint_covers...).
+    Schema v4 added the neighbour templates (`template` section) to beat stores: v3 beat fingerprints
+    (2da72bc5...) are not resumed into either."""
+    assert PreprocessConfig().fingerprint() == "ecaa078bafad387448e14e718cbe14de4372866902367e426fcc27587de479ea"
     # The detector's amplitude floor (detector.min_amplitude_mv) changed what scoring finds on noise, so scores
     # stores of the detector before it (0624e8b0...) are not resumed into: --overwrite, or a new --out.
     assert ScoreConfig().fingerprint() == "ac331c55e30030149a662de24da15da1cfcc028a790e02ca88b4298e49db8277"
     c = config_from_dict({"leads": ["V1", "II"], "stft": {"nfft": 128}, "store": {"dtype": "float32"}})
-    assert c.fingerprint() == "a8b1571ae8194eeec92b3f081a45866f64827a62838344b9126570cef61508b1"
+    assert c.fingerprint() == "3262339ce2ec087e45826d1e862f05c555f4750e80a2e96b60dab5e6431d9620"
     full = config_from_dict({"leads": ["V1", "II"], "stft": {"nfft": 128, "max_freq_hz": None},
                              "store": {"dtype": "float32"}})
-    assert full.fingerprint() == "027bd2ae91d1afb2dc47f121e042b29c5977a09be412ba2ecadbd3e2b7fd7d6a"
+    assert full.fingerprint() == "0f0627eedca3101602c6e127c3d68e82e6f0feadf2e8f88b3268993f5cbbd2ab"
     assert full.fingerprint("rhythm") == config_from_dict(
         {"leads": ["V1", "II"], "stft": {"nfft": 128, "max_freq_hz": None}, "rr": {"long_s": 60},
          "store": {"dtype": "float32"}}).fingerprint("rhythm")  # RR features are no part of a rhythm store
@@ -77,7 +79,7 @@ def test_database_and_task_defaults_sit_under_the_file_and_the_options(tmp_path)
     c = load_config(f, {"stft": {"hop": 32, "nperseg": 64}, "store": {"chunk_size": 512}})
     assert (c.stft.nperseg, c.stft.hop, c.store.chunk_size) == (32, 32, 512)  # the file wins key by key
     t = load_train_config(None, "rhythm", epochs=3)
-    assert (t.model, t.epochs) == ("rhythm-cnn", 3) and load_train_config(None, "beat").model == "beat-rr-cnn"
+    assert (t.model, t.epochs) == ("rhythm-cnn", 3) and load_train_config(None, "beat").model == "beat-template-cnn"
     with pytest.raises(ConfigError, match="rhythm.min_s: 40.0 must be <= rhythm.length_s"):
         config_from_dict({"rhythm": {"length_s": 30.0, "min_s": 40.0}})
 
@@ -90,10 +92,11 @@ def test_to_dict_is_plain_data_in_declaration_order():
         "stft": {"nperseg": 64, "hop": 8, "nfft": None, "window": "hann", "detrend": "constant", "log_eps": 0.0001,
                  "max_freq_hz": 40.0},
         "rr": {"local_beats": 10, "long_s": 300.0, "min_rr_s": 0.15, "max_rr_s": 3.0, "default_rr_s": 0.8},
+        "template": {"beats": 8},
         "store": {"dtype": "float16", "chunk_size": 2048, "compressor": "blosc-lz4"},
         "download": {"retries": 4, "backoff_s": 0.5, "timeout_s": 120.0, "require_checksums": False}}
     assert list(TrainConfig().to_dict()) == ["model", "epochs", "batch_size", "learning_rate", "lr_factor",
-                                             "lr_patience", "class_weighting", "balanced_sampling", "patience", "refit", "seed",
+                                             "lr_patience", "class_weighting", "balanced_sampling", "premature_beats", "patience", "refit", "refit_epochs", "seed",
                                              "shuffle_chunks", "parallel_reads", "bn_recalibration_batches", "mixed_precision",
                                              "model_options"]
     assert ScoreConfig().to_dict()["detector"]["band_hz"] == [5.0, 15.0]
@@ -168,7 +171,7 @@ def test_score_and_train_validators(tmp_path):
         train_config_from_dict({"epochs": True})
     p = tmp_path / "t.yaml"
     p.write_text("model: resnet\n")
-    with pytest.raises(ConfigError, match=r"t\.yaml: invalid configuration: model: 'resnet' is not a registered model \(known: spectrogram-cnn, beat-rr-cnn, rhythm-cnn\)"):
+    with pytest.raises(ConfigError, match=r"t\.yaml: invalid configuration: model: 'resnet' is not a registered model \(known: spectrogram-cnn, beat-rr-cnn, beat-template-cnn, rhythm-cnn\)"):
         load_train_config(p)
     p.write_text("epochs: 3\nmodel_options: {width: 8}\n")
     c = load_train_config(p, epochs=5, seed=None)

@@ -151,3 +151,26 @@ def test_a_two_input_model_is_fed_by_input_name_saved_and_loaded_safely(tmp_path
         build_model("beat-rr-cnn", (8, 24), 5)
     with pytest.raises(ModelError, match="rr_use names"):
         build_model("beat-rr-cnn", (8, 24), 5, rr_stats=_rr_stats(), options={"rr_use": ["heart_rate"]})
+
+
+def test_the_template_model_takes_three_inputs_by_name_and_sees_a_beat_unlike_its_neighbours(tmp_path):
+    from ecg_pipeline.pipeline.models import MODEL_INPUTS, check_archive, flops_per_segment
+
+    assert MODEL_INPUTS["beat-template-cnn"] == ("spectrogram", "rr", "template")
+    model = build_model("beat-template-cnn", (8, 24), 5, input_dtype="float16", rr_stats=_rr_stats())
+    assert {t.name.split(":")[0] for t in model.inputs} == {"spectrogram", "rr", "template"}
+    rng = np.random.default_rng(0)
+    x = {"template": rng.normal(size=(6, 8, 24)).astype("float16"), "rr": rng.normal(1, 0.2, size=(6, 9)).astype("float32"),
+         "spectrogram": rng.normal(size=(6, 8, 24)).astype("float16")}
+    p = model.predict(x, verbose=0)
+    assert p.shape == (6, 5) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    # The same beat against another template is another input: the network sees the difference.
+    other = {**x, "template": (x["template"] + 2).astype("float16")}
+    assert not np.allclose(model.predict(other, verbose=0), p, atol=1e-4)
+    meta = {"classes": list("NSVFQ"), "input": {"shape": [8, 24], "dtype": "float16", "variable": "spectrogram",
+                                                "variables": ["spectrogram", "rr", "template"]}}
+    path = save_model(model, tmp_path / "t.keras", meta)
+    assert check_archive(path)["input"]["variables"] == ["spectrogram", "rr", "template"]
+    loaded, _ = load_model(path)
+    assert np.allclose(loaded.predict(x, verbose=0), p, atol=1e-6)
+    assert 0.5e6 < flops_per_segment(loaded) < 3e6  # a second input channel adds 1 % to the first conv only

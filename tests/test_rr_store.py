@@ -1,5 +1,5 @@
-"""RR features in a real store (schema v3): what preprocess writes, what the loader streams beside the
-spectrograms, and how a store of schema v2 (no RR features) is opened or refused."""
+"""RR features in a real store (schema v3 on): what preprocess writes, what the loader streams beside the
+spectrograms, and how stores of schema v2 (no RR features) and v3 (no templates) are opened or refused."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.realdata
 
 def test_the_store_holds_the_rr_features_of_every_beat_from_all_beats_of_its_record(small_store, mirror):
     ds = store.open_dataset(str(small_store))
-    assert ds.attrs["schema_version"] == 3 and ds["rr"].dims == ("segment", "rr_feature")
+    assert ds.attrs["schema_version"] == 4 and ds["rr"].dims == ("segment", "rr_feature")
     assert ds["rr"].dtype == np.float32 and list(ds["rr_feature"].values) == list(STORED_FEATURES)
     assert RRSpec.from_attrs(ds.attrs["rr"]) == RRSpec()
     rr = ds["rr"].values
@@ -81,9 +81,9 @@ def _as_v2(small_store, tmp_path):
     old = tmp_path / "v2.zarr"
     shutil.copytree(small_store, old)
     g = zarr.open_group(str(old), mode="r+", use_consolidated=False)
-    del g["rr"], g["rr_feature"]
+    del g["rr"], g["rr_feature"], g["template"]
     attrs = dict(g.attrs)
-    attrs.pop("rr")
+    attrs.pop("rr"), attrs.pop("template")
     attrs["schema_version"] = 2
     g.attrs.clear()
     g.attrs.update(attrs)
@@ -94,14 +94,14 @@ def test_a_schema_v2_store_is_opened_for_reading_and_refused_for_rr_models_and_w
     from ecg_pipeline.pipeline.loader import LoaderOptions, ZarrSegmentLoader
 
     old = _as_v2(small_store, tmp_path)
-    ds = store.open_dataset(str(old))  # read as a v3 store without rr
+    ds = store.open_dataset(str(old))  # read as a v4 store without rr and template
     assert "rr" not in ds and ds.sizes["segment"] == store.open_dataset(str(small_store)).sizes["segment"]
     assert len(ZarrSegmentLoader(str(old), np.arange(10))) == 10  # spectrogram-only models keep working
     with pytest.raises(StoreError, match=r"no variable 'rr' \(store schema v2.*--overwrite"):
         ZarrSegmentLoader(str(old), np.arange(10), LoaderOptions(inputs=("spectrogram", "rr")))
     layout = store.Layout(("100",), (10,), 8, 24, 256, len(STORED_FEATURES))
-    with pytest.raises(StoreError, match=r"store schema v2 \(this ecg-pipeline writes v3.*--overwrite"):
-        store.prepare(str(old), layout, {**dict(ds.attrs), "schema_version": 3}, "float16",
+    with pytest.raises(StoreError, match=r"store schema v2 \(this ecg-pipeline writes v4.*--overwrite"):
+        store.prepare(str(old), layout, {**dict(ds.attrs), "schema_version": 4}, "float16",
                       coords={"freq": np.zeros(8, np.float32), "time": np.zeros(24, np.float32)})
 
 
@@ -112,5 +112,31 @@ def test_training_an_rr_model_on_a_v2_store_says_how_to_rebuild_it(small_store, 
     from ecg_pipeline.pipeline.models import ModelError
 
     old = _as_v2(small_store, tmp_path)
-    with pytest.raises(ModelError, match=rf"model beat-rr-cnn takes the store variable 'rr'.*preprocess mitdb --out {old}"):
+    with pytest.raises(ModelError, match=rf"model beat-template-cnn takes the store variable 'rr'.*preprocess mitdb --out {old}"):
+        run_training(TrainRequest(str(old), "intra-patient", str(tmp_path / "run"), TrainConfig(epochs=1), verbose=0))
+
+
+def test_a_schema_v3_store_trains_rr_models_and_refuses_template_models_with_how_to_rebuild(small_store, tmp_path):
+    """Schema v4 added the neighbour templates: a v3 store (RR features, no templates) opens, streams RR
+    features, and a model that takes templates is refused before any work with the rebuild command."""
+    pytest.importorskip("tensorflow")
+    from ecg_pipeline.jobs.train import TrainRequest, run_training
+    from ecg_pipeline.pipeline.config import TrainConfig
+    from ecg_pipeline.pipeline.loader import LoaderOptions, ZarrSegmentLoader
+    from ecg_pipeline.pipeline.models import ModelError
+
+    old = tmp_path / "v3.zarr"
+    shutil.copytree(small_store, old)
+    g = zarr.open_group(str(old), mode="r+", use_consolidated=False)
+    del g["template"]
+    attrs = dict(g.attrs)
+    attrs.pop("template")
+    attrs["schema_version"] = 3
+    g.attrs.clear()
+    g.attrs.update(attrs)
+    ds = store.open_dataset(str(old))
+    assert "template" not in ds and "rr" in ds
+    assert len(ZarrSegmentLoader(str(old), np.arange(10), LoaderOptions(inputs=("spectrogram", "rr")))) == 10
+    with pytest.raises(ModelError, match=rf"model beat-template-cnn takes the store variable 'template'.*"
+                                         rf"preprocess mitdb --out {old}"):
         run_training(TrainRequest(str(old), "intra-patient", str(tmp_path / "run"), TrainConfig(epochs=1), verbose=0))

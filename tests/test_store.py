@@ -10,7 +10,7 @@ FP = "0" * 64
 
 
 def _attrs(**kw):
-    a = {"schema_version": 3, "task": "beat", "anchor_kind": "r-peak", "label_source": {"kind": "beat-annotations"},
+    a = {"schema_version": 4, "task": "beat", "anchor_kind": "r-peak", "label_source": {"kind": "beat-annotations"},
          "package": "ecg-pipeline", "package_version": "0", "database": "mitdb",
          "database_version": "1.0.0", "database_title": "t", "citation": "c", "source": "s", "label_map": {"N": "N"},
          "classes": ["N"], "config": {}, "config_fingerprint": FP, "created": "now",
@@ -107,7 +107,7 @@ def test_validate_lists_problems(tmp_path):
     p = tmp_path / "s.zarr"
     _write(p, store.Layout(("a",), (6,), 3, 4, 4))
     ds = store.open_dataset(str(p))
-    bad = ds.drop_vars(["label", "symbol"]).assign_attrs(schema_version=4)
+    bad = ds.drop_vars(["label", "symbol"]).assign_attrs(schema_version=5)
     bad["anchor"] = bad["anchor"].astype("float32")
     with pytest.raises(StoreError) as e:
         store.validate(bad)

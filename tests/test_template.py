@@ -1,0 +1,97 @@
+"""The neighbour template (pipeline.template): hand-made sequences, pieces against whole records, and the
+same templates from a real store's annotated beats as from scoring's detected beats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ecg_pipeline.pipeline.template import TemplateSpec, neighbour_indices, neighbour_template, with_context
+
+
+def test_each_segment_takes_its_neighbours_never_itself_and_slides_inward_at_the_ends():
+    idx = neighbour_indices(10, 2)
+    assert idx.shape == (10, 4)
+    assert idx[5].tolist() == [3, 4, 6, 7]  # two on each side
+    assert idx[0].tolist() == [1, 2, 3, 4] and idx[9].tolist() == [5, 6, 7, 8]  # the window slides at the ends
+    assert all(i not in row for i, row in enumerate(idx))
+    small = neighbour_indices(3, 2)  # fewer than 2 x beats others: all of them, repeated
+    assert [sorted(set(r)) for r in small.tolist()] == [[1, 2], [0, 2], [0, 1]]
+    assert neighbour_indices(1, 2).tolist() == [[0, 0, 0, 0]] and neighbour_indices(0, 2).shape == (0, 4)
+
+
+def test_an_odd_beat_does_not_move_its_neighbours_templates_and_stands_out_against_its_own():
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=(8, 24)).astype(np.float32)
+    odd = normal + 3.0  # a ventricular beat: unlike the patient's others
+    x = np.repeat(normal[None], 30, axis=0) + rng.normal(scale=0.01, size=(30, 8, 24)).astype(np.float32)
+    x[15] = odd
+    t = neighbour_template(x, 8)
+    assert t.shape == x.shape and t.dtype == np.float32
+    assert np.abs(t - normal).max() < 0.05  # the median ignores one odd neighbour
+    assert np.abs((x - t)[15]).mean() > 2.9 and np.abs((x - t)[14]).mean() < 0.05
+    # A couplet and a bigeminy-free run: two odd neighbours of 16 still leave the template normal.
+    x[16] = odd
+    assert np.abs(neighbour_template(x, 8)[20] - normal).max() < 0.05
+    assert np.array_equal(neighbour_template(x[:1], 8), x[:1])  # a lone segment is its own template
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 7), (20, 40), (90, 100), (3, 97)])
+def test_a_piece_with_its_context_gives_the_whole_records_templates(lo, hi):
+    x = np.random.default_rng(1).normal(size=(100, 8, 24)).astype(np.float32)
+    whole = neighbour_template(x, 8)
+    a, b = with_context(100, lo, hi, 8)
+    assert np.array_equal(neighbour_template(x[a:b], 8)[lo - a:hi - a], whole[lo:hi])
+
+
+def test_the_spec_round_trips_through_attributes():
+    spec = TemplateSpec(5)
+    assert TemplateSpec.from_attrs(spec.attrs()) == spec
+    with pytest.raises(ValueError, match="statistic"):
+        TemplateSpec.from_attrs({**spec.attrs(), "statistic": "mean"})
+
+
+@pytest.mark.realdata
+def test_the_store_holds_each_beats_template_over_its_record_split_over_chunks(small_store):
+    from ecg_pipeline.pipeline import store
+
+    ds = store.open_dataset(str(small_store))
+    assert ds.attrs["schema_version"] == 4 and ds["template"].dims == ("segment", "freq", "time")
+    assert TemplateSpec.from_attrs(ds.attrs["template"]) == TemplateSpec()
+    spec = ds["spectrogram"].values.astype(np.float32)
+    tmpl = ds["template"].values.astype(np.float32)
+    assert np.isfinite(tmpl).all()
+    chunk = int(ds.attrs["chunk_size"])
+    for i, record in enumerate(ds["record_id"].values):
+        off, n = int(ds["record_offset"].values[i]), int(ds["record_n_segments"].values[i])
+        assert n > chunk  # each record spans chunks, written by different tasks
+        want = neighbour_template(spec[off:off + n], TemplateSpec().beats)
+        # The store computed them from float32 spectrograms and keeps float16 (3 decimal digits).
+        assert np.abs(want - tmpl[off:off + n]).max() < 0.02, record
+    lab = np.asarray(ds["label"].values).astype(str)
+    unlike = np.abs(spec - tmpl).mean(axis=(1, 2))
+    assert np.median(unlike[lab == "V"]) > 2 * np.median(unlike[lab == "N"])  # V beats stand out, N beats do not
+
+
+@pytest.mark.realdata
+def test_detected_beats_of_a_piece_get_the_templates_of_the_whole_record(mirror):
+    """Scoring makes templates from detected beats, pieces of a long record with their margins: a piece's
+    templates equal those of the record scored whole."""
+    import wfdb
+
+    from ecg_pipeline.pipeline.config import DetectorSpec
+    from ecg_pipeline.pipeline.extract import detected_segments
+    from ecg_pipeline.pipeline.spectrogram import SpectrogramSpec
+
+    sig = wfdb.rdrecord(str(mirror / "mitdb" / "1.0.0" / "208"), channels=[0]).p_signal[:, 0].astype(np.float32)
+    spec = SpectrogramSpec(fs=360.0, n_before=90, n_after=162, nperseg=64, hop=8, nfft=64, max_freq_hz=40.0)
+    ts = TemplateSpec()
+    whole = detected_segments(sig, 360.0, 0, 0, len(sig), spec, DetectorSpec(), template_spec=ts)
+    start, stop, margin = 300 * 360, 600 * 360, 60 * 360
+    piece = detected_segments(sig[start - margin:stop + margin], 360.0, start - margin, start, stop, spec,
+                              DetectorSpec(), template_spec=ts)
+    assert len(piece.anchor) > 300 and piece.template.shape == piece.spectrogram.shape
+    at = np.searchsorted(whole.anchor, piece.anchor)
+    assert np.array_equal(whole.anchor[at], piece.anchor)
+    assert np.allclose(piece.template, whole.template[at], atol=1e-5)
+    assert np.allclose(piece.spectrogram, whole.spectrogram[at], atol=1e-5)
