@@ -7,8 +7,8 @@ learns S from them badly: a rule "previous RR below 0.8 x the local average" giv
 training records against 0.60 on DS2. The augmentation copies that definition into the training data:
 in each epoch a share of the N beats of a regular rhythm (previous and next RR within ``regular`` of
 the local average, no flagged interval) get RR features of a premature beat (previous RR shortened to
-``pre`` x, next RR lengthened to ``post`` x, a compensatory pause; the averages a single beat barely
-moves are kept) and the S label; their spectrograms (and templates) are left as they are, since an
+``pre`` x; the next one ``post`` x: a compensatory pause, or a short one where the beat opens a run of
+early beats; the averages a single beat barely moves are kept) and the S label; their spectrograms (and templates) are left as they are, since an
 atrial premature beat has a normal QRS.
 
 Nothing here knows a database, a record or a sampling rate: classes and RR features are found by name.
@@ -48,7 +48,7 @@ class PrematureBeats:
     premature: int
     features: tuple[str, ...]
     pre: tuple[float, float] = (0.45, 0.85)
-    post: tuple[float, float] = (1.0, 1.4)
+    post: tuple[float, float] = (0.7, 1.4)
     regular: float = 0.1
 
     def __post_init__(self):

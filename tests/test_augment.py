@@ -35,7 +35,7 @@ def test_only_normal_beats_of_a_regular_rhythm_are_converted_and_their_features_
     assert (r[:, F["pre_local"]] < 0.86).all() and (r[:, F["pre_local"]] > 0.44).all()
     assert np.allclose(r[:, F["pre_local"]], r[:, F["pre_rr"]] / r[:, F["local_rr"]])
     assert np.allclose(r[:, F["pre_long"]], r[:, F["pre_rr"]] / r[:, F["long_rr"]])
-    assert (r[:, F["post_local"]] >= 0.9).all()  # a compensatory pause, never an early next beat
+    assert (r[:, F["post_local"]] > 0.65).all() and (r[:, F["post_local"]] < 1.45).all()  # a pause, or another early beat
     assert np.array_equal(out["rr"][y2 == y], rr[y2 == y])  # the rest untouched
     assert out["spectrogram"] is xs["spectrogram"] and np.array_equal(xs["rr"], rr)  # inputs not modified in place
     again, y3 = aug(xs, y, np.random.default_rng(0))

@@ -217,3 +217,13 @@ def test_schema_files_and_models_agree(name, cls, from_dict, bad):
         assert list(validator.iter_errors(data)), data
         with pytest.raises(ConfigError):
             from_dict(data)
+
+
+def test_the_refit_is_ten_epochs_unless_told_to_follow_the_best_epoch():
+    from ecg_pipeline.jobs.train import _refit_length
+
+    assert TrainConfig().refit_epochs == 10
+    assert _refit_length(TrainConfig(), {"best_epoch": 3}) == 10
+    assert _refit_length(TrainConfig(refit_epochs=0), {"best_epoch": 3}) == 3
+    with pytest.raises(ValueError):
+        TrainConfig(refit_epochs=-1)
