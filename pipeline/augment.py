@@ -107,3 +107,4 @@ def premature_beats(rate: float, classes: Sequence[str], features: Sequence[str]
     if not rate or "N" not in classes or "S" not in classes:
         return None
     return PrematureBeats(float(rate), list(classes).index("N"), list(classes).index("S"), tuple(features))
+

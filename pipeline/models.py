@@ -339,6 +339,9 @@ def build_model(name: str, input_shape: tuple[int, int], n_classes: int, *, inpu
         fn = MODELS[name][0]
     except KeyError:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+    private = sorted(k for k in (options or {}) if str(k).startswith("_"))
+    if private:  # builders' own switches (beat_rr_cnn's _template), not model options
+        raise ModelError(f"model {name}: bad model_options {private}: not options of the model")
     extra = {"rr_stats": rr_stats} if "rr" in MODEL_INPUTS[name] else {}
     try:
         return fn(input_shape, n_classes, input_dtype=input_dtype, **extra, **dict(options or {}))

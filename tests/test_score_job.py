@@ -314,12 +314,15 @@ def test_unsafe_model_files_are_refused(model, mirror, tmp_path):
         def call(self, x):
             return x * 2
 
-    meta = read_metadata(model)  # a network that matches its metadata (inputs spectrogram and rr), but for a layer
+    meta = read_metadata(model)  # a network that matches its metadata (spectrogram, rr, template), but for a layer
     spec_in = keras.Input(tuple(meta["input"]["shape"]), dtype="float16", name="spectrogram")
+    tmpl_in = keras.Input(tuple(meta["input"]["shape"]), dtype="float16", name="template")
     rr_in = keras.Input((len(meta["input"]["rr"]["features"]),), name="rr")
-    both = keras.layers.Concatenate()([keras.layers.Flatten()(Twice()(spec_in)), rr_in])
+    both = keras.layers.Concatenate()([keras.layers.Flatten()(Twice()(spec_in)), keras.layers.Flatten()(tmpl_in), rr_in])
     head = keras.layers.Dense(5, activation="softmax")(both)
-    custom = save_model(keras.Model({"spectrogram": spec_in, "rr": rr_in}, head), tmp_path / "custom.keras", meta)
+    ins = {"spectrogram": spec_in, "rr": rr_in, "template": tmpl_in}
+    assert list(meta["input"]["variables"]) == list(ins)
+    custom = save_model(keras.Model(ins, head), tmp_path / "custom.keras", meta)
     for path, why in ((lam, "Lambda"), (pkl, "only native .keras"), (tmp_path / "absent.keras", "no model file"),
                       (custom, f"{custom}: cannot load model")):
         out = tmp_path / f"{path.stem}.zarr"

@@ -168,9 +168,10 @@ def test_saved_model_takes_the_store_as_stored(run, small_store):
     ds = open_dataset(str(small_store))
     assert meta["store"]["spectrogram"] == ds.attrs["spectrogram"]
     assert meta["classes"] == ds.attrs["classes"]
-    # Fed by name from the store variables its metadata lists (the default model takes spectrogram and rr),
-    # exactly as stored (float16 spectrograms, float32 RR features).
-    assert meta["input"]["variables"] == ["spectrogram", "rr"] and meta["input"]["rr"] == ds.attrs["rr"]
+    # Fed by name from the store variables its metadata lists (the default model takes spectrogram, rr and
+    # template), exactly as stored (float16 spectrograms and templates, float32 RR features).
+    assert meta["input"]["variables"] == ["spectrogram", "rr", "template"] and meta["input"]["rr"] == ds.attrs["rr"]
+    assert meta["input"]["template"] == ds.attrs["template"]
     x = {name: ds[name][:8].values for name in meta["input"]["variables"]}
     p = model.predict(x, verbose=0)
     assert p.shape == (8, 5) and np.allclose(p.sum(axis=1), 1, atol=1e-4)
