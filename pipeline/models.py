@@ -101,7 +101,7 @@ RELATIVE_RR = ("pre_local", "post_local", "pre_long", "local_long", "flagged")
 
 def beat_rr_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dtype: str = "float16",
                 rr_stats: Mapping[str, Any] | None = None, width: int = 16, dense: int = 32, rr_units: int = 16,
-                dropout: float = 0.2, rr_use: tuple[str, ...] | list[str] | None = None, _template: bool = False):
+                dropout: float = 0.2, rr_use: tuple[str, ...] | list[str] | None = None):
     """Beat classifier with rhythm context: a light CNN over the beat's spectrogram, beside its RR features.
 
     Two inputs, named after the store variables that feed them: ``spectrogram`` (standardised per
@@ -119,19 +119,28 @@ def beat_rr_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dtype: st
     what tells an S beat from an N beat in a new patient is prematurity against that patient's own
     rhythm, which the RR features carry; the spectrogram has to tell QRS shapes apart (V, F, Q).
     """
+    return _beat_context_cnn(input_shape, n_classes, False, input_dtype=input_dtype, rr_stats=rr_stats, width=width,
+                             dense=dense, rr_units=rr_units, dropout=dropout, rr_use=rr_use)
+
+
+def _beat_context_cnn(input_shape: tuple[int, int], n_classes: int, template: bool, *, input_dtype: str,
+                      rr_stats: Mapping[str, Any] | None, width: int, dense: int, rr_units: int, dropout: float,
+                      rr_use: tuple[str, ...] | list[str] | None):
+    """The network of ``beat_rr_cnn`` and, with ``template``, of ``beat_template_cnn``."""
     keras = _keras()
     layers = keras.layers
     n_freq, n_time = input_shape
     stats = dict(rr_stats or {})
     n_rr = int(stats.get("n", 0))
     if n_rr < 1:
-        raise ValueError("beat-rr-cnn needs the store's RR features (rr_stats from the training part)")
+        raise ValueError(f"{'beat-template-cnn' if template else 'beat-rr-cnn'} needs the store's RR features "
+                         "(rr_stats from the training part)")
     x_in = keras.Input(shape=(n_freq, n_time), dtype=input_dtype, name="spectrogram")
     r_in = keras.Input(shape=(n_rr,), dtype="float32", name="rr")
     x = layers.Reshape((n_freq, n_time, 1), name="channel")(x_in)
     x = layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1e-3, name="standardize")(x)
     ins = {"spectrogram": x_in, "rr": r_in}
-    if _template:
+    if template:
         # Second channel: the beat minus its neighbours' median (a log ratio of magnitudes), on a scale learned
         # over the training beats (batch norm, recomputed after weight averaging), not per beat: a beat like its
         # neighbours must stay near zero, not be blown up to unit variance.
@@ -167,7 +176,7 @@ def beat_rr_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dtype: st
     h = layers.Dropout(dropout, name="drop1")(h)
     h = layers.Dense(dense, activation="relu", name="dense")(h)
     out = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probability")(h)
-    model = keras.Model(ins, out, name="beat_template_cnn" if _template else "beat_rr_cnn")
+    model = keras.Model(ins, out, name="beat_template_cnn" if template else "beat_rr_cnn")
     if select is not None:
         matrix = np.zeros((n_rr, len(rr_use)), np.float32)
         matrix[[names.index(f) for f in rr_use], np.arange(len(rr_use))] = 1.0
@@ -188,8 +197,8 @@ def beat_template_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dty
     over the last 5 of 10 epochs, one seed): V F1 0.76 -> 0.90 and F F1 0.01 -> 0.31 with the template
     channel, S F1 0.52 -> 0.44 (S depends on the RR features; see ``TrainConfig.premature_beats``).
     """
-    return beat_rr_cnn(input_shape, n_classes, input_dtype=input_dtype, rr_stats=rr_stats, width=width, dense=dense,
-                       rr_units=rr_units, dropout=dropout, rr_use=rr_use, _template=True)
+    return _beat_context_cnn(input_shape, n_classes, True, input_dtype=input_dtype, rr_stats=rr_stats, width=width,
+                             dense=dense, rr_units=rr_units, dropout=dropout, rr_use=rr_use)
 
 
 def flops_per_segment(model) -> int:
@@ -339,9 +348,6 @@ def build_model(name: str, input_shape: tuple[int, int], n_classes: int, *, inpu
         fn = MODELS[name][0]
     except KeyError:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
-    private = sorted(k for k in (options or {}) if str(k).startswith("_"))
-    if private:  # builders' own switches (beat_rr_cnn's _template), not model options
-        raise ModelError(f"model {name}: bad model_options {private}: not options of the model")
     extra = {"rr_stats": rr_stats} if "rr" in MODEL_INPUTS[name] else {}
     try:
         return fn(input_shape, n_classes, input_dtype=input_dtype, **extra, **dict(options or {}))

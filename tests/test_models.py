@@ -39,8 +39,8 @@ def test_unknown_model_and_options():
         build_model("resnet-9000", (33, 24), 5)
     with pytest.raises(ModelError, match="bad model_options"):
         build_model("spectrogram-cnn", (33, 24), 5, options={"depth": 3})
-    with pytest.raises(ModelError, match="not options of the model"):
-        build_model("beat-rr-cnn", (8, 24), 5, options={"_template": True}, rr_stats=_rr_stats())
+    with pytest.raises(ModelError, match="bad model_options"):
+        build_model("beat-rr-cnn", (8, 24), 5, options={"template": True}, rr_stats=_rr_stats())
 
 
 def test_unsafe_formats_are_refused(tmp_path):
