@@ -36,6 +36,15 @@ def test_an_odd_beat_does_not_move_its_neighbours_templates_and_stands_out_again
     assert np.array_equal(neighbour_template(x[:1], 8), x[:1])  # a lone segment is its own template
 
 
+@pytest.mark.parametrize("n,beats", [(500, 8), (40, 3), (9, 8), (2, 1), (100, 5)])
+def test_the_sorting_network_gives_numpys_median_exactly(n, beats):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 8, 24)).astype(np.float32)
+    x[: n // 2] = np.round(x[: n // 2])  # ties as well
+    want = np.median(x[neighbour_indices(n, beats)], axis=1)
+    assert np.array_equal(neighbour_template(x, beats), want)
+
+
 @pytest.mark.parametrize("lo,hi", [(0, 7), (20, 40), (90, 100), (3, 97)])
 def test_a_piece_with_its_context_gives_the_whole_records_templates(lo, hi):
     x = np.random.default_rng(1).normal(size=(100, 8, 24)).astype(np.float32)
