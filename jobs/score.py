@@ -51,6 +51,16 @@ log = logging.getLogger(__name__)
 MARGIN_S = 10.0  #: signal read on each side of a piece, so the detector and windows see the same context
 
 
+def _input_spec(path, inp: Mapping[str, Any], inputs: tuple[str, ...], name: str, cls, what: str):
+    """``cls.from_attrs`` of the metadata of model input ``name`` (None if the model does not take it)."""
+    if name not in inputs:
+        return None
+    try:
+        return cls.from_attrs(inp.get(name) or {})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise models.ModelError(f"{path}: {what} ({type(exc).__name__}: {exc}); refused") from None
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What scoring needs to know of a model, read from its ``ecg_pipeline.json`` (no TensorFlow)."""
@@ -141,20 +151,10 @@ class ModelInfo:
         leads = tuple(pre.get("leads") or (db.leads if db else ()))
         inp = meta.get("input") or {}
         inputs = tuple(inp.get("variables") or ("spectrogram",))
-        rr_spec = None
-        if "rr" in inputs:
-            try:
-                rr_spec = rr.RRSpec.from_attrs(inp.get("rr") or {})
-            except (KeyError, TypeError, ValueError) as exc:
-                raise models.ModelError(f"{path}: takes RR features but its metadata does not say how they are "
-                                        f"computed ({type(exc).__name__}: {exc}); refused") from None
-        template_spec = None
-        if "template" in inputs:
-            try:
-                template_spec = template.TemplateSpec.from_attrs(inp.get("template") or {})
-            except (KeyError, TypeError, ValueError) as exc:
-                raise models.ModelError(f"{path}: takes neighbour templates but its metadata does not say how they "
-                                        f"are made ({type(exc).__name__}: {exc}); refused") from None
+        rr_spec = _input_spec(path, inp, inputs, "rr", rr.RRSpec, "takes RR features but its metadata does not say how "
+                              "they are computed")
+        template_spec = _input_spec(path, inp, inputs, "template", template.TemplateSpec, "takes neighbour templates but "
+                                    "its metadata does not say how they are made")
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         return cls(path=str(path), sha256=digest, spec=spec, classes=tuple(meta["classes"]),

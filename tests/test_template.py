@@ -104,3 +104,27 @@ def test_detected_beats_of_a_piece_get_the_templates_of_the_whole_record(mirror)
     assert np.array_equal(whole.anchor[at], piece.anchor)
     assert np.allclose(piece.template, whole.template[at], atol=1e-5)
     assert np.allclose(piece.spectrogram, whole.spectrogram[at], atol=1e-5)
+
+
+def test_a_template_model_whose_metadata_omits_how_templates_are_made_is_refused(tmp_path):
+    pytest.importorskip("tensorflow")
+    from ecg_pipeline.jobs.score import ModelInfo
+    from ecg_pipeline.pipeline.models import ModelError, build_model, save_model
+    from ecg_pipeline.pipeline.rr import STORED_FEATURES, RRSpec
+    from ecg_pipeline.pipeline.spectrogram import SpectrogramSpec
+
+    spec = SpectrogramSpec(fs=360.0, n_before=90, n_after=162, nperseg=64, hop=8, nfft=64, max_freq_hz=40.0)
+    n = len(STORED_FEATURES)
+    model = build_model("beat-template-cnn", (spec.n_freq, spec.n_time), 5, options={"width": 4, "dense": 8},
+                        rr_stats={"n": n, "mean": [0.0] * n, "variance": [1.0] * n})
+    inp = {"shape": [spec.n_freq, spec.n_time], "dtype": "float16", "variable": "spectrogram",
+           "variables": ["spectrogram", "rr", "template"], "rr": RRSpec().attrs(), "template": TemplateSpec().attrs()}
+    meta = {"task": "beat", "classes": list("NSVFQ"), "input": inp, "store": {"spectrogram": spec.attrs()}}
+    ok = save_model(model, tmp_path / "ok.keras", meta)
+    assert ModelInfo.read(ok).template_spec == TemplateSpec() and ModelInfo.read(ok).rr_spec == RRSpec()
+    bad = save_model(model, tmp_path / "bad.keras", {**meta, "input": {k: v for k, v in inp.items() if k != "template"}})
+    with pytest.raises(ModelError, match="takes neighbour templates but its metadata does not say how they are made"):
+        ModelInfo.read(bad)
+    bad_rr = save_model(model, tmp_path / "bad-rr.keras", {**meta, "input": {k: v for k, v in inp.items() if k != "rr"}})
+    with pytest.raises(ModelError, match="takes RR features but its metadata does not say how they are computed"):
+        ModelInfo.read(bad_rr)
