@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from .. import pipeline
-from ..pipeline.augment import premature_beats
+from ..pipeline.augment import TimeStretch, chain, premature_beats
 from ..pipeline.config import TrainConfig
 from ..pipeline.errors import ConfigError, PipelineError
 from ..pipeline.evaluate import aggregate_by_record, classification_metrics, format_report, plot_history, write_evaluation
@@ -134,10 +134,11 @@ def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype, inputs:
 
 
 def _augmentation(cfg: TrainConfig, ds, inputs: tuple[str, ...]):
-    """The training loader's augmentation: premature beats for a model that takes RR features (None otherwise)."""
-    if "rr" not in inputs:
-        return None
-    return premature_beats(cfg.premature_beats, list(ds.attrs["classes"]), [str(f) for f in ds["rr_feature"].values])
+    """The training loader's augmentation: premature beats for a model that takes RR features, then the time
+    stretch of the spectrograms where the configuration asks for it (None: neither)."""
+    premature = (premature_beats(cfg.premature_beats, list(ds.attrs["classes"]),
+                                 [str(f) for f in ds["rr_feature"].values]) if "rr" in inputs else None)
+    return chain(premature, TimeStretch(cfg.time_stretch) if cfg.time_stretch else None)
 
 
 def _rr_stats(ds, train: np.ndarray) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Stage 7b: training augmentation of beats, applied by the loader to each shuffle group (numpy, seeded).
+"""Stage 7b: training augmentation, applied by the loader to each shuffle group (numpy, seeded).
 
 ``PrematureBeats`` teaches what a supraventricular premature beat *is*: a beat of normal shape that
 comes early. Measured on MIT-BIH, the S beats of the inter-patient training records (DS1) mostly sit in
@@ -11,13 +11,17 @@ the local average, no flagged interval) get RR features of a premature beat (pre
 early beats; the averages a single beat barely moves are kept) and the S label; their spectrograms (and templates) are left as they are, since an
 atrial premature beat has a normal QRS.
 
+``TimeStretch`` resamples rhythm windows in time: each window's spectrogram frames are read at a random
+rate, as if the heart (and everything else) had run that much faster or slower, which is the spectrogram form
+of the random resampling Zihlmann et al. (CinC 2017) found essential for the Challenge 2017 recordings.
+
 Nothing here knows a database, a record or a sampling rate: classes and RR features are found by name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -108,3 +112,68 @@ def premature_beats(rate: float, classes: Sequence[str], features: Sequence[str]
         return None
     return PrematureBeats(float(rate), list(classes).index("N"), list(classes).index("S"), tuple(features))
 
+
+
+@dataclass(frozen=True)
+class TimeStretch:
+    """Each training window's spectrogram read at a random rate along time (linear interpolation between frames).
+
+    Frame ``t`` of the output is frame ``t * f`` of the input, ``f`` drawn per window uniformly in
+    ``[1 - amount, 1 + amount]``; past the last frame the window wraps to its start, as a short recording's
+    window is padded (``pad: wrap``), so every output frame is a real one and the shape is kept. Labels do not
+    change: a rhythm is the same rhythm 15 % faster.
+
+    Attributes
+    ----------
+    amount
+        Largest relative change of the rate, in ``(0, 1)``.
+    variable
+        The per-segment variable of ``(segment, freq, time)`` spectrograms it stretches.
+    """
+
+    amount: float
+    variable: str = "spectrogram"
+
+    def __post_init__(self):
+        if not 0.0 < self.amount < 1.0:
+            raise ValueError(f"time-stretch amount must lie in (0, 1), not {self.amount}")
+
+    def __call__(self, xs: Mapping[str, np.ndarray], y: np.ndarray,
+                 rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Stretch every window of one group; returns new ``xs`` (the others untouched) and ``y``."""
+        x = np.asarray(xs[self.variable])
+        n, n_time = x.shape[0], x.shape[-1]
+        f = rng.uniform(1.0 - self.amount, 1.0 + self.amount, n)
+        src = (np.arange(n_time)[None, :] * f[:, None]) % n_time  # (n, time): where each output frame is read
+        i0 = np.floor(src).astype(np.int64)
+        i1 = (i0 + 1) % n_time
+        frac = (src - i0).astype(np.float32)[:, None, :]
+        a = np.take_along_axis(x, i0[:, None, :], axis=-1).astype(np.float32)
+        b = np.take_along_axis(x, i1[:, None, :], axis=-1).astype(np.float32)
+        out = dict(xs)
+        out[self.variable] = (a + (b - a) * frac).astype(x.dtype)
+        return out, y
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Several augmentations, applied in order; class counts shift as the parts say."""
+
+    parts: tuple[Callable[..., Any], ...]
+
+    def count_shift(self, y: np.ndarray, rr: np.ndarray, n_classes: int) -> np.ndarray:
+        return sum((p.count_shift(y, rr, n_classes) for p in self.parts if hasattr(p, "count_shift")),
+                   np.zeros(n_classes))
+
+    def __call__(self, xs: Mapping[str, np.ndarray], y: np.ndarray,
+                 rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        out = dict(xs)
+        for p in self.parts:
+            out, y = p(out, y, rng)
+        return out, y
+
+
+def chain(*parts: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """The augmentations that are not None, in order: None, the one, or a ``Chain``."""
+    kept = tuple(p for p in parts if p is not None)
+    return None if not kept else kept[0] if len(kept) == 1 else Chain(kept)

@@ -283,6 +283,11 @@ class TrainConfig(_Config):
                                       "take RR features, on stores with classes N and S: in each epoch this share of "
                                       "the N training beats of a regular rhythm get the RR features of a premature "
                                       "beat and the label S; 0: off.")
+    time_stretch: float = Field(
+        0.0, ge=0, lt=1, description="Time-stretch augmentation (pipeline.augment.TimeStretch): each training "
+                                     "window's spectrogram is read at a rate drawn in [1 - x, 1 + x], as if the "
+                                     "recording ran that much faster or slower; 0: off. Rhythm stores default to "
+                                     "0.15; beat windows are centred on their R peak, so beat stores keep 0.")
     patience: int = Field(6, ge=1, description="Epochs without a better validation macro F1 before stopping.")
     refit: bool = Field(
         True, description="After the validation part has picked the best epoch, train a fresh model on the training "

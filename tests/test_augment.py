@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ecg_pipeline.pipeline.augment import PrematureBeats, premature_beats
+from ecg_pipeline.pipeline.augment import PrematureBeats, TimeStretch, chain, premature_beats
 from ecg_pipeline.pipeline.rr import STORED_FEATURES, features_at
 
 F = {f: i for i, f in enumerate(STORED_FEATURES)}
@@ -78,3 +78,49 @@ def test_the_loader_converts_beats_in_each_group_and_weights_what_it_made(small_
     real_s = int((base.labels == s).sum())
     expected = real_s + 0.2 * aug.eligible(base.labels, rr[idx]).sum()
     assert 0.8 * expected < n_s < 1.2 * expected
+
+
+def _pulses(n_windows=6, n_freq=5, n_time=280, period=20):
+    """Spectrogram windows with a bright frame every ``period`` frames (a beat), phase varying by window."""
+    x = np.zeros((n_windows, n_freq, n_time), np.float16)
+    for i in range(n_windows):
+        x[i, :, i % period::period] = 1.0
+    return x
+
+
+def _period(row: np.ndarray) -> float:
+    peaks = np.flatnonzero((row[1:-1] > row[:-2]) & (row[1:-1] >= row[2:]) & (row[1:-1] > 0.5)) + 1
+    return float(np.median(np.diff(peaks)))
+
+
+def test_time_stretch_changes_each_windows_rate_within_its_range_and_nothing_else():
+    x = _pulses()
+    xs = {"spectrogram": x, "other": np.arange(6)}
+    y = np.arange(6)
+    aug = TimeStretch(0.2)
+    out, y2 = aug(xs, y, np.random.default_rng(3))
+    s = out["spectrogram"]
+    assert s.shape == x.shape and s.dtype == x.dtype
+    assert y2 is y and out["other"] is xs["other"] and np.array_equal(xs["spectrogram"], _pulses())  # not in place
+    periods = [_period(s[i, 0].astype(np.float32)) for i in range(len(s))]
+    assert all(20 / 1.2 - 1 <= p <= 20 / 0.8 + 1 for p in periods), periods
+    assert len({round(p) for p in periods}) > 1  # a rate drawn per window, not per group
+    assert all(np.array_equal(s[i, 0], s[i, k]) for i in range(len(s)) for k in range(1, 5))  # frames move whole
+    again, _ = aug(xs, y, np.random.default_rng(3))
+    assert np.array_equal(again["spectrogram"], s)  # seeded
+    with pytest.raises(ValueError, match="amount"):
+        TimeStretch(1.0)
+
+
+def test_chain_applies_its_parts_in_order_and_adds_their_count_shifts():
+    rr = _regular_record()
+    y = np.zeros(len(rr), np.int64)
+    premature = premature_beats(0.5, list("NSVFQ"), STORED_FEATURES)
+    assert chain(None, None) is None and chain(premature, None) is premature
+    both = chain(premature, TimeStretch(0.1))
+    xs = {"rr": rr, "spectrogram": _pulses(len(rr), 2, 40, 10)}
+    out, y2 = both(xs, y, np.random.default_rng(0))
+    ref, y_ref = premature(xs, y, np.random.default_rng(0))
+    assert np.array_equal(y2, y_ref) and np.array_equal(out["rr"], ref["rr"])  # the first part drew first
+    assert not np.array_equal(out["spectrogram"], xs["spectrogram"])
+    assert np.array_equal(both.count_shift(y, rr, 5), premature.count_shift(y, rr, 5))

@@ -96,7 +96,7 @@ def test_to_dict_is_plain_data_in_declaration_order():
         "store": {"dtype": "float16", "chunk_size": 2048, "compressor": "blosc-lz4"},
         "download": {"retries": 4, "backoff_s": 0.5, "timeout_s": 120.0, "require_checksums": False}}
     assert list(TrainConfig().to_dict()) == ["model", "epochs", "batch_size", "learning_rate", "lr_factor",
-                                             "lr_patience", "class_weighting", "balanced_sampling", "premature_beats", "patience", "refit", "refit_epochs", "seed",
+                                             "lr_patience", "class_weighting", "balanced_sampling", "premature_beats", "time_stretch", "patience", "refit", "refit_epochs", "seed",
                                              "shuffle_chunks", "parallel_reads", "bn_recalibration_batches", "mixed_precision",
                                              "model_options"]
     assert ScoreConfig().to_dict()["detector"]["band_hz"] == [5.0, 15.0]
