@@ -361,7 +361,7 @@ class ScoreConfig(_Config):
         default_factory=DetectorSpec, description="R-peak detector (pipeline.detect.DetectorSpec).")
     quality: Literal["refuse", "flag"] = Field(
         "refuse", description="Records a model must not score (no signal, too short, flat, sampled below the rate "
-                              "the model was trained on; pipeline.quality): `refuse` fails them with stage "
+                              "the model needs, `accepted.min_fs_hz` in its metadata; pipeline.quality): `refuse` fails them with stage "
                               "`quality`, `flag` scores them anyway. Either way the verdict is in the table.")
     piece_s: float = Field(
         1800.0, ge=60, description="Records longer than this many seconds are scored in pieces of this length, one "

@@ -221,7 +221,7 @@ def flops_per_segment(model) -> int:
 
 
 def rhythm_cnn(input_shape: tuple[int, int | None], n_classes: int, *, input_dtype: str = "float32",
-               blocks: int = 4, convs_per_block: int = 4, width: int = 8, dropout: float = 0.05,
+               blocks: int = 4, convs_per_block: int = 4, width: int = 16, dropout: float = 0.05,
                frame_dropout: float = 0.1, norm: str = "batch", groups: int = 4, bn_momentum: float = 0.99):
     """Rhythm classifier of the PhysioNet/CinC 2017 reference: conv blocks, averaged over time.
 

@@ -114,7 +114,7 @@ def record_quality(signal: np.ndarray | LeadStats, fs: float, *, min_seconds: fl
         elif stats.p2p * mv_per_unit < flat_mv:
             reasons.append(f"flat (peak-to-peak {stats.p2p * mv_per_unit:.3g} mV, below {flat_mv:g} mV)")
     if min_fs is not None and fs < min_fs * (1 - 1e-6):
-        reasons.append(f"sampling rate {fs:g} Hz below the {min_fs:g} Hz the model was trained on")
+        reasons.append(f"sampling rate {fs:g} Hz below the {min_fs:g} Hz the model needs")
     if lead_fallback:
         reasons.append(f"lead {lead or '?'} taken by the fallback (none of the wanted leads)")
     return Verdict(tuple(reasons))

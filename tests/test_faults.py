@@ -407,7 +407,7 @@ def test_records_outside_what_the_model_knows_are_refused_or_flagged_never_silen
     assert table.loc["good", "status"] == "ok" and table.loc["good", "quality"] == ""
     expected = {"nan": "quality: no signal (all 10,800 samples missing)", "zero": "quality: flat (peak-to-peak 0 mV",
                 "flat": "quality: flat (peak-to-peak", "tiny": "quality: too short (0.03 s; the model needs 0.7 s)",
-                "slow": "quality: sampling rate 128 Hz below the 360 Hz the model was trained on",
+                "slow": "quality: sampling rate 128 Hz below the 360 Hz the model needs",
                 "flat_uv": "quality: flat (peak-to-peak",
                 "pleth": "lead: no ECG lead among its signals ['PLETH']"}
     for record, error in expected.items():
@@ -420,7 +420,7 @@ def test_records_outside_what_the_model_knows_are_refused_or_flagged_never_silen
     assert table.loc["good_uv", "n_beats"] == table.loc["good", "n_beats"] > 0
     for record in ("flat", "flat_uv"):  # scored when asked to, and noise gives no beat, in mV or in uV
         assert table.loc[record, "status"] == "ok" and table.loc[record, "n_detected"] == 0, record
-    assert table.loc["slow", "quality"] == "sampling rate 128 Hz below the 360 Hz the model was trained on"
+    assert table.loc["slow", "quality"] == "sampling rate 128 Hz below the 360 Hz the model needs"
     assert re.search(r"quality +\d+ record\(s\) scored with a doubt", r.stdout) and "slow  sampling rate" in r.stdout
 
 

@@ -154,7 +154,7 @@ def test_real_archive_becomes_a_rhythm_store(cinc, mirror):
     ds = store.open_dataset(str(cinc["store"]))
     ref = _reference(mirror)
     assert ds.attrs["database"] == "challenge-2017" and ds.attrs["task"] == "rhythm"
-    assert dict(ds.sizes) == {"record_id": N_TEST_RECORDS, "segment": ds.sizes["segment"], "freq": 33, "time": 280}
+    assert dict(ds.sizes) == {"record_id": N_TEST_RECORDS, "segment": ds.sizes["segment"], "freq": 17, "time": 280}
     assert (ds.record_status.values == "ok").all() and (ds.record_checksum.values == "verified").all()
     assert all(label == ref[r] for r, label in zip(ds.record.values, ds.label.values))  # joined by name
     for r, n, sig_len in zip(ds.record_id.values, ds.record_n_segments.values, ds.record_sig_len.values):
@@ -195,8 +195,8 @@ def test_training_on_real_recordings_learns_and_reports_per_recording(cinc):
 
 
 def _zip_of_recordings(mirror, names, dest: Path) -> Path:
-    """A zip of real recordings, one resampled to 500 Hz and one to 250 Hz (format 16 .dat), one broken, one too
-    short."""
+    """A zip of real recordings, copies of the first resampled to 500, 250 and 150 Hz (format 16 .dat), one broken,
+    one too short."""
     ref = _reference(mirror)
     folder = dest / "recs"
     folder.mkdir(parents=True)
@@ -207,7 +207,7 @@ def _zip_of_recordings(mirror, names, dest: Path) -> Path:
     rec = wfdb.rdrecord(str(folder / names[0]))
     from ecg_pipeline.pipeline.resample import resample
 
-    for rate in (500, 250):
+    for rate in (500, 250, 150):
         y = resample(rec.p_signal[:, 0].astype(np.float32), 300.0, float(rate))
         wfdb.wrsamp(f"R{rate}", fs=rate, units=["mV"], sig_name=["ECG"], p_signal=y[:, None].astype(np.float64),
                     fmt=["16"], write_dir=str(folder))
@@ -217,7 +217,7 @@ def _zip_of_recordings(mirror, names, dest: Path) -> Path:
     (folder / "BROKEN.mat").write_bytes((folder / f"{names[1]}.mat").read_bytes()[:500])
     wfdb.wrsamp("SHORT", fs=300, units=["mV"], sig_name=["ECG"], p_signal=x[:900, None].astype(np.float64),
                 fmt=["16"], write_dir=str(folder))
-    labelled = [*names, "R500", "R250", "BROKEN", "SHORT"]
+    labelled = [*names, "R500", "R250", "R150", "BROKEN", "SHORT"]
     (folder / "REFERENCE.csv").write_text("".join(f"{n},{ref.get(n, ref[names[0]])}\n" for n in labelled))
     archive = dest / "recordings.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -239,11 +239,14 @@ def test_scoring_a_zip_of_real_recordings_with_the_rhythm_model(cinc, mirror):
     assert table.loc["BROKEN", "status"] == "failed" and table.loc["BROKEN", "error"].startswith("signal:")
     assert table.loc["SHORT", "error"] == ("signal: 3.00 s long, shorter than the 5 s the model's recordings had "
                                            "at least")
-    # Below the rate the model was trained on (300 Hz), the spectrogram's upper rows would be empty: refused.
-    assert table.loc["R250", "error"] == ("quality: sampling rate 250 Hz below the 300 Hz the model was trained on "
-                                          "(not scored; `quality: flag` scores it anyway)")
+    # The model's rows reach 75 Hz: a record sampled below 2.5 x that (187.5 Hz) would leave them empty: refused.
+    assert table.loc["R150", "error"] == ("quality: sampling rate 150 Hz below the 187.5 Hz the model needs (not "
+                                          "scored; `quality: flag` scores it anyway)")
     ok = table[table.status == "ok"]
-    assert set(ok.index) == {*test, "R500"} and ok.loc["R500", "fs"] == 500  # above it: resampled and scored
+    # Above it, at a lower or a higher rate than the model's 300 Hz: resampled to 300 Hz and scored.
+    assert set(ok.index) == {*test, "R500", "R250"} and (ok.loc["R500", "fs"], ok.loc["R250", "fs"]) == (500, 250)
+    same = ok.loc[["R500", "R250", test[0]], [f"p_{c}" for c in CLASSES]].astype(float).to_numpy()
+    np.testing.assert_allclose(same[:2], same[[2, 2]], atol=0.1)  # the same recording at three rates
     probs = ok[[f"p_{c}" for c in CLASSES]].astype(float)  # failed records have none ("" in the CSV)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=2e-3)
     assert (ok.predicted == probs.idxmax(axis=1).str[2:]).all()
