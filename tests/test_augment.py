@@ -124,3 +124,12 @@ def test_chain_applies_its_parts_in_order_and_adds_their_count_shifts():
     assert np.array_equal(y2, y_ref) and np.array_equal(out["rr"], ref["rr"])  # the first part drew first
     assert not np.array_equal(out["spectrogram"], xs["spectrogram"])
     assert np.array_equal(both.count_shift(y, rr, 5), premature.count_shift(y, rr, 5))
+
+
+def test_the_training_job_stretches_time_only_when_its_configuration_asks():
+    from ecg_pipeline.jobs.train import _augmentation
+    from ecg_pipeline.pipeline.config import TrainConfig, load_train_config
+
+    assert _augmentation(TrainConfig(time_stretch=0.2), None, ("spectrogram",)) == TimeStretch(0.2)
+    assert _augmentation(TrainConfig(), None, ("spectrogram",)) is None
+    assert load_train_config(None, "beat").time_stretch == 0.0
