@@ -113,7 +113,6 @@ def premature_beats(rate: float, classes: Sequence[str], features: Sequence[str]
     return PrematureBeats(float(rate), list(classes).index("N"), list(classes).index("S"), tuple(features))
 
 
-
 @dataclass(frozen=True)
 class TimeStretch:
     """Each training window's spectrogram read at a random rate along time (linear interpolation between frames).
