@@ -48,7 +48,7 @@ from ..pipeline.evaluate import classification_metrics
 
 log = logging.getLogger(__name__)
 
-MARGIN_S = 10.0  #: signal read on each side of a piece, so the detector and windows see the same context
+MARGIN_S = 60.0  #: signal read on each side of a piece, so the detector (its search back: 64 intervals) and windows see the same context
 
 
 def _input_spec(path, inp: Mapping[str, Any], inputs: tuple[str, ...], name: str, cls, what: str):
@@ -276,18 +276,18 @@ MAX_PIECES = 1024
 def plan_pieces(record: str, sig_len: int, fs: float, piece_s: float) -> list[Piece]:
     """The pieces a record of ``sig_len`` samples is scored in, one task each; ``[]``: one task for the whole record.
 
-    Bounded by design: pieces of ``piece_s`` seconds but at least ``MIN_PIECE_SAMPLES``, and
-    at most ``MAX_PIECES`` of them (then equal pieces of ``ceil(sig_len / MAX_PIECES)``);
+    Bounded by design: equal pieces of about ``piece_s`` seconds (from 2/3 to 3/2 of it), but at least
+    ``MIN_PIECE_SAMPLES``, and at most ``MAX_PIECES`` of them (then longer ones);
     ``sig_len`` is the length ``records.read_header`` checked against the signal files.
     """
     piece_len = max(int(piece_s * fs) if np.isfinite(piece_s * fs) else 0, MIN_PIECE_SAMPLES)
-    if sig_len <= piece_len:
+    # As many pieces as piece_len fits, rounded: a record a little over piece_s is one task, not one plus a
+    # sliver that costs its margins (a 30 min 5 s MIT-BIH record was 30 min + 5 s + 2 margins of 5 min).
+    n = min(int(round(sig_len / piece_len)), MAX_PIECES)
+    if n <= 1:
         return []
+    piece_len = -(-sig_len // n)
     n = -(-sig_len // piece_len)
-    if n > MAX_PIECES:
-        n = MAX_PIECES
-        piece_len = -(-sig_len // n)
-        n = -(-sig_len // piece_len)
     return [Piece(record, i, n, i * piece_len, min((i + 1) * piece_len, sig_len)) for i in range(n)]
 
 

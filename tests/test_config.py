@@ -44,23 +44,28 @@ def test_fingerprints_are_the_ones_stores_on_disk_carry():
     (and v2 stores are refused for writing with how to rebuild them); a config without the band keeps its
     fingerprint but for the `rr` section, and rhythm stores keep theirs (test_a_fingerprint_covers...).
     Schema v4 added the neighbour templates (`template` section) to beat stores: v3 beat fingerprints
-    (2da72bc5...) are not resumed into either."""
-    assert PreprocessConfig().fingerprint() == "ecaa078bafad387448e14e718cbe14de4372866902367e426fcc27587de479ea"
+    (2da72bc5...) are not resumed into either. Beats aligned to the detector's fiducial point (`window.align`,
+    default `fiducial`) moved the default's windows: a store of annotated positions keeps its fingerprint
+    (ecaa078b...) as `align: annotation`."""
+    assert PreprocessConfig().fingerprint() == "2bf08a9f0f1a894f748bbc29ba27bdb01bcb64b5c0ee8d91574e64bb1265a298"
+    assert config_from_dict({"window": {"align": "annotation"}}).fingerprint() == \
+        "ecaa078bafad387448e14e718cbe14de4372866902367e426fcc27587de479ea"
     # The detector's amplitude floor (detector.min_amplitude_mv) changed what scoring finds on noise, so scores
     # stores of the detector before it (0624e8b0...) are not resumed into: --overwrite, or a new --out.
-    assert ScoreConfig().fingerprint() == "ac331c55e30030149a662de24da15da1cfcc028a790e02ca88b4298e49db8277"
+    # So did the search back (detector.searchback_*): scores stores of the detector before it (ac331c55...) neither.
+    assert ScoreConfig().fingerprint() == "6237cf3ce3c33388103b41c96b0d1b5f25de2bfe2c1bdd8a315579c0a9089d86"
     c = config_from_dict({"leads": ["V1", "II"], "stft": {"nfft": 128}, "store": {"dtype": "float32"}})
-    assert c.fingerprint() == "3262339ce2ec087e45826d1e862f05c555f4750e80a2e96b60dab5e6431d9620"
+    assert c.fingerprint() == "58d6bcf1c1fcd492a8883d8d92c48ac8938571345502ab28d3bfefb6f359d15a"
     full = config_from_dict({"leads": ["V1", "II"], "stft": {"nfft": 128, "max_freq_hz": None},
                              "store": {"dtype": "float32"}})
-    assert full.fingerprint() == "0f0627eedca3101602c6e127c3d68e82e6f0feadf2e8f88b3268993f5cbbd2ab"
+    assert full.fingerprint() == "a897537da583c75334a6a07c6e982aac6b5c4fd69e77f699d5e71a44ad6e9029"
     assert full.fingerprint("rhythm") == config_from_dict(
         {"leads": ["V1", "II"], "stft": {"nfft": 128, "max_freq_hz": None}, "rr": {"long_s": 60},
          "store": {"dtype": "float32"}}).fingerprint("rhythm")  # RR features are no part of a rhythm store
     # Whole numbers stay as written (YAML `band_hz: [4, 16]` was fingerprinted as [4, 16], not [4.0, 16.0]).
     s = score_config_from_dict({"leads": ["II"], "detector": {"band_hz": [4, 16]}})
     assert s.detector.band_hz == (4, 16) and type(s.detector.band_hz[0]) is int
-    assert s.fingerprint() == "417bd06bac39bb86a13c9d603f11d6e27f4da1eb1ae77f75fceb8e9d24d924ca"
+    assert s.fingerprint() == "e7f118ab8d1f0d9067d6a2a1eed7cd3c5a5d4a1d0aee8883efed4a55336e961d"
 
 
 def test_a_fingerprint_covers_the_keys_of_its_task_only():
@@ -87,7 +92,7 @@ def test_database_and_task_defaults_sit_under_the_file_and_the_options(tmp_path)
 def test_to_dict_is_plain_data_in_declaration_order():
     assert PreprocessConfig().to_dict() == {
         "leads": None, "lead_fallback": "fail", "unknown_symbols": "Q",
-        "window": {"before_s": 0.25, "after_s": 0.45},
+        "window": {"before_s": 0.25, "after_s": 0.45, "align": "fiducial"},
         "rhythm": {"length_s": 30.0, "hop_s": 30.0, "min_s": 5.0},
         "stft": {"nperseg": 64, "hop": 8, "nfft": None, "window": "hann", "detrend": "constant", "log_eps": 0.0001,
                  "max_freq_hz": 40.0},
@@ -122,7 +127,7 @@ def test_objects_are_frozen_hashable_picklable_values():
 
 @pytest.mark.parametrize("text, where", [
     ("windw: {before_s: 1}", "windw: unknown key (expected one of: leads, lead_fallback"),
-    ("window: {after: 1}", "window.after: unknown key (expected one of: before_s, after_s)"),
+    ("window: {after: 1}", "window.after: unknown key (expected one of: before_s, after_s, align)"),
     ("store: {dtype: int8}", "store.dtype: 'int8' is not one of 'float16' or 'float32'"),
     ("stft: {nperseg: 2}", "stft.nperseg: 2 is less than the minimum of 4"),
     ("stft: {nperseg: 70000}", "stft.nperseg: 70000 is greater than the maximum of 65536"),

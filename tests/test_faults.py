@@ -79,7 +79,9 @@ def test_header_facts_that_cannot_hold_are_refused_with_their_cause(tmp_path, te
 
 def test_a_record_is_split_into_a_bounded_number_of_pieces():
     assert plan_pieces("r", 648000, 360.0, 1800) == []  # 30 min: one task
-    assert [(p.start, p.stop) for p in plan_pieces("r", 650000, 360.0, 1800)] == [(0, 648000), (648000, 650000)]
+    assert plan_pieces("r", 650000, 360.0, 1800) == []  # 30 min 5 s: one task, not one and a 5 s sliver
+    assert [(p.start, p.stop) for p in plan_pieces("r", 1000000, 360.0, 1800)] == [(0, 500000), (500000, 1000000)]
+    assert len(plan_pieces("r", 360 * 86400, 360.0, 1800)) == 48  # a day-long Holter record: 48 half-hours
     pieces = plan_pieces("r", 10**12, 360.0, 1800)  # what a lying header once planned as 1.5 million tasks
     assert len(pieces) == MAX_PIECES
     assert pieces[0].start == 0 and pieces[-1].stop == 10**12
