@@ -37,8 +37,14 @@ def _env():
 def _start(args, log: Path) -> subprocess.Popen:
     """``ecg-pipeline ARGS`` in the background, output to ``<log>.out/.err`` (files: nobody reads a pipe)."""
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        # SIGINT at its default: a shell without job control starts background commands (a test run with `&`)
+        # with SIGINT ignored, children inherit that, and then Python installs no KeyboardInterrupt handler.
         return subprocess.Popen([PY, "-m", "ecg_pipeline.jobs.cli", *args], stdout=out, stderr=err, text=True,
-                                env=_env())
+                                env=_env(), preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _run(args, timeout=900) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ import wfdb
 import xarray as xr
 
 from helpers import HTTPMirror, dask_processes
-from ecg_pipeline.pipeline import segment, spectrogram, store
+from ecg_pipeline.pipeline import detect, segment, spectrogram, store
 from ecg_pipeline.pipeline.labels import AAMI_EC57, label_beats
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
@@ -72,7 +72,7 @@ def test_every_mitdb_beat_is_accounted_for(full_run, mirror):
     assert ds.attrs["segments_per_class"] == {c: per_class[c] for c in "NSVFQ"}
     assert (ds.attrs["task"], ds.attrs["anchor_kind"], ds.attrs["classes"]) == ("beat", "r-peak", list("NSVFQ"))
     assert ds.attrs["label_source"] == {"kind": "beat-annotations", "annotator": "atr", "label_map": "aami-ec57",
-                                        "unknown": "Q"}
+                                        "unknown": "Q", "align": "fiducial"}
     table = ds[["record_n_segments", "record_n_dropped_edge", "record_status", "record_checksum", "record_lead"]]
     table = table.to_dataframe()
     assert table.record_n_segments.to_dict() == per_record
@@ -96,9 +96,14 @@ def test_store_rows_match_a_direct_computation(full_run, mirror):
         spec = spectrogram.SpectrogramSpec(360.0, 90, 162, 64, 8, 64, max_freq_hz=40.0)  # the beat default band
         want = spectrogram.spectrogram(segment.extract_windows(sig, sample, w), spec).astype(np.float16)
         np.testing.assert_array_equal(ds.spectrogram.values[rows], want)
+        # Each anchor is its annotated beat moved to the detector's fiducial point (window.align), a few samples
+        # at most, and keeps that beat's symbol.
         ann = wfdb.rdann(str(db / rec), "atr")
-        sym = dict(zip(ann.sample.tolist(), ann.symbol))
+        beats = label_beats(ann.sample, ann.symbol, AAMI_EC57)
+        moved = detect.fiducial_points(sig, 360.0, beats.all_sample)[np.searchsorted(beats.all_sample, beats.sample)]
+        sym = dict(zip(moved.tolist(), beats.symbol))
         assert [sym[s] for s in sample] == ds.symbol.values[rows].tolist()
+        assert np.mean(np.isin(sample, ann.sample)) < 0.9  # moved, mostly: not the annotated samples
 
 
 @pytest.fixture
