@@ -15,9 +15,9 @@ Side by side in one run, repeated (medians reported):
   it is what the workers' model compute alone could do, so ``warm / model alone`` is
   the share of the model's rate the whole job keeps (target >= 0.7).
 
-The model is ``--model`` or, by default, the training default ``beat-rr-cnn`` (its
-RR features included) with random weights on the default preprocess window: the
-compute is the same as a trained one's. Prints beats/s, the ratios to the baseline,
+The model is ``--model`` or, by default, the training default architecture
+(``beat-template-cnn``: spectrogram, RR features and neighbour template) with random
+weights on the default preprocess window: the compute is the same as a trained one's. Prints beats/s, the ratios to the baseline,
 the targets (>= 5,000 beats/s on 2 workers; >= 0.7 x the model-alone rate warm) and
 the share of worker time per stage.
 
