@@ -606,8 +606,14 @@ def _weight_average(first: int):
 
 
 def _refit_length(cfg: TrainConfig, state: Mapping[str, Any]) -> int:
-    """Epochs of the refit: ``refit_epochs``, or the best epoch's count where that is 0."""
-    return int(cfg.refit_epochs or state["best_epoch"])
+    """Epochs of the refit: ``refit_epochs``, or the best epoch's count where that is more (or ``refit_epochs`` is 0).
+
+    At least ``refit_epochs``: the best epoch of a few validation patients is noisy, and a short refit never
+    reaches the lower learning rates. No fewer than the best epoch: where validation kept improving that long
+    (the intra-patient split: epoch 22), a refit cut at 10 epochs stops before the rates dropped (macro F1
+    0.935 against 0.948 with 22).
+    """
+    return int(max(cfg.refit_epochs, state["best_epoch"]))
 
 
 def _refit(request: TrainRequest, ds, split: Split, inputs: tuple[str, ...], state: dict[str, Any],

@@ -230,5 +230,6 @@ def test_the_refit_is_ten_epochs_unless_told_to_follow_the_best_epoch():
     assert TrainConfig().refit_epochs == 10
     assert _refit_length(TrainConfig(), {"best_epoch": 3}) == 10
     assert _refit_length(TrainConfig(refit_epochs=0), {"best_epoch": 3}) == 3
+    assert _refit_length(TrainConfig(), {"best_epoch": 22}) == 22  # never shorter than the best epoch
     with pytest.raises(ValueError):
         TrainConfig(refit_epochs=-1)
