@@ -17,9 +17,9 @@ Side by side in one run, repeated (medians reported):
 
 The model is ``--model`` or, by default, the training default architecture
 (``beat-template-cnn``: spectrogram, RR features and neighbour template) with random
-weights on the default preprocess window: the compute is the same as a trained one's. Prints beats/s, the ratios to the baseline,
-the targets (>= 5,000 beats/s on 2 workers; >= 0.7 x the model-alone rate warm) and
-the share of worker time per stage.
+weights on the default preprocess window: the compute is the same as a trained one's.
+Prints beats/s, the ratios to the baseline, the targets (>= 5,000 beats/s on 2
+workers; >= 0.7 x the model-alone rate warm) and the share of worker time per stage.
 
     python benchmarks/score.py [--mirror ../shared/physionet] [--repeats 3] [--workers 2]
 """

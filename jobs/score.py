@@ -48,7 +48,9 @@ from ..pipeline.evaluate import classification_metrics
 
 log = logging.getLogger(__name__)
 
-MARGIN_S = 60.0  #: signal read on each side of a piece, so the detector (its search back: 64 intervals) and windows see the same context
+#: Signal read on each side of a piece, so the detector (its search back looks 64 intervals each way) and
+#: the windows see the context the whole record gives.
+MARGIN_S = 60.0
 
 
 def _input_spec(path, inp: Mapping[str, Any], inputs: tuple[str, ...], name: str, cls, what: str):
