@@ -157,7 +157,7 @@ def _refine(start: np.ndarray, band: np.ndarray, fiducial: np.ndarray, half: int
 def fiducial_points(x: np.ndarray, fs: float, positions: np.ndarray, spec: DetectorSpec | None = None) -> np.ndarray:
     """Move each beat position to the fiducial point ``detect_r_peaks`` reports for a beat there.
 
-    The detector's last two steps (largest band-passed deviation within ``spec.search_s``,
+    The detector's two refinement steps (largest band-passed deviation within ``spec.search_s``,
     then largest fiducial-band deflection near that), from ``positions`` instead of its
     integrator peaks: annotated beats moved by it sit where the detector puts the same beats
     (on MIT-BIH's DS2, 99.7 % of matched detections fall on exactly the moved sample,
