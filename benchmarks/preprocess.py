@@ -78,7 +78,7 @@ def baseline(db_dir: Path, out_dir: Path, config: PreprocessConfig) -> tuple[flo
                                            max_freq_hz=config.stft.max_freq_hz)
         s = spectrogram.spectrogram(segment.extract_windows(sig, beats.sample[keep], w), spec)
         np.save(out_dir / f"{rec}.npy", s.astype(np.float16))
-        np.save(out_dir / f"{rec}.rr.npy", rr.features_at(beats.sample[keep], beats.sample, h.fs, config.rr.spec()))
+        np.save(out_dir / f"{rec}.rr.npy", rr.features_at(beats.sample[keep], beats.sample, h.fs, config.rr.spec(), sig))
         n += s.shape[0]
     return time.perf_counter() - t0, n
 

@@ -66,13 +66,14 @@ def default_model(path: Path) -> Path:
     config, train = PreprocessConfig(), TrainConfig()
     db = get_database("mitdb")
     spec = spectrogram_spec(config, 360.0)
-    n_rr = len(rr.STORED_FEATURES)
-    stats = {"n": n_rr, "features": list(rr.STORED_FEATURES), "mean": [0.0] * n_rr, "variance": [1.0] * n_rr}
+    rr_spec = config.rr.spec()
+    n_rr = len(rr_spec.features)
+    stats = {"n": n_rr, "features": list(rr_spec.features), "mean": [0.0] * n_rr, "variance": [1.0] * n_rr}
     model = build_model(train.model, (spec.n_freq, spec.n_time), 5, input_dtype="float16", rr_stats=stats)
     inputs = list(MODEL_INPUTS[train.model])
     meta = {"package": "ecg-pipeline", "task": "beat", "classes": list("NSVFQ"),
             "input": {"shape": [spec.n_freq, spec.n_time], "dtype": "float16", "variable": "spectrogram",
-                      "variables": inputs, **({"rr": rr.RRSpec().attrs()} if "rr" in inputs else {}),
+                      "variables": inputs, **({"rr": rr_spec.attrs()} if "rr" in inputs else {}),
                       **({"template": config.template.spec().attrs()} if "template" in inputs else {})},
             "accepted": {"min_fs_hz": spec.min_fs_hz},
             "store": {"database": "mitdb", "database_version": db.version, "spectrogram": spec.attrs(),

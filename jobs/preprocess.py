@@ -313,10 +313,10 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
     rr_spec = ctx.rr_spec()
     layout = store.Layout(tuple(names), tuple(plans[r].n_segments for r in names), spec.n_freq if spec else 0,
                           spec.n_time if spec else 0, config.store.chunk_size,
-                          len(rr.STORED_FEATURES) if rr_spec else 0, ctx.template_spec() is not None)
+                          len(rr_spec.features) if rr_spec else 0, ctx.template_spec() is not None)
     coords = {"freq": spec.freqs() if spec else np.zeros(0, np.float32),
               "time": spec.times() if spec else np.zeros(0, np.float32),
-              "rr_feature": np.array(rr.STORED_FEATURES if rr_spec else (), dtype=object)}
+              "rr_feature": np.array(rr_spec.features if rr_spec else (), dtype=object)}
     held = store.prepare(request.out, layout, _store_attrs(request, config, label_source, spec, listing), config.store.dtype,
                          coords=coords, compressor=config.store.compressor, overwrite=request.overwrite,
                          storage_options=request.storage_options)

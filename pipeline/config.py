@@ -168,11 +168,17 @@ class RRConfig(_Config):
     min_rr_s: float = Field(0.15, gt=0, le=10, description="Shorter intervals are not heartbeats (flagged).")
     max_rr_s: float = Field(3.0, gt=0, le=60, description="Longer intervals are gaps in the beats (flagged).")
     default_rr_s: float = Field(0.8, gt=0, le=60, description="Every interval of a record without one valid interval.")
+    atrial: bool = Field(False, description="Also store each beat's atrial activity (pipeline.atrial: `p_consistency`, its "
+                                            "P-wave window against its neighbours', and `p_context`, theirs) as two more "
+                                            "columns of `rr`. Off: on MIT-BIH DS2 it moved S F1 0.645 -> 0.656 and V F1 "
+                                            "0.913 -> 0.909 (3 seeds; V 0.893 on one), within the seeds' spread.")
 
     def spec(self):
+        from .atrial import AtrialSpec
         from .rr import RRSpec
 
-        return RRSpec(self.local_beats, self.long_s, self.min_rr_s, self.max_rr_s, self.default_rr_s)
+        return RRSpec(self.local_beats, self.long_s, self.min_rr_s, self.max_rr_s, self.default_rr_s,
+                      AtrialSpec() if self.atrial else None)
 
 
 class TemplateConfig(_Config):
@@ -236,6 +242,8 @@ class PreprocessConfig(_Config):
             d["window"].pop("align")  # as before the key existed: those fingerprints hold
         if d["stft"].get("max_freq_hz") is None:
             d["stft"].pop("max_freq_hz", None)  # every row, as before the key existed: those fingerprints hold
+        if task == "beat" and d["rr"].get("atrial") is False:
+            d["rr"].pop("atrial")  # intervals only, as before the key existed: those fingerprints hold
         return d
 
     def fingerprint(self, task: str = "beat") -> str:

@@ -40,7 +40,7 @@ class RecordPlan:
     anchor: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     symbol: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     label: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
-    rr: np.ndarray | None = None  #: (n_segments, len(rr.STORED_FEATURES)) float32 for beat segments, else None
+    rr: np.ndarray | None = None  #: (n_segments, len(rr_spec.features)) float32 for beat segments, else None
     n_dropped_edge: int = 0
     n_dropped_invalid: int = 0
     n_dropped_unknown: int = 0
@@ -95,7 +95,7 @@ def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, 
         plan.anchor, plan.symbol, plan.label = kept.anchor, kept.symbol, kept.label
         if rr_spec is not None and segs.beats is not None:
             with timer("rr"):
-                plan.rr = rr.features_at(kept.anchor, segs.beats, header.fs, rr_spec)
+                plan.rr = rr.features_at(kept.anchor, segs.beats, header.fs, rr_spec, signal)
         plan.n_unknown, plan.n_nonbeat = segs.n_unknown, segs.n_nonbeat
         plan.lead, plan.lead_index, plan.fs, plan.sig_len = lead.name, lead.index, header.fs, header.sig_len
         plan.digest, plan.checksum, plan.bytes_downloaded = local.digest, local.checksum, local.bytes_downloaded
@@ -189,7 +189,7 @@ class DetectedSegments:
     n_dropped_edge: int
     n_dropped_invalid: int
     seconds: dict[str, float] = field(default_factory=dict)
-    rr: np.ndarray | None = None  #: (n, len(rr.STORED_FEATURES)) RR features of ``anchor``, with ``rr_spec``
+    rr: np.ndarray | None = None  #: (n, len(rr_spec.features)) RR features of ``anchor``, with ``rr_spec``
     template: np.ndarray | None = None  #: (n, n_freq, n_time) templates of ``anchor``, with ``template_spec``
 
 
@@ -253,7 +253,7 @@ def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: in
     features = None
     if rr_spec is not None:
         with timer("rr"):
-            features = rr.features_at(native[check.keep], context, fs, rr_spec)
+            features = rr.features_at(native[check.keep], context, fs, rr_spec, x, first)
     return DetectedSegments(native[check.keep], out, native, check.n_edge, check.n_invalid, dict(timer.seconds),
                             features, tmpl)
 

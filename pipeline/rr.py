@@ -10,6 +10,12 @@ per-beat Python loop.
 Edges and gaps never give NaN: an interval that does not exist (the first beat has no previous
 one) or cannot be a heartbeat (shorter than ``min_rr_s``, or longer than ``max_rr_s``: a gap in the
 signal, a missed stretch of noise) is replaced by the local average and flagged.
+
+Beside the intervals, a spec with ``atrial`` (the preprocess default) stores each beat's atrial
+activity (``pipeline.atrial.atrial_features``: its P-wave window against its neighbours', and the
+same of its neighbours): an early beat in a consistent atrial rhythm is an S beat, an early beat in
+an inconsistent one (atrial fibrillation, flutter) is not. It needs the signal, which
+``features_at`` then takes.
 """
 
 from __future__ import annotations
@@ -19,10 +25,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .atrial import FEATURES as ATRIAL_FEATURES
+from .atrial import AtrialSpec, atrial_features
+
 #: The features, in the order of the last axis of ``RRFeatures.values`` (seconds, or ratios).
 RR_FEATURES = ("pre_rr", "post_rr", "local_rr", "long_rr", "pre_local", "post_local", "pre_long", "local_long")
-#: What a store's ``rr`` variable holds per segment: the features, then ``flagged`` (1.0 where an interval
-#: was missing or no heartbeat and the local average stands in for it, else 0.0).
+#: What a store's ``rr`` variable holds per segment without atrial activity: the features, then ``flagged``
+#: (1.0 where an interval was missing or no heartbeat and the local average stands in for it, else 0.0).
+#: With it (``RRSpec.atrial``), ``p_consistency`` and ``p_context`` come before ``flagged``: ``RRSpec.features``.
 STORED_FEATURES = (*RR_FEATURES, "flagged")
 
 #: Bits of ``RRFeatures.flags``.
@@ -38,20 +48,31 @@ class RRSpec:
     min_rr_s: float = 0.15  #: shorter intervals are not heartbeats (a double detection)
     max_rr_s: float = 3.0  #: longer ones are gaps (missing signal, undetected noise)
     default_rr_s: float = 0.8  #: the value of every interval of a record without a single valid one
+    atrial: AtrialSpec | None = None  #: also each beat's atrial activity (``pipeline.atrial``); None: intervals only
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The columns ``features_at`` gives (a store's ``rr_feature`` coordinate)."""
+        return (*RR_FEATURES, *(ATRIAL_FEATURES if self.atrial is not None else ()), "flagged")
 
     def attrs(self) -> dict[str, Any]:
         """The parameters as a store's (and a model's) ``rr`` attribute."""
         return {"local_beats": self.local_beats, "long_s": self.long_s, "min_rr_s": self.min_rr_s,
-                "max_rr_s": self.max_rr_s, "default_rr_s": self.default_rr_s, "features": list(STORED_FEATURES),
-                "units": "s (pre_rr, post_rr, local_rr, long_rr), ratios (the others), 0/1 (flagged)"}
+                "max_rr_s": self.max_rr_s, "default_rr_s": self.default_rr_s, "features": list(self.features),
+                "units": "s (pre_rr, post_rr, local_rr, long_rr), ratios (the others), correlations (p_consistency, "
+                         "p_context), 0/1 (flagged)",
+                **({"atrial": self.atrial.attrs()} if self.atrial is not None else {})}
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> "RRSpec":
-        """The spec a store's or a model's ``rr`` attribute describes."""
-        if list(attrs.get("features", [])) != list(STORED_FEATURES):
-            raise ValueError(f"RR features {attrs.get('features')} are not this version's {list(STORED_FEATURES)}")
-        return cls(int(attrs["local_beats"]), float(attrs["long_s"]), float(attrs["min_rr_s"]),
-                   float(attrs["max_rr_s"]), float(attrs["default_rr_s"]))
+        """The spec a store's or a model's ``rr`` attribute describes (stores and models made before atrial
+        activity was stored give a spec without it)."""
+        atrial = AtrialSpec.from_attrs(attrs["atrial"]) if attrs.get("atrial") else None
+        spec = cls(int(attrs["local_beats"]), float(attrs["long_s"]), float(attrs["min_rr_s"]),
+                   float(attrs["max_rr_s"]), float(attrs["default_rr_s"]), atrial)
+        if list(attrs.get("features", [])) != list(spec.features):
+            raise ValueError(f"RR features {attrs.get('features')} are not this version's {list(spec.features)}")
+        return spec
 
     @property
     def reach_s(self) -> float:
@@ -127,15 +148,27 @@ def rr_features(sample: np.ndarray, fs: float, spec: RRSpec = RRSpec()) -> RRFea
     return RRFeatures(values.astype(np.float32), flags)
 
 
-def features_at(anchor: np.ndarray, beats: np.ndarray, fs: float, spec: RRSpec = RRSpec()) -> np.ndarray:
-    """The stored RR features (``STORED_FEATURES``) of the beats at ``anchor``, in the context of all ``beats``.
+def features_at(anchor: np.ndarray, beats: np.ndarray, fs: float, spec: RRSpec = RRSpec(),
+                signal: np.ndarray | None = None, origin: int = 0) -> np.ndarray:
+    """The stored RR features (``spec.features``) of the beats at ``anchor``, in the context of all ``beats``.
 
     ``beats`` are every beat of the record (or span); ``anchor`` the ones segmented, in any order (an
-    anchor missing from ``beats`` is added to the context). Returns ``(len(anchor), len(STORED_FEATURES))``
-    float32 in the order of ``anchor``: one call per record, no per-beat loop.
+    anchor missing from ``beats`` is added to the context). With ``spec.atrial``, ``signal`` is the lead
+    (record samples ``[origin, origin + len(signal))`` at ``fs``) whose P waves ``p_consistency`` compares;
+    ``flagged`` then also marks a beat whose P-wave window is unreadable. Returns
+    ``(len(anchor), len(spec.features))`` float32 in the order of ``anchor``: one call per record, no
+    per-beat loop.
     """
     anchor = np.asarray(anchor, dtype=np.int64)
     context = np.union1d(np.asarray(beats, dtype=np.int64), anchor)
     f = rr_features(context, fs, spec)
     at = np.searchsorted(context, anchor)
-    return np.concatenate([f.values[at], (f.flags[at] != 0).astype(np.float32)[:, None]], axis=1)
+    flagged = f.flags[at] != 0
+    columns = [f.values[at]]
+    if spec.atrial is not None:
+        if signal is None:
+            raise ValueError("RR features with atrial activity need the signal")
+        value, ok = atrial_features(signal, fs, context, spec.atrial, origin)
+        columns.append(value[at])
+        flagged |= ~ok[at]
+    return np.concatenate([*columns, flagged.astype(np.float32)[:, None]], axis=1)

@@ -46,8 +46,11 @@ def test_fingerprints_are_the_ones_stores_on_disk_carry():
     Schema v4 added the neighbour templates (`template` section) to beat stores: v3 beat fingerprints
     (2da72bc5...) are not resumed into either. Beats aligned to the detector's fiducial point (`window.align`,
     default `fiducial`) moved the default's windows: a store of annotated positions keeps its fingerprint
-    (ecaa078b...) as `align: annotation`."""
+    (ecaa078b...) as `align: annotation`. The atrial activity beside the RR features (`rr.atrial`, off by default)
+    left the fingerprints of the stores without it as they were."""
     assert PreprocessConfig().fingerprint() == "2bf08a9f0f1a894f748bbc29ba27bdb01bcb64b5c0ee8d91574e64bb1265a298"
+    assert config_from_dict({"rr": {"atrial": True}}).fingerprint() == \
+        "4abca565aa0f480ab376f54766e59ec7fa0a6ef69f83d9f1d5084e50d470d66a"
     assert config_from_dict({"window": {"align": "annotation"}}).fingerprint() == \
         "ecaa078bafad387448e14e718cbe14de4372866902367e426fcc27587de479ea"
     # The detector's amplitude floor (detector.min_amplitude_mv) changed what scoring finds on noise, so scores
@@ -96,7 +99,8 @@ def test_to_dict_is_plain_data_in_declaration_order():
         "rhythm": {"length_s": 30.0, "hop_s": 30.0, "min_s": 5.0},
         "stft": {"nperseg": 64, "hop": 8, "nfft": None, "window": "hann", "detrend": "constant", "log_eps": 0.0001,
                  "max_freq_hz": 40.0},
-        "rr": {"local_beats": 10, "long_s": 300.0, "min_rr_s": 0.15, "max_rr_s": 3.0, "default_rr_s": 0.8},
+        "rr": {"local_beats": 10, "long_s": 300.0, "min_rr_s": 0.15, "max_rr_s": 3.0, "default_rr_s": 0.8,
+                   "atrial": False},
         "template": {"beats": 8},
         "store": {"dtype": "float16", "chunk_size": 2048, "compressor": "blosc-lz4"},
         "download": {"retries": 4, "backoff_s": 0.5, "timeout_s": 120.0, "require_checksums": False}}

@@ -14,16 +14,19 @@ from ecg_pipeline.pipeline import store
 from ecg_pipeline.pipeline.detect import fiducial_points
 from ecg_pipeline.pipeline.errors import StoreError
 from ecg_pipeline.pipeline.labels import AAMI_EC57, label_beats
-from ecg_pipeline.pipeline.rr import STORED_FEATURES, RRSpec, features_at
+from ecg_pipeline.pipeline.config import PreprocessConfig
+from ecg_pipeline.pipeline.rr import RRSpec, features_at
 
 pytestmark = pytest.mark.realdata
+SPEC = PreprocessConfig().rr.spec()  # the default: the intervals (rr.atrial off; tests/test_atrial.py has it on)
+STORED_FEATURES = SPEC.features
 
 
 def test_the_store_holds_the_rr_features_of_every_beat_from_all_beats_of_its_record(small_store, mirror):
     ds = store.open_dataset(str(small_store))
     assert ds.attrs["schema_version"] == 4 and ds["rr"].dims == ("segment", "rr_feature")
     assert ds["rr"].dtype == np.float32 and list(ds["rr_feature"].values) == list(STORED_FEATURES)
-    assert RRSpec.from_attrs(ds.attrs["rr"]) == RRSpec()
+    assert RRSpec.from_attrs(ds.attrs["rr"]) == SPEC == RRSpec()
     rr = ds["rr"].values
     assert np.isfinite(rr).all()
     for record in ("100", "209"):
@@ -36,7 +39,7 @@ def test_the_store_holds_the_rr_features_of_every_beat_from_all_beats_of_its_rec
         sig = wfdb.rdrecord(str(mirror / "mitdb" / "1.0.0" / record), channel_names=["MLII"]).p_signal[:, 0]
         every = fiducial_points(sig.astype(np.float32), 360.0, beats.all_sample)
         assert set(anchor) <= set(every)
-        assert np.array_equal(rr[off:off + n], features_at(anchor, every, 360.0))
+        assert np.array_equal(rr[off:off + n], features_at(anchor, every, 360.0, SPEC, sig.astype(np.float32)))
     # S beats of 209 (supraventricular runs) come early against the record's long average.
     rec = np.asarray(ds["record"].values).astype(str)
     lab = np.asarray(ds["label"].values).astype(str)

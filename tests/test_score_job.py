@@ -184,7 +184,8 @@ def test_ds2_scores_agree_with_the_reference(ds2, model, mirror, work):
     assert same.mean() >= 0.4, same.mean()  # 50.6 % on DS2
     # The RR features of the scoring path come from the detected beats: recompute them so (from the record's
     # scored beats, which are its detections less the few at its very ends) and feed the annotated spectrograms
-    # with them; beats within 30 s of an end are left out, where the contexts may differ.
+    # with them (and the atrial activity from the record's first lead, the one scored); beats within 30 s of an
+    # end are left out, where the contexts may differ.
     from ecg_pipeline.pipeline.rr import RRSpec, features_at
 
     spec_rr = RRSpec.from_attrs(meta["input"]["rr"])
@@ -193,7 +194,8 @@ def test_ds2_scores_agree_with_the_reference(ds2, model, mirror, work):
     for rec in test:
         i = np.flatnonzero(ds.record.values[sel] == rec)
         all_i = ds.anchor.values[ds.record.values == rec].astype(np.int64)
-        det_rr[i] = features_at(s_sample[i], all_i, fs, spec_rr)
+        lead = wfdb.rdrecord(str(mirror / "mitdb" / "1.0.0" / rec), channels=[0]).p_signal[:, 0].astype(np.float32)
+        det_rr[i] = features_at(s_sample[i], all_i, fs, spec_rr, lead)
         n = int(ds.record_sig_len.sel(record_id=rec))
         inner[i] = (s_sample[i] > 30 * fs) & (s_sample[i] < n - 30 * fs)
     same &= inner[paired]
