@@ -108,7 +108,8 @@ class ModelInfo:
         x = np.zeros((n, self.spec.n_freq, self.spec.n_time), dtype=self.input_dtype)
         if len(self.inputs) == 1:
             return x
-        out = {"spectrogram": x, "rr": np.zeros((n, len(self.rr_spec.features) if self.rr_spec else 0), np.float32), "template": x}
+        n_rr = len(self.rr_spec.features) if self.rr_spec is not None else 0
+        out = {"spectrogram": x, "rr": np.zeros((n, n_rr), np.float32), "template": x}
         return {k: out[k] for k in self.inputs}
 
     @property

@@ -95,7 +95,7 @@ def p_consistency(signal: np.ndarray, fs: float, beats: np.ndarray, spec: Atrial
         ``(n,)`` float32 Pearson correlations in [-1, 1] (``spec.fill`` where not ``ok``) and ``(n,)`` bool:
         the window lies inside the signal, holds no invalid sample and is not flat.
     """
-    from .template import median_of_lanes, neighbour_indices
+    from .template import neighbour_template
 
     pos = np.asarray(beats, dtype=np.int64) - int(origin)
     n = pos.size
@@ -114,13 +114,8 @@ def p_consistency(signal: np.ndarray, fs: float, beats: np.ndarray, spec: Atrial
     w = y[idx].astype(np.float32)
     w -= w.mean(axis=1, keepdims=True)
     w[~ok] = 0.0  # an unreadable window is no evidence in its neighbours' median
-    nb = neighbour_indices(n, spec.beats)
-    med = w.copy()
-    # Blocks of beats, as in template.neighbour_template: the lanes stay in cache and a day-long record
-    # never holds 2 x beats copies of all its windows.
-    for lo in range(0, n if nb.shape[1] else 0, 256):
-        block = nb[lo:lo + 256]
-        med[lo:lo + 256] = median_of_lanes([w[block[:, k]] for k in range(block.shape[1])])
+    # The neighbours' median window: the template stage's median, over one-row "spectrograms".
+    med = neighbour_template(w[:, None, :], spec.beats)[:, 0, :]
     med -= med.mean(axis=1, keepdims=True)
     num = (w * med).sum(axis=1)
     den = np.sqrt((w * w).sum(axis=1) * (med * med).sum(axis=1))

@@ -11,7 +11,7 @@ Edges and gaps never give NaN: an interval that does not exist (the first beat h
 one) or cannot be a heartbeat (shorter than ``min_rr_s``, or longer than ``max_rr_s``: a gap in the
 signal, a missed stretch of noise) is replaced by the local average and flagged.
 
-Beside the intervals, a spec with ``atrial`` (the preprocess default) stores each beat's atrial
+Beside the intervals, a spec with ``atrial`` (preprocess config ``rr.atrial``, off by default) stores each beat's atrial
 activity (``pipeline.atrial.atrial_features``: its P-wave window against its neighbours', and the
 same of its neighbours): an early beat in a consistent atrial rhythm is an S beat, an early beat in
 an inconsistent one (atrial fibrillation, flutter) is not. It needs the signal, which
@@ -59,8 +59,8 @@ class RRSpec:
         """The parameters as a store's (and a model's) ``rr`` attribute."""
         return {"local_beats": self.local_beats, "long_s": self.long_s, "min_rr_s": self.min_rr_s,
                 "max_rr_s": self.max_rr_s, "default_rr_s": self.default_rr_s, "features": list(self.features),
-                "units": "s (pre_rr, post_rr, local_rr, long_rr), ratios (the others), correlations (p_consistency, "
-                         "p_context), 0/1 (flagged)",
+                "units": "s (pre_rr, post_rr, local_rr, long_rr), ratios (the others), "
+                         + ("correlations (p_consistency, p_context), " if self.atrial is not None else "") + "0/1 (flagged)",
                 **({"atrial": self.atrial.attrs()} if self.atrial is not None else {})}
 
     @classmethod

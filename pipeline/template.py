@@ -79,7 +79,7 @@ def _sorting_network(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
-def median_of_lanes(lanes: list[np.ndarray]) -> np.ndarray:
+def _median_of_lanes(lanes: list[np.ndarray]) -> np.ndarray:
     """Elementwise median of ``m`` (even) equal-shaped arrays: a sorting network of in-place min/max
     (for m = 16, 63 compare-exchanges), the same values as ``np.median`` over them. ``lanes`` are
     overwritten."""
@@ -124,7 +124,7 @@ def neighbour_template(spectrograms: np.ndarray, beats: int) -> np.ndarray:
     step = 256
     for lo in range(0, len(x), step):
         block = idx[lo:lo + step]
-        out[lo:lo + step] = median_of_lanes([flat[block[:, k]] for k in range(block.shape[1])])
+        out[lo:lo + step] = _median_of_lanes([flat[block[:, k]] for k in range(block.shape[1])])
     return out.reshape(x.shape)
 
 
