@@ -88,8 +88,9 @@ register_database(Database(
     title="MIT-BIH Arrhythmia Database",
     annotator="atr",
     label_map="aami-ec57",
-    # 102 and 104 have no MLII (V5 is the closest lateral lead); 114 has MLII second.
-    leads=("MLII", "V5", "V1", "V2", "V4"),
+    # 102 and 104 have no MLII (V5 is the closest lateral lead); 114 has MLII second. MLII is lead II from
+    # torso electrodes: in a 12-lead or Holter record a model trained on it scores lead II, not V5 or lead I.
+    leads=("MLII", "II", "V5", "V1", "V2", "V4"),
     citation="Moody GB, Mark RG. The impact of the MIT-BIH Arrhythmia Database. "
     "IEEE Eng Med Biol 20(3):45-50 (2001). " + _PHYSIONET,
 ))

@@ -79,7 +79,7 @@ def test_bad_input_fails_alone_with_its_cause(client, bad_db, tmp_path):
     assert {r for r, (s, _) in status.items() if s == "ok"} == {"100", "101", "102", "103", "109", "110"}
     quality = {r.record: r.quality for r in report.records if r.status == "ok"}
     assert quality.pop("110").startswith("flat (peak-to-peak 0 mV") and set(quality.values()) == {""}
-    assert status["104"][1] == "lead: none of the leads ['MLII', 'V5', 'V1', 'V2', 'V4'] in signals ['ABP', 'PLETH']"
+    assert status["104"][1] == "lead: none of the leads ['MLII', 'II', 'V5', 'V1', 'V2', 'V4'] in signals ['ABP', 'PLETH']"
     assert status["105"][1].startswith("checksum: 105.dat: SHA-256 mismatch")
     assert status["106"][1].startswith("signal: 106.dat is truncated:")
     assert status["107"][1].startswith("header: cannot parse 107.hea")

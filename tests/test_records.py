@@ -18,6 +18,15 @@ def test_header_and_lead_choice(tmp_path):
         records.choose_lead(h, ("V1",), "fail")
 
 
+def test_mitdb_models_score_lead_ii_of_a_12_lead_record(tmp_path):
+    from ecg_pipeline.pipeline.databases import get_database
+
+    twelve = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+    write_record(tmp_path, "t", leads=twelve)
+    h = records.read_header(tmp_path / "t", "t")
+    assert records.choose_lead(h, get_database("mitdb").leads, "first") == records.Lead(1, "II", False)
+
+
 def test_signal_and_annotations(tmp_path):
     info = write_record(tmp_path, "b", symbols=None)
     h = records.read_header(tmp_path / "b", "b")
