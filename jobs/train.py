@@ -41,8 +41,8 @@ from ..pipeline.config import TrainConfig
 from ..pipeline.errors import ConfigError, PipelineError
 from ..pipeline.evaluate import aggregate_by_record, classification_metrics, format_report, plot_history, write_evaluation
 from ..pipeline.loader import LoaderOptions, ZarrSegmentLoader
-from ..pipeline.models import (MODEL_INPUTS, ModelError, build_model, check_archive, flops_per_segment, load_model,
-                               quiet_native_stderr, recalibrate_batch_norm, save_model)
+from ..pipeline.models import (MODEL_INPUTS, ModelError, average_members, build_model, check_archive,
+                               flops_per_segment, load_model, quiet_native_stderr, recalibrate_batch_norm, save_model)
 from ..pipeline.spectrogram import SpectrogramSpec
 from ..pipeline.splits import DEFAULT_SPLITS, Split, by_records, make_split
 from ..pipeline.store import open_dataset, rebuild_hint
@@ -542,7 +542,8 @@ def run_training(request: TrainRequest) -> TrainResult:
         best, saved = load_model(out / MODEL_FILE)
         refitted = saved.get("train", {}).get("refit")
         metadata = _train_metadata(metadata, state, state["best_epoch"], True)
-        if refitted and (not cfg.refit or (not more and refitted["epochs"] == _refit_length(cfg, state))):
+        if refitted and (not cfg.refit or (not more and refitted["epochs"] == _refit_length(cfg, state)
+                                            and refitted.get("members", 1) == cfg.members)):
             # a resumed run whose model.keras is already the refit of this best epoch (the refit is deterministic)
             metadata["train"]["refit"] = refitted
             model_path = save_model(best, out / MODEL_FILE, metadata)
@@ -573,6 +574,9 @@ def run_training(request: TrainRequest) -> TrainResult:
     return result
 
 
+#: Seed distance between refit members (``TrainConfig.members``): a prime, so member seeds of nearby runs
+#: (``--seed 0``, ``--seed 1``...) do not coincide.
+MEMBER_SEED_STEP = 7919
 #: Training batches over which the refit's averaged weights get their batch-norm statistics (when the
 #: configuration asks for no precise BN of its own).
 SWA_BN_BATCHES = 100
@@ -632,31 +636,38 @@ def _refit(request: TrainRequest, ds, split: Split, inputs: tuple[str, ...], sta
     rates = list(state["history"].get("epoch_learning_rate", []))[:epochs]
     rates += [rates[-1] if rates else cfg.learning_rate] * (epochs - len(rates))  # runs of older versions
     both = np.union1d(split["train"], split["val"])
-    opts = LoaderOptions(batch_size=cfg.batch_size, shuffle=True, shuffle_chunks=cfg.shuffle_chunks, inputs=inputs,
-                         parallel_reads=cfg.parallel_reads, seed=cfg.seed + 500,
-                         class_weighting=cfg.class_weighting, balanced_sampling=cfg.balanced_sampling,
-                         augment=_augmentation(cfg, ds, inputs))
-    data = ZarrSegmentLoader(request.store, both, opts, storage_options=request.storage_options)
-    keras.utils.set_random_seed(cfg.seed)
-    model = build_model(cfg.model, sample_shape, n_classes, input_dtype=dtype, options=cfg.model_options,
-                        rr_stats=_rr_stats(ds, both) if "rr" in inputs else None)
-    model.compile(optimizer=keras.optimizers.Adam(rates[0]), loss=keras.losses.SparseCategoricalCrossentropy(),
-                  metrics=["accuracy"])
-    log.info("refit: %s on train + val (%d segments) for %d epochs", cfg.model, len(data), epochs)
+    rr_stats = _rr_stats(ds, both) if "rr" in inputs else None
     t0 = time.perf_counter()
-    schedule = keras.callbacks.LearningRateScheduler(lambda epoch, lr: rates[min(epoch, epochs - 1)])
-    average = _weight_average(first=epochs - (epochs + 1) // 2)
-    model.fit(data.dataset(), epochs=epochs, callbacks=[schedule, average], verbose=0, shuffle=False)
-    average.apply(model)
-    # The averaged weights never ran with the moving batch-norm statistics: recompute them on training batches.
-    recalibrate_batch_norm(model, (batch[0] for batch in data.dataset().take(cfg.bn_recalibration_batches
-                                                                               or SWA_BN_BATCHES)))
+    members = []
+    for k in range(cfg.members):
+        seed = cfg.seed + MEMBER_SEED_STEP * k  # member 0 is the single model's refit, seeds and all
+        opts = LoaderOptions(batch_size=cfg.batch_size, shuffle=True, shuffle_chunks=cfg.shuffle_chunks,
+                             inputs=inputs, parallel_reads=cfg.parallel_reads, seed=seed + 500,
+                             class_weighting=cfg.class_weighting, balanced_sampling=cfg.balanced_sampling,
+                             augment=_augmentation(cfg, ds, inputs))
+        data = ZarrSegmentLoader(request.store, both, opts, storage_options=request.storage_options)
+        keras.utils.set_random_seed(seed)
+        model = build_model(cfg.model, sample_shape, n_classes, input_dtype=dtype, options=cfg.model_options,
+                            rr_stats=rr_stats)
+        model.compile(optimizer=keras.optimizers.Adam(rates[0]), loss=keras.losses.SparseCategoricalCrossentropy(),
+                      metrics=["accuracy"])
+        log.info("refit%s: %s on train + val (%d segments) for %d epochs",
+                 f" member {k + 1}/{cfg.members}" if cfg.members > 1 else "", cfg.model, len(data), epochs)
+        schedule = keras.callbacks.LearningRateScheduler(lambda epoch, lr: rates[min(epoch, epochs - 1)])
+        average = _weight_average(first=epochs - (epochs + 1) // 2)
+        model.fit(data.dataset(), epochs=epochs, callbacks=[schedule, average], verbose=0, shuffle=False)
+        average.apply(model)
+        # The averaged weights never ran with the moving batch-norm statistics: recompute them on training batches.
+        recalibrate_batch_norm(model, (batch[0] for batch in data.dataset().take(cfg.bn_recalibration_batches
+                                                                                   or SWA_BN_BATCHES)))
+        members.append(model)
+    model = average_members(members)
     state["refit_s"] = time.perf_counter() - t0
     state["refit_epochs"] = epochs
     refit_meta = {**metadata, "train": {**metadata["train"], "refit": {
         "epochs": epochs, "parts": ["train", "val"], "n_segments": int(len(data)),
         "averaged_epochs": list(range(average.first + 1, epochs + 1)),
-        "learning_rates": [float(r) for r in rates]}}}
+        "learning_rates": [float(r) for r in rates], "members": cfg.members}}}
     path = save_model(model, out / MODEL_FILE, refit_meta)
     _write_json(out / STATE_FILE, state)
     return model, path

@@ -316,7 +316,19 @@ class TrainConfig(_Config):
                                         "because the best epoch of a few validation patients is noisy: on DS1 -> DS2 "
                                         "it ranged over 3-16 epochs between seeds, and a 3-epoch refit lost S F1 "
                                         "0.17.")
+    members: int = Field(
+        1, ge=1, le=8, description="Models the refit trains, each from its own initial weights and data order "
+                                   "(seeds seed, seed + 7919, ...), whose class probabilities the saved model "
+                                   "averages: the seed-to-seed spread shrinks, the cost per segment grows as many "
+                                   "times. Needs refit.")
     seed: int = Field(0, ge=0, description="Seed of weights, split (intra-patient) and loader order.")
+
+    @field_validator("members")
+    @classmethod
+    def _members_need_refit(cls, members: int, info: ValidationInfo) -> int:
+        if members > 1 and info.data.get("refit") is False:
+            raise ValueError(f"{members} members need refit: true (the members are refit models)")
+        return members
     shuffle_chunks: int = Field(16, ge=1, description="Zarr chunks per shuffle group (the shuffle buffer).")
     parallel_reads: int = Field(2, ge=1, description="Groups of chunks read concurrently.")
     bn_recalibration_batches: int = Field(

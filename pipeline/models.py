@@ -20,7 +20,7 @@ import sys
 import zipfile
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -207,7 +207,9 @@ def flops_per_segment(model) -> int:
     total = 0
     for layer in model.layers:
         kind = type(layer).__name__
-        if kind in ("Conv2D", "Conv1D"):
+        if hasattr(layer, "layers"):  # a nested model: the members of ``average_members``
+            total += flops_per_segment(layer)
+        elif kind in ("Conv2D", "Conv1D"):
             out_shape = layer.output.shape
             kernel = layer.kernel.shape  # (*k, c_in, c_out)
             per_out = int(np.prod(kernel[:-1]))
@@ -353,6 +355,26 @@ def build_model(name: str, input_shape: tuple[int, int], n_classes: int, *, inpu
         return fn(input_shape, n_classes, input_dtype=input_dtype, **extra, **dict(options or {}))
     except (TypeError, ValueError) as exc:
         raise ModelError(f"model {name}: bad model_options {dict(options or {})}: {exc}") from None
+
+
+def average_members(members: Sequence[Any]):
+    """One model whose class probabilities are the mean of ``members``' (same inputs by name, same classes).
+
+    Each member stays a nested model of plain Keras layers (``member0``, ``member1``...), so the result
+    saves as one ``.keras`` archive, loads in safe mode and is fed by input name like any of them; its
+    cost per segment is the members' together (``flops_per_segment``). One member is returned as it is.
+    """
+    if len(members) == 1:
+        return members[0]
+    keras = _keras()
+    names = [[t.name.split(":")[0] for t in m.inputs] for m in members]
+    if any(sorted(n) != sorted(names[0]) for n in names):
+        raise ModelError(f"members take different inputs: {names}")
+    wrapped = [keras.Model(m.input, m.output, name=f"member{k}") for k, m in enumerate(members)]
+    inputs = {n: keras.Input(shape=t.shape[1:], dtype=t.dtype, name=n) for n, t in zip(names[0], members[0].inputs)}
+    feed = inputs if len(inputs) > 1 else next(iter(inputs.values()))  # a one-input model takes the array itself
+    mean = keras.layers.Average(name="probability_mean", dtype="float32")([m(feed) for m in wrapped])
+    return keras.Model(feed, mean, name=f"mean_of_{len(members)}")
 
 
 def save_model(model, path: str | Path, metadata: Mapping[str, Any]) -> Path:

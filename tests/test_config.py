@@ -105,7 +105,7 @@ def test_to_dict_is_plain_data_in_declaration_order():
         "store": {"dtype": "float16", "chunk_size": 2048, "compressor": "blosc-lz4"},
         "download": {"retries": 4, "backoff_s": 0.5, "timeout_s": 120.0, "require_checksums": False}}
     assert list(TrainConfig().to_dict()) == ["model", "epochs", "batch_size", "learning_rate", "lr_factor",
-                                             "lr_patience", "class_weighting", "balanced_sampling", "premature_beats", "time_stretch", "patience", "refit", "refit_epochs", "seed",
+                                             "lr_patience", "class_weighting", "balanced_sampling", "premature_beats", "time_stretch", "patience", "refit", "refit_epochs", "members", "seed",
                                              "shuffle_chunks", "parallel_reads", "bn_recalibration_batches", "mixed_precision",
                                              "model_options"]
     assert ScoreConfig().to_dict()["detector"]["band_hz"] == [5.0, 15.0]
@@ -232,6 +232,9 @@ def test_the_refit_is_ten_epochs_unless_told_to_follow_the_best_epoch():
     from ecg_pipeline.jobs.train import _refit_length
 
     assert TrainConfig().refit_epochs == 10
+    assert TrainConfig().members == 1 and TrainConfig(members=2).members == 2
+    with pytest.raises(ConfigError, match="members need refit"):
+        train_config_from_dict({"members": 2, "refit": False})
     assert _refit_length(TrainConfig(), {"best_epoch": 3}) == 10
     assert _refit_length(TrainConfig(refit_epochs=0), {"best_epoch": 3}) == 3
     assert _refit_length(TrainConfig(), {"best_epoch": 22}) == 22  # never shorter than the best epoch

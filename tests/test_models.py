@@ -176,3 +176,36 @@ def test_the_template_model_takes_three_inputs_by_name_and_sees_a_beat_unlike_it
     loaded, _ = load_model(path)
     assert np.allclose(loaded.predict(x, verbose=0), p, atol=1e-6)
     assert 0.5e6 < flops_per_segment(loaded) < 3e6  # a second input channel adds 1 % to the first conv only
+
+
+def test_members_average_into_one_model_saved_loaded_and_fed_by_name(tmp_path):
+    """``TrainConfig.members``: refit models averaged into one archive that loads in safe mode."""
+    import keras
+
+    from ecg_pipeline.pipeline.models import average_members, check_archive, flops_per_segment
+
+    members = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        members.append(build_model("beat-template-cnn", (8, 24), 5, input_dtype="float16", rr_stats=_rr_stats()))
+    assert average_members(members[:1]) is members[0]
+    rng = np.random.default_rng(0)
+    x = {"template": rng.normal(size=(7, 8, 24)).astype("float16"), "rr": rng.normal(1, 0.2, size=(7, 9)).astype("float32"),
+         "spectrogram": rng.normal(size=(7, 8, 24)).astype("float16")}
+    each = [m.predict(x, verbose=0) for m in members]
+    assert not np.allclose(each[0], each[1], atol=1e-3)  # two seeds, two models
+    mean = average_members(members)
+    meta = {"classes": list("NSVFQ"), "input": {"shape": [8, 24], "dtype": "float16", "variable": "spectrogram",
+                                                "variables": ["spectrogram", "rr", "template"]}}
+    path = save_model(mean, tmp_path / "mean.keras", meta)
+    assert check_archive(path)["classes"] == list("NSVFQ")
+    loaded, _ = load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), (each[0] + each[1]) / 2, atol=1e-6)
+    assert flops_per_segment(loaded) == 2 * flops_per_segment(members[0])
+    # A one-input model takes the array itself, as before.
+    single = [build_model("spectrogram-cnn", (8, 24), 5) for _ in range(2)]
+    spec = x["spectrogram"]
+    np.testing.assert_allclose(average_members(single).predict(spec, verbose=0),
+                               np.mean([m.predict(spec, verbose=0) for m in single], axis=0), atol=1e-6)
+    with pytest.raises(ModelError, match="members take different inputs"):
+        average_members([members[0], single[0]])
