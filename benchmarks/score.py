@@ -16,8 +16,9 @@ Side by side in one run, repeated (medians reported):
   the share of the model's rate the whole job keeps (target >= 0.7).
 
 The model is ``--model`` or, by default, the training default architecture
-(``beat-template-cnn``: spectrogram, RR features and neighbour template) with random
-weights on the default preprocess window: the compute is the same as a trained one's.
+(``beat-template-cnn``: spectrogram, RR features and neighbour template; as many members as
+``TrainConfig.members``) with random weights on the default preprocess window: the compute is
+the same as a trained one's.
 Prints beats/s, the ratios to the baseline, the targets (>= 5,000 beats/s on 2
 workers; >= 0.7 x the model-alone rate warm) and the share of worker time per stage.
 
@@ -61,7 +62,8 @@ def default_model(path: Path) -> Path:
     from ecg_pipeline.pipeline import rr
     from ecg_pipeline.pipeline.config import TrainConfig
     from ecg_pipeline.pipeline.labels import AAMI_EC57
-    from ecg_pipeline.pipeline.models import MODEL_INPUTS, build_model, flops_per_segment, save_model
+    from ecg_pipeline.pipeline.models import (MODEL_INPUTS, average_members, build_model, flops_per_segment,
+                                              save_model)
 
     config, train = PreprocessConfig(), TrainConfig()
     db = get_database("mitdb")
@@ -69,7 +71,8 @@ def default_model(path: Path) -> Path:
     rr_spec = config.rr.spec()
     n_rr = len(rr_spec.features)
     stats = {"n": n_rr, "features": list(rr_spec.features), "mean": [0.0] * n_rr, "variance": [1.0] * n_rr}
-    model = build_model(train.model, (spec.n_freq, spec.n_time), 5, input_dtype="float16", rr_stats=stats)
+    model = average_members([build_model(train.model, (spec.n_freq, spec.n_time), 5, input_dtype="float16",
+                                         rr_stats=stats) for _ in range(train.members)])
     inputs = list(MODEL_INPUTS[train.model])
     meta = {"package": "ecg-pipeline", "task": "beat", "classes": list("NSVFQ"),
             "input": {"shape": [spec.n_freq, spec.n_time], "dtype": "float16", "variable": "spectrogram",
