@@ -103,6 +103,7 @@ class TrainResult:
     flops_per_segment: int = 0  #: the model's cost (``models.flops_per_segment``)
     refit_epochs: int = 0  #: epochs of the refit on train + val (0: no refit, the best epoch was kept)
     refit_s: float = 0.0  #: seconds the refit took (not in ``train_s``)
+    members: int = 1  #: refit models the kept model averages (``TrainConfig.members``; 1 without a refit)
 
 
 def _metadata(ds, split: Split, config: TrainConfig, input_shape, dtype, inputs: tuple[str, ...]) -> dict[str, Any]:
@@ -569,7 +570,7 @@ def run_training(request: TrainRequest) -> TrainResult:
         train_samples_per_s=n_trained / state["train_s"] if state["train_s"] else 0.0,
         device=device, host=socket.gethostname(), pid=os.getpid(), test=metrics,
         flops_per_segment=metrics["flops_per_segment"], refit_epochs=int(state.get("refit_epochs", 0)),
-        refit_s=float(state.get("refit_s", 0.0)))
+        refit_s=float(state.get("refit_s", 0.0)), members=cfg.members if state.get("refit_epochs") else 1)
     _write_json(out / "run.json", asdict(result))
     return result
 
@@ -739,7 +740,9 @@ def format_result(result: TrainResult) -> str:
         f"device     {result.device}",
         f"epochs     {result.epochs_run} run, best {result.best_epoch} ({result.selection} {result.best_val_score:.4f})"
         + (", stopped early" if result.stopped_early else "")
-        + (f"; refit on train + val for {result.refit_epochs} epochs (the model kept)" if result.refit_epochs else ""),
+        + (f"; refit on train + val for {result.refit_epochs} epochs"
+           + (f", {result.members} members averaged" if result.members > 1 else "") + " (the model kept)"
+           if result.refit_epochs else ""),
         f"segments   train {result.n_samples['train']:,}  val {result.n_samples['val']:,}  test {result.n_samples['test']:,}",
         f"time       {result.train_s / 60:.1f} min training ({result.train_samples_per_s:,.0f} samples/s), "
         + (f"{result.refit_s / 60:.1f} min refit, " if result.refit_epochs else "") +

@@ -232,7 +232,9 @@ def test_the_refit_is_ten_epochs_unless_told_to_follow_the_best_epoch():
     from ecg_pipeline.jobs.train import _refit_length
 
     assert TrainConfig().refit_epochs == 10
-    assert TrainConfig().members == 1 and TrainConfig(members=2).members == 2
+    assert TrainConfig().members == 2 and TrainConfig(members=1).members == 1
+    assert train_config_from_dict({"refit": False}).members == 1  # without a refit, one model unless told
+    assert load_train_config(None, "rhythm").members == 1 and load_train_config(None, "beat").members == 2
     with pytest.raises(ConfigError, match="members need refit"):
         train_config_from_dict({"members": 2, "refit": False})
     assert _refit_length(TrainConfig(), {"best_epoch": 3}) == 10

@@ -145,22 +145,21 @@ def test_without_refit_the_best_epoch_is_kept(small_store, files, tmp_path):
     assert "refit on" not in r.stdout
 
 
-def test_members_refit_two_models_and_keep_their_mean(small_store, files, tmp_path):
-    """``members: 2``: the refit trains two models (own seeds) and model.keras averages them; evaluate and the
-    metadata agree, the cost per segment is both members'."""
+def test_the_default_refit_trains_two_members_and_keeps_their_mean(run, small_store, files):
+    """``members: 2`` (the default): the refit trains two models (own seeds) and model.keras averages them;
+    evaluate and the metadata agree, the cost per segment is both members'."""
     from ecg_pipeline.jobs.train import run_evaluation
     from ecg_pipeline.pipeline.models import flops_per_segment, load_model, read_metadata
 
-    (tmp_path / "config.yaml").write_text((files / "config.yaml").read_text() + "members: 2\n")
-    r = _cli("train", "--store", str(small_store), "--split", str(files / "split.yaml"), "--config",
-             str(tmp_path / "config.yaml"), "--epochs", "2", "--out", str(tmp_path / "run"), "--no-progress")
-    assert r.returncode == 0, r.stderr[-3000:]
-    path = tmp_path / "run" / "model.keras"
+    out, r = run
+    path = out / "model.keras"
     assert read_metadata(path)["train"]["refit"]["members"] == 2
+    assert ", 2 members averaged (the model kept)" in r.stdout
+    assert json.loads((out / "run.json").read_text())["members"] == 2
     model, _ = load_model(path)
     one, two = model.get_layer("member0"), model.get_layer("member1")
     assert not all(np.array_equal(a, b) for a, b in zip(one.get_weights(), two.get_weights()))
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["flops_per_segment"] == flops_per_segment(model) == 2 * flops_per_segment(one)
     again = run_evaluation(str(path), str(small_store), str(files / "split.yaml"))
     assert again["confusion_matrix"] == metrics["confusion_matrix"]
