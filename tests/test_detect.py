@@ -94,3 +94,45 @@ def test_search_back_leaves_a_pause_empty():
     found = detect_r_peaks(x, fs)
     m = match_beats(np.round(beats * fs).astype(np.int64), found, fs, tolerance_s=0.02)
     assert m.tp == len(beats) == len(found)
+
+
+@pytest.mark.parametrize("source", ["synthetic", "mitdb-208"])
+def test_the_fast_kernels_equal_scipy_and_numpy_bit_for_bit(request, monkeypatch, source):
+    """detect.py's in-place filters, percentile, gradient and peak selection are exact rewrites of
+    sosfiltfilt, np.percentile, np.gradient and find_peaks (private SciPy kernel or its public fallback)."""
+    from scipy import signal
+
+    from ecg_pipeline.pipeline import detect
+    from ecg_pipeline.pipeline.config import DetectorSpec
+
+    if source == "synthetic":
+        rng = np.random.default_rng(3)
+        fs, x = 250.0, np.cumsum(rng.standard_normal(250 * 90))
+        x[500:520] = np.nan
+    else:
+        mirror = request.getfixturevalue("mirror")
+        rec = wfdb.rdrecord(str(mirror / "mitdb" / "1.0.0" / "208"))
+        fs, x = rec.fs, rec.p_signal[:, 0]
+    spec = DetectorSpec()
+    clean = np.where(np.isfinite(x), x, 0.0)
+    band, fiducial = detect._filtered(x, fs, spec)
+    for got, hz in ((band, spec.band_hz), (fiducial, spec.fiducial_band_hz)):
+        want = signal.sosfiltfilt(signal.butter(2, hz, btype="bandpass", fs=fs, output="sos"), clean)
+        assert np.array_equal(got, want)
+    assert np.array_equal(detect._gradient_squared(band), np.gradient(band) ** 2)
+    rows = np.abs(band[: 400 * 37]).reshape(37, 400)
+    assert np.array_equal(detect._percentile_rows(rows.copy(), 98), np.percentile(rows, 98, axis=1))
+
+    mwi = np.abs(band)
+    maxima = signal.find_peaks(mwi)[0]
+    level = np.quantile(mwi[maxima], 0.7) * (1 + 0.1 * np.sin(maxima / 997))
+    h = np.full(mwi.size, np.inf)
+    h[maxima] = level
+    want, props = signal.find_peaks(mwi, height=h, distance=int(0.2 * fs))
+    peaks = detect.detect_r_peaks(x, fs)
+    for kernel in (detect._select_by_peak_distance, None):
+        monkeypatch.setattr(detect, "_select_by_peak_distance", kernel)
+        got, heights = detect._peaks_over(mwi, maxima, level, int(0.2 * fs))
+        assert np.array_equal(got, want) and np.array_equal(heights, props["peak_heights"])
+        assert np.array_equal(detect.detect_r_peaks(x, fs), peaks)
+    assert want.size > 10 and peaks.size > 10
