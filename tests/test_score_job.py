@@ -252,6 +252,36 @@ def test_rerun_skips_scored_records(ds2, model, mirror):
     assert int(row.split()[2]) == int(ds.record_n_segments.sel(record_id="232")) and "beat scores" in shown
 
 
+def _loaded_models(dask_worker=None) -> dict[str, str]:
+    """In a worker: the models its process holds loaded, sha256 -> load id."""
+    from ecg_pipeline.jobs import score
+
+    return {sha: load_id for (sha, _), (_, load_id) in score._LOADED.items()}
+
+
+def test_a_warm_cluster_scores_again_with_the_model_it_loaded(model, mirror, client, tmp_path):
+    """A second job with the same model on a running cluster reuses each worker's loaded copy (same load, no new
+    one) and gives the same scores; the copy is found by the model's sha256."""
+    from ecg_pipeline.jobs.score import ModelInfo, ScoreRequest, run_scoring
+    from ecg_pipeline.pipeline.config import ScoreConfig
+
+    def request(i: int) -> ScoreRequest:
+        return ScoreRequest(model=str(model), out=str(tmp_path / f"s{i}.zarr"), input=str(mirror / "mitdb" / "1.0.0"),
+                            records=("100", "119"), annotations=None, config=ScoreConfig(),
+                            cache_dir=str(tmp_path / "cache"), summary=str(tmp_path / f"s{i}.csv"))
+
+    sha = ModelInfo.read(model).sha256
+    first = run_scoring(request(0), client)
+    loaded = client.run(_loaded_models)
+    assert len(loaded) == 2 and all(sha in held for held in loaded.values()), loaded
+    second = run_scoring(request(1), client)
+    assert client.run(_loaded_models) == loaded  # the same load on every worker: none new
+    assert first.ok and second.ok and first.n_beats_run == second.n_beats_run > 0
+    a, b = open_scores(str(tmp_path / "s0.zarr")), open_scores(str(tmp_path / "s1.zarr"))
+    np.testing.assert_array_equal(a.anchor.values, b.anchor.values)
+    np.testing.assert_array_equal(a.probability.values, b.probability.values)
+
+
 def _copy_record(mirror, rec: str, dest):
     dest.mkdir(parents=True, exist_ok=True)
     for ext in ("hea", "dat", "atr"):
