@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import wfdb
 
 from helpers import write_record
 from ecg_pipeline.pipeline import records
@@ -77,3 +78,172 @@ def test_ecg_lead_names_are_recognised_and_other_signals_never_taken_by_the_fall
     with pytest.raises(RecordError, match=r"no ECG lead among its signals \['PLETH', 'ABP'\]"):
         records.choose_lead(h, ("MLII",), "first")
     assert records.choose_lead(h, ("pleth",), "first") == records.Lead(0, "PLETH", False)  # named: taken
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the fast reader (records._fast_channel) against wfdb's, and the header memo
+
+#: (first, stop) sample ranges of a 1001-sample record: odd and even starts and stops, the ends, one sample
+RANGES = [(0, None), (0, 1), (1, 2), (1, 1000), (2, 1001), (3, 8), (500, 501), (999, 1001), (1000, 1001)]
+#: digital range and invalid-sample code of each format the tests write with wfdb
+CODES = {"16": (-32768, 32767), "212": (-2048, 2047), "80": (-128, 127), "32": (-2**31, 2**31 - 1)}
+
+
+def _write_digital(folder, name, fmt, n_sig, sig_len=1001, seed=0):
+    """A record of random digital samples with invalid ones (NaN) and both extremes; returns them."""
+    lo, hi = CODES[fmt]
+    rng = np.random.default_rng(seed)
+    d = rng.integers(lo + 1, hi, (sig_len, n_sig), endpoint=True)
+    d[rng.integers(0, sig_len, 20), rng.integers(0, n_sig, 20)] = lo  # the invalid-sample code
+    d[:2], d[-2:] = lo, hi  # invalid and the largest value at both ends
+    d[5, :], d[6, :] = lo + 1, hi
+    gains, baselines = [200.0, 13.7, 0.3][:n_sig], [0, -12, 1024][:n_sig]
+    wfdb.wrsamp(name, fs=250, units=["mV"] * n_sig, sig_name=[f"s{i}" for i in range(n_sig)], d_signal=d,
+                fmt=[fmt] * n_sig, adc_gain=gains, baseline=baselines, write_dir=str(folder))
+    return d, gains, baselines
+
+
+def _with_byte_offset(folder, name, k):
+    """Move the record's samples ``k`` bytes into its file (junk before them), as its header then says."""
+    dat = folder / f"{name}.dat"
+    dat.write_bytes(b"\xff" * k + dat.read_bytes())
+    lines = (folder / f"{name}.hea").read_text().splitlines()
+    lines[1:] = [" ".join([t[0], f"{t[1]}+{k}", *t[2:]]) for t in (line.split() for line in lines[1:])]
+    (folder / f"{name}.hea").write_text("\n".join(lines) + "\n")
+
+
+def _read_all(base, name, monkeypatch=None):
+    """Every signal of the record over every range in ``RANGES``; with ``monkeypatch``, by wfdb's reader only."""
+    with pytest.MonkeyPatch.context() as mp:
+        if monkeypatch:
+            mp.setattr(records, "_fast_channel", lambda *args: None)
+        h = records.read_header(base, name)
+        return [records.read_signal(base, h, records.Lead(c, h.sig_names[c], False), a, b)
+                for c in range(len(h.sig_names)) for a, b in RANGES]
+
+
+@pytest.mark.parametrize("offset", [0, 5])
+@pytest.mark.parametrize("n_sig", [1, 2, 3])
+@pytest.mark.parametrize("fmt", ["16", "212", "80", "32"])
+def test_fast_reader_gives_wfdbs_samples_bit_for_bit(tmp_path, fmt, n_sig, offset):
+    d, gains, baselines = _write_digital(tmp_path, "f", fmt, n_sig)
+    if offset:
+        _with_byte_offset(tmp_path, "f", offset)
+    seg = records._load(tmp_path / "f", "f").segments[0]
+    assert all(records._fast_channel(seg, c, 0, 1001) is not None for c in range(n_sig))  # the fast path is taken
+    fast, slow = _read_all(tmp_path / "f", "f"), _read_all(tmp_path / "f", "f", monkeypatch=True)
+    assert len(fast) == len(slow) == n_sig * len(RANGES)
+    for got, want in zip(fast, slow):
+        assert got.dtype == want.dtype == np.float32
+        np.testing.assert_array_equal(got, want)  # NaN where wfdb has NaN
+        assert got.tobytes() == want.tobytes()  # and bit for bit
+    for c in range(n_sig):  # and the values themselves: (d - baseline) / gain in float64, NaN for the invalid code
+        expected = ((d[:, c] - baselines[c]) / gains[c]).astype(np.float32)
+        expected[d[:, c] == CODES[fmt][0]] = np.nan
+        np.testing.assert_array_equal(fast[c * len(RANGES)], expected)
+        assert np.isnan(fast[c * len(RANGES)]).sum() >= 2
+
+
+@pytest.mark.parametrize("fmt, dtype, shift", [("61", ">i2", 0), ("160", "<u2", 32768)])
+def test_fast_reader_reads_formats_wfdb_does_not_write(tmp_path, fmt, dtype, shift):
+    rng = np.random.default_rng(1)
+    d = rng.integers(-32768, 32767, (1001, 2), endpoint=True)
+    d[[0, 10, 1000], [0, 1, 1]] = -32768
+    (tmp_path / "g.dat").write_bytes(b"\0" * 3 + (d + shift).astype(dtype).tobytes())
+    (tmp_path / "g.hea").write_text(f"g 2 250 1001\ng.dat {fmt}+3 200 16 0 0 0 0 s0\n"
+                                    f"g.dat {fmt}+3 31.5(-7) 16 0 0 0 0 s1\n")
+    fast, slow = _read_all(tmp_path / "g", "g"), _read_all(tmp_path / "g", "g", monkeypatch=True)
+    for got, want in zip(fast, slow):
+        assert got.tobytes() == want.tobytes()
+    np.testing.assert_array_equal(fast[len(RANGES)][[0, 10, 1000]], 
+                                  np.float32([(d[0, 1] + 7) / 31.5, np.nan, np.nan]))
+
+
+def test_fast_reader_reads_each_file_of_a_record_with_several(tmp_path):
+    _write_digital(tmp_path, "a", "16", 2, seed=2)
+    _write_digital(tmp_path, "b", "212", 3, seed=3)
+    lines = [ln for name in "ab" for ln in (tmp_path / f"{name}.hea").read_text().splitlines()[1:]]
+    (tmp_path / "m.hea").write_text("m 5 250 1001\n" + "\n".join(lines) + "\n")
+    fast, slow = _read_all(tmp_path / "m", "m"), _read_all(tmp_path / "m", "m", monkeypatch=True)
+    for got, want in zip(fast, slow):
+        assert got.tobytes() == want.tobytes()
+
+
+def test_fast_reader_leaves_other_layouts_to_wfdb(tmp_path):
+    d = np.arange(-50, 50).reshape(50, 2)
+    wfdb.wrsamp("s", fs=250, units=["mV"] * 2, sig_name=["a", "b"], e_d_signal=[d[:, 0], d[::2, 1]],
+                samps_per_frame=[2, 1], fmt=["16", "16"], adc_gain=[200.0, 200.0], baseline=[0, 0],
+                write_dir=str(tmp_path))
+    seg = records._load(tmp_path / "s", "s").segments[0]
+    assert records._fast_channel(seg, 1, 0, 25) is None  # several samples per frame in its file
+    h = records.read_header(tmp_path / "s", "s")
+    np.testing.assert_array_equal(records.read_signal(tmp_path / "s", h, records.Lead(0, "a", False)),
+                                  np.float32(d[:, 0] / 200))
+    np.testing.assert_array_equal(records.read_signal(tmp_path / "s", h, records.Lead(1, "b", False)),
+                                  np.float32(d[::2, 1] / 200))
+    _write_digital(tmp_path, "k", "16", 2)
+    text = (tmp_path / "k.hea").read_text().replace("k.dat 16 ", "k.dat 16:1 ", 1)  # a skewed signal
+    (tmp_path / "k.hea").write_text(text)
+    assert records._fast_channel(records._load(tmp_path / "k", "k").segments[0], 1, 0, 10) is None
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("record", ["100", "114", "203", "232"])
+def test_fast_reader_on_mitdb_records(mirror, record, monkeypatch):
+    base = mirror / "mitdb" / "1.0.0" / record
+    h = records.read_header(base, record)
+    for c in range(2):
+        lead = records.Lead(c, h.sig_names[c], False)
+        for a, b in [(0, None), (1, 1001), (2, 1000), (333333, 333334), (649999, 650000)]:
+            got = records.read_signal(base, h, lead, a, b)
+            with monkeypatch.context() as mp:
+                mp.setattr(records, "_fast_channel", lambda *args: None)
+                want = records.read_signal(base, h, lead, a, b)
+            assert got.tobytes() == want.tobytes(), (record, c, a, b)
+
+
+def test_a_header_changed_on_disk_is_read_anew(tmp_path):
+    write_record(tmp_path, "h", leads=("MLII", "V1"))
+    hea = tmp_path / "h.hea"
+    original = hea.read_text()
+    assert records.read_header(tmp_path / "h", "h").sig_names == ("MLII", "V1")
+    hea.write_text(original.replace(" V1", " V5"))
+    assert records.read_header(tmp_path / "h", "h").sig_names == ("MLII", "V5")
+    hea.write_text(original)
+    assert records.read_header(tmp_path / "h", "h").sig_names == ("MLII", "V1")
+
+
+def test_each_parse_gives_its_own_record(tmp_path):
+    write_record(tmp_path, "i")
+    first = records._parse(tmp_path / "i.hea", "i")
+    first.sig_name[0], first.fmt[1] = "changed", "16"
+    first.file_name.append("x.dat")
+    first.comments.append("a note")
+    again = records._parse(tmp_path / "i.hea", "i")
+    assert again is not first and again.sig_name == ["MLII", "V1"] and again.fmt == ["212", "212"]
+    assert again.file_name == ["i.dat", "i.dat"] and "a note" not in again.comments
+
+
+def test_a_bad_header_fails_the_same_way_every_time(tmp_path):
+    (tmp_path / "c.hea").write_text("c two 360 650000\nc.dat 212 200 11 1024 0 0 0 MLII\n")
+    messages = set()
+    for _ in range(2):
+        with pytest.raises(RecordError, match="record c: header: cannot parse c.hea: HeaderSyntaxError") as exc:
+            records.read_header(tmp_path / "c", "c")
+        messages.add(str(exc.value))
+    assert len(messages) == 1
+
+
+@pytest.mark.parametrize("size", [1000, 2999, 3000])
+def test_a_file_truncated_after_read_header_fails_in_read_signal(tmp_path, size):
+    write_record(tmp_path, "t", seconds=3.0)  # 1080 frames, 3,240 bytes
+    h = records.read_header(tmp_path / "t", "t")
+    with open(tmp_path / "t.dat", "r+b") as f:
+        f.truncate(size)
+    with pytest.raises(RecordError) as fresh:
+        records.read_header(tmp_path / "t", "t")
+    for c in range(2):
+        with pytest.raises(RecordError, match=f"record t: signal: t.dat is truncated: {size:,} bytes, the header "
+                                              "implies 3,240") as exc:
+            records.read_signal(tmp_path / "t", h, records.Lead(c, h.sig_names[c], False), 0, 10)
+        assert str(exc.value) == str(fresh.value)
