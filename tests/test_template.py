@@ -45,6 +45,22 @@ def test_the_sorting_network_gives_numpys_median_exactly(n, beats):
     assert np.array_equal(neighbour_template(x, beats), want)
 
 
+@pytest.mark.parametrize("beats", [1, 2, 3, 5, 8, 12])
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 17, 18, 19, 25, 40, 299, 600])
+def test_templates_are_numpys_median_of_the_neighbours_bit_for_bit(n, beats):
+    """Centred segments done in pairs (blocks of them, an odd one left over), the ends, and records too short
+    for a centred window: each template is ``np.median`` over its neighbours to the last bit, ties included
+    (no -0.0: which of two equal zeros a median takes is arbitrary), and the input is left as it was."""
+    rng = np.random.default_rng(100 * n + beats)
+    x = rng.normal(size=(n, 8, 24)).astype(np.float32)
+    x[::2] = np.round(x[::2] * 2) / 2 + np.float32(0.0)  # ties; adding +0.0 turns -0.0 into +0.0
+    before = x.copy()
+    want = np.median(x[neighbour_indices(n, beats)], axis=1)
+    got = neighbour_template(x, beats)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(x, before) and np.array_equal(neighbour_template(x, 0), x)
+
+
 @pytest.mark.parametrize("lo,hi", [(0, 7), (20, 40), (90, 100), (3, 97)])
 def test_a_piece_with_its_context_gives_the_whole_records_templates(lo, hi):
     x = np.random.default_rng(1).normal(size=(100, 8, 24)).astype(np.float32)
