@@ -89,6 +89,7 @@ def baseline(db_dir: Path, names: list[str], info: ModelInfo, batch: int) -> tup
     """One process, one TensorFlow thread: the job's stages in a loop. Returns its wall time, the beats,
     and the seconds ``predict`` alone takes on all of them (the model-alone rate, same thread)."""
     import tensorflow as tf
+    import threadpoolctl
 
     from ecg_pipeline.pipeline.config import DetectorSpec
     from ecg_pipeline.pipeline.models import load_model
@@ -96,6 +97,8 @@ def baseline(db_dir: Path, names: list[str], info: ModelInfo, batch: int) -> tup
     # One TensorFlow thread, as each worker of the job has (one per worker thread).
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    # One BLAS thread too, as the local cluster gives each one-thread worker (LimitNativeThreads).
+    threadpoolctl.threadpool_limits(limits=1)
     model, _ = load_model(info.path)
     predict(model, info.dummy(256), batch)  # trace once
     t0 = time.perf_counter()
