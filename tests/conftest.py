@@ -18,6 +18,20 @@ def pytest_configure(config):
     os.environ["ECG_PIPELINE_CACHE"] = os.path.join(home, "cache")
 
 
+@pytest.fixture
+def environ_restored():
+    """``os.environ`` put back as it was after the test. For tests that run ``cli.main`` in this process: it sets
+    defaults there for its own process (``TF_CPP_MIN_LOG_LEVEL``, ``DASK_LOGGING__DISTRIBUTED``) that every later
+    test, and every process they start, would otherwise inherit."""
+    saved = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    for name, value in saved.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def mirror():
     """The real PhysioNet mirror (../shared/physionet); tests that need it skip without it."""

@@ -70,13 +70,14 @@ def test_missing_file_is_not_retried(db, tmp_path):
 
 
 def test_unreachable_source_fails_after_retries(tmp_path):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    fs, root = download.open_source(f"http://127.0.0.1:{port}/", FAST)
-    with pytest.raises(DownloadError, match=r"failed after 3 attempts"):
-        download.fetch_file(fs, download.database_root(root, "mitdb", "1.0.0"), "100.hea", tmp_path, None, FAST)
+    # The port stays bound, never listening, for the whole test: connections to it are refused, and no other
+    # process can start listening on it meanwhile (a port closed here could be taken by anyone at once).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        fs, root = download.open_source(f"http://127.0.0.1:{port}/", FAST)
+        with pytest.raises(DownloadError, match=r"failed after 3 attempts"):
+            download.fetch_file(fs, download.database_root(root, "mitdb", "1.0.0"), "100.hea", tmp_path, None, FAST)
 
 
 @pytest.mark.parametrize("form", ["path", "file-url"])

@@ -175,7 +175,10 @@ def test_local_workers_exit_when_their_driver_is_killed(tmp_path, method):
         driver = subprocess.Popen([PY, str(tmp_path / "driver.py"), method, str(tmp_path)], stdout=out, stderr=err)
     holder = None
     try:
-        _wait_for("two busy tasks", lambda: all((tmp_path / f"task-{i}").exists() for i in range(2)), driver, log)
+        # A task's file exists from the moment its worker opens it, before its pid is written: wait for the pids.
+        _wait_for("two busy tasks", lambda: all((tmp_path / f"task-{i}").exists() and
+                                                (tmp_path / f"task-{i}").read_text().strip() for i in range(2)),
+                  driver, log)
         holder = int(_wait_for("the holder", lambda: (tmp_path / "holder.pid").exists() and
                                (tmp_path / "holder.pid").read_text(), driver, log))
         workers = {int((tmp_path / f"task-{i}").read_text()) for i in range(2)}

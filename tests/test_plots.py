@@ -20,7 +20,8 @@ from ecg_pipeline.pipeline import extract, plots, records, scores, sources  # no
 from ecg_pipeline.pipeline.databases import get_database  # noqa: E402
 from ecg_pipeline.pipeline.store import open_dataset  # noqa: E402
 
-pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+# environ_restored: tests here run `cli.main` in this process, which sets os.environ defaults for its own process.
+pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.usefixtures("environ_restored")]
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

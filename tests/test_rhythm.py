@@ -310,6 +310,7 @@ def test_a_long_record_is_scored_in_windows_with_episodes(cinc, r201):
 
 @pytest.mark.realdata
 @pytest.mark.slow
+@pytest.mark.usefixtures("environ_restored")  # runs `cli.main` in this process (it sets os.environ defaults)
 def test_rhythm_figures_show_the_windows_episodes_and_af_burden(r201, tmp_path):
     from ecg_pipeline.jobs import cli
     from ecg_pipeline.jobs.plot import scored_record
