@@ -205,7 +205,8 @@ def _add_score(sub) -> None:
             "  ecg-pipeline score --model runs/cinc2017/model.keras --input path/to/A00003   # prints probabilities\n"
             "  ecg-pipeline score ... --scheduler tcp://10.0.0.5:8786\n\n"
             "writes: --out (Zarr: probability, predicted, reference per beat; per-record table), the summary\n"
-            "table (--summary, default <out>.records.csv) and, with a reference, <out>.metrics.json\n\n"
+            "table (--summary, default <out stem>.records.csv: scores.zarr -> scores.records.csv) and, with a\n"
+            "reference, <out stem>.metrics.json\n\n"
             "exit status: 0 every record scored, 1 some records failed (listed), 2 the job could not run"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -290,7 +291,8 @@ def _add_plot(sub) -> None:
     pl.add_argument("--seed", type=int, default=0, help="gallery: which segments are drawn (default 0)")
     pl.add_argument("--no-waveforms", action="store_true", help="gallery: spectrograms only (no record is read)")
     pl.add_argument("--cache-dir", metavar="DIR",
-                    help="download cache (default: $ECG_PIPELINE_CACHE or ~/.cache/ecg-pipeline)")
+                    help="download cache (default: $ECG_PIPELINE_CACHE, else $XDG_CACHE_HOME/ecg-pipeline, "
+                         "else ~/.cache/ecg-pipeline)")
     pl.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
 
 
@@ -301,7 +303,8 @@ def _cluster_args(parser: argparse.ArgumentParser, scheduler_help: str) -> None:
     grp.add_argument("--scheduler-file", metavar="FILE", help="submit to the Dask scheduler described by this file")
     parser.add_argument("--workers", type=int, metavar="N", help="worker processes of the local cluster (default: cores)")
     parser.add_argument("--cache-dir", metavar="DIR",
-                        help="download cache on the workers (default: $ECG_PIPELINE_CACHE or ~/.cache/ecg-pipeline)")
+                        help="download cache on the workers (default: $ECG_PIPELINE_CACHE, else "
+                             "$XDG_CACHE_HOME/ecg-pipeline, else ~/.cache/ecg-pipeline)")
 
 
 def _setup_logging(verbose: int) -> None:

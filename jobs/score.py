@@ -1,4 +1,4 @@
-"""The scoring job: a trained beat model + an archive of ECG records -> per-beat scores in Zarr.
+"""The scoring job: a trained beat or rhythm model + an archive of ECG records -> per-beat (per-window) scores in Zarr.
 
 Composed from the stages in ``pipeline``:
 
@@ -11,7 +11,7 @@ Composed from the stages in ``pipeline``:
    (``spectrogram``) and score them with the model, which a ``ModelPlugin``
    loaded once on each worker. With reference annotations, detections are matched
    to reference beats within 150 ms (``detect.match_beats``). Records longer than
-   ``piece_s`` come back as a list of pieces, and one task scores each.
+   1.5 x ``piece_s`` (``plan_pieces``) come back as a list of pieces, and one task scores each.
 3. The driver commits finished records to the scores store (``scores``) every
    ``flush_s`` seconds; records already in the store are skipped by a re-run.
 

@@ -1,11 +1,14 @@
-"""Stage 3c: a record -> its segments and their spectrograms, the per-record work of preprocessing.
+"""Stage 3c: a record -> its segments and their spectrograms, the per-record work of both jobs.
 
 ``plan_record`` fetches a record through its source, reads the header and the chosen
 lead once, asks the label source for anchors and labels, and keeps the anchors whose
 window is usable (``segment.check_windows``): a small ``RecordPlan``, or the reason the
 record failed. ``chunk_contents`` turns pieces of planned records into the rows of one
-store chunk (``segment.spectrograms``). Jobs call these in Dask tasks; nothing here
-knows about Dask or the store's layout.
+store chunk (``segment.spectrograms``). For scoring, ``detected_segments`` turns a span of a
+lead into detected R peaks and their model inputs, ``match_reference`` compares them with
+reference beats, ``record_windows`` / ``window_segments`` do the same for rhythm windows;
+``read_strip`` and ``segment_waveforms`` read signal back for figures. Jobs call these in
+Dask tasks; nothing here knows about Dask or the store's layout.
 """
 
 from __future__ import annotations

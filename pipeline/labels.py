@@ -1,4 +1,6 @@
-"""Beat labels: WFDB annotation symbols -> AAMI EC57 classes.
+"""Stage 3a: label sources (beats, rhythm episodes, record tables, detected beats) and their registry.
+
+Beat labels map WFDB annotation symbols to AAMI EC57 classes.
 
 Symbols fall in three groups:
 

@@ -10,7 +10,8 @@ How an epoch flows::
 * Only chunks holding at least one selected segment are read, each in one Zarr
   call (never one sample at a time); ``parallel_reads`` groups are read at once.
 * The shuffle buffer is one group: memory is bounded by
-  ``parallel_reads x shuffle_chunks x chunk_size`` samples, not by the dataset.
+  ``(parallel_reads + 1) x shuffle_chunks x chunk_size`` samples (the groups being
+  read and the one being batched), not by the dataset.
 * Every selected sample appears exactly once per epoch (unless balanced sampling
   is on); with a ``seed`` the order of every epoch is reproducible.
 * Labels are small (one byte a segment) and are read once, whole, when the

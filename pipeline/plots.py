@@ -1,4 +1,4 @@
-"""Stage 11: figures of spectrogram stores and scores stores, for people who would rather look than read.
+"""Stage 12: figures of spectrogram stores and scores stores, for people who would rather look than read.
 
 Each function draws arrays it is given and returns a ``matplotlib.figure.Figure`` built
 without pyplot: no backend is chosen for the process, so a notebook shows the figure

@@ -1,7 +1,7 @@
 """Stage 10: the Zarr store of scores written by ``ecg-pipeline score``.
 
 Layout (``schemas/scores-v2.json`` is the contract, checked on open; the scores side
-of the schema family of ``store-v3.json``: ``task`` and ``anchor_kind`` in the attributes):
+of the schema family of ``store-v4.json``: ``task`` and ``anchor_kind`` in the attributes):
 
 * per segment (a beat, for beat models), on dimension ``segment``: ``probability
   (segment, class)``, ``predicted``, ``reference`` (the matched reference class, when

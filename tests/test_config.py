@@ -242,3 +242,17 @@ def test_the_refit_is_ten_epochs_unless_told_to_follow_the_best_epoch():
     assert _refit_length(TrainConfig(), {"best_epoch": 22}) == 22  # never shorter than the best epoch
     with pytest.raises(ValueError):
         TrainConfig(refit_epochs=-1)
+
+
+def test_the_example_configurations_load_as_the_readme_says():
+    """configs/: the files the README's commands pass with --config are valid and hold what their text says."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "configs"
+    context = load_config(folder / "mitdb-context.yaml")
+    assert (context.window.before_s, context.window.after_s, context.window.align) == (0.9, 0.9, "annotation")
+    assert (context.stft.nperseg, context.stft.hop, context.stft.max_freq_hz) == (64, 16, None)
+    train = load_train_config(folder / "train-spectrogram-cnn.yaml", "beat")
+    assert (train.model, train.class_weighting, train.refit, train.members) == ("spectrogram-cnn", "sqrt", False, 1)
+    readme = (folder.parent / "README.md").read_text()
+    assert all(f"configs/{p.name}" in readme for p in folder.glob("*.yaml"))
