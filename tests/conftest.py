@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from unittest import mock
 
 import pytest
 
@@ -23,13 +24,8 @@ def environ_restored():
     """``os.environ`` put back as it was after the test. For tests that run ``cli.main`` in this process: it sets
     defaults there for its own process (``TF_CPP_MIN_LOG_LEVEL``, ``DASK_LOGGING__DISTRIBUTED``) that every later
     test, and every process they start, would otherwise inherit."""
-    saved = dict(os.environ)
-    yield
-    for name in set(os.environ) - set(saved):
-        del os.environ[name]
-    for name, value in saved.items():
-        if os.environ.get(name) != value:
-            os.environ[name] = value
+    with mock.patch.dict(os.environ):  # restores the whole mapping on exit, added names removed
+        yield
 
 
 @pytest.fixture(scope="session")
