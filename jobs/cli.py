@@ -441,15 +441,9 @@ def _inspect_scores(path: str, require_complete: bool) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import zarr
+    from ..pipeline.store import open_dataset, store_kind
 
-    from ..pipeline.store import open_dataset
-
-    try:
-        kind = zarr.open_group(args.store, mode="r", use_consolidated=False).attrs.get("kind")
-    except Exception:  # noqa: BLE001 - open_dataset below gives the clear error
-        kind = None
-    if kind in ("scores", "beat-scores"):
+    if store_kind(args.store) == "scores":
         sys.stdout.write(_inspect_scores(args.store, not args.allow_incomplete))
         return EXIT_OK
     ds = open_dataset(args.store, require_complete=not args.allow_incomplete)
@@ -489,11 +483,11 @@ def _store_task(store: str | None) -> str:
     """The ``task`` a store declares (its training defaults depend on it); beat when there is no store yet."""
     if not store:
         return "beat"
-    import zarr
+    from ..pipeline.store import store_task
 
     try:
-        return str(zarr.open_group(store, mode="r", use_consolidated=False).attrs.get("task", "beat"))
-    except Exception:  # noqa: BLE001 - not a store: the training job says so clearly
+        return store_task(store)
+    except PipelineError:  # not a store: the training job says so clearly
         return "beat"
 
 
@@ -532,72 +526,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def format_score_report(report) -> str:
-    """The end-of-job summary of ``score``."""
-    unit = "windows" if report.task == "rhythm" else "beats"
-    lines = [
-        "",
-        f"{report.input} -> {report.out}",
-        f"  records     {report.n_scored - len([f for f in report.failed])} scored now, {report.n_skipped} already "
-        f"in the store, {len(report.failed)} failed, {report.n_records} listed",
-        f"  {unit:<11} {report.n_beats:,} in the store, {report.n_beats_run:,} scored now "
-        f"({report.beats_per_s:,.0f} {unit}/s, {report.n_scored / report.wall_s if report.wall_s else 0:,.1f} "
-        f"records/s over {report.wall_s:.1f} s: "
-        + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in report.phase_s.items()) + ")",
-        "  predicted   " + "   ".join(f"{c} {n:,}" for c, n in report.beats_per_class.items()),
-        f"  summary     {report.summary}",
-        f"  model       loaded {report.model_loads} time(s): once per worker process that scored",
-    ]
-    total = sum(report.stage_s.values())
-    if total:
-        lines.append("  worker time " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in report.stage_s.items()))
-    ref = report.reference
-    if ref and report.task == "rhythm":
-        lines += _rhythm_reference_lines(ref)
-    elif ref:
-        d = ref["detector"]
-        lines.append(f"  reference   {ref['records']} records with annotations: detector sensitivity "
-                     f"{100 * d['sensitivity']:.2f}%, positive predictivity {100 * d['positive_predictivity']:.2f}% "
-                     f"(TP {d['tp']:,}, FN {d['fn']:,}, FP {d['fp']:,}; match within {1000 * d['tolerance_s']:.0f} ms)")
-        if d.get("edge_beats"):
-            lines.append(f"              {d['edge_beats']:,} reference beat(s) nearer a record end than a window's "
-                         "half-width are left out of these figures (no window fits there)")
-        from ..pipeline.evaluate import format_report as format_metrics
-
-        lines.append(format_metrics(ref["classification"], "  matched beats, reference class vs predicted"))
-    flagged = [(r["record"], r["quality"]) for r in report.records if r.get("quality") and r.get("status") == "ok"]
-    if flagged:
-        lines.append(f"  quality     {len(flagged)} record(s) scored with a doubt (see the quality column):")
-        lines += [f"    {r:>8}  {q}" for r, q in flagged[:20]]
-        if len(flagged) > 20:
-            lines.append(f"    ... and {len(flagged) - 20} more")
-    if report.failed:
-        lines.append("  failed records:")
-        lines += [f"    {r:>8}  {e}" for r, e in report.failed]
-    return "\n".join(lines) + "\n"
-
-
-def _rhythm_reference_lines(ref) -> list[str]:
-    from ..pipeline.evaluate import format_report as format_metrics
-
-    lines = []
-    if ref.get("classification"):
-        lines.append(format_metrics(ref["classification"], f"  {ref['records']} records with a reference class "
-                                                           "(label table), per record"))
-    ann = ref.get("rhythm_annotations")
-    if ann:
-        e = ann["episodes"]
-        se, pp = e.get("sensitivity"), e.get("positive_predictivity")
-        lines.append(f"  rhythm annotations: {len(ann['records'])} records; {ann['rhythm']} episodes: "
-                     f"sensitivity {'-' if se is None else f'{100 * se:.1f}%'} ({e.get('detected', 0)}/"
-                     f"{e.get('n_reference', 0)}), positive predictivity {'-' if pp is None else f'{100 * pp:.1f}%'} "
-                     f"({e.get('true', 0)}/{e.get('n_predicted', 0)})")
-        lines.append(f"    {'record':>10} {'burden model':>13} {'reference':>10}")
-        for rec, b in sorted(ann["records"].items()):
-            lines.append(f"    {rec:>10} {b['burden_model']:>13.1%} {b['burden_reference']:>10.1%}")
-    return lines
-
-
 def cmd_score(args: argparse.Namespace) -> int:
     from ..pipeline.config import load_score_config
 
@@ -611,10 +539,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise PipelineError("--model and --out are required (--out may be left out for a single record)")
     if not args.input and not args.db:
         raise PipelineError("give --input (a folder, archive or URL), or --db (with --source) for a PhysioNet database")
-    from .score import ModelInfo, ScoreRequest, check_summary, run_scoring, summary_path
+    from ..pipeline.model_card import ModelCard
+    from ..pipeline.scores import summary_path
+    from .score import ScoreRequest, check_summary, run_scoring
 
     # Refuse an unsafe or foreign model file, or a summary that cannot be written, before starting a cluster.
-    ModelInfo.read(args.model)
+    ModelCard.read(args.model)
     if args.out:
         check_summary(summary_path(args.out, args.summary))
     with contextlib.ExitStack() as stack:
@@ -631,26 +561,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             link = client.dashboard_link
             sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
             report = run_scoring(request, client, progress=_progress(not args.no_progress, unit="record"))
-        sys.stdout.write(format_record_scores(report) if one else format_score_report(report))
+        sys.stdout.write(report.records_text() if one else report.text())
     return EXIT_OK if report.ok else EXIT_RECORDS_FAILED
-
-
-def format_record_scores(report) -> str:
-    """One record's verdict: its class probabilities (rhythm models) or its beats per class."""
-    lines = []
-    for r in report.records:
-        if r["status"] != "ok":
-            lines.append(f"{r['record']}: failed: {r['error']}")
-        elif report.task == "rhythm":
-            probs = "  ".join(f"{c} {p:.3f}" for c, p in zip(report.classes, r["probability"]))
-            ref = f"   (reference {r['reference_class']})" if r.get("reference_class") else ""
-            lines.append(f"{r['record']}: {r['predicted']}{ref}\n  probability  {probs}\n"
-                         f"  {int(r['n_segments'])} window(s), {r['sig_len'] / r['fs']:.1f} s; "
-                         "mean of the window probabilities")
-        else:
-            counts = "  ".join(f"{c} {int(n):,}" for c, n in zip(report.classes, r["segments"]))
-            lines.append(f"{r['record']}: {int(r['n_segments']):,} beats  {counts}")
-    return "\n".join(lines) + "\n"
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

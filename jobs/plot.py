@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from ..pipeline import extract, plots, scores, sources
-from ..pipeline.errors import PipelineError, RecordError, StoreError
+from ..pipeline.errors import PipelineError, RecordError
+from ..pipeline.store import store_kind
 from .common import cache_root
 
 log = logging.getLogger(__name__)
@@ -58,21 +59,6 @@ class PlotRequest:
     seed: int = 0
     waveforms: bool = True
     cache_dir: str | None = None
-
-
-def store_kind(path: str) -> str:
-    """``"scores"`` or ``"spectrograms"``; raises ``StoreError`` for anything else."""
-    import zarr
-
-    try:
-        attrs = dict(zarr.open_group(path, mode="r", use_consolidated=False).attrs)
-    except Exception as exc:  # noqa: BLE001 - a missing path, a plain folder, a zarr v2 store
-        raise StoreError(f"{path} is not a store of ecg-pipeline ({type(exc).__name__}: {exc})") from None
-    if attrs.get("kind") in (scores.KIND, "beat-scores"):
-        return "scores"
-    if attrs.get("package") == "ecg-pipeline" and "spectrogram" in attrs:
-        return "spectrograms"
-    raise StoreError(f"{path} is a Zarr group but not a store written by `ecg-pipeline preprocess` or `score`")
 
 
 def _safe(name: str) -> str:

@@ -133,6 +133,49 @@ def open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None):
                            use_consolidated=False)
 
 
+#: The ``kind`` attribute of a scores store (``pipeline.scores.KIND``; "beat-scores" before rhythm models).
+#: Spelled out here, not imported: ``scores`` imports this module.
+SCORES_KINDS = ("scores", "beat-scores")
+
+
+def _group_attrs(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    try:
+        return dict(open_group(path, "r", storage_options).attrs)
+    except Exception as exc:  # noqa: BLE001 - a missing path, a plain folder, a Zarr v2 store
+        raise StoreError(f"{path} is not a store of ecg-pipeline: no Zarr v3 group there "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def store_kind(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """What a path holds: ``"spectrograms"`` (a store of ``preprocess``) or ``"scores"`` (of ``score``).
+
+    Only the group attributes are read: a scores store says ``kind`` ("scores", or "beat-scores" for
+    stores written before rhythm models); a spectrogram store has no ``kind``. Neither store is validated.
+
+    Raises
+    ------
+    StoreError
+        The path is no Zarr v3 group, or a group that neither job wrote.
+    """
+    attrs = _group_attrs(path, storage_options)
+    if attrs.get("kind") in SCORES_KINDS:
+        return "scores"
+    if attrs.get("package") == "ecg-pipeline" and "kind" not in attrs:
+        return "spectrograms"
+    raise StoreError(f"{path} is a Zarr group but not a store written by `ecg-pipeline preprocess` or `score`")
+
+
+def store_task(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The ``task`` a store's attributes declare ("beat" or "rhythm"; "beat" when it says none).
+
+    Raises
+    ------
+    StoreError
+        The path is no Zarr v3 group.
+    """
+    return str(_group_attrs(path, storage_options).get("task", "beat"))
+
+
 COMPRESSORS = {
     # Log spectrograms are noisy: every codec gains ~1.2x on float16. Blosc LZ4 with byte
     # shuffle writes a 3 MB chunk ~2x faster than zstd and reads it ~3x faster (loader).

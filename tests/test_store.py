@@ -139,3 +139,46 @@ def test_a_store_of_schema_v1_is_refused_with_what_to_do(tmp_path):
 
     with pytest.raises(StoreError, match="store schema v1"):
         ZarrSegmentLoader(str(p))
+
+
+def test_store_kind_and_task_of_real_stores(tmp_path):
+    from ecg_pipeline.pipeline.scores import RecordScores, ScoresWriter
+
+    spectrograms, rhythm = tmp_path / "s.zarr", tmp_path / "r.zarr"
+    _write(spectrograms, store.Layout(("a",), (6,), 3, 4, 4))
+    _write(rhythm, store.Layout(("a",), (6,), 3, 4, 4), _attrs(task="rhythm", anchor_kind="window-start"))
+    scores = str(tmp_path / "scores.zarr")
+    classes = ("N", "V")
+    attrs = {"schema_version": 2, "kind": "scores", "task": "beat", "anchor_kind": "r-peak",
+             "package": "ecg-pipeline", "package_version": "0", "model": "m.keras", "model_sha256": "a" * 64,
+             "model_database": "mitdb", "classes": list(classes), "spectrogram": {}, "detector": {}, "input": "x",
+             "config": {}, "config_fingerprint": "b" * 64}
+    writer = ScoresWriter(scores, attrs, classes, chunk_size=8)
+    writer.commit([RecordScores("a", status="ok", error="", lead="MLII", fs=360.0, sig_len=4000,
+                                anchor=np.arange(4) * 1000, probability=np.full((4, 2), 0.5, np.float32),
+                                reference=np.array([""] * 4, dtype=object), n_detected=4)])
+    writer.finish({"complete": True})
+    assert store.store_kind(str(spectrograms)) == "spectrograms" and store.store_task(str(spectrograms)) == "beat"
+    assert store.store_kind(str(rhythm)) == "spectrograms" and store.store_task(str(rhythm)) == "rhythm"
+    assert store.store_kind(scores) == "scores" and store.store_task(scores) == "beat"
+    # A scores store written before rhythm models said kind "beat-scores" (and no task: beats).
+    g = zarr.open_group(scores, mode="r+", use_consolidated=False)
+    g.attrs["kind"] = "beat-scores"
+    del g.attrs["task"]
+    assert store.store_kind(scores) == "scores" and store.store_task(scores) == "beat"
+
+
+def test_store_kind_refuses_what_is_no_store(tmp_path):
+    (tmp_path / "plain").mkdir()
+    zarr.open_group(str(tmp_path / "v2.zarr"), mode="w", zarr_format=2).attrs["package"] = "ecg-pipeline"
+    for path in (tmp_path / "plain", tmp_path / "missing", tmp_path / "v2.zarr"):
+        for ask in (store.store_kind, store.store_task):
+            with pytest.raises(StoreError, match="is not a store of ecg-pipeline: no Zarr v3 group there"):
+                ask(str(path))
+    foreign = tmp_path / "other.zarr"
+    zarr.open_group(str(foreign), mode="w").attrs.update({"kind": "something-else", "package": "ecg-pipeline"})
+    with pytest.raises(StoreError, match="not a store written by `ecg-pipeline preprocess` or `score`"):
+        store.store_kind(str(foreign))
+    zarr.open_group(str(foreign), mode="w").attrs["task"] = "rhythm"  # a group, but not of this package
+    with pytest.raises(StoreError, match="not a store written by"):
+        store.store_kind(str(foreign))
