@@ -348,48 +348,6 @@ def _progress(enabled: bool, unit: str = "task"):
     return lambda desc, total: tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=True)
 
 
-def format_report(report) -> str:
-    """The end-of-job summary table."""
-    ok = [r for r in report.records if r.status == "ok"]  # every count below is of written records
-    lines = [
-        "",
-        f"{report.database} {report.version} -> {report.out}",
-        f"  records     {len(ok)} done, {len(report.failed)} failed, {len(report.records)} total",
-        f"  segments    {report.n_segments:,}   chunks written {report.chunks_written}, "
-        f"already there {report.chunks_skipped}, of {report.chunks_total}",
-        "  per class   " + "   ".join(f"{c} {n:,}" for c, n in report.segments_per_class.items()),
-        f"  dropped     {sum(r.n_dropped_edge for r in ok):,} at record edges, "
-        f"{sum(r.n_dropped_invalid for r in ok):,} over invalid samples, "
-        f"{sum(r.n_dropped_unknown for r in ok):,} unknown symbols "
-        f"({sum(r.n_unknown for r in ok):,} unknown in all)",
-        f"  downloaded  {report.bytes_downloaded / 1e6:,.1f} MB",
-        f"  wall time   {report.wall_s:.1f} s  ("
-        + ", ".join(f"{k} {v:.1f} s" for k, v in report.phase_s.items()) + ")",
-    ]
-    if report.missing_source_files:
-        lines.append(f"  note: the source lacks {len(report.missing_source_files)} file(s) listed in SHA256SUMS.txt: "
-                     f"{', '.join(report.missing_source_files)} (no record that succeeded needed them)")
-    flagged = [r for r in ok if r.quality]
-    if flagged:
-        lines.append(f"  quality     {len(flagged)} record(s) with a doubt (record_quality in the store):")
-        lines += [f"    {r.record:>8}  {r.quality}" for r in flagged[:20]]
-        if len(flagged) > 20:
-            lines.append(f"    ... and {len(flagged) - 20} more")
-    if report.failed:
-        lines.append("  failed records:")
-        lines += [f"    {r.record:>8}  {r.error}" for r in report.failed]
-    return "\n".join(lines) + "\n"
-
-
-def _report_json(report) -> dict:
-    from dataclasses import asdict
-
-    d = asdict(report)
-    d["n_segments"] = report.n_segments
-    d["ok"] = report.ok
-    return d
-
-
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from ..pipeline.config import load_config
 
@@ -410,57 +368,17 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         link = client.dashboard_link
         sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
         report = run_preprocess(request, client, progress=_progress(not args.no_progress))
-    sys.stdout.write(format_report(report))
+    sys.stdout.write(report.text())
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(_report_json(report), f, indent=2, default=str)
+            json.dump(report.to_dict(), f, indent=2, default=str)
     return EXIT_OK if report.ok else EXIT_RECORDS_FAILED
 
 
-def _inspect_scores(path: str, require_complete: bool) -> str:
-    from ..pipeline.scores import open_scores
-
-    ds = open_scores(path, require_complete=require_complete)
-    a = ds.attrs
-    classes = [str(c) for c in ds["class"].values]
-    rhythm = a.get("task") == "rhythm"
-    unit = "windows" if rhythm else "beats"
-    out = [f"{path}: {a.get('task', 'beat')} scores of {a['input']} by {a['model']} (sha256 {a['model_sha256'][:12]}), "
-           f"schema v{a['schema_version']}, complete={a['complete']}",
-           f"  {ds.sizes['segment']:,} {unit}, {ds.sizes['record_id']} records",
-           "  predicted   " + "   ".join(f"{c} {n:,}" for c, n in a.get("segments_per_class", {}).items()),
-           f"  {'record':>16} {'status':>7} {unit:>7} " + " ".join(f"{c:>6}" for c in classes)
-           + ("  record class  error" if rhythm else "  ectopic  error")]
-    for i in range(ds.sizes["record_id"]):
-        counts = " ".join(f"{int(n):>6}" for n in ds.record_segments.values[i])
-        verdict = (f"{ds.record_predicted.values[i]:>12}" if rhythm
-                   else f"{float(ds.record_ectopic_share.values[i]):>7.1%}")
-        out.append(f"  {ds.record_id.values[i]:>16} {ds.record_status.values[i]:>7} {int(ds.record_n_segments.values[i]):>7} "
-                   f"{counts}  {verdict}  {ds.record_error.values[i]}")
-    return "\n".join(out) + "\n"
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..pipeline.store import open_dataset, store_kind
+    from ..pipeline.reports import store_text
 
-    if store_kind(args.store) == "scores":
-        sys.stdout.write(_inspect_scores(args.store, not args.allow_incomplete))
-        return EXIT_OK
-    ds = open_dataset(args.store, require_complete=not args.allow_incomplete)
-    a = ds.attrs
-    out = [f"{args.store}: {a['database']} {a['database_version']} ({a['database_title']}), "
-           f"schema v{a['schema_version']}, complete={a['complete']}",
-           f"  spectrogram {dict(ds.spectrogram.sizes)} {ds.spectrogram.dtype}, chunks {ds.spectrogram.encoding.get('chunks')}",
-           f"  freq {float(ds.freq[0]):.1f}-{float(ds.freq[-1]):.1f} Hz, time {float(ds.time[0]):+.3f}..{float(ds.time[-1]):+.3f} s",
-           "  per class   " + "   ".join(f"{c} {n:,}" for c, n in a.get("segments_per_class", {}).items()),
-           f"  {'record':>8} {'status':>7} {'lead':>5} {'windows' if a.get('task') == 'rhythm' else 'beats':>7} "
-           f"{'offset':>8} {'checksum':>9}  error"]
-    for i in range(ds.sizes["record_id"]):
-        row = {k: ds[k].values[i] for k in ("record_id", "record_status", "record_lead", "record_n_segments",
-                                           "record_offset", "record_checksum", "record_error")}
-        out.append(f"  {row['record_id']:>8} {row['record_status']:>7} {row['record_lead']:>5} {row['record_n_segments']:>7} "
-                   f"{row['record_offset']:>8} {row['record_checksum']:>9}  {row['record_error']}")
-    sys.stdout.write("\n".join(out) + "\n")
+    sys.stdout.write(store_text(args.store, require_complete=not args.allow_incomplete))
     return EXIT_OK
 
 

@@ -41,6 +41,7 @@ from ..pipeline.config import PreprocessConfig, load_config
 from ..pipeline.databases import Database, get_database
 from ..pipeline.errors import DownloadError, PipelineError
 from ..pipeline.labels import LABEL_MAPS, LabelSource
+from ..pipeline.reports import PreprocessReport, RecordOutcome  # noqa: F401 - their old home: still importable here
 
 log = logging.getLogger(__name__)
 
@@ -160,59 +161,6 @@ def write_chunk(
         store.write_chunk(writer, k, segs, rows.spectrogram, rows.coords, "" if rows.failures else fingerprint,
                           rr=rows.rr, template=rows.template)
     return ChunkResult(k, not rows.failures, rows.failures, {**rows.seconds, **timer.seconds}, segs.stop - segs.start)
-
-
-@dataclass
-class RecordOutcome:
-    """Final state of one record, as the per-record table holds it."""
-
-    record: str
-    status: str
-    error: str
-    quality: str  #: why the record is doubtful (``quality.record_quality``); "" when nothing is to be said
-    checksum: str
-    lead: str
-    offset: int
-    n_segments: int
-    n_dropped_edge: int
-    n_dropped_invalid: int
-    n_dropped_unknown: int
-    n_unknown: int
-    n_nonbeat: int
-    fs: float
-    sig_len: int
-
-
-@dataclass
-class PreprocessReport:
-    """What a run did: per-record outcomes, class counts, timings."""
-
-    out: str
-    database: str
-    version: str
-    records: list[RecordOutcome]
-    segments_per_class: dict[str, int]
-    chunks_total: int
-    chunks_written: int
-    chunks_skipped: int
-    missing_source_files: tuple[str, ...]
-    listing_error: str | None
-    wall_s: float
-    phase_s: dict[str, float]
-    stage_s: dict[str, float]
-    bytes_downloaded: int
-
-    @property
-    def failed(self) -> list[RecordOutcome]:
-        return [r for r in self.records if r.status != "ok"]
-
-    @property
-    def n_segments(self) -> int:
-        return sum(r.n_segments for r in self.records if r.status == "ok")  # written, not planned
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
 
 
 _TABLE_STR = ("status", "error", "quality", "checksum", "lead")

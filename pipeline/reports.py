@@ -1,0 +1,170 @@
+"""What a preprocess run and a store hold, as values and as the text the command line prints.
+
+* ``RecordOutcome``: the final state of one record, a row of a spectrogram store's
+  per-record table;
+* ``PreprocessReport``: what a preprocess run did; ``text()`` is its end-of-job summary,
+  ``to_dict()`` the ``--report`` JSON;
+* ``store_text`` (``spectrogram_store_text``, ``scores_store_text``): the summary of a store
+  that ``ecg-pipeline inspect`` prints, after the store's schema check.
+
+Nothing here knows about Dask or the command line; the store readers are imported where
+they are used, so that importing a report stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class RecordOutcome:
+    """Final state of one record: a row of the store's per-record table (``record_<field>``; ``record`` is
+    ``record_id``)."""
+
+    record: str
+    status: str  #: "ok", "failed", or "pending" while the job runs
+    error: str  #: "<stage>: <cause>" of a failed record
+    quality: str  #: why the record is doubtful (``quality.record_quality``); "" when nothing is to be said
+    checksum: str
+    lead: str
+    offset: int  #: the record's first segment
+    n_segments: int
+    n_dropped_edge: int
+    n_dropped_invalid: int
+    n_dropped_unknown: int
+    n_unknown: int
+    n_nonbeat: int
+    fs: float
+    sig_len: int
+
+
+@dataclass
+class PreprocessReport:
+    """What a run did: per-record outcomes, class counts, timings."""
+
+    out: str
+    database: str
+    version: str
+    records: list[RecordOutcome]
+    segments_per_class: dict[str, int]
+    chunks_total: int
+    chunks_written: int
+    chunks_skipped: int
+    missing_source_files: tuple[str, ...]
+    listing_error: str | None
+    wall_s: float
+    phase_s: dict[str, float]
+    stage_s: dict[str, float]
+    bytes_downloaded: int
+
+    @property
+    def failed(self) -> list[RecordOutcome]:
+        return [r for r in self.records if r.status != "ok"]
+
+    @property
+    def n_segments(self) -> int:
+        return sum(r.n_segments for r in self.records if r.status == "ok")  # written, not planned
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def text(self) -> str:
+        """The end-of-job summary that ``ecg-pipeline preprocess`` prints."""
+        ok = [r for r in self.records if r.status == "ok"]  # every count below is of written records
+        lines = [
+            "",
+            f"{self.database} {self.version} -> {self.out}",
+            f"  records     {len(ok)} done, {len(self.failed)} failed, {len(self.records)} total",
+            f"  segments    {self.n_segments:,}   chunks written {self.chunks_written}, "
+            f"already there {self.chunks_skipped}, of {self.chunks_total}",
+            "  per class   " + "   ".join(f"{c} {n:,}" for c, n in self.segments_per_class.items()),
+            f"  dropped     {sum(r.n_dropped_edge for r in ok):,} at record edges, "
+            f"{sum(r.n_dropped_invalid for r in ok):,} over invalid samples, "
+            f"{sum(r.n_dropped_unknown for r in ok):,} unknown symbols "
+            f"({sum(r.n_unknown for r in ok):,} unknown in all)",
+            f"  downloaded  {self.bytes_downloaded / 1e6:,.1f} MB",
+            f"  wall time   {self.wall_s:.1f} s  ("
+            + ", ".join(f"{k} {v:.1f} s" for k, v in self.phase_s.items()) + ")",
+        ]
+        if self.missing_source_files:
+            lines.append(f"  note: the source lacks {len(self.missing_source_files)} file(s) listed in SHA256SUMS.txt: "
+                         f"{', '.join(self.missing_source_files)} (no record that succeeded needed them)")
+        flagged = [r for r in ok if r.quality]
+        if flagged:
+            lines.append(f"  quality     {len(flagged)} record(s) with a doubt (record_quality in the store):")
+            lines += [f"    {r.record:>8}  {r.quality}" for r in flagged[:20]]
+            if len(flagged) > 20:
+                lines.append(f"    ... and {len(flagged) - 20} more")
+        if self.failed:
+            lines.append("  failed records:")
+            lines += [f"    {r.record:>8}  {r.error}" for r in self.failed]
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready values (``--report``): every field, then ``n_segments`` and ``ok``."""
+        d = dataclasses.asdict(self)
+        d["n_segments"] = self.n_segments
+        d["ok"] = self.ok
+        return d
+
+
+def store_text(path: str, require_complete: bool = True) -> str:
+    """The summary ``ecg-pipeline inspect`` prints: of a spectrogram store or a scores store (``store.store_kind``).
+
+    Raises
+    ------
+    StoreError
+        The path holds no store of ecg-pipeline, or one that does not match its schema.
+    """
+    from .store import store_kind
+
+    render = scores_store_text if store_kind(path) == "scores" else spectrogram_store_text
+    return render(path, require_complete)
+
+
+def spectrogram_store_text(path: str, require_complete: bool = True) -> str:
+    """A spectrogram store (``store.open_dataset``, validated): its header, shapes, classes and per-record table."""
+    from .store import open_dataset
+
+    ds = open_dataset(path, require_complete=require_complete)
+    a = ds.attrs
+    out = [f"{path}: {a['database']} {a['database_version']} ({a['database_title']}), "
+           f"schema v{a['schema_version']}, complete={a['complete']}",
+           f"  spectrogram {dict(ds.spectrogram.sizes)} {ds.spectrogram.dtype}, chunks {ds.spectrogram.encoding.get('chunks')}",
+           f"  freq {float(ds.freq[0]):.1f}-{float(ds.freq[-1]):.1f} Hz, time {float(ds.time[0]):+.3f}..{float(ds.time[-1]):+.3f} s",
+           "  per class   " + "   ".join(f"{c} {n:,}" for c, n in a.get("segments_per_class", {}).items()),
+           f"  {'record':>8} {'status':>7} {'lead':>5} {'windows' if a.get('task') == 'rhythm' else 'beats':>7} "
+           f"{'offset':>8} {'checksum':>9}  error"]
+    for i in range(ds.sizes["record_id"]):
+        row = {k: ds[k].values[i] for k in ("record_id", "record_status", "record_lead", "record_n_segments",
+                                           "record_offset", "record_checksum", "record_error")}
+        out.append(f"  {row['record_id']:>8} {row['record_status']:>7} {row['record_lead']:>5} {row['record_n_segments']:>7} "
+                   f"{row['record_offset']:>8} {row['record_checksum']:>9}  {row['record_error']}")
+    return "\n".join(out) + "\n"
+
+
+def scores_store_text(path: str, require_complete: bool = True) -> str:
+    """A scores store (``scores.open_scores``, validated): its header, class counts and per-record table."""
+    from .scores import open_scores
+
+    ds = open_scores(path, require_complete=require_complete)
+    a = ds.attrs
+    classes = [str(c) for c in ds["class"].values]
+    rhythm = a.get("task") == "rhythm"
+    unit = "windows" if rhythm else "beats"
+    out = [f"{path}: {a.get('task', 'beat')} scores of {a['input']} by {a['model']} (sha256 {a['model_sha256'][:12]}), "
+           f"schema v{a['schema_version']}, complete={a['complete']}",
+           f"  {ds.sizes['segment']:,} {unit}, {ds.sizes['record_id']} records",
+           "  predicted   " + "   ".join(f"{c} {n:,}" for c, n in a.get("segments_per_class", {}).items()),
+           f"  {'record':>16} {'status':>7} {unit:>7} " + " ".join(f"{c:>6}" for c in classes)
+           + ("  record class  error" if rhythm else "  ectopic  error")]
+    for i in range(ds.sizes["record_id"]):
+        counts = " ".join(f"{int(n):>6}" for n in ds.record_segments.values[i])
+        verdict = (f"{ds.record_predicted.values[i]:>12}" if rhythm
+                   else f"{float(ds.record_ectopic_share.values[i]):>7.1%}")
+        out.append(f"  {ds.record_id.values[i]:>16} {ds.record_status.values[i]:>7} {int(ds.record_n_segments.values[i]):>7} "
+                   f"{counts}  {verdict}  {ds.record_error.values[i]}")
+    return "\n".join(out) + "\n"
