@@ -21,7 +21,6 @@ differ: a killed or partly failed job resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import time
@@ -35,13 +34,13 @@ from distributed import Client, as_completed
 
 from .. import pipeline
 from .common import NoProgress, ProgressBar, Timer, cache_root, prepare_source
-from ..pipeline import download, extract, labels, lease, rr, segment, sources, spectrogram, store
+from ..pipeline import download, extract, labels, lease, segment, sources, spectrogram, store
 from ..pipeline.extract import RecordPlan
 from ..pipeline.config import PreprocessConfig, load_config
 from ..pipeline.databases import Database, get_database
 from ..pipeline.errors import DownloadError, PipelineError
 from ..pipeline.labels import LABEL_MAPS, LabelSource
-from ..pipeline.reports import PreprocessReport, RecordOutcome  # noqa: F401 - their old home: still importable here
+from ..pipeline.reports import PreprocessReport, RecordOutcome, record_outcomes, record_table  # noqa: F401 - RecordOutcome: still importable here
 
 log = logging.getLogger(__name__)
 
@@ -163,35 +162,6 @@ def write_chunk(
     return ChunkResult(k, not rows.failures, rows.failures, {**rows.seconds, **timer.seconds}, segs.stop - segs.start)
 
 
-_TABLE_STR = ("status", "error", "quality", "checksum", "lead")
-
-
-def _outcomes(names, layout: store.Layout, plans, failures: Mapping[str, str], final: bool) -> list[RecordOutcome]:
-    """One row of the per-record table per record ("pending" until phase 2 is over)."""
-    rows = []
-    for r, off, n in zip(names, layout.offsets, layout.n_segments_per_record):
-        p = plans[r]
-        error = p.error or failures.get(r, "")
-        rows.append(RecordOutcome(
-            record=r, status="failed" if error else ("ok" if final else "pending"), error=error, quality=p.quality,
-            checksum=p.checksum,
-            lead=p.lead, offset=int(off), n_segments=int(n), n_dropped_edge=p.n_dropped_edge,
-            n_dropped_invalid=p.n_dropped_invalid, n_dropped_unknown=p.n_dropped_unknown, n_unknown=p.n_unknown,
-            n_nonbeat=p.n_nonbeat, fs=p.fs, sig_len=p.sig_len,
-        ))
-    return rows
-
-
-def _record_table(rows: list[RecordOutcome]) -> dict[str, np.ndarray]:
-    """Columns ``record_id`` and ``record_*`` of the store's per-record table."""
-    table = {"record_id": np.array([r.record for r in rows], dtype=object)}
-    for f in dataclasses.fields(RecordOutcome):
-        if f.name != "record":
-            table[f"record_{f.name}"] = np.array([getattr(r, f.name) for r in rows],
-                                                 dtype=object if f.name in _TABLE_STR else None)
-    return table
-
-
 def spectrogram_spec(c: PreprocessConfig, fs: float, label_source: LabelSource | None = None
                      ) -> spectrogram.SpectrogramSpec:
     """The window (the label source's; beat windows of ``c`` by default) and STFT of ``c`` at ``fs``."""
@@ -270,7 +240,7 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
                          storage_options=request.storage_options)
     # The table says "pending" until phase 2 is done, so an interrupted store still opens
     # (``open_dataset(..., require_complete=False)``) and shows where it stopped.
-    store.write_record_table(request.out, _record_table(_outcomes(names, layout, plans, {}, final=False)),
+    store.write_record_table(request.out, record_table(record_outcomes(names, layout, plans, {}, final=False)),
                              request.storage_options)
 
     with _phase(phase, "write"):
@@ -278,8 +248,8 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
                                                             held, spec, progress)
 
     # The per-record table and the final attributes (driver only: one writer).
-    outcomes = _outcomes(names, layout, plans, failures, final=True)
-    store.write_record_table(request.out, _record_table(outcomes), request.storage_options)
+    outcomes = record_outcomes(names, layout, plans, failures, final=True)
+    store.write_record_table(request.out, record_table(outcomes), request.storage_options)
     # Counts of what was written: a record whose chunk failed (a full disk) is not counted, whatever it planned.
     written_ok = {o.record for o in outcomes if o.status == "ok"}
     per_class = Counter(c for r in names if r in written_ok for c in plans[r].label.tolist())

@@ -1,7 +1,10 @@
 """What a preprocess run and a store hold, as values and as the text the command line prints.
 
-* ``RecordOutcome``: the final state of one record, a row of a spectrogram store's
-  per-record table;
+* ``RecordOutcome``: the final state of one record: the one declaration of a row of a
+  spectrogram store's per-record table (``record_id`` and the ``record_*`` variables of
+  ``schemas/store-v4.json``; ``tests/test_store.py`` checks that they are the same set).
+  ``record_outcomes`` makes the rows from the records' plans, ``record_table`` the table's
+  columns from the rows;
 * ``PreprocessReport``: what a preprocess run did; ``text()`` is its end-of-job summary,
   ``to_dict()`` the ``--report`` JSON;
 * ``store_text`` (``spectrogram_store_text``, ``scores_store_text``): the summary of a store
@@ -15,7 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .extract import RecordPlan
+    from .store import Layout
 
 
 @dataclass
@@ -38,6 +47,48 @@ class RecordOutcome:
     n_nonbeat: int
     fs: float
     sig_len: int
+
+
+#: Fields a record's plan carries under the same name; the others are set by the job (``record_outcomes``).
+_JOB_FIELDS = ("record", "status", "error", "offset", "n_segments")
+
+
+def record_outcomes(names: Sequence[str], layout: Layout, plans: Mapping[str, RecordPlan],
+                    failures: Mapping[str, str], final: bool) -> list[RecordOutcome]:
+    """One row per record of ``layout``, from its plan and the failures of the write phase.
+
+    Parameters
+    ----------
+    names
+        The records in store order (``layout.records``).
+    failures
+        Record -> error of the chunks that failed to be written.
+    final
+        False while chunks are still being written: records that have not failed are "pending".
+    """
+    from_plan = [f.name for f in dataclasses.fields(RecordOutcome) if f.name not in _JOB_FIELDS]
+    rows = []
+    for r, off, n in zip(names, layout.offsets, layout.n_segments_per_record):
+        p = plans[r]
+        error = p.error or failures.get(r, "")
+        rows.append(RecordOutcome(record=r, status="failed" if error else ("ok" if final else "pending"), error=error,
+                                  offset=int(off), n_segments=int(n), **{k: getattr(p, k) for k in from_plan}))
+    return rows
+
+
+def record_table(rows: Sequence[RecordOutcome]) -> dict[str, np.ndarray]:
+    """The columns ``record_id`` and ``record_<field>`` of the store's per-record table (``store.write_record_table``).
+
+    String fields become object arrays (Zarr's variable-length strings); numbers keep numpy's type of
+    their values (int64, float64), as the schema declares them.
+    """
+    table = {"record_id": np.array([r.record for r in rows], dtype=object)}
+    for f in dataclasses.fields(RecordOutcome):
+        if f.name != "record":
+            # ``f.type`` is the annotation's text: this module postpones annotations.
+            table[f"record_{f.name}"] = np.array([getattr(r, f.name) for r in rows],
+                                                 dtype=object if f.type == "str" else None)
+    return table
 
 
 @dataclass

@@ -182,3 +182,27 @@ def test_store_kind_refuses_what_is_no_store(tmp_path):
     zarr.open_group(str(foreign), mode="w").attrs["task"] = "rhythm"  # a group, but not of this package
     with pytest.raises(StoreError, match="not a store written by"):
         store.store_kind(str(foreign))
+
+
+def test_the_record_row_declares_the_schemas_record_table():
+    """``reports.RecordOutcome`` is the one declaration of a per-record row: its fields and the schema's
+    ``record_id`` variables are the same set, of the same types, so the two cannot drift apart."""
+    import dataclasses
+
+    from ecg_pipeline.pipeline.extract import RecordPlan
+    from ecg_pipeline.pipeline.reports import RecordOutcome, record_outcomes, record_table
+
+    schema = {name: spec["dtype"][0] for name, spec in store.store_schema()["variables"].items()
+              if spec["dims"] == ["record_id"]}
+    fields = {"record_id" if f.name == "record" else f"record_{f.name}" for f in dataclasses.fields(RecordOutcome)}
+    assert fields == set(schema)
+    plans = {"a": RecordPlan("a", ok=True, checksum="verified", lead="MLII", fs=360.0, sig_len=3600, quality="noisy",
+                             anchor=np.arange(3), n_dropped_edge=1, n_unknown=2),
+             "b": RecordPlan("b", error="signal: truncated")}
+    rows = record_outcomes(["a", "b"], store.Layout(("a", "b"), (3, 0), 2, 2, 4), plans, {}, final=True)
+    assert [(r.status, r.offset, r.n_segments, r.quality, r.n_unknown) for r in rows] == \
+        [("ok", 0, 3, "noisy", 2), ("failed", 3, 0, "", 0)]
+    table = record_table(rows)
+    assert set(table) == set(schema)
+    for name, dtype in schema.items():
+        assert table[name].dtype == (object if dtype == "str" else np.dtype(dtype)), name
