@@ -42,7 +42,7 @@ from ecg_pipeline.pipeline import rr, segment, spectrogram
 from ecg_pipeline.pipeline.cluster import dask_client
 from ecg_pipeline.pipeline.config import PreprocessConfig, load_config
 from ecg_pipeline.pipeline.databases import get_database
-from ecg_pipeline.pipeline.labels import AAMI_EC57, label_beats
+from ecg_pipeline.pipeline.labels import AAMI_EC57, label_beats, label_source_for
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MIRROR = HERE.parent.parent / "shared" / "physionet"
@@ -73,9 +73,7 @@ def baseline(db_dir: Path, out_dir: Path, config: PreprocessConfig) -> tuple[flo
         beats = label_beats(ann.sample, ann.symbol, AAMI_EC57, "Q")
         w = segment.WindowSpec.from_seconds(config.window.before_s, config.window.after_s, h.fs)
         keep = segment.in_bounds(beats.sample, h.sig_len, w)
-        spec = spectrogram.SpectrogramSpec(h.fs, w.n_before, w.n_after, config.stft.nperseg, config.stft.hop,
-                                           config.stft.nfft or config.stft.nperseg,
-                                           max_freq_hz=config.stft.max_freq_hz)
+        spec = spectrogram.spec_from_config(config, h.fs)
         s = spectrogram.spectrogram(segment.extract_windows(sig, beats.sample[keep], w), spec)
         np.save(out_dir / f"{rec}.npy", s.astype(np.float16))
         np.save(out_dir / f"{rec}.rr.npy", rr.features_at(beats.sample[keep], beats.sample, h.fs, config.rr.spec(), sig))
@@ -85,6 +83,7 @@ def baseline(db_dir: Path, out_dir: Path, config: PreprocessConfig) -> tuple[flo
 
 def baseline_challenge(folder: Path, out_dir: Path, config: PreprocessConfig) -> tuple[float, int]:
     """Challenge 2017: single process, extracted local files, windows covering each recording, np.save."""
+    label_source = label_source_for(get_database("challenge-2017"), config)  # its windows: (0, length_s), wrapped
     t0 = time.perf_counter()
     n = 0
     r = config.rhythm
@@ -94,9 +93,7 @@ def baseline_challenge(folder: Path, out_dir: Path, config: PreprocessConfig) ->
         fs = 300.0
         w = segment.WindowSpec.from_seconds(0.0, r.length_s, fs, pad="wrap")
         anchor = segment.cover_windows(len(x), w.length, int(round(r.hop_s * fs)))
-        spec = spectrogram.SpectrogramSpec(fs, 0, w.n_after, config.stft.nperseg, config.stft.hop,
-                                           config.stft.nfft or config.stft.nperseg, pad="wrap",
-                                           max_freq_hz=config.stft.max_freq_hz)
+        spec = spectrogram.spec_from_config(config, fs, label_source)
         s = spectrogram.spectrogram(segment.extract_windows(x, anchor, w), spec)
         np.save(out_dir / f"{rec}.npy", s.astype(np.float16))
         n += s.shape[0]

@@ -58,7 +58,7 @@ log = logging.getLogger("benchmarks.score")
 
 def default_model(path: Path) -> Path:
     """The training default architecture with random weights and the default store's metadata."""
-    from ecg_pipeline.jobs.preprocess import spectrogram_spec
+    from ecg_pipeline.pipeline.spectrogram import spec_from_config as spectrogram_spec
     from ecg_pipeline.pipeline import rr
     from ecg_pipeline.pipeline.config import TrainConfig
     from ecg_pipeline.pipeline.labels import AAMI_EC57

@@ -34,7 +34,7 @@ from distributed import Client, as_completed
 
 from .. import pipeline
 from .common import NoProgress, ProgressBar, Timer, cache_root, prepare_source
-from ..pipeline import download, extract, labels, lease, segment, sources, spectrogram, store
+from ..pipeline import download, extract, labels, lease, sources, spectrogram, store
 from ..pipeline.extract import RecordPlan
 from ..pipeline.config import PreprocessConfig, load_config
 from ..pipeline.databases import Database, get_database
@@ -162,19 +162,6 @@ def write_chunk(
     return ChunkResult(k, not rows.failures, rows.failures, {**rows.seconds, **timer.seconds}, segs.stop - segs.start)
 
 
-def spectrogram_spec(c: PreprocessConfig, fs: float, label_source: LabelSource | None = None
-                     ) -> spectrogram.SpectrogramSpec:
-    """The window (the label source's; beat windows of ``c`` by default) and STFT of ``c`` at ``fs``."""
-    window, pad = ((c.window.before_s, c.window.after_s), "none") if label_source is None else (
-        label_source.window, label_source.pad)
-    w = segment.WindowSpec.from_seconds(*window, fs)
-    return spectrogram.SpectrogramSpec(
-        fs=fs, n_before=w.n_before, n_after=w.n_after, nperseg=c.stft.nperseg, hop=c.stft.hop,
-        nfft=c.stft.nfft or c.stft.nperseg, window=c.stft.window, detrend=c.stft.detrend, log_eps=c.stft.log_eps,
-        pad=pad, max_freq_hz=c.stft.max_freq_hz,
-    )
-
-
 def run_preprocess(
     request: PreprocessRequest,
     client: Client,
@@ -227,7 +214,7 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
         p = plans[r]
         if p.ok and p.fs != fs_store:
             p.ok, p.error = False, f"header: sampling frequency {p.fs} Hz differs from the store's {fs_store} Hz"
-    spec = spectrogram_spec(config, fs_store, label_source) if fs_store else None
+    spec = spectrogram.spec_from_config(config, fs_store, label_source) if fs_store else None
     rr_spec = ctx.rr_spec()
     layout = store.Layout(tuple(names), tuple(plans[r].n_segments for r in names), spec.n_freq if spec else 0,
                           spec.n_time if spec else 0, config.store.chunk_size,

@@ -23,13 +23,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import scipy.fft
 import scipy.signal
 
 from .errors import ConfigError
+from .segment import WindowSpec
+
+if TYPE_CHECKING:
+    from .config import PreprocessConfig
+    from .labels import LabelSource
 
 
 class SpectrogramSpecError(ConfigError, ValueError):
@@ -120,6 +125,26 @@ class SpectrogramSpec:
             **pad,
             **band,
         }
+
+
+def spec_from_config(config: PreprocessConfig, fs: float, label_source: LabelSource | None = None) -> SpectrogramSpec:
+    """The spectrogram a preprocess configuration gives at sampling rate ``fs``.
+
+    Parameters
+    ----------
+    config
+        Its ``stft`` section; its ``window`` section too when ``label_source`` is None.
+    label_source
+        Whose window (``label_source.window``, seconds before and after the anchor) and padding
+        (``label_source.pad``) the segments have; None: beat windows of ``config.window``, never padded.
+    """
+    before_after, pad = (((config.window.before_s, config.window.after_s), "none") if label_source is None
+                         else (label_source.window, label_source.pad))
+    w = WindowSpec.from_seconds(*before_after, fs)
+    c = config.stft
+    return SpectrogramSpec(fs=fs, n_before=w.n_before, n_after=w.n_after, nperseg=c.nperseg, hop=c.hop,
+                           nfft=c.nfft or c.nperseg, window=c.window, detrend=c.detrend, log_eps=c.log_eps, pad=pad,
+                           max_freq_hz=c.max_freq_hz)
 
 
 #: ``method="auto"`` uses ``matmul`` while ``n_freq / (nfft // 2 + 1)`` is at most this (measured crossover:
