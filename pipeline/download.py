@@ -33,6 +33,20 @@ from .errors import CacheError, ChecksumError, DownloadError, SourceNotFound
 log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = "https://physionet.org/files/"
+
+
+def default_cache_dir() -> Path:
+    """``$ECG_PIPELINE_CACHE``, else ``$XDG_CACHE_HOME/ecg-pipeline``, else ``~/.cache/ecg-pipeline``."""
+    if os.environ.get("ECG_PIPELINE_CACHE"):
+        return Path(os.environ["ECG_PIPELINE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "ecg-pipeline"
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    """``cache_dir`` (``~`` expanded), or ``default_cache_dir()`` when None: read where a task runs (a worker's
+    environment names its own cache)."""
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 _CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$")
 

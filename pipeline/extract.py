@@ -5,8 +5,8 @@ lead once, asks the label source for anchors and labels, and keeps the anchors w
 window is usable (``segment.check_windows``): a small ``RecordPlan``, or the reason the
 record failed. ``chunk_contents`` turns pieces of planned records into the rows of one
 store chunk (``segment.spectrograms``). For scoring, ``detected_segments`` turns a span of a
-lead into detected R peaks and their model inputs, ``match_reference`` compares them with
-reference beats, ``record_windows`` / ``window_segments`` do the same for rhythm windows;
+lead into detected R peaks (``labels.DetectedBeats``, matched to reference beats where the record
+has them) and their model inputs, ``window_segments`` does the same for rhythm windows;
 ``read_strip`` and ``segment_waveforms`` read signal back for figures. Jobs call these in
 Dask tasks; nothing here knows about Dask or the store's layout.
 """
@@ -194,20 +194,26 @@ class DetectedSegments:
     seconds: dict[str, float] = field(default_factory=dict)
     rr: np.ndarray | None = None  #: (n, len(rr_spec.features)) RR features of ``anchor``, with ``rr_spec``
     template: np.ndarray | None = None  #: (n, n_freq, n_time) templates of ``anchor``, with ``template_spec``
+    #: per ``anchor``: the matched reference beat's class, "" where none (all "" without a reference)
+    label: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
+    agreement: "labels.Agreement | None" = None  #: the detector against the reference, where one was given
 
 
 def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: int, spec: SpectrogramSpec,
                       detector, mv_per_unit: float | None = 1.0,
                       rr_spec: rr.RRSpec | None = None,
-                      template_spec: "template.TemplateSpec | None" = None) -> DetectedSegments:
-    """Resample to ``spec.fs``, detect R peaks, keep the span's own, check windows and transform them.
+                      template_spec: "template.TemplateSpec | None" = None, *,
+                      reference: "labels.BeatAnnotations | None" = None, tolerance_s: float = 0.150,
+                      record: str = "", base: Path | None = None, sig_len: int | None = None) -> DetectedSegments:
+    """Resample to ``spec.fs``, find the span's beats (``labels.DetectedBeats``), check windows, transform them.
 
     With ``rr_spec``, each kept beat also gets its RR features (``rr.features_at``, the function
     ``plan_record`` uses on annotated beats) in the context of every peak detected in ``x``: the span's
     margins included, so a piece of a record whose margin covers ``rr_spec.reach_s`` gets the features
     the whole record gives. With ``template_spec``, each also gets its template
     (``template.neighbour_template``, as ``chunk_contents`` makes it from annotated beats) over the
-    usable detected beats, those of the margins included.
+    usable detected beats, those of the margins included. With a ``reference`` (the record's beat
+    annotations at ``base``), each kept beat gets the class of the reference beat it matches.
 
     Parameters
     ----------
@@ -220,95 +226,46 @@ def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: in
     mv_per_unit
         Millivolts per unit of ``x`` (``quality.mv_per_unit`` of the lead's units), for the detector's
         amplitude floor; None (not a voltage) is taken as mV.
+    sig_len
+        The record's length (where a window fits, for the reference figures); default: ``first + len(x)``.
     """
-    from . import detect, resample
+    from . import resample
+    from .labels import DetectedBeats
 
     timer = Timer()
-    scale = spec.fs / fs
     with timer("resample"):
         xm = resample.resample(x, fs, spec.fs)
+    rec = RecordInput(record, base or Path("."), fs, first + len(x) if sig_len is None else sig_len, x, first=first,
+                      span=(start, stop), mv_per_unit=mv_per_unit, resampled=xm)
     with timer("detect"):
-        peaks = detect.detect_r_peaks(xm, spec.fs, detector, origin=int(round(first * scale)),
-                                      mv_per_unit=1.0 if mv_per_unit is None else mv_per_unit)
-        native = first + np.round(peaks / scale).astype(np.int64)
-        context, context_peaks = native, peaks
-        own = (native >= start) & (native < stop)
-        peaks, native = peaks[own], native[own]
+        found = DetectedBeats(detector, reference, tolerance_s, spec).segments(rec)
     window = segment.WindowSpec(spec.n_before, spec.n_after)
     with timer("segment"):
         # Windows must lie inside the record; the span holds them wherever the record does.
-        check = segment.check_windows(xm, peaks, window)
+        check = segment.check_windows(xm, found.position, window)
+    kept = found.select(check.keep)
     tmpl = None
     if template_spec is None:
         with timer("stft"):
-            out = segment.spectrograms(xm, peaks[check.keep], spec)
+            out = segment.spectrograms(xm, kept.position, spec)
     else:
         with timer("segment"):
-            usable = np.flatnonzero(segment.check_windows(xm, context_peaks, window).keep)
+            own = (found.beats >= start) & (found.beats < stop)
+            usable = np.flatnonzero(segment.check_windows(xm, found.beats_position, window).keep)
             pos = np.flatnonzero(own[usable])  # the span's usable beats among all usable ones (contiguous)
             a, b = (template.with_context(len(usable), int(pos[0]), int(pos[-1]) + 1, template_spec.beats)
                     if pos.size else (0, 0))
         with timer("stft"):
-            wide = segment.spectrograms(xm, context_peaks[usable[a:b]], spec)
+            wide = segment.spectrograms(xm, found.beats_position[usable[a:b]], spec)
             out = wide[pos - a]
         with timer("template"):
             tmpl = template.neighbour_template(wide, template_spec.beats)[pos - a]
     features = None
     if rr_spec is not None:
         with timer("rr"):
-            features = rr.features_at(native[check.keep], context, fs, rr_spec, x, first)
-    return DetectedSegments(native[check.keep], out, native, check.n_edge, check.n_invalid, dict(timer.seconds),
-                            features, tmpl)
-
-
-@dataclass
-class ReferenceMatch:
-    """Detections of a span against a record's reference beats (ANSI/AAMI EC57 matching)."""
-
-    label: np.ndarray  #: per scored anchor: the matched reference beat's class, "" where none
-    n_reference: int  #: reference beats inside the scoreable zone (those the figures count)
-    tp: int
-    fn: int
-    fp: int
-    n_edge: int = 0  #: reference beats nearer a record end than a window's half-width: never scored, not counted
-
-
-def scoreable_zone(sig_len: int, fs: float, spec: SpectrogramSpec) -> tuple[int, int]:
-    """Record samples ``[lo, hi)`` where a beat's window always fits inside the record (at ``fs``).
-
-    A beat nearer an end than its window's half-width is never scored, whoever found it; one
-    sample of slack on each side covers the rounding of the resampling to ``spec.fs``.
-    """
-    scale = fs / spec.fs
-    return int(np.ceil(spec.n_before * scale)) + 1, sig_len - int(np.ceil(spec.n_after * scale)) - 1
-
-
-def match_reference(base: Path, record: str, annotator: str, label_map, start: int, stop: int,
-                    detected: np.ndarray, scored: np.ndarray, fs: float, tolerance_s: float,
-                    zone: tuple[int, int] | None = None) -> ReferenceMatch:
-    """Match the R peaks ``detected`` in ``[start, stop)`` with the reference beats there, one to one.
-
-    ``scored`` (a subset of ``detected``) get the class of the reference beat they match.
-    ``zone`` (``scoreable_zone``): only beats and detections inside it count in the detector
-    figures; the reference beats of ``[start, stop)`` outside it are counted apart (``n_edge``).
-    """
-    from .detect import match_beats
-    from .labels import label_beats
-
-    ann = records.read_annotations(base, record, annotator, fs)
-    beats = label_beats(ann.sample, ann.symbol, label_map, "Q")
-    lo, hi = zone if zone is not None else (start, stop)
-    span = (beats.sample >= start) & (beats.sample < stop)
-    sel = span & (beats.sample >= lo) & (beats.sample < hi)
-    ref_sample, ref_label = beats.sample[sel], beats.label[sel].astype(object)
-    inside = (detected >= lo) & (detected < hi)
-    m = match_beats(ref_sample, detected[inside], fs, tolerance_s)
-    matched = np.full(int(inside.sum()), "", dtype=object)
-    matched[m.det_index] = ref_label[m.ref_index]
-    label = np.full(len(detected), "", dtype=object)
-    label[inside] = matched
-    return ReferenceMatch(label[np.isin(detected, scored)], m.n_ref, m.tp, m.n_ref - m.tp, m.n_det - m.tp,
-                          int(span.sum() - sel.sum()))
+            features = rr.features_at(kept.anchor, found.beats, fs, rr_spec, x, first)
+    return DetectedSegments(kept.anchor, out, found.anchor, check.n_edge, check.n_invalid, dict(timer.seconds),
+                            features, tmpl, kept.label, found.agreement)
 
 
 @dataclass
@@ -321,11 +278,6 @@ class WindowedSegments:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def record_windows(sig_len: int, fs: float, window_s: float, hop_s: float) -> np.ndarray:
-    """Window starts (record samples) that cover a record end to end: ``segment.cover_windows`` at ``fs``."""
-    return segment.cover_windows(sig_len, int(round(window_s * fs)), max(int(round(hop_s * fs)), 1))
-
-
 def window_segments(x: np.ndarray, fs: float, first: int, anchor: np.ndarray, sig_len: int,
                     spec: SpectrogramSpec) -> WindowedSegments:
     """Resample to ``spec.fs`` and transform the windows starting at ``anchor``, as preprocess does for a store.
@@ -336,7 +288,7 @@ def window_segments(x: np.ndarray, fs: float, first: int, anchor: np.ndarray, si
         The lead, record samples ``[first, first + len(x))`` at ``fs``: all of each window
         that lies in the record.
     anchor
-        Window starts in record samples (``record_windows``).
+        Window starts in record samples (``segment.window_grid``).
     sig_len
         Record length: a window longer than what is left of the record is padded (``spec.pad``).
     """

@@ -125,13 +125,23 @@ def label_beats(
 
 @dataclass(frozen=True)
 class RecordInput:
-    """What a label source may read of one record: its files, header and chosen lead."""
+    """What a label source may read of one record (or of a span of it): its files, header and chosen lead."""
 
     record: str
     base: Path  #: local path without suffix (``wfdb``'s ``record_name``)
     fs: float
     sig_len: int
-    signal: np.ndarray | None = None  #: the chosen lead, whole, float32 (sources that need it)
+    signal: np.ndarray | None = None  #: the chosen lead, float32, record samples ``[first, first + len)``
+    first: int = 0  #: the record sample ``signal`` starts at (a piece of a long record is read with margins)
+    span: tuple[int, int] | None = None  #: the record samples whose segments are wanted; None: the whole record
+    mv_per_unit: float | None = 1.0  #: millivolts per unit of ``signal`` (None: not a voltage; taken as mV)
+    #: ``signal`` already resampled to a detector's rate (``DetectedBeats.spec.fs``), where the caller has it
+    resampled: np.ndarray | None = None
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """``span``, or the whole record."""
+        return self.span if self.span is not None else (0, self.sig_len)
 
 
 @dataclass(frozen=True)
@@ -146,18 +156,34 @@ class Segments:
     #: beat sources: every beat of the record (R peaks), segmented or not, the context of its RR features
     #: (``pipeline.rr.features_at``); None for sources whose segments are not beats
     beats: np.ndarray | None = None
+    #: sources that resample (``DetectedBeats``): each anchor's sample in the resampled signal, where its window
+    #: is cut; ``beats_position`` the same for ``beats``. None: the anchors are the positions.
+    position: np.ndarray | None = None
+    beats_position: np.ndarray | None = None
+    agreement: "Agreement | None" = None  #: detected beats against reference ones, where a reference was given
 
     def select(self, mask: np.ndarray) -> "Segments":
-        return Segments(self.anchor[mask], self.label[mask], self.symbol[mask], self.n_nonbeat, self.n_unknown,
-                        self.beats)
+        return replace(self, anchor=self.anchor[mask], label=self.label[mask], symbol=self.symbol[mask],
+                       position=None if self.position is None else self.position[mask])
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Detected beats against reference beats, one to one within a tolerance (ANSI/AAMI EC57 gross figures)."""
+
+    n_reference: int  #: reference beats where a window fits (the figures' beats)
+    tp: int
+    fn: int
+    fp: int
+    n_edge: int = 0  #: reference beats nearer a record end than a window's half-width: never scored, not counted
 
 
 class LabelSource(Protocol):
-    """The contract of a label source (see ``LABEL_SOURCES``).
+    """The contract of a label source (see ``LABEL_SOURCES``; ``register_label_source`` checks it).
 
-    A source a database entry names (``Database.labels``) also has a classmethod
-    ``from_database(db, config)`` that builds it from the entry and the preprocess
-    configuration, and ``describe()``: its parameters as the store's ``label_source``.
+    Every source also has a classmethod ``from_database(db, config)`` that builds it from a
+    database entry and the preprocess configuration (``Database.labels`` names it), and
+    ``describe()``: its parameters as the store's ``label_source``.
     """
 
     task: ClassVar[str]  #: "beat" or "rhythm"
@@ -191,6 +217,8 @@ class BeatAnnotations:
     #: "fiducial": each beat (and the beats its RR features count) moved to the point the R-peak
     #: detector reports for it (``detect.fiducial_points``); "annotation": the annotated sample
     align: Literal["annotation", "fiducial"] = "fiducial"
+    #: the symbol map itself, where it is not a named one (a model card's ``label_map``); overrides ``label_map``
+    symbols: Mapping[str, str] | None = field(default=None, compare=False, hash=False)
     task: ClassVar[str] = "beat"
     anchor_kind: ClassVar[str] = "r-peak"
     pad: ClassVar[str] = "none"
@@ -205,8 +233,12 @@ class BeatAnnotations:
         return (self.annotator,)
 
     @property
+    def symbol_map(self) -> Mapping[str, str]:
+        return self.symbols if self.symbols is not None else LABEL_MAPS[self.label_map]
+
+    @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(LABEL_MAPS[self.label_map].values()))
+        return tuple(dict.fromkeys(self.symbol_map.values()))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "beat-annotations", "annotator": self.annotator, "label_map": self.label_map,
@@ -217,7 +249,7 @@ class BeatAnnotations:
 
         ann = read_annotations(rec.base, rec.record, self.annotator, rec.fs)
         try:
-            beats = label_beats(ann.sample, ann.symbol, LABEL_MAPS[self.label_map], self.unknown)
+            beats = label_beats(ann.sample, ann.symbol, self.symbol_map, self.unknown)
         except ValueError as exc:
             raise RecordError(rec.record, "annotations", str(exc)) from exc
         sample, every = beats.sample, beats.all_sample
@@ -250,15 +282,29 @@ def _aligned(rec: RecordInput, sample: np.ndarray, every: np.ndarray) -> tuple[n
 class RhythmAnnotations:
     """WFDB rhythm annotations (``aux_note`` such as ``(AFIB``, ``(N``): one label per fixed window.
 
-    A window gets the rhythm that covers most of it; windows before the first rhythm
-    annotation get "". Rhythm names are the annotation text without the "(".
+    Windows lie on the grid every windowed source and ``score`` share (``segment.window_grid``: every
+    ``hop_s``, the last one ending with the record). A window gets the rhythm that covers most of it;
+    windows before the first rhythm annotation get "". Rhythm names are the annotation text without
+    the "("; with ``to_classes`` (a rhythm model's classes) they become those classes (``rhythm_classes``),
+    the original names staying as the symbols.
     """
 
     annotator: str = "atr"
     window_s: float = 10.0
     hop_s: float = 10.0
+    to_classes: tuple[str, ...] = ()
     task: ClassVar[str] = "rhythm"
     anchor_kind: ClassVar[str] = "window-start"
+    pad: ClassVar[str] = "none"
+
+    @classmethod
+    def from_database(cls, db: Any, config: Any) -> "RhythmAnnotations":
+        return cls(db.annotator, config.rhythm.length_s, config.rhythm.hop_s)
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """Seconds before and after the anchor (the window start)."""
+        return 0.0, self.window_s
 
     @property
     def annotators(self) -> tuple[str, ...]:
@@ -266,17 +312,24 @@ class RhythmAnnotations:
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return ()  # open set: whatever rhythms the records name
+        return self.to_classes  # without them an open set: whatever rhythms the records name
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "rhythm-annotations", "annotator": self.annotator, "window_s": self.window_s,
+                "hop_s": self.hop_s}
 
     def segments(self, rec: RecordInput) -> Segments:
         from .records import read_annotations
+        from .segment import window_grid
 
         ann = read_annotations(rec.base, rec.record, self.annotator, rec.fs)
         start, stop, rhythm = rhythm_intervals(ann.sample, ann.aux_note, rec.sig_len)
-        n_win, n_hop = int(round(self.window_s * rec.fs)), int(round(self.hop_s * rec.fs))
-        anchor = np.arange(0, max(rec.sig_len - n_win, -1) + 1, n_hop, dtype=np.int64)
-        label = window_majority(anchor, n_win, start, stop, rhythm)
-        return Segments(anchor, label, label.copy())
+        anchor = window_grid(rec.sig_len, rec.fs, self.window_s, self.hop_s)
+        lo, hi = rec.bounds
+        anchor = anchor[(anchor >= lo) & (anchor < hi)]
+        majority = window_majority(anchor, int(round(self.window_s * rec.fs)), start, stop, rhythm)
+        label = rhythm_classes(majority, self.to_classes) if self.to_classes else majority.copy()
+        return Segments(anchor, label, majority)
 
 
 #: WFDB rhythm notes (MIT-BIH ``aux_note`` without the "(") -> the Challenge 2017 classes: normal sinus
@@ -321,7 +374,7 @@ class RecordLabelTable:
     """One label per recording from a table such as Challenge 2017's ``REFERENCE.csv`` (``record,label``).
 
     Each recording becomes fixed windows of ``window_s`` every ``hop_s`` seconds that cover
-    all of it (``segment.cover_windows``: the last window ends at the recording's end), each
+    all of it (``segment.window_grid``: the last window ends at the recording's end), each
     with the recording's label; predictions are aggregated per recording. A recording
     shorter than ``window_s`` is one window, padded by repeating it (the store's
     ``spectrogram.pad``); one shorter than ``min_s`` is refused, never padded into a label
@@ -395,27 +448,45 @@ class RecordLabelTable:
         if rec.sig_len < self.min_s * rec.fs:
             raise RecordError(rec.record, "labels", f"{rec.sig_len / rec.fs:.2f} s long, shorter than the "
                                                      f"{self.min_s:g} s a recording needs (rhythm.min_s)")
-        from .segment import cover_windows
+        from .segment import window_grid
 
-        anchor = cover_windows(rec.sig_len, int(round(self.window_s * rec.fs)), int(round(self.hop_s * rec.fs)))
+        anchor = window_grid(rec.sig_len, rec.fs, self.window_s, self.hop_s)
         n = len(anchor)
         return Segments(anchor, np.full(n, label, dtype=object), np.full(n, label, dtype=object))
 
 
 @dataclass(frozen=True)
 class DetectedBeats:
-    """R peaks found by the detector (``pipeline.detect``), for records without beat annotations.
+    """R peaks found by the detector (``pipeline.detect``): the scoring path's beat finder.
 
-    With a ``reference``, each detection takes the class (and symbol) of the reference beat it
-    matches one-to-one within ``tolerance_s`` (ANSI/AAMI EC57); unmatched ones get "". This is
-    the scoring path's beat finder, and lets a store hold detected beats as a model will see them.
+    With ``spec`` (a model's window and STFT), the lead is resampled to ``spec.fs`` and the detector runs
+    there, as the model's windows are cut there; anchors come back at the record's own rate, each with its
+    ``position`` in the resampled signal. Of a span (``RecordInput.span``, a piece of a long record read
+    with margins), the span's own detections are the segments and every detection is the beats' context
+    (RR features, templates). With a ``reference`` (beat annotations), each detection takes the class (and
+    symbol) of the reference beat it matches one to one within ``tolerance_s`` (ANSI/AAMI EC57), ""
+    where none; only beats whose window fits in the record count in the ``agreement`` figures.
     """
 
     detector: Any = None  #: ``config.DetectorSpec``; None for the defaults
     reference: BeatAnnotations | None = None
     tolerance_s: float = 0.150
+    spec: Any = None  #: ``spectrogram.SpectrogramSpec`` of the model; None: detect at the record's rate
     task: ClassVar[str] = "beat"
     anchor_kind: ClassVar[str] = "r-peak"
+    pad: ClassVar[str] = "none"
+
+    @classmethod
+    def from_database(cls, db: Any, config: Any) -> "DetectedBeats":
+        return cls(config.detector if hasattr(config, "detector") else None,
+                   BeatAnnotations.from_database(db, config))
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """Seconds before and after the R peak (the model's window; the beat window's default without one)."""
+        if self.spec is None:
+            return self.reference.window if self.reference else BeatAnnotations().window
+        return self.spec.n_before / self.spec.fs, self.spec.n_after / self.spec.fs
 
     @property
     def annotators(self) -> tuple[str, ...]:
@@ -425,27 +496,92 @@ class DetectedBeats:
     def classes(self) -> tuple[str, ...]:
         return self.reference.classes if self.reference else ()
 
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "detected-beats", "tolerance_s": self.tolerance_s,
+                "reference": self.reference.describe() if self.reference else None}
+
     def segments(self, rec: RecordInput) -> Segments:
-        from .detect import detect_r_peaks, match_beats
+        from .detect import detect_r_peaks
 
         if rec.signal is None:
             raise RecordError(rec.record, "detect", "the detector needs the record's signal")
-        peaks = detect_r_peaks(rec.signal, rec.fs, self.detector)
-        label = np.full(len(peaks), "", dtype=object)
-        symbol = np.full(len(peaks), "", dtype=object)
+        rate = self.spec.fs if self.spec is not None else rec.fs
+        scale = rate / rec.fs
+        x = rec.resampled
+        if x is None:
+            from .resample import resample
+
+            x = resample(rec.signal, rec.fs, rate)
+        position = detect_r_peaks(x, rate, self.detector, origin=int(round(rec.first * scale)),
+                                  mv_per_unit=1.0 if rec.mv_per_unit is None else rec.mv_per_unit)
+        context = rec.first + np.round(position / scale).astype(np.int64)
+        lo, hi = rec.bounds
+        own = (context >= lo) & (context < hi)
+        anchor = context[own]
+        label = np.full(len(anchor), "", dtype=object)
+        symbol = np.full(len(anchor), "", dtype=object)
+        agreement = None
         if self.reference is not None:
-            ref = self.reference.segments(rec)
-            m = match_beats(ref.anchor, peaks, rec.fs, self.tolerance_s)
-            label[m.det_index], symbol[m.det_index] = ref.label[m.ref_index], ref.symbol[m.ref_index]
-        return Segments(peaks.astype(np.int64), label, symbol, beats=peaks.astype(np.int64))
+            agreement = self._match(rec, anchor, label, symbol)
+        return Segments(anchor, label, symbol, beats=context, position=position[own], beats_position=position,
+                        agreement=agreement)
+
+    def _match(self, rec: RecordInput, anchor: np.ndarray, label: np.ndarray, symbol: np.ndarray) -> Agreement:
+        """Fill ``label``/``symbol`` of the detections ``anchor`` from the reference; the detector's figures.
+
+        Only beats and detections inside the scoreable zone (where a model window fits in the record) count.
+        """
+        from .detect import match_beats
+
+        ref = self.reference.segments(RecordInput(rec.record, rec.base, rec.fs, rec.sig_len))
+        lo, hi = rec.bounds
+        zlo, zhi = self._zone(rec)
+        span = (ref.anchor >= lo) & (ref.anchor < hi)
+        sel = span & (ref.anchor >= zlo) & (ref.anchor < zhi)
+        inside = np.flatnonzero((anchor >= zlo) & (anchor < zhi))
+        m = match_beats(ref.anchor[sel], anchor[inside], rec.fs, self.tolerance_s)
+        label[inside[m.det_index]] = ref.label[sel][m.ref_index]
+        symbol[inside[m.det_index]] = ref.symbol[sel][m.ref_index]
+        return Agreement(m.n_ref, m.tp, m.n_ref - m.tp, m.n_det - m.tp, int(span.sum() - sel.sum()))
+
+    def _zone(self, rec: RecordInput) -> tuple[int, int]:
+        """Record samples ``[lo, hi)`` where a beat's window always fits inside the record (at ``rec.fs``).
+
+        A beat nearer an end than its window's half-width is never scored, whoever found it; one sample of
+        slack on each side covers the rounding of the resampling to the model's rate.
+        """
+        if self.spec is None:
+            before, after = self.window
+            return int(np.ceil(before * rec.fs)) + 1, rec.sig_len - int(np.ceil(after * rec.fs)) - 1
+        scale = rec.fs / self.spec.fs
+        return (int(np.ceil(self.spec.n_before * scale)) + 1,
+                rec.sig_len - int(np.ceil(self.spec.n_after * scale)) - 1)
 
 
 _LABEL_SOURCES: dict[str, type] = {}
 LABEL_SOURCES: Mapping[str, type] = MappingProxyType(_LABEL_SOURCES)  #: kind -> label source class
 
 
+#: What every label source has (``LabelSource``): checked when one is registered, so a source that some
+#: caller needs a member of cannot be registered without it.
+LABEL_SOURCE_MEMBERS = ("task", "anchor_kind", "pad", "window", "annotators", "classes", "segments", "describe",
+                        "from_database")
+
+
 def register_label_source(kind: str, cls: type) -> None:
-    """Make ``cls`` (a ``LabelSource``) known under ``kind``, the name stores record in ``label_source``."""
+    """Make ``cls`` (a ``LabelSource``) known under ``kind``, the name stores record in ``label_source``.
+
+    Raises
+    ------
+    TypeError
+        ``cls`` lacks a member of the protocol (``LABEL_SOURCE_MEMBERS``).
+    ValueError
+        Another class is registered under ``kind``.
+    """
+    missing = [m for m in LABEL_SOURCE_MEMBERS if not hasattr(cls, m)]
+    if missing:
+        raise TypeError(f"label source {kind!r} ({cls.__name__}) lacks {', '.join(missing)} of the LabelSource "
+                        "protocol")
     if kind in _LABEL_SOURCES and _LABEL_SOURCES[kind] is not cls:
         raise ValueError(f"label source {kind!r} is already registered")
     _LABEL_SOURCES[kind] = cls

@@ -201,14 +201,14 @@ class ModelCard(_Section):
         """How its RR features are computed (``rr.RRSpec``); None for a model that takes none."""
         from .rr import RRSpec
 
-        return RRSpec.from_attrs(self.input.rr) if "rr" in self.inputs else None
+        return RRSpec.from_attrs(self.input.rr or {}) if "rr" in self.inputs else None
 
     @property
     def template_spec(self):
         """How its templates are made (``template.TemplateSpec``); None for a model that takes none."""
         from .template import TemplateSpec
 
-        return TemplateSpec.from_attrs(self.input.template) if "template" in self.inputs else None
+        return TemplateSpec.from_attrs(self.input.template or {}) if "template" in self.inputs else None
 
     @property
     def label_map(self) -> dict[str, str]:

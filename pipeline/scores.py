@@ -97,15 +97,43 @@ class RecordScores:
         return self.probability.mean(axis=0).astype(np.float32)
 
 
-_TABLE_FIELDS = ("status", "error", "quality", "checksum", "lead", "lead_fallback", "fs", "sig_len", "n_detected",
-                 "n_dropped_edge", "n_dropped_invalid", "reference_file", "n_reference", "n_reference_edge",
-                 "tp", "fn", "fp", "seconds")
+#: Per-record values the table computes from a record's segments, not copied from its ``RecordScores``.
+_COMPUTED = ("offset", "n_segments", "segments", "ectopic_share", "probability", "predicted", "reference_class")
+#: The table's ``record_reference`` is the annotation extension compared with (``RecordScores.reference_file``).
+_ALIASES = {"reference": "reference_file"}
+
+
+def table_columns(task: str = "beat") -> tuple[str, ...]:
+    """The per-record table's columns (without ``record_``), in schema order: ``schemas/scores-v2.json``'s
+    ``record_*`` variables are the one declaration of a row; the rhythm-only ones for rhythm stores."""
+    return tuple(name.removeprefix("record_") for name, spec in scores_schema()["variables"].items()
+                 if spec["dims"][0] == "record_id" and name != "record_id"
+                 and (task == "rhythm" or name not in RHYTHM_TABLE))
+
+
+def merged_counts(parts: Sequence["RecordScores"]) -> dict[str, Any]:
+    """The counts of a record's pieces, summed (``Task.merge``)."""
+    keys = ("n_detected", "n_dropped_edge", "n_dropped_invalid", "n_reference", "n_reference_edge", "tp", "fn", "fp",
+            "seconds")
+    return {k: sum(getattr(p, k) for p in parts) for k in keys}
+
+
+def scores_attrs(card, model: str, model_sha256: str, config, input_description: str) -> dict[str, Any]:
+    """The attributes of a scores store of ``card``'s model (at ``model``, with those bytes) over an input."""
+    from .. import pipeline
+
+    return {
+        "schema_version": scores_schema()["schema_version"], "kind": KIND, "task": card.task, "package": "ecg-pipeline",
+        "package_version": pipeline.__version__, "model": str(model), "model_sha256": model_sha256,
+        "model_database": card.database, "classes": list(card.classes), "label_map": card.label_map,
+        "spectrogram": card.spec.attrs(), "input": input_description, "config": config.to_dict(),
+        "config_fingerprint": config.fingerprint(), **card.task_impl().scores_attrs(card, config),
+    }
 
 
 def table_row(r: RecordScores, offset: int, classes: Sequence[str]) -> dict[str, Any]:
     """The per-record table row of ``r`` placed at segment ``offset``."""
-    row = {f: getattr(r, f) for f in _TABLE_FIELDS}
-    row["reference"] = row.pop("reference_file")
+    row = {c: getattr(r, _ALIASES.get(c, c)) for c in table_columns() if c not in _COMPUTED}
     n = r.n_segments
     predicted = np.argmax(r.probability, axis=1) if n else np.zeros(0, np.int64)
     counts = np.bincount(predicted, minlength=len(classes))[: len(classes)] if n else np.zeros(len(classes), np.int64)
@@ -312,6 +340,12 @@ class ScoresWriter:
             if n:
                 arr[:] = values
 
+    def segments(self, *names: str) -> list[np.ndarray]:
+        """Whole committed per-segment arrays, read once each (one read per record would cost seconds per
+        thousand records); strings as object arrays."""
+        return [np.asarray(self.group[name][:self.n], dtype=np.int64 if name == "anchor" else object)
+                for name in names]
+
     def discard_if_new_and_empty(self) -> None:
         """Remove the store if this writer created it and nothing was committed (the job could not start)."""
         if self.created and self.n == 0 and not self.rows:
@@ -455,3 +489,14 @@ def record_view(ds: xr.Dataset, record: str) -> RecordView:
         reference=np.asarray(["" if not isinstance(r, str) else r for r in values("reference", object)], dtype=object),
         probability=values("probability", np.float32),
         reference_class=str(row.get("record_reference_class", "") or ""))
+
+
+def sidecar(out: str, suffix: str) -> str:
+    """A file beside the store: ``scores.zarr`` -> ``scores<suffix>`` (``.records.csv``, ``.metrics.json``)."""
+    stem = out.rstrip("/")
+    return (stem[: -len(".zarr")] if stem.endswith(".zarr") else stem) + suffix
+
+
+def summary_path(out: str, summary: str | None) -> str:
+    """The per-record table's file: ``summary``, else ``<out stem>.records.csv``."""
+    return summary or sidecar(out, ".records.csv")

@@ -63,6 +63,12 @@ def cover_windows(sig_len: int, length: int, hop: int) -> np.ndarray:
     return start
 
 
+def window_grid(sig_len: int, fs: float, window_s: float, hop_s: float) -> np.ndarray:
+    """The one grid of fixed windows every windowed label source and ``score`` use: ``cover_windows`` of
+    ``window_s`` every ``hop_s`` seconds at ``fs`` (record samples of the window starts)."""
+    return cover_windows(sig_len, int(round(window_s * fs)), max(int(round(hop_s * fs)), 1))
+
+
 def in_bounds(sample: np.ndarray, sig_len: int, spec: WindowSpec) -> np.ndarray:
     """Mask of beats whose whole window lies inside ``[0, sig_len)``."""
     sample = np.asarray(sample, dtype=np.int64)

@@ -17,18 +17,26 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-__all__ = ["TASKS", "BeatTask", "RhythmTask", "Task", "get_task", "register_task"]
+__all__ = ["TASKS", "Task", "get_task", "register_task"]
 
 
 @dataclass(frozen=True)
 class Task:
-    """The contract of a task. Subclasses set the class variables and override the methods that differ."""
+    """The contract of a task. Subclasses set the class variables and override the methods that differ.
+
+    Scoring members (``pipeline.scoring`` calls them; ``card`` is a ``model_card.ModelCard``, ``ctx`` a
+    ``scoring.ScoringContext``): ``min_seconds``, ``check_record``, ``default_annotator``,
+    ``scores_attrs``, ``score_piece``, ``merge``, ``store_metrics``, ``side_tables``, ``report_lines``,
+    ``record_text``.
+    """
 
     name: ClassVar[str]
     unit: ClassVar[str]  #: what the store's segments are called in reports: "beats", "windows"
     anchor_kind: ClassVar[str]  #: "r-peak", "window-start"
     default_split: ClassVar[str]  #: the split ``train`` takes without ``--split`` (``pipeline.splits.SPLITS``)
     writes_predictions: ClassVar[bool] = False  #: evaluation writes per-unit predictions (``predictions.csv``)
+    reads_label_table: ClassVar[bool] = False  #: scoring reads reference classes from a label table
+    trace_sizes: ClassVar[tuple[int, ...]] = (64, 63)  #: batch sizes the workers trace the network with
 
     def evaluation_units(self, prob: np.ndarray, y: np.ndarray, names: np.ndarray, segment_record: np.ndarray,
                          aggregation: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -39,33 +47,44 @@ class Task:
         """
         return names, prob, y, {}
 
+    def min_seconds(self, card) -> float:
+        """The shortest record a model of this task can say anything of (``quality.record_quality``)."""
+        return 0.0
 
-@dataclass(frozen=True)
-class BeatTask(Task):
-    """Beats found at R peaks, each scored alone (AAMI classes N, S, V, F, Q)."""
+    def check_record(self, card, header) -> None:
+        """Refuse a record (``RecordError``) the task cannot score at all, before its lead is read."""
 
-    name: ClassVar[str] = "beat"
-    unit: ClassVar[str] = "beats"
-    anchor_kind: ClassVar[str] = "r-peak"
-    default_split: ClassVar[str] = "inter-patient"
+    def default_annotator(self, card) -> str:
+        """The annotation files ``score --annotations auto`` compares with."""
+        return card.annotator
 
+    def scores_attrs(self, card, config) -> dict[str, Any]:
+        """The task's attributes of a scores store (``anchor_kind``, its windows, the detector)."""
+        return {"anchor_kind": self.anchor_kind}
 
-@dataclass(frozen=True)
-class RhythmTask(Task):
-    """Fixed windows over a recording; a recording's class is the mean of its windows' probabilities."""
+    def score_piece(self, ctx, base, plan, start: int, stop: int, predict, result, timer) -> None:
+        """Score the segments of ``[start, stop)`` of a planned record into ``result`` (``scores.RecordScores``)."""
+        raise NotImplementedError
 
-    name: ClassVar[str] = "rhythm"
-    unit: ClassVar[str] = "windows"
-    anchor_kind: ClassVar[str] = "window-start"
-    default_split: ClassVar[str] = "stratified"
-    writes_predictions: ClassVar[bool] = True
+    def merge(self, parts, config):
+        """One record's ``RecordScores`` from its pieces' (in order, all ok)."""
+        raise NotImplementedError
 
-    def evaluation_units(self, prob, y, names, segment_record, aggregation=""):
-        from .evaluate import aggregate_by_record
+    def store_metrics(self, writer, rows, card, config) -> dict[str, Any] | None:
+        """Metrics against the references over the whole scores store (None without references)."""
+        return None
 
-        names, prob, y = aggregate_by_record(prob, y, segment_record)
-        return names, prob, y, {"unit": "record", "n_windows": int(len(segment_record)),
-                                "aggregation": aggregation or "mean of the window probabilities per record"}
+    def side_tables(self, writer, rows) -> dict[str, Any]:
+        """Tables written beside the store: ``{suffix: DataFrame}`` (``.episodes.csv``)."""
+        return {}
+
+    def report_lines(self, reference: Mapping[str, Any] | None) -> list[str]:
+        """The report's lines on ``store_metrics``' figures."""
+        return []
+
+    def record_text(self, row: Mapping[str, Any], classes) -> str:
+        """One record's verdict, for ``score`` of a single record."""
+        return f"{row['record']}: {int(row['n_segments']):,} {self.unit}"
 
 
 _TASKS: dict[str, Task] = {}
@@ -96,5 +115,6 @@ def get_task(name: str | None) -> Task:
         raise ValueError(f"unknown task {name!r} (known: {', '.join(_TASKS)})") from None
 
 
-for _task in (BeatTask(), RhythmTask()):
-    register_task(_task)
+# The built-in tasks register themselves on import (last: they subclass Task; a plain module import, so that
+# importing one of them first works too).
+from . import beat_task, rhythm_task  # noqa: E402, F401

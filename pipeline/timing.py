@@ -20,3 +20,8 @@ class Timer:
             yield
         finally:
             self.seconds[stage] += time.perf_counter() - t
+
+    def add(self, seconds: dict[str, float]) -> None:
+        """Add another timer's seconds (a stage timed inside a function that keeps its own)."""
+        for stage, s in seconds.items():
+            self.seconds[stage] += s

@@ -237,7 +237,8 @@ def test_detected_beats_of_a_piece_get_the_atrial_activity_of_the_whole_record(m
 
 def test_a_model_trained_with_atrial_activity_is_fed_it_and_older_models_are_not(tmp_path):
     pytest.importorskip("tensorflow")
-    from ecg_pipeline.jobs.score import ModelInfo
+    from ecg_pipeline.pipeline.model_card import ModelCard
+    from ecg_pipeline.pipeline.model_runtime import dummy_inputs
     from ecg_pipeline.pipeline.models import build_model, save_model
     from ecg_pipeline.pipeline.spectrogram import SpectrogramSpec
     from ecg_pipeline.pipeline.template import TemplateSpec
@@ -251,6 +252,6 @@ def test_a_model_trained_with_atrial_activity_is_fed_it_and_older_models_are_not
                "variables": ["spectrogram", "rr", "template"], "rr": rs.attrs(), "template": TemplateSpec().attrs()}
         path = save_model(model, tmp_path / f"m{n}.keras",
                           {"task": "beat", "classes": list("NSVFQ"), "input": inp, "store": {"spectrogram": spec.attrs()}})
-        info = ModelInfo.read(path)
-        assert info.rr_spec == rs and info.dummy(3)["rr"].shape == (3, n)
+        card = ModelCard.read(path)
+        assert card.rr_spec == rs and dummy_inputs(card, 3)["rr"].shape == (3, n)
         assert n == (11 if rs.atrial is not None else 9)

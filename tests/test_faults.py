@@ -17,7 +17,7 @@ import pytest
 import wfdb
 
 from helpers import HTTPMirror, write_record
-from ecg_pipeline.jobs.score import MAX_PIECES, plan_pieces
+from ecg_pipeline.pipeline.scoring import MAX_PIECES, plan_pieces
 from ecg_pipeline.pipeline import records, sources
 from ecg_pipeline.pipeline.errors import RecordError
 
@@ -78,17 +78,17 @@ def test_header_facts_that_cannot_hold_are_refused_with_their_cause(tmp_path, te
 
 
 def test_a_record_is_split_into_a_bounded_number_of_pieces():
-    assert plan_pieces("r", 648000, 360.0, 1800) == []  # 30 min: one task
-    assert plan_pieces("r", 650000, 360.0, 1800) == []  # 30 min 5 s: one task, not one and a 5 s sliver
-    assert [(p.start, p.stop) for p in plan_pieces("r", 1000000, 360.0, 1800)] == [(0, 500000), (500000, 1000000)]
-    assert len(plan_pieces("r", 360 * 86400, 360.0, 1800)) == 48  # a day-long Holter record: 48 half-hours
-    pieces = plan_pieces("r", 10**12, 360.0, 1800)  # what a lying header once planned as 1.5 million tasks
+    assert plan_pieces(648000, 360.0, 1800) == []  # 30 min: one task
+    assert plan_pieces(650000, 360.0, 1800) == []  # 30 min 5 s: one task, not one and a 5 s sliver
+    assert plan_pieces(1000000, 360.0, 1800) == [(0, 500000), (500000, 1000000)]
+    assert len(plan_pieces(360 * 86400, 360.0, 1800)) == 48  # a day-long Holter record: 48 half-hours
+    pieces = plan_pieces(10**12, 360.0, 1800)  # what a lying header once planned as 1.5 million tasks
     assert len(pieces) == MAX_PIECES
-    assert pieces[0].start == 0 and pieces[-1].stop == 10**12
-    assert all(a.stop == b.start for a, b in zip(pieces, pieces[1:]))
+    assert pieces[0][0] == 0 and pieces[-1][1] == 10**12
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
     # A very low rate (a 1/60 Hz trend) is not cut into pieces of 30 samples.
-    assert len(plan_pieces("r", 1440, 1 / 60, 1800)) <= 2
-    assert len(plan_pieces("r", 10**9, 1e-9, 1800)) <= MAX_PIECES
+    assert len(plan_pieces(1440, 1 / 60, 1800)) <= 2
+    assert len(plan_pieces(10**9, 1e-9, 1800)) <= MAX_PIECES
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -254,15 +254,16 @@ def test_rerun_skips_scored_records(ds2, model, mirror):
 
 def _loaded_models(dask_worker=None) -> dict[str, str]:
     """In a worker: the models its process holds loaded, sha256 -> load id."""
-    from ecg_pipeline.jobs import score
+    from ecg_pipeline.pipeline.model_runtime import LOADED
 
-    return {sha: load_id for (sha, _), (_, load_id) in score._LOADED.items()}
+    return {sha: load_id for (sha, _), (_, load_id) in LOADED._models.items()}
 
 
 def test_a_warm_cluster_scores_again_with_the_model_it_loaded(model, mirror, client, tmp_path):
     """A second job with the same model on a running cluster reuses each worker's loaded copy (same load, no new
     one) and gives the same scores; the copy is found by the model's sha256."""
-    from ecg_pipeline.jobs.score import ModelInfo, ScoreRequest, run_scoring
+    from ecg_pipeline.jobs.score import ScoreRequest, run_scoring
+    from ecg_pipeline.pipeline.model_card import file_sha256
     from ecg_pipeline.pipeline.config import ScoreConfig
 
     def request(i: int) -> ScoreRequest:
@@ -270,7 +271,7 @@ def test_a_warm_cluster_scores_again_with_the_model_it_loaded(model, mirror, cli
                             records=("100", "119"), annotations=None, config=ScoreConfig(),
                             cache_dir=str(tmp_path / "cache"), summary=str(tmp_path / f"s{i}.csv"))
 
-    sha = ModelInfo.read(model).sha256
+    sha = file_sha256(model)
     first = run_scoring(request(0), client)
     loaded = client.run(_loaded_models)
     assert len(loaded) == 2 and all(sha in held for held in loaded.values()), loaded

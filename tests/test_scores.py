@@ -11,7 +11,9 @@ import xarray as xr
 import zarr
 
 from helpers import HTTPMirror, write_record
-from ecg_pipeline.jobs.score import PieceResult, ModelInfo, merge_pieces, score_span
+from ecg_pipeline.pipeline.extract import detected_segments
+from ecg_pipeline.pipeline.model_card import ModelCard
+from ecg_pipeline.pipeline.scoring import PieceScores, RecordAssembler, ScoringContext
 from ecg_pipeline.pipeline.resample import resample
 from ecg_pipeline.pipeline import records, sources
 from ecg_pipeline.pipeline.config import ConfigError, ScoreConfig, score_config_from_dict
@@ -92,14 +94,30 @@ def test_scores_of_another_model_are_not_mixed(tmp_path):
         ScoresWriter(str(tmp_path / "plain"), _attrs(), CLASSES, chunk_size=256)
 
 
-def test_merge_pieces_keeps_a_beat_at_a_cut_once():
+def _context(task: str = "beat") -> ScoringContext:
+    card = ModelCard(task=task, classes=list(CLASSES), store={"spectrogram": _spec().attrs()})
+    return ScoringContext(card, ScoreConfig(), None, False, None, "plugin")
+
+
+def test_pieces_of_a_record_merge_once_all_are_in_and_a_beat_at_a_cut_is_kept_once():
     a, b = _scores("r", 3), _scores("r", 3)
     a.anchor, b.anchor = np.array([100, 500, 995]), np.array([1001, 1500, 1900])
-    merged = merge_pieces([PieceResult("r", 1, scores=b), PieceResult("r", 0, scores=a)], refractory_s=0.2)
+    a.n_detected = b.n_detected = 3
+    assembler = RecordAssembler(_context())
+    assert assembler.add(PieceScores("r", 1, 2, b)) is None  # not all pieces in yet
+    merged = assembler.add(PieceScores("r", 0, 2, a))
     np.testing.assert_array_equal(merged.anchor, [100, 500, 995, 1500, 1900])
-    assert merged.probability.shape == (5, 5) and merged.n_detected == 5
+    assert merged.probability.shape == (5, 5) and merged.n_detected == 5  # the beat found twice counted once
     b.status, b.error = "failed", "signal: truncated"
-    assert merge_pieces([PieceResult("r", 0, scores=a), PieceResult("r", 1, scores=b)], 0.2).error == "signal: truncated"
+    assembler.add(PieceScores("r", 0, 2, a))
+    failed = assembler.add(PieceScores("r", 1, 2, b))
+    assert failed.status == "failed" and failed.error == "signal: truncated" and failed.n_segments == 0
+    # Rhythm windows are shared out by their start: concatenated, none dropped.
+    c, d = _scores("w", 2), _scores("w", 2)
+    c.anchor, d.anchor = np.array([0, 9000]), np.array([9001, 18000])
+    rhythm = RecordAssembler(_context("rhythm"))
+    rhythm.add(PieceScores("w", 0, 2, c))
+    np.testing.assert_array_equal(rhythm.add(PieceScores("w", 1, 2, d)).anchor, [0, 9000, 9001, 18000])
 
 
 def test_score_config_is_validated():
@@ -179,13 +197,18 @@ def test_model_metadata_is_required(tmp_path):
     bare = tmp_path / "bare.keras"
     model.save(bare)
     with pytest.raises(ModelError, match="no ecg_pipeline.json"):
-        ModelInfo.read(bare)
-    other = save_model(model, tmp_path / "other.keras", {"task": "segmentation", "classes": ["N", "A"]})
-    with pytest.raises(ModelError, match="'segmentation' model; `score` scores beat and rhythm models"):
-        ModelInfo.read(other)
+        ModelCard.read(bare)
+    other = save_model(model, tmp_path / "other.keras",
+                       {"task": "segmentation", "classes": ["N", "A"], "store": {"spectrogram": _spec().attrs()}})
+    with pytest.raises(ModelError, match="a 'segmentation' model; this ecg-pipeline knows"):
+        ModelCard.read(other)
     rhythm = save_model(model, tmp_path / "rhythm.keras", {"task": "rhythm", "classes": ["N", "A"]})
+    with pytest.raises(ModelError, match="does not match the model card .*store: Field required"):
+        ModelCard.read(rhythm)
+    rhythm = save_model(model, tmp_path / "rhythm.keras", {"task": "rhythm", "classes": ["N", "A"], "store": {
+        "spectrogram": {"fs": 300}}})
     with pytest.raises(ModelError, match="lacks the spectrogram parameters"):
-        ModelInfo.read(rhythm)
+        ModelCard.read(rhythm)
 
 
 def test_score_span_on_a_real_record_and_resampled(mirror):
@@ -194,27 +217,34 @@ def test_score_span_on_a_real_record_and_resampled(mirror):
     header = records.read_header(base, "100")
     lead = records.choose_lead(header, ("MLII",))
     x = records.read_signal(base, header, lead, 0, 360 * 120)
-    info = ModelInfo(path="m.keras", sha256="0" * 64, spec=_spec(), classes=CLASSES, input_dtype="float16",
-                     label_map={}, database="mitdb", leads=("MLII",), annotator="atr")
-    seen = []
+    detector = ScoreConfig().detector
 
-    def fake_model(s):  # stands in for the network: the stage's job is to hand it the right spectrograms
-        seen.append(s)
-        return np.tile(np.eye(5, dtype=np.float32)[0], (len(s), 1))
+    def beats(x, fs, first, start, stop, **kw):
+        return detected_segments(x, fs, first, start, stop, _spec(), detector, **kw)
 
-    full = score_span(x, 360.0, 0, 0, len(x), info, ScoreConfig(), fake_model)
-    assert seen[0].dtype == np.float16 and seen[0].shape == (len(full.sample), 33, 24)
+    full = beats(x, 360.0, 0, 0, len(x))
+    assert full.spectrogram.dtype == np.float32 and full.spectrogram.shape == (len(full.anchor), 33, 24)
     ann = records.read_annotations(base, "100", "atr")
     ref = ann.sample[(ann.sample < len(x)) & np.isin(ann.symbol, ["N", "A", "V"])]
     assert abs(len(full.detected) - len(ref)) <= 2 and full.n_dropped_edge >= 0
+    assert full.agreement is None and (full.label == "").all()  # no reference given
     # A piece with margin finds the piece's share of the same beats.
-    piece = score_span(x[3600:3600 * 8], 360.0, 3600, 7200, 25200, info, ScoreConfig(), fake_model)
-    np.testing.assert_array_equal(piece.sample, full.sample[(full.sample >= 7200) & (full.sample < 25200)])
+    piece = beats(x[3600:3600 * 8], 360.0, 3600, 7200, 25200)
+    np.testing.assert_array_equal(piece.anchor, full.anchor[(full.anchor >= 7200) & (full.anchor < 25200)])
     # At 250 Hz the beats come back at the record's own sample positions, within a sample or two.
     x250 = resample(x, 360.0, 250.0)
-    low = score_span(x250, 250.0, 0, 0, len(x250), info, ScoreConfig(), fake_model)
-    expected = full.sample * 250 / 360
-    assert len(low.sample) == len(full.sample) and np.abs(low.sample - expected).max() <= 2
+    low = beats(x250, 250.0, 0, 0, len(x250))
+    expected = full.anchor * 250 / 360
+    assert len(low.anchor) == len(full.anchor) and np.abs(low.anchor - expected).max() <= 2
+    # With the record's annotations as reference, each beat takes the class of the one it matches (EC57).
+    from ecg_pipeline.pipeline.labels import AAMI_EC57, BeatAnnotations
+
+    reference = BeatAnnotations(unknown="Q", align="annotation", symbols=dict(AAMI_EC57))
+    matched = beats(x, 360.0, 0, 0, len(x), reference=reference, record="100", base=base, sig_len=header.sig_len)
+    np.testing.assert_array_equal(matched.anchor, full.anchor)
+    a = matched.agreement
+    assert a.tp >= len(ref) - 3 and a.fp <= 2 and a.tp + a.fn == a.n_reference
+    assert set(matched.label) <= {"N", "S", "V", ""} and (matched.label == "N").mean() > 0.95
 
 
 def _spec():

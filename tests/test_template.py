@@ -119,12 +119,14 @@ def test_detected_beats_of_a_piece_get_the_templates_of_the_whole_record(mirror)
     at = np.searchsorted(whole.anchor, piece.anchor)
     assert np.array_equal(whole.anchor[at], piece.anchor)
     assert np.allclose(piece.template, whole.template[at], atol=1e-5)
-    assert np.allclose(piece.spectrogram, whole.spectrogram[at], atol=1e-5)
+    # The STFT's float32 products round by batch (BLAS blocks differ with the number of windows), and the log
+    # magnifies that where a bin's magnitude is small (1.4e-4 at -6.5 measured): equal to that, not to 1e-5.
+    assert np.allclose(piece.spectrogram, whole.spectrogram[at], atol=1e-3)
 
 
 def test_a_template_model_whose_metadata_omits_how_templates_are_made_is_refused(tmp_path):
     pytest.importorskip("tensorflow")
-    from ecg_pipeline.jobs.score import ModelInfo
+    from ecg_pipeline.pipeline.model_card import ModelCard
     from ecg_pipeline.pipeline.models import ModelError, build_model, save_model
     from ecg_pipeline.pipeline.rr import STORED_FEATURES, RRSpec
     from ecg_pipeline.pipeline.spectrogram import SpectrogramSpec
@@ -137,10 +139,10 @@ def test_a_template_model_whose_metadata_omits_how_templates_are_made_is_refused
            "variables": ["spectrogram", "rr", "template"], "rr": RRSpec().attrs(), "template": TemplateSpec().attrs()}
     meta = {"task": "beat", "classes": list("NSVFQ"), "input": inp, "store": {"spectrogram": spec.attrs()}}
     ok = save_model(model, tmp_path / "ok.keras", meta)
-    assert ModelInfo.read(ok).template_spec == TemplateSpec() and ModelInfo.read(ok).rr_spec == RRSpec()
+    assert ModelCard.read(ok).template_spec == TemplateSpec() and ModelCard.read(ok).rr_spec == RRSpec()
     bad = save_model(model, tmp_path / "bad.keras", {**meta, "input": {k: v for k, v in inp.items() if k != "template"}})
     with pytest.raises(ModelError, match="takes neighbour templates but its metadata does not say how they are made"):
-        ModelInfo.read(bad)
+        ModelCard.read(bad)
     bad_rr = save_model(model, tmp_path / "bad-rr.keras", {**meta, "input": {k: v for k, v in inp.items() if k != "rr"}})
     with pytest.raises(ModelError, match="takes RR features but its metadata does not say how they are computed"):
-        ModelInfo.read(bad_rr)
+        ModelCard.read(bad_rr)
