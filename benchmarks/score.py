@@ -43,7 +43,8 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from ecg_pipeline.jobs.score import ModelInfo, ScoreRequest, predict, run_scoring  # noqa: E402
+from ecg_pipeline.jobs.score import ScoreRequest, run_scoring  # noqa: E402
+from ecg_pipeline.pipeline.model_runtime import dummy_inputs, network_inputs, predict  # noqa: E402
 from ecg_pipeline.pipeline import extract, records  # noqa: E402
 from ecg_pipeline.pipeline.cluster import dask_client  # noqa: E402
 from ecg_pipeline.pipeline.config import PreprocessConfig, ScoreConfig  # noqa: E402
@@ -62,8 +63,8 @@ def default_model(path: Path) -> Path:
     from ecg_pipeline.pipeline import rr
     from ecg_pipeline.pipeline.config import TrainConfig
     from ecg_pipeline.pipeline.labels import AAMI_EC57
-    from ecg_pipeline.pipeline.models import (MODEL_INPUTS, average_members, build_model, flops_per_segment,
-                                              save_model)
+    from ecg_pipeline.pipeline.model_card import ModelCard
+    from ecg_pipeline.pipeline.models import MODEL_INPUTS, average_members, build_model, save_model
 
     config, train = PreprocessConfig(), TrainConfig()
     db = get_database("mitdb")
@@ -74,24 +75,24 @@ def default_model(path: Path) -> Path:
     model = average_members([build_model(train.model, (spec.n_freq, spec.n_time), 5, input_dtype="float16",
                                          rr_stats=stats) for _ in range(train.members)])
     inputs = list(MODEL_INPUTS[train.model])
-    meta = {"package": "ecg-pipeline", "task": "beat", "classes": list("NSVFQ"),
-            "input": {"shape": [spec.n_freq, spec.n_time], "dtype": "float16", "variable": "spectrogram",
-                      "variables": inputs, **({"rr": rr_spec.attrs()} if "rr" in inputs else {}),
-                      **({"template": config.template.spec().attrs()} if "template" in inputs else {})},
-            "accepted": {"min_fs_hz": spec.min_fs_hz},
-            "store": {"database": "mitdb", "database_version": db.version, "spectrogram": spec.attrs(),
-                      "preprocess_config": config.to_dict(), "label_map": dict(AAMI_EC57)},
-            "flops_per_segment": flops_per_segment(model)}
-    return save_model(model, path, meta)
+    card = ModelCard(task="beat", classes=list("NSVFQ"),
+                     input={"shape": [spec.n_freq, spec.n_time], "dtype": "float16", "variables": inputs,
+                            **({"rr": rr_spec.attrs()} if "rr" in inputs else {}),
+                            **({"template": config.template.spec().attrs()} if "template" in inputs else {})},
+                     accepted={"min_fs_hz": spec.min_fs_hz},
+                     store={"database": "mitdb", "database_version": db.version, "spectrogram": spec.attrs(),
+                            "preprocess_config": config.to_dict(), "label_map": dict(AAMI_EC57)})
+    return save_model(model, path, card.to_dict())
 
 
-def baseline(db_dir: Path, names: list[str], info: ModelInfo, batch: int) -> tuple[float, int, float]:
+def baseline(db_dir: Path, names: list[str], model_path: Path, batch: int) -> tuple[float, int, float]:
     """One process, one TensorFlow thread: the job's stages in a loop. Returns its wall time, the beats,
     and the seconds ``predict`` alone takes on all of them (the model-alone rate, same thread)."""
     import tensorflow as tf
     import threadpoolctl
 
     from ecg_pipeline.pipeline.config import DetectorSpec
+    from ecg_pipeline.pipeline.model_card import ModelCard
     from ecg_pipeline.pipeline.models import load_model
 
     # One TensorFlow thread, as each worker of the job has (one per worker thread).
@@ -99,18 +100,19 @@ def baseline(db_dir: Path, names: list[str], info: ModelInfo, batch: int) -> tup
     tf.config.threading.set_inter_op_parallelism_threads(1)
     # One BLAS thread too, as the local cluster gives each one-thread worker (LimitNativeThreads).
     threadpoolctl.threadpool_limits(limits=1)
-    model, _ = load_model(info.path)
-    predict(model, info.dummy(256), batch)  # trace once
+    model, _ = load_model(model_path)
+    card = ModelCard.read(model_path)
+    predict(model, dummy_inputs(card, 256), batch)  # trace once
     t0 = time.perf_counter()
     n, inputs = 0, []
     for rec in names:
         base = db_dir / rec
         h = records.read_header(base, rec)
-        lead = records.choose_lead(h, info.leads, "first")
+        lead = records.choose_lead(h, card.leads, "first")
         x = records.read_signal(base, h, lead)
-        seg = extract.detected_segments(x, h.fs, 0, 0, len(x), info.spec, DetectorSpec(), 1.0, info.rr_spec,
-                                        info.template_spec)
-        inputs.append(info.batch(seg))
+        seg = extract.detected_segments(x, h.fs, 0, 0, len(x), card.spec, DetectorSpec(), 1.0, card.rr_spec,
+                                        card.template_spec)
+        inputs.append(network_inputs(card, seg.spectrogram, seg.rr, seg.template))
         n += len(predict(model, inputs[-1], batch))
     wall = time.perf_counter() - t0
     if isinstance(inputs[0], dict):
@@ -145,7 +147,6 @@ def main() -> None:
         if model is None:  # built in a child process: this one must not import TensorFlow before forking workers
             model = tmp / "model.keras"
             subprocess.run([sys.executable, __file__, "--make-model", str(model)], check=True)
-        info = ModelInfo.read(model)
         config = ScoreConfig()
 
         def request(i: int) -> ScoreRequest:
@@ -166,7 +167,7 @@ def main() -> None:
                 warm.append((rep.wall_s, rep.n_beats_run))
                 warm_phases.append(rep.phase_s)
                 stages.update(rep.stage_s)
-        base_runs = [baseline(db_dir, names, info, config.batch_size) for _ in range(args.repeats)]
+        base_runs = [baseline(db_dir, names, model, config.batch_size) for _ in range(args.repeats)]
         base_s = statistics.median(t for t, _, _ in base_runs)
         n_base = base_runs[0][1]
         alone_s = statistics.median(m for _, _, m in base_runs)
