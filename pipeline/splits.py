@@ -214,9 +214,6 @@ register_split("stratified", _stratified,
                "whole records: 20% test, 10% of the rest validation, stratified by record label, seeded "
                "(the default for rhythm stores)")
 
-#: The split ``train`` and ``evaluate`` use when none is given, by store task.
-DEFAULT_SPLITS: Mapping[str, str] = MappingProxyType({"beat": "inter-patient", "rhythm": "stratified"})
-
 
 def _table(ds) -> tuple[list[str], np.ndarray, np.ndarray]:
     return ([str(r) for r in ds["record_id"].values], np.asarray(ds["record_offset"].values),

@@ -127,7 +127,7 @@ def test_chain_applies_its_parts_in_order_and_adds_their_count_shifts():
 
 
 def test_the_training_job_stretches_time_only_when_its_configuration_asks():
-    from ecg_pipeline.jobs.train import _augmentation
+    from ecg_pipeline.pipeline.training import _augmentation
     from ecg_pipeline.pipeline.config import TrainConfig, load_train_config
 
     assert _augmentation(TrainConfig(time_stretch=0.2), None, ("spectrogram",)) == TimeStretch(0.2)

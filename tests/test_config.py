@@ -229,7 +229,7 @@ def test_schema_files_and_models_agree(name, cls, from_dict, bad):
 
 
 def test_the_refit_is_ten_epochs_unless_told_to_follow_the_best_epoch():
-    from ecg_pipeline.jobs.train import _refit_length
+    from ecg_pipeline.pipeline.training import refit_length
 
     assert TrainConfig().refit_epochs == 10
     assert TrainConfig().members == 2 and TrainConfig(members=1).members == 1
@@ -237,9 +237,9 @@ def test_the_refit_is_ten_epochs_unless_told_to_follow_the_best_epoch():
     assert load_train_config(None, "rhythm").members == 1 and load_train_config(None, "beat").members == 2
     with pytest.raises(ConfigError, match="members need refit"):
         train_config_from_dict({"members": 2, "refit": False})
-    assert _refit_length(TrainConfig(), {"best_epoch": 3}) == 10
-    assert _refit_length(TrainConfig(refit_epochs=0), {"best_epoch": 3}) == 3
-    assert _refit_length(TrainConfig(), {"best_epoch": 22}) == 22  # never shorter than the best epoch
+    assert refit_length(TrainConfig(), 3) == 10
+    assert refit_length(TrainConfig(refit_epochs=0), 3) == 3
+    assert refit_length(TrainConfig(), 22) == 22  # never shorter than the best epoch
     with pytest.raises(ValueError):
         TrainConfig(refit_epochs=-1)
 

@@ -171,9 +171,10 @@ def test_a_model_file_without_metadata_is_refused_in_one_line(run, small_store, 
     r = _cli("evaluate", "--model", str(bare), "--store", str(small_store), "--split", str(files / "split.yaml"))
     assert r.returncode == 2, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ecg-pipeline: error: ") and "no ecg-pipeline metadata" in lines[0], \
+    # the model card's refusal (ModelCard.read), the same words as score's below
+    assert len(lines) == 1 and lines[0].startswith("ecg-pipeline: error: ") and "no ecg_pipeline.json metadata" in lines[0], \
         r.stderr[-3000:]
-    assert str(bare) in lines[0] and "model.keras" in lines[0]
+    assert str(bare) in lines[0] and "not saved by `ecg-pipeline train`" in lines[0]
     r = _cli("score", "--model", str(bare), "--input", str(tmp_path), "--out", str(tmp_path / "scores.zarr"))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "no ecg_pipeline.json metadata" in lines[0], r.stderr[-3000:]
