@@ -25,3 +25,58 @@ def test_spec_from_config_beat_windows_and_a_label_sources_windows():
     assert (windows.n_before, windows.n_after, windows.pad) == (0, int(round(rhythm.rhythm.length_s * 300)), "wrap")
     with pytest.raises(SpectrogramSpecError, match="longer than the window"):
         spec_from_config(config_from_dict({"window": {"before_s": 0.05, "after_s": 0.05}}), 360.0)
+
+
+def _ctx(db_name="mitdb"):
+    from ecg_pipeline.pipeline.preprocessing import TaskContext
+
+    db = get_database(db_name)
+    config = load_config(None, dict(db.preprocess_defaults))
+    return TaskContext(db, label_source_for(db, config), None, config, "s.zarr", None)
+
+
+def test_lay_out_takes_the_first_good_records_rate_and_fails_the_others():
+    import numpy as np
+
+    from ecg_pipeline.pipeline.extract import RecordPlan
+    from ecg_pipeline.pipeline.preprocessing import lay_out
+
+    ctx = _ctx()
+    plans = {"a": RecordPlan("a", error="download: gone"),
+             "b": RecordPlan("b", ok=True, fs=360.0, anchor=np.arange(5)),
+             "c": RecordPlan("c", ok=True, fs=250.0, anchor=np.arange(7)),
+             "d": RecordPlan("d", ok=True, fs=360.0, anchor=np.arange(3))}
+    laid = lay_out(ctx, list(plans), plans)
+    assert laid.spec == spec_from_config(ctx.config, 360.0, ctx.labels)
+    assert laid.layout.records == ("a", "b", "c", "d") and laid.layout.n_segments_per_record == (0, 5, 0, 3)
+    assert not plans["c"].ok and plans["c"].error == "header: sampling frequency 250.0 Hz differs from the store's 360.0 Hz"
+    assert laid.layout.n_rr == len(ctx.rr_spec().features) and list(laid.coords["rr_feature"]) == list(ctx.rr_spec().features)
+    np.testing.assert_array_equal(laid.coords["freq"], laid.spec.freqs())
+    assert (laid.layout.n_freq, laid.layout.n_time) == (laid.spec.n_freq, laid.spec.n_time)
+    nothing = lay_out(ctx, ["a"], {"a": RecordPlan("a", error="download: gone")})  # no rate: an empty store
+    assert nothing.spec is None and nothing.layout.n_freq == 0 and nothing.coords["freq"].size == 0
+
+
+def test_store_attrs_match_the_schema_and_segments_count_written_records_only():
+    import jsonschema
+    import numpy as np
+
+    from ecg_pipeline.pipeline import store
+    from ecg_pipeline.pipeline.extract import RecordPlan
+    from ecg_pipeline.pipeline.preprocessing import segments_per_class, store_attrs
+    from ecg_pipeline.pipeline.reports import record_outcomes
+
+    for name, fs in (("mitdb", 360.0), ("challenge-2017", 300.0)):
+        ctx = _ctx(name)
+        attrs = store_attrs(ctx, "1.0.0", "file:///data", spec_from_config(ctx.config, fs, ctx.labels), ("x.atr",))
+        full = {**attrs, "created": "t", "updated": "t", "complete": True, "n_segments": 0, "n_records": 0,
+                "chunk_size": 1}
+        jsonschema.validate(full, store.store_schema()["attrs"])
+        assert attrs["task"] == ctx.labels.task and ("rr" in attrs) == (ctx.labels.task == "beat")
+        assert list(attrs)[:3] == ["schema_version", "package", "package_version"]
+        assert list(attrs)[-1] == "missing_source_files" and attrs["missing_source_files"] == ["x.atr"]
+    plans = {"a": RecordPlan("a", ok=True, fs=360.0, anchor=np.arange(3), label=np.array(["N", "V", "N"], object)),
+             "b": RecordPlan("b", ok=True, fs=360.0, anchor=np.arange(2), label=np.array(["V", "V"], object))}
+    layout = store.Layout(("a", "b"), (3, 2), 2, 2, 4)
+    outcomes = record_outcomes(["a", "b"], layout, plans, {"b": "write: chunk 0: disk full"}, final=True)
+    assert segments_per_class(plans, outcomes, ["N", "S", "V"]) == {"N": 2, "S": 0, "V": 1}

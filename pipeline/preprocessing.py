@@ -1,0 +1,193 @@
+"""The preprocess job's work on records and chunks: the bodies of its Dask tasks and the store its plans lay out.
+
+``jobs/preprocess.py`` wires these together on a cluster; everything that decides what a
+record or a chunk becomes is here:
+
+* ``TaskContext``: the settings every task needs (scattered once);
+* ``prepare_listing`` (task): the source's listing and the label source with its table read;
+* ``plan_records`` (task): ``extract.plan_record`` for a batch of records;
+* ``lay_out``: the store's layout from the plans (its sampling rate is the first good
+  record's; a record at another rate fails), its spectrogram and coordinates;
+* ``store_attrs``: the store's group attributes (``schemas/store-v4.json``);
+* ``write_chunk`` (task): the rows of one chunk (``extract.chunk_contents``), written whole;
+* ``segments_per_class``: the class counts of what was written.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import __version__, download, extract, labels, sources, spectrogram, store
+from .config import PreprocessConfig
+from .databases import Database
+from .extract import RecordPlan
+from .labels import LABEL_MAPS, LabelSource
+from .reports import RecordOutcome
+from .timing import Timer
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What every task needs; picklable, scattered once (a label table makes it large), like the record source."""
+
+    db: Database
+    labels: LabelSource
+    cache_dir: str | None  #: the download cache; None: each worker's default (``download.cache_root``)
+    config: PreprocessConfig
+    out: str
+    storage_options: Mapping[str, Any] | None
+
+    @property
+    def policy(self) -> download.RetryPolicy:
+        return self.config.download  # the download section is the retry policy
+
+    def cache(self) -> Path:
+        """The download cache folder, resolved where the task runs (a worker's environment names its own)."""
+        return download.cache_root(self.cache_dir)
+
+    def leads(self) -> tuple[str, ...]:
+        return self.config.leads or self.db.leads
+
+    def rr_spec(self):
+        """The RR features of beat segments (``config.rr``); None for stores whose segments are not beats."""
+        return self.config.rr.spec() if self.labels.task == "beat" else None
+
+    def template_spec(self):
+        """The neighbour templates of beat segments (``config.template``); None for other stores or beats 0."""
+        return self.config.template.spec() if self.labels.task == "beat" else None
+
+
+def prepare_listing(source: sources.RecordSource, label_source: LabelSource, cache_dir: str | None,
+                    policy: download.RetryPolicy) -> tuple[sources.Listing, LabelSource]:
+    """Task: list the source and read the label table it holds, if the label source has one."""
+    cache = download.cache_root(cache_dir)
+    listing = source.prepare(cache, policy)
+    return listing, labels.load_table(label_source, listing.source, cache, policy)
+
+
+def plan_record(ctx: TaskContext, source: sources.RecordSource, record: str) -> RecordPlan:
+    """Phase 1 for one record: ``extract.plan_record`` with this job's settings."""
+    return extract.plan_record(source, record, ctx.labels, ctx.leads(), ctx.config.lead_fallback, ctx.cache(),
+                               ctx.policy, ctx.rr_spec())
+
+
+def plan_records(ctx: TaskContext, source: sources.RecordSource, records: Sequence[str]) -> list[RecordPlan]:
+    """Phase 1 for a batch of records (a task): short recordings are planned many to a task, so that the
+    scheduler's per-task cost does not dominate (8,528 Challenge 2017 recordings of ~1 ms each)."""
+    return [plan_record(ctx, source, r) for r in records]
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Where the planned records go, and the spectrogram they get."""
+
+    layout: store.Layout
+    spec: spectrogram.SpectrogramSpec | None  #: None when no record could be planned (no sampling rate)
+    coords: dict[str, np.ndarray]  #: ``freq``, ``time`` and ``rr_feature`` values (``store.prepare``)
+
+
+def lay_out(ctx: TaskContext, names: Sequence[str], plans: Mapping[str, RecordPlan]) -> StoreLayout:
+    """The store's layout: records in the source's order, at the first good record's sampling rate.
+
+    A planned record at another rate is marked failed in ``plans`` (its plan is updated in place), so it
+    gets no segments: a store holds one rate, the one its spectrogram attributes name.
+    """
+    fs_store = next((plans[r].fs for r in names if plans[r].ok), 0.0)
+    for r in names:
+        p = plans[r]
+        if p.ok and p.fs != fs_store:
+            p.ok, p.error = False, f"header: sampling frequency {p.fs} Hz differs from the store's {fs_store} Hz"
+    spec = spectrogram.spec_from_config(ctx.config, fs_store, ctx.labels) if fs_store else None
+    rr_spec = ctx.rr_spec()
+    layout = store.Layout(tuple(names), tuple(plans[r].n_segments for r in names), spec.n_freq if spec else 0,
+                          spec.n_time if spec else 0, ctx.config.store.chunk_size,
+                          len(rr_spec.features) if rr_spec else 0, ctx.template_spec() is not None)
+    coords = {"freq": spec.freqs() if spec else np.zeros(0, np.float32),
+              "time": spec.times() if spec else np.zeros(0, np.float32),
+              "rr_feature": np.array(rr_spec.features if rr_spec else (), dtype=object)}
+    return StoreLayout(layout, spec, coords)
+
+
+def store_attrs(ctx: TaskContext, db_version: str, source: str, spec: spectrogram.SpectrogramSpec | None,
+                missing_source_files: Sequence[str]) -> dict[str, Any]:
+    """The store's group attributes before its chunks are written (``store.prepare`` adds its own).
+
+    ``source``: the root of the file tree the records came from (``preprocess --source``).
+    """
+    db, config, label_source = ctx.db, ctx.config, ctx.labels
+    beat = label_source.task == "beat"
+    extra: dict[str, Any] = {"label_map": dict(LABEL_MAPS[db.label_map])} if db.label_map else {}
+    if db.challenge_classes:
+        extra["challenge_classes"] = list(db.challenge_classes)
+    # The key order is the order of the store's zarr.json: keep it.
+    return {
+        "schema_version": store.store_schema()["schema_version"],
+        "package": "ecg-pipeline",
+        "package_version": __version__,
+        "database": db.name,
+        "database_version": db_version,
+        "database_title": db.title,
+        "citation": db.citation,
+        "source": source,
+        "task": label_source.task,
+        "anchor_kind": label_source.anchor_kind,
+        "label_source": label_source.describe(),
+        **extra,
+        "classes": list(label_source.classes),
+        "config": config.to_dict(),
+        "config_fingerprint": config.fingerprint(label_source.task),
+        "spectrogram": spec.attrs() if spec else {},
+        **({"rr": config.rr.spec().attrs()} if beat else {}),
+        **({"template": config.template.spec().attrs()} if beat and config.template.beats else {}),
+        "missing_source_files": list(missing_source_files),
+    }
+
+
+def chunk_fingerprint(ctx: TaskContext, layout: store.Layout, plans: Mapping[str, RecordPlan], k: int) -> str:
+    """What chunk ``k`` holds once written: the configuration and its record pieces (each record's file digest)."""
+    names = layout.records
+    return store.chunk_fingerprint(ctx.config.fingerprint(ctx.labels.task),
+                                   [(names[i], plans[names[i]].digest, lo, hi) for i, lo, hi in layout.chunk_parts(k)])
+
+
+@dataclass
+class ChunkResult:
+    """Phase-2 result for one chunk."""
+
+    k: int
+    written: bool
+    failures: dict[str, str]  #: record -> error
+    seconds: dict[str, float]
+    n_segments: int
+
+
+def write_chunk(ctx: TaskContext, source: sources.RecordSource, writer: store.ChunkWriter, k: int,
+                parts: list[tuple[list[RecordPlan], int, int, int]], segs: slice, fingerprint: str,
+                spec: spectrogram.SpectrogramSpec) -> ChunkResult:
+    """Phase 2 for one chunk (a task): its rows (``extract.chunk_contents``), written whole.
+
+    ``parts``: ``(plan batch, index of the record's plan in it, first, end)`` per record piece: the
+    batches are the results of the ``plan_records`` tasks, so the chunk runs where they were fetched.
+    """
+    pieces = [(batch[j], lo, hi) for batch, j, lo, hi in parts]
+    rows = extract.chunk_contents(source, pieces, spec, ctx.cache(), ctx.policy, ctx.template_spec())
+    timer = Timer()
+    with timer("write"):
+        # A chunk with a failed piece is written (so the store stays readable) but keeps no
+        # fingerprint, so the next run computes it again.
+        store.write_chunk(writer, k, segs, rows.spectrogram, rows.coords, "" if rows.failures else fingerprint,
+                          rr=rows.rr, template=rows.template)
+    return ChunkResult(k, not rows.failures, rows.failures, {**rows.seconds, **timer.seconds}, segs.stop - segs.start)
+
+
+def segments_per_class(plans: Mapping[str, RecordPlan], outcomes: Sequence[RecordOutcome],
+                       classes: Sequence[str]) -> dict[str, int]:
+    """Segments per class of the records written: a record whose chunk failed (a full disk) is not counted,
+    whatever it planned."""
+    per_class = Counter(c for o in outcomes if o.status == "ok" for c in plans[o.record].label.tolist())
+    return {c: int(per_class.get(c, 0)) for c in classes}
