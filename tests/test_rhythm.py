@@ -313,7 +313,7 @@ def test_a_long_record_is_scored_in_windows_with_episodes(cinc, r201):
 @pytest.mark.usefixtures("environ_restored")  # runs `cli.main` in this process (it sets os.environ defaults)
 def test_rhythm_figures_show_the_windows_episodes_and_af_burden(r201, tmp_path):
     from ecg_pipeline.jobs import cli
-    from ecg_pipeline.jobs.plot import scored_record
+    from ecg_pipeline.pipeline.figures import scored_record
     from ecg_pipeline.pipeline.scores import open_scores, record_view, time_shares
 
     view = record_view(open_scores(str(r201)), "201")
