@@ -164,41 +164,10 @@ def ecg_strip(strip: Any, *, anchor: np.ndarray, predicted: Sequence[str], class
     ax.set_ylabel(f"{strip.lead} ({strip.units})")
     ax.set_xlim(t0, t1)
     ax.grid(alpha=0.25)
-    shown: dict[str, int] = {}
     if not rhythm:
-        inside = (anchor >= strip.start) & (anchor < strip.start + strip.signal.shape[0])
-        lo, hi = np.nanmin(strip.signal), np.nanmax(strip.signal)
-        pad = 0.15 * (hi - lo or 1)
-        ax.set_ylim(lo - pad, hi + 2.2 * pad)
-        for a, p, r in zip(anchor[inside], predicted[inside], reference[inside]):
-            x = a / strip.fs
-            y = strip.signal[a - strip.start]
-            mismatch = r != "" and r != p
-            if mismatch:
-                ax.axvspan(x - 0.12, x + 0.12, color=MISMATCH, alpha=0.6, lw=0, zorder=0)
-            ax.plot([x], [y], "o", ms=5, color=colours.get(p, "k"), zorder=3)
-            ax.text(x, hi + pad, str(p) if not mismatch else f"{p}\n(ref {r})", ha="center", va="bottom",
-                    fontsize=7, color=colours.get(p, "k"), fontweight="bold" if p in ECTOPIC else "normal")
-            shown[str(p)] = shown.get(str(p), 0) + 1
-        if reference_beats is not None and len(reference_beats[0]):
-            samples, labels = reference_beats
-            for s, c in zip(samples, labels):
-                if strip.start <= s < strip.start + strip.signal.shape[0]:
-                    ax.plot([s / strip.fs], [lo - 0.5 * pad], "x", ms=6, color=colours.get(str(c), "k"), mew=1.5)
-            ax.text(0.995, 0.02, "x: reference beat not scored (missed, or at the record's edge)", transform=ax.transAxes, ha="right", fontsize=7)
+        shown = _mark_beats(ax, strip, anchor, predicted, reference, colours, reference_beats)
     else:
-        last = strip.sig_len or (int(anchor[-1]) + int(window_s * strip.fs) if anchor.size else 0)
-        ends = np.append(anchor[1:], last)
-        for band, values, name in zip(band_axes, (predicted, reference), ("predicted", "reference")):
-            for a, e, c in zip(anchor, ends, values):
-                if e / strip.fs <= t0 or a / strip.fs >= t1 or c == "":
-                    continue
-                band.axvspan(max(a / strip.fs, t0), min(e / strip.fs, t1), color=colours.get(str(c), "k"), lw=0)
-                shown.setdefault(str(c), 0)
-                if name == "predicted":
-                    shown[str(c)] += 1
-            band.set_yticks([])
-            band.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+        shown = _window_bands(band_axes, strip, anchor, predicted, reference, colours, window_s, (t0, t1))
     (band_axes[-1] if band_axes else ax).set_xlabel("time (s)")
     from matplotlib.patches import Patch
 
@@ -209,6 +178,55 @@ def ecg_strip(strip: Any, *, anchor: np.ndarray, predicted: Sequence[str], class
     ax.set_title(title or f"record {strip.record}, {t0:.1f}-{t1:.1f} s", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _mark_beats(ax, strip: Any, anchor: np.ndarray, predicted: np.ndarray, reference: np.ndarray,
+                colours: Mapping[str, str], reference_beats: tuple[np.ndarray, Sequence[str]] | None) -> dict[str, int]:
+    """``ecg_strip``'s beats: a dot and the class over each scored beat in the strip, mismatches highlighted,
+    crosses under the unscored reference beats. Returns the beats drawn per class (for the legend)."""
+    shown: dict[str, int] = {}
+    inside = (anchor >= strip.start) & (anchor < strip.start + strip.signal.shape[0])
+    lo, hi = np.nanmin(strip.signal), np.nanmax(strip.signal)
+    pad = 0.15 * (hi - lo or 1)
+    ax.set_ylim(lo - pad, hi + 2.2 * pad)
+    for a, p, r in zip(anchor[inside], predicted[inside], reference[inside]):
+        x = a / strip.fs
+        y = strip.signal[a - strip.start]
+        mismatch = r != "" and r != p
+        if mismatch:
+            ax.axvspan(x - 0.12, x + 0.12, color=MISMATCH, alpha=0.6, lw=0, zorder=0)
+        ax.plot([x], [y], "o", ms=5, color=colours.get(p, "k"), zorder=3)
+        ax.text(x, hi + pad, str(p) if not mismatch else f"{p}\n(ref {r})", ha="center", va="bottom",
+                fontsize=7, color=colours.get(p, "k"), fontweight="bold" if p in ECTOPIC else "normal")
+        shown[str(p)] = shown.get(str(p), 0) + 1
+    if reference_beats is not None and len(reference_beats[0]):
+        samples, labels = reference_beats
+        for s, c in zip(samples, labels):
+            if strip.start <= s < strip.start + strip.signal.shape[0]:
+                ax.plot([s / strip.fs], [lo - 0.5 * pad], "x", ms=6, color=colours.get(str(c), "k"), mew=1.5)
+        ax.text(0.995, 0.02, "x: reference beat not scored (missed, or at the record's edge)", transform=ax.transAxes, ha="right", fontsize=7)
+    return shown
+
+
+def _window_bands(band_axes, strip: Any, anchor: np.ndarray, predicted: np.ndarray, reference: np.ndarray,
+                  colours: Mapping[str, str], window_s: float, span: tuple[float, float]) -> dict[str, int]:
+    """``ecg_strip``'s rhythm windows: each window's class as a band under the strip (it owns its time until the
+    next window starts), predicted then reference. Returns the predicted windows drawn per class (for the legend)."""
+    t0, t1 = span
+    shown: dict[str, int] = {}
+    last = strip.sig_len or (int(anchor[-1]) + int(window_s * strip.fs) if anchor.size else 0)
+    ends = np.append(anchor[1:], last)
+    for band, values, name in zip(band_axes, (predicted, reference), ("predicted", "reference")):
+        for a, e, c in zip(anchor, ends, values):
+            if e / strip.fs <= t0 or a / strip.fs >= t1 or c == "":
+                continue
+            band.axvspan(max(a / strip.fs, t0), min(e / strip.fs, t1), color=colours.get(str(c), "k"), lw=0)
+            shown.setdefault(str(c), 0)
+            if name == "predicted":
+                shown[str(c)] += 1
+        band.set_yticks([])
+        band.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    return shown
 
 
 def _bin_seconds(duration_s: float) -> float:

@@ -256,38 +256,59 @@ def prepare(
     StoreError
         The path holds something that is not a compatible store.
     """
-    schema = store_schema()
     attrs = dict(attrs)
-    group = None
-    if not overwrite:
-        try:
-            group = open_group(path, "r+", storage_options)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-            group = None
-        except Exception as exc:  # noqa: BLE001 - e.g. a zarr v2 store or a plain folder
-            raise StoreError(f"{path} exists but is not a Zarr v3 group ({type(exc).__name__}: {exc}); "
-                             "choose another --out or pass --overwrite") from exc
+    group = None if overwrite else _open_to_resume(path, attrs, storage_options)
     if group is not None:
-        old = dict(group.attrs)
-        if old.get("package") != "ecg-pipeline":
-            raise StoreError(f"{path} is a Zarr group but not an ecg-pipeline store; choose another --out or pass --overwrite")
-        check_version(old, path, write=True)
-        for key in ("schema_version", "database", "database_version", "config_fingerprint"):
-            if old.get(key) != attrs.get(key):
-                raise StoreError(
-                    f"{path} was written with a different {key} ({old.get(key)!r}, now {attrs.get(key)!r}); "
-                    "re-running can only resume an identical job: pass --overwrite or choose another --out"
-                )
-        attrs["created"] = old.get("created") or now()
+        attrs["created"] = group.attrs.get("created") or now()
     else:
         attrs.setdefault("created", now())
         group = open_group(path, "w", storage_options)
+    _lay_out_arrays(group, layout, dtype, compressor, path)
+    group["freq"][:] = coords["freq"]
+    group["time"][:] = coords["time"]
+    if layout.n_rr:
+        group["rr_feature"][:] = np.asarray(coords["rr_feature"], dtype=object)
+    held = _resize_fingerprints(group, layout.n_chunks)
+    attrs.update(complete=False, updated=now(), n_segments=layout.n_segments, n_records=len(layout.records),
+                 chunk_size=layout.chunk_size)
+    group.attrs.update(attrs)
+    return held
 
+
+def _open_to_resume(path: str, attrs: Mapping[str, Any], storage_options: Mapping[str, Any] | None):
+    """The existing store at ``path`` if a job with these ``attrs`` may resume it; None if there is none.
+
+    Raises
+    ------
+    StoreError
+        Something else is there, or a store of another schema, database or configuration.
+    """
+    try:
+        group = open_group(path, "r+", storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    except Exception as exc:  # noqa: BLE001 - e.g. a zarr v2 store or a plain folder
+        raise StoreError(f"{path} exists but is not a Zarr v3 group ({type(exc).__name__}: {exc}); "
+                         "choose another --out or pass --overwrite") from exc
+    old = dict(group.attrs)
+    if old.get("package") != "ecg-pipeline":
+        raise StoreError(f"{path} is a Zarr group but not an ecg-pipeline store; choose another --out or pass --overwrite")
+    check_version(old, path, write=True)
+    for key in ("schema_version", "database", "database_version", "config_fingerprint"):
+        if old.get(key) != attrs.get(key):
+            raise StoreError(
+                f"{path} was written with a different {key} ({old.get(key)!r}, now {attrs.get(key)!r}); "
+                "re-running can only resume an identical job: pass --overwrite or choose another --out"
+            )
+    return group
+
+
+def _lay_out_arrays(group, layout: Layout, dtype: str, compressor: str, path: str) -> None:
+    """Create the schema's arrays for ``layout`` (but the per-record table), or resize those a resumed store has."""
     sizes = _dim_sizes(layout)
-    held: list[str] = [""] * layout.n_chunks
     old_fp = group.get(f"{STATE_GROUP}/{FINGERPRINT}")
     written = old_fp is not None and old_fp.shape[0] and any(str(h) for h in old_fp[:])
-    for name, spec in schema["variables"].items():
+    for name, spec in store_schema()["variables"].items():
         shape = tuple(sizes[d] for d in spec["dims"])
         if spec["dims"][0] == "record_id":
             continue  # the per-record table is written whole by write_record_table
@@ -311,25 +332,20 @@ def prepare(
                          coordinates=SEGMENT_COORDS if name == "spectrogram" else ())
         elif existing.shape != shape:  # dtype is fixed by the config fingerprint
             existing.resize(shape)
-    group["freq"][:] = coords["freq"]
-    group["time"][:] = coords["time"]
-    if layout.n_rr:
-        group["rr_feature"][:] = np.asarray(coords["rr_feature"], dtype=object)
 
+
+def _resize_fingerprints(group, n_chunks: int) -> list[str]:
+    """Create ``_state/chunk_fingerprint`` for ``n_chunks``, or resize a resumed store's; return what it holds."""
     state = group.require_group(STATE_GROUP)
     fp = state.get(FINGERPRINT)
     if fp is None:
-        fp = state.create_array(FINGERPRINT, shape=(layout.n_chunks,), chunks=(1,), dtype=str, fill_value="",
-                                dimension_names=["segment_chunk"])
-    else:
-        n_old = fp.shape[0]
-        held_old = list(fp[:]) if n_old else []
-        fp.resize((layout.n_chunks,))
-        held = [str(h) for h in held_old[: layout.n_chunks]] + [""] * max(0, layout.n_chunks - n_old)
-    attrs.update(complete=False, updated=now(), n_segments=layout.n_segments, n_records=len(layout.records),
-                 chunk_size=layout.chunk_size)
-    group.attrs.update(attrs)
-    return held
+        state.create_array(FINGERPRINT, shape=(n_chunks,), chunks=(1,), dtype=str, fill_value="",
+                           dimension_names=["segment_chunk"])
+        return [""] * n_chunks
+    n_old = fp.shape[0]
+    held_old = list(fp[:]) if n_old else []
+    fp.resize((n_chunks,))
+    return [str(h) for h in held_old[:n_chunks]] + [""] * max(0, n_chunks - n_old)
 
 
 @dataclass(frozen=True)
