@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -26,11 +25,12 @@ from ..pipeline.errors import PipelineError
 from ..pipeline.models import MODELS
 from ..pipeline.splits import SPLITS
 from ..pipeline.tables import TABLE_FORMATS
+# _cluster, _print_config, _progress: the names the train and score commands call them by.
+from .console import dask_session as _cluster, print_config as _print_config, progress_bars as _progress
+from .console import job_cluster, setup_logging
 
 # `--help` and `--print-config` must answer at once: this module imports no SciPy, TensorFlow, Dask,
 # xarray or Zarr at the top (tests/test_project.py checks it). Each command imports what it runs.
-
-log = logging.getLogger("ecg-pipeline")
 
 EXIT_OK, EXIT_RECORDS_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -307,47 +307,6 @@ def _cluster_args(parser: argparse.ArgumentParser, scheduler_help: str) -> None:
                              "$XDG_CACHE_HOME/ecg-pipeline, else ~/.cache/ecg-pipeline)")
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # distributed sets its logger to INFO when imported (here or in a worker process); its start/stop
-    # chatter is only wanted with -vv. Through dask's config, so that it holds whenever distributed is imported.
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "debug" if verbose >= 2 else "warning")
-    if not verbose:
-        # A busy default dashboard port: distributed takes another one, and the dashboard line says which.
-        import warnings
-
-        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
-
-
-def _cluster(args: argparse.Namespace, **kwargs):
-    """``dask_client`` for a command, with distributed's logging at the verbosity of ``-v``.
-
-    Without -v, a failed task is reported once, by the job, in one line: the local workers' "Compute
-    Failed" record (with the task's traceback) is dropped.
-    """
-    from ..pipeline.cluster import dask_client
-
-    verbose = getattr(args, "verbose", 0)
-    logging.getLogger("distributed").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
-    return dask_client(args.scheduler, args.scheduler_file, quiet_task_errors=not verbose, **kwargs)
-
-
-def _print_config(config) -> int:
-    import yaml
-
-    sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return EXIT_OK
-
-
-def _progress(enabled: bool, unit: str = "task"):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return lambda desc, total: tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=True)
-
-
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from ..pipeline.config import load_config
 
@@ -361,12 +320,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     request = PreprocessRequest(db=args.db, out=args.out, version=args.db_version, source=args.source,
                                 records=args.records, cache_dir=args.cache_dir, config=config,
                                 overwrite=args.overwrite)
-    from ..pipeline.lease import hold
-
-    # The store's lease first: a second writer is refused before a cluster starts (the job holds it again).
-    with hold(args.out, "preprocess"), _cluster(args, n_workers=args.workers) as client:
-        link = client.dashboard_link
-        sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
+    with job_cluster(args, args.out, "preprocess", n_workers=args.workers) as client:
         report = run_preprocess(request, client, progress=_progress(not args.no_progress))
     sys.stdout.write(report.text())
     if args.report:
@@ -500,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # TensorFlow's C++ log (CPU features, "failed call to cuInit" on machines without a GPU, tf.data
     # buffer notes) is noise on a command line; errors that matter reach Python as exceptions. -vv shows it.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if getattr(args, "verbose", 0) >= 2 else "3")
-    _setup_logging(getattr(args, "verbose", 0))
+    setup_logging(getattr(args, "verbose", 0))
     try:
         commands = {"preprocess": cmd_preprocess, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,
                     "inspect": cmd_inspect, "plot": cmd_plot}
