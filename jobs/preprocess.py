@@ -62,7 +62,7 @@ class PreprocessRequest:
     records
         Subset of records; None takes the database's ``RECORDS`` file.
     cache_dir
-        Local download cache on the workers; None takes ``jobs.common.default_cache_dir()`` there.
+        Local download cache on the workers; None takes ``download.default_cache_dir()`` there.
     """
 
     db: str
