@@ -128,3 +128,24 @@ def test_installs_as_one_package_and_never_under_generic_names(tmp_path):
         assert "OURS" not in r.stdout, (cwd, r.stdout)
         if cwd == own:
             assert r.stdout.split().count("mine") == 3
+
+
+def _job_imports(text: str) -> list[tuple[str, str]]:
+    """``(module, name)`` of every ``from ecg_pipeline.jobs... import ...`` in a source text."""
+    out = []
+    for module, wrapped, names in re.findall(r"from ecg_pipeline\.jobs(\.\w+)? import (?:\(([^)]*)\)|([^\n#]+))", text):
+        out += [(f"jobs{module}", n.strip()) for n in (wrapped or names).replace("\n", ",").split(",") if n.strip()]
+    return out
+
+
+def test_notebooks_and_benchmarks_use_the_jobs_public_api_only():
+    """A notebook or benchmark imports a job's run_*/submit_* functions and its requests, reports and results;
+    everything else it needs is in pipeline/ (a job's internals may move without notice)."""
+    public = re.compile(r"^(run_\w+|submit_\w+|\w+Request|\w+Report|\w+Result)$")
+    for path in [*sorted((REPO / "notebooks").glob("*.ipynb")), *sorted((REPO / "benchmarks").glob("*.py"))]:
+        text = path.read_text(encoding="utf-8").replace('\\n",\n    "', "\n")  # a notebook's lines joined
+        assert "ecg_pipeline.jobs.cli" not in text, f"{path.name} imports the command line"
+        bad = [f"{m}.{n}" for m, n in _job_imports(text) if not public.match(n)]
+        assert not bad, f"{path.name} imports job internals: {', '.join(bad)}"
+        if path.suffix == ".ipynb":
+            assert _job_imports(text) or "ecg_pipeline.pipeline" in text, f"{path.name}: the check read nothing"
