@@ -141,8 +141,8 @@ class ModelCard(_Section):
             Naming ``where`` and every mismatch.
         """
         if not data:
-            raise ModelError(f"{where}: has no ecg_pipeline.json metadata (not saved by `ecg-pipeline train`), so the "
-                             "window and STFT it was trained with are unknown; refused")
+            raise ModelError(f"{where}: has no ecg_pipeline.json metadata (not saved by `ecg-pipeline train`: use a "
+                             "run folder's model.keras), so the window and STFT it was trained with are unknown; refused")
         try:
             card = cls.model_validate(dict(data))
         except ValidationError as exc:
