@@ -351,16 +351,17 @@ def _resources_arg(text: str) -> dict[str, float] | None:
     return out
 
 
-def _store_task(store: str | None) -> str:
-    """The ``task`` a store declares (its training defaults depend on it); beat when there is no store yet."""
+def _store_task(store: str | None) -> str | None:
+    """The ``task`` a store declares (its training defaults depend on it); None (the default task) when there is
+    no store yet, or it is not one (the training job then says so clearly)."""
     if not store:
-        return "beat"
+        return None
     from ..pipeline.store import store_task
 
     try:
         return store_task(store)
-    except PipelineError:  # not a store: the training job says so clearly
-        return "beat"
+    except PipelineError:
+        return None
 
 
 def cmd_train(args: argparse.Namespace) -> int:

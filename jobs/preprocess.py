@@ -110,8 +110,8 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
         label_source = labels.label_source_for(db, config)
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
-    if not label_source.task == "rhythm" and not db.annotator:
-        raise PipelineError(f"{db.name}: its entry names beat annotations but no annotation file")
+    if not all(label_source.annotators):  # a source that reads annotation files, of no named kind
+        raise PipelineError(f"{db.name}: its entry names {db.labels} labels but no annotation file")
     phase: dict[str, float] = {}
 
     with _phase(phase, "manifest"):  # what the source holds (on a worker: the driver may not reach the source)

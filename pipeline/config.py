@@ -580,8 +580,9 @@ def load_config(path: str | Path | None, defaults: dict[str, Any] | None = None)
     return _load_yaml(path, lambda data: config_from_dict(merged(dict(defaults or {}), data)))
 
 
-def load_train_config(path: str | Path | None, task: str = "beat", **overrides: Any) -> TrainConfig:
-    """Read a training YAML file over the defaults of a store of ``task``; non-None ``overrides`` win."""
+def load_train_config(path: str | Path | None, task: str | None = "beat", **overrides: Any) -> TrainConfig:
+    """Read a training YAML file over the defaults of a store of ``task`` (None: TrainConfig's own, the beat
+    ones); non-None ``overrides`` win."""
     changes = {k: v for k, v in overrides.items() if v is not None}
 
     def build(data: Any) -> TrainConfig:
