@@ -34,6 +34,9 @@ class BeatTask(Task):
     anchor_kind: ClassVar[str] = "r-peak"
     default_split: ClassVar[str] = "inter-patient"
     trace_sizes: ClassVar[tuple[int, ...]] = (256, 255)
+    beats: ClassVar[bool] = True
+    detector_columns: ClassVar[bool] = True
+    ectopic: ClassVar[tuple[str, ...]] = ("S", "V", "F")
 
     def min_seconds(self, card) -> float:
         """A record shorter than one beat window has nothing to score."""

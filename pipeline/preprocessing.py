@@ -28,6 +28,7 @@ from .databases import Database
 from .extract import RecordPlan
 from .labels import LABEL_MAPS, LabelSource
 from .reports import RecordOutcome
+from .tasks import get_task
 from .timing import Timer
 
 
@@ -55,11 +56,11 @@ class TaskContext:
 
     def rr_spec(self):
         """The RR features of beat segments (``config.rr``); None for stores whose segments are not beats."""
-        return self.config.rr.spec() if self.labels.task == "beat" else None
+        return self.config.rr.spec() if get_task(self.labels.task).beats else None
 
     def template_spec(self):
         """The neighbour templates of beat segments (``config.template``); None for other stores or beats 0."""
-        return self.config.template.spec() if self.labels.task == "beat" else None
+        return self.config.template.spec() if get_task(self.labels.task).beats else None
 
 
 def prepare_listing(source: sources.RecordSource, label_source: LabelSource, cache_dir: str | None,
@@ -120,7 +121,7 @@ def store_attrs(ctx: TaskContext, db_version: str, source: str, spec: spectrogra
     ``source``: the root of the file tree the records came from (``preprocess --source``).
     """
     db, config, label_source = ctx.db, ctx.config, ctx.labels
-    beat = label_source.task == "beat"
+    beat = get_task(label_source.task).beats
     extra: dict[str, Any] = {"label_map": dict(LABEL_MAPS[db.label_map])} if db.label_map else {}
     if db.challenge_classes:
         extra["challenge_classes"] = list(db.challenge_classes)

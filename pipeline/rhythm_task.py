@@ -34,6 +34,7 @@ class RhythmTask(Task):
     default_split: ClassVar[str] = "stratified"
     writes_predictions: ClassVar[bool] = True
     reads_label_table: ClassVar[bool] = True
+    record_prediction: ClassVar[bool] = True
     trace_sizes: ClassVar[tuple[int, ...]] = (16, 15)  # rhythm windows are ~100x larger than beats
 
     def evaluation_units(self, prob, y, names, segment_record, aggregation=""):

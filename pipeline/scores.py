@@ -103,12 +103,19 @@ _COMPUTED = ("offset", "n_segments", "segments", "ectopic_share", "probability",
 _ALIASES = {"reference": "reference_file"}
 
 
-def table_columns(task: str = "beat") -> tuple[str, ...]:
+def _task(name: str | None):
+    from .tasks import get_task  # late: the tasks' modules import this one
+
+    return get_task(name)
+
+
+def table_columns(task: str | None = None) -> tuple[str, ...]:
     """The per-record table's columns (without ``record_``), in schema order: ``schemas/scores-v2.json``'s
-    ``record_*`` variables are the one declaration of a row; the rhythm-only ones for rhythm stores."""
+    ``record_*`` variables are the one declaration of a row; the record-level prediction's only for tasks
+    that make one (``Task.record_prediction``)."""
+    whole = _task(task).record_prediction
     return tuple(name.removeprefix("record_") for name, spec in scores_schema()["variables"].items()
-                 if spec["dims"][0] == "record_id" and name != "record_id"
-                 and (task == "rhythm" or name not in RHYTHM_TABLE))
+                 if spec["dims"][0] == "record_id" and name != "record_id" and (whole or name not in RHYTHM_TABLE))
 
 
 def merged_counts(parts: Sequence["RecordScores"]) -> dict[str, Any]:
@@ -137,10 +144,11 @@ def table_row(r: RecordScores, offset: int, classes: Sequence[str]) -> dict[str,
     n = r.n_segments
     predicted = np.argmax(r.probability, axis=1) if n else np.zeros(0, np.int64)
     counts = np.bincount(predicted, minlength=len(classes))[: len(classes)] if n else np.zeros(len(classes), np.int64)
-    ectopic = sum(int(counts[i]) for i, c in enumerate(classes) if c in ECTOPIC)
+    task = _task(r.task)
+    ectopic = sum(int(counts[i]) for i, c in enumerate(classes) if c in task.ectopic)
     row.update(record=r.record, offset=int(offset), n_segments=n, segments=counts.astype(np.int64),
-               ectopic_share=ectopic / n if n and r.task == "beat" else float("nan"))
-    if r.task == "rhythm":
+               ectopic_share=ectopic / n if n and task.ectopic else float("nan"))
+    if task.record_prediction:
         p = r.record_probability if n else np.full(len(classes), np.nan, np.float32)
         row.update(probability=[float(v) for v in p], predicted=classes[int(np.argmax(p))] if n else "",
                    reference_class=r.reference_class)
@@ -323,7 +331,7 @@ class ScoresWriter:
         rows = list(self.rows.values())
         n = len(rows)
         for name, spec in self.schema["variables"].items():
-            if spec["dims"][0] != "record_id" or (self.task != "rhythm" and name in RHYTHM_TABLE):
+            if spec["dims"][0] != "record_id" or (not _task(self.task).record_prediction and name in RHYTHM_TABLE):
                 continue
             key = "record" if name == "record_id" else name.removeprefix("record_")
             dtype = spec["dtype"][0]
@@ -357,29 +365,31 @@ class ScoresWriter:
         self.group.attrs.update({**attrs, "updated": store.now()})
 
 
-def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str], task: str = "beat") -> pd.DataFrame:
+def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str], task: str | None = None
+                  ) -> pd.DataFrame:
     """Per-record summary rows -> a DataFrame for CSV/Parquet.
 
-    Beat scores in beat terms (``n_beats``, ``beats_<class>``); rhythm scores in window terms
-    (``n_windows``, ``windows_<class>``) with the record's ``predicted`` class, its
-    probabilities ``p_<class>`` and its ``reference_class``.
+    Counts in the task's unit (``n_beats``, ``beats_<class>``; ``n_windows``, ``windows_<class>``); for tasks
+    that predict whole records (rhythm), the record's ``predicted`` class, its probabilities ``p_<class>`` and
+    its ``reference_class``; for beats the ectopic share and the detector's counts.
     """
-    unit = "windows" if task == "rhythm" else "beats"
+    t = _task(task)
+    unit, whole = t.unit, t.record_prediction
     out = []
     for r in rows:
         d = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()
              if k not in ("segments", "n_segments", "probability")}
         d[f"n_{unit}"] = int(r["n_segments"])
         d.update({f"{unit}_{c}": int(n) for c, n in zip(classes, r["segments"])})
-        if task == "rhythm":
+        if whole:
             d.update({f"p_{c}": float(p) for c, p in zip(classes, r.get("probability") or [np.nan] * len(classes))})
         out.append(d)
-    per_record = ["predicted", *[f"p_{c}" for c in classes], "reference_class"] if task == "rhythm" else []
-    detector = ["ectopic_share"] if task == "beat" else []
+    per_record = ["predicted", *[f"p_{c}" for c in classes], "reference_class"] if whole else []
+    detector = ["ectopic_share"] if t.ectopic else []
     cols = ["record", "status", "error", "quality", *per_record, f"n_{unit}", *[f"{unit}_{c}" for c in classes], *detector,
             "lead", "lead_fallback", "fs", "sig_len", "n_detected", "n_dropped_edge", "n_dropped_invalid",
             "reference", "n_reference", "n_reference_edge", "tp", "fn", "fp", "checksum", "offset", "seconds"]
-    if task == "rhythm":
+    if not t.detector_columns:
         cols = [c for c in cols if c not in ("n_detected", "n_reference", "n_reference_edge", "tp", "fn", "fp")]
     return pd.DataFrame(out, columns=cols)
 

@@ -35,6 +35,12 @@ class Task:
     anchor_kind: ClassVar[str]  #: "r-peak", "window-start"
     default_split: ClassVar[str]  #: the split ``train`` takes without ``--split`` (``pipeline.splits.SPLITS``)
     writes_predictions: ClassVar[bool] = False  #: evaluation writes per-unit predictions (``predictions.csv``)
+    beats: ClassVar[bool] = False  #: segments are beats: RR features and neighbour templates apply
+    #: a record's class is the mean of its segments' probabilities (the scores table's record_probability,
+    #: record_predicted, record_reference_class)
+    record_prediction: ClassVar[bool] = False
+    detector_columns: ClassVar[bool] = False  #: the scores table's detector counts against a reference apply
+    ectopic: ClassVar[tuple[str, ...]] = ()  #: classes whose share of a record's segments the table gives
     reads_label_table: ClassVar[bool] = False  #: scoring reads reference classes from a label table
     trace_sizes: ClassVar[tuple[int, ...]] = (64, 63)  #: batch sizes the workers trace the network with
 
