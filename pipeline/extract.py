@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from .errors import RecordError
 from .labels import LabelSource, RecordInput
 from .spectrogram import SpectrogramSpec
 from .timing import Timer
+
+if TYPE_CHECKING:
+    from . import labels
 
 
 @dataclass

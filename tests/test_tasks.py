@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO
-from ecg_pipeline.pipeline import labels, segment, tasks
+from ecg_pipeline.pipeline import segment, tasks
 from ecg_pipeline.pipeline.labels import (LABEL_SOURCE_MEMBERS, LABEL_SOURCES, RecordInput, RecordLabelTable,
                                           RhythmAnnotations, register_label_source)
 
