@@ -185,8 +185,8 @@ def _add_score(sub) -> None:
         description=(
             "Find the beats of every record in --input with an R-peak detector (annotations are not used to find "
             "them), cut and transform each beat exactly as the model's training store was (the window and STFT "
-            "travel with the model), and score them with the model on Dask workers, one task per record (long "
-            "records in pieces), the model loaded once per worker. Writes per-beat probabilities to a Zarr store "
+            "travel with the model), and score them with the model on Dask workers: each record planned first (header, lead, quality "
+            "verdict, pieces), then one task per piece, the model loaded once per worker. Writes per-beat probabilities to a Zarr store "
             "and a per-record summary table. Where records carry reference annotations, also reports the "
             "detector's sensitivity and positive predictivity and per-class metrics (EC57 matching within 150 ms). "
             "Re-running over the same --out skips records already scored."
