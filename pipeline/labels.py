@@ -533,7 +533,10 @@ class DetectedBeats:
         """
         from .detect import match_beats
 
-        ref = self.reference.segments(RecordInput(rec.record, rec.base, rec.fs, rec.sig_len))
+        # The whole record's reference beats; a reference aligned to the detector's fiducial points gets the
+        # signal where it starts with the record (a piece's margins are not the whole lead: it then says so).
+        whole = rec.signal if rec.first == 0 and rec.span is None else None
+        ref = self.reference.segments(RecordInput(rec.record, rec.base, rec.fs, rec.sig_len, whole))
         lo, hi = rec.bounds
         zlo, zhi = self._zone(rec)
         span = (ref.anchor >= lo) & (ref.anchor < hi)

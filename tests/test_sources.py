@@ -78,14 +78,15 @@ def test_archive_with_a_wrong_checksum_is_refused(tmp_path):
 
 
 def test_rhythm_annotations_are_read_not_dropped(mirror):
-    """MIT-BIH 201's rhythm notes ((AFIB, (N, (NOD, (T) become one label per 10 s window."""
+    """MIT-BIH 201's rhythm notes ((AFIB, (N, (NOD, (T) become one label per 10 s window of the one grid (the last
+    window ends with the record, as preprocess's and score's windows do)."""
     base = mirror / "mitdb" / "1.0.0" / "201"
     ann = records.read_annotations(base, "201", "atr")
     start, stop, rhythm = labels.rhythm_intervals(ann.sample, ann.aux_note, 650000)
     assert rhythm[0] == "AFIB" and start[0] == 60 and {"AFIB", "N", "NOD", "T"} <= set(rhythm)
     assert np.all(stop > start) and stop[-1] == 650000
     segs = labels.RhythmAnnotations().segments(labels.RecordInput("201", base, 360.0, 650000))
-    assert len(segs.anchor) == 650000 // 3600 and segs.label[0] == "AFIB"
+    assert len(segs.anchor) == 650000 // 3600 + 1 and segs.anchor[-1] == 650000 - 3600 and segs.label[0] == "AFIB"
     # The AF burden from the windows agrees with the episodes' own durations (within a window's share).
     af_episodes = float(np.sum((stop - start)[rhythm == "AFIB"])) / 650000
     af_windows = float(np.mean(segs.label == "AFIB"))
