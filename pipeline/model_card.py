@@ -335,7 +335,9 @@ def check_store_inputs(inputs: Sequence[str], attrs: Mapping[str, Any], variable
 
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a model file: its identity in a scores store and the workers' model cache."""
-    with open(path, "rb") as f:
+    import fsspec
+
+    with fsspec.open(str(path), "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 

@@ -110,7 +110,10 @@ class ModelPlugin(WorkerPlugin):
     def __init__(self, model: ModelFile):
         self.name = f"ecg-pipeline-model-{model.sha256[:16]}"
         self.file = model
-        self.payload = Path(model.path).read_bytes()
+        import fsspec
+
+        with fsspec.open(model.path, "rb") as f:  # the user's path or URL; workers get the bytes, not the path
+            self.payload = f.read()
         self.model = None
         self.load_id = ""
 
