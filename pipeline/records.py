@@ -413,22 +413,39 @@ def header_files(base: Path, record: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-#: Signal names recognised as ECG leads, compared without case, spaces, ``-`` or ``_`` (``ECG 1``, ``ml-ii``):
-#: the limb and augmented leads, V1-V6 (and ``V``), modified leads (MLII, ML5, CM5...), ``ECG`` with an optional
-#: number or lead, and the EKG spelling. A record's other signals (PLETH, ABP, RESP, unnamed ones) are never
-#: scored through the fallback; a user who wants one names it in the configuration's ``leads``.
-ECG_LEAD_PATTERN = re.compile(
-    r"^(?:(?:ECG|EKG)?(?:LEAD)?(?:I|II|III|AVR|AVL|AVF|V[1-6]?|ML(?:I|II|III|[1-6])|M?CM?[1-6]|D[1-3])"
-    r"|(?:ECG|EKG)\d*)$")
+#: Standard and modified lead names (after ``canonical_lead``'s clean-up): the limb and augmented leads,
+#: V1-V6 (and ``V``), modified leads (MLII, ML5, MCL1-MCL6, CM5...).
+_LEAD = r"(?:I|II|III|AVR|AVL|AVF|V[1-6]?|ML(?:I|II|III|[1-6])|MCL[1-6]|M?CM?[1-6])"
+#: Signal names recognised as ECG leads (``canonical_lead`` of the name): a lead above, or ``ECG``/``EKG`` with
+#: an optional number. A record's other signals (PLETH, ABP, RESP, unnamed ones) are never scored through the
+#: fallback; a user who wants one names it in the configuration's ``leads``.
+ECG_LEAD_PATTERN = re.compile(rf"^(?:{_LEAD}|(?:ECG|EKG)\d*)$")
+#: European names of the limb leads (Einthoven's D1-D3, "Derivation").
+_EINTHOVEN = {"D1": "I", "D2": "II", "D3": "III", "DI": "I", "DII": "II", "DIII": "III"}
+
+
+def canonical_lead(name: str | None) -> str:
+    """A signal name as the lead it is: upper case, without spaces, ``_``, ``-``, brackets, and without an ``ECG``,
+    ``EKG`` or ``LEAD`` label around a lead name.
+
+    ``ECG lead II``, ``ECG_II``, ``II (ECG)``, ``lead ii`` and ``D2`` are all ``II``; ``mcl 1`` is ``MCL1``; a
+    name that is no lead once cleaned (``ECG``, ``ECG1``, ``PLETH``) keeps its cleaned form, so two names that
+    differ only in spelling compare equal and no two leads do.
+    """
+    s = re.sub(r"[\s_\-()\[\]]+", "", (name or "").upper())
+    core = re.sub(r"^(?:ECG|EKG)?(?:LEAD)?|(?:ECG|EKG)$", "", s)
+    core = _EINTHOVEN.get(core, core)
+    return core if core and re.fullmatch(_LEAD, core) else s
 
 
 def is_ecg_lead(name: str | None) -> bool:
-    """Whether ``name`` is a recognised ECG lead name (``ECG_LEAD_PATTERN``)."""
-    return bool(ECG_LEAD_PATTERN.match(re.sub(r"[\s_\-]+", "", (name or "").upper())))
+    """Whether ``name`` is a recognised ECG lead name (``ECG_LEAD_PATTERN`` of its ``canonical_lead``)."""
+    return bool(ECG_LEAD_PATTERN.match(canonical_lead(name)))
 
 
 def choose_lead(header: Header, preferred: tuple[str, ...], fallback: Literal["fail", "first"] = "fail") -> Lead:
-    """Take the first of ``preferred`` the record has (names compared case-insensitively).
+    """Take the first of ``preferred`` the record has (names compared as ``canonical_lead``: ``ECG lead II``
+    is ``II``).
 
     With ``fallback="first"``, a record with none of them gives its first signal that has a
     recognised ECG lead name (``is_ecg_lead``), flagged as a fallback; a record with no ECG
@@ -438,10 +455,10 @@ def choose_lead(header: Header, preferred: tuple[str, ...], fallback: Literal["f
     MIT-BIH: most records have MLII first; 114 has it second; 102 and 104 have none
     (they have V5 and V2), which the default preference list covers.
     """
-    names = [(n or "").strip().upper() for n in header.sig_names]
+    names = [canonical_lead(n) for n in header.sig_names]
     for want in preferred:
-        if want.strip().upper() in names:
-            i = names.index(want.strip().upper())
+        if canonical_lead(want) in names:
+            i = names.index(canonical_lead(want))
             return Lead(i, header.sig_names[i], False)
     if fallback == "first":
         for i, name in enumerate(header.sig_names):

@@ -80,6 +80,24 @@ def test_ecg_lead_names_are_recognised_and_other_signals_never_taken_by_the_fall
     assert records.choose_lead(h, ("pleth",), "first") == records.Lead(0, "PLETH", False)  # named: taken
 
 
+def test_lead_names_are_matched_by_the_lead_they_name(tmp_path):
+    """Spelling variants of one lead are that lead, for the preference lists and for the fallback."""
+    for name in ("ECG lead II", "ECG_lead_II", "ECG_II", "II (ECG)", "lead ii", "ecg-II", "D2", "DII"):
+        assert records.canonical_lead(name) == "II", name
+    for name in ("MCL1", "mcl 1", "MCL_6", "ECG MCL1"):
+        assert records.is_ecg_lead(name) and records.canonical_lead(name).startswith("MCL"), name
+    assert records.canonical_lead("ml-ii") == "MLII" != records.canonical_lead("II")  # a modified lead is its own
+    assert records.canonical_lead("ECG-PLETH") != records.canonical_lead("PLETH") and not records.is_ecg_lead("ECG-PLETH")
+    # A record whose lead II is spelt otherwise: the preference list's II is found, not the fallback's first lead.
+    write_record(tmp_path, "s", leads=("ECG lead I", "ECG lead II"))
+    h = records.read_header(tmp_path / "s", "s")
+    assert records.choose_lead(h, ("MLII", "II"), "first") == records.Lead(1, "ECG lead II", False)
+    # A Holter record with MCL1 beside other signals is scored on MCL1 (it used to fail "no ECG lead").
+    write_record(tmp_path, "m", leads=("ABP", "MCL1", "RESP"))
+    h = records.read_header(tmp_path / "m", "m")
+    assert records.choose_lead(h, ("MLII", "II"), "first") == records.Lead(1, "MCL1", True)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the fast reader (records._fast_channel) against wfdb's, and the header memo
 
