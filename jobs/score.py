@@ -254,8 +254,10 @@ def _finish(request: ScoreRequest, model: ModelFile, source, names, todo, writer
     failed = [(r["record"], r["error"]) for r in rows if r["status"] != "ok"]
     per_class = scores.segments_per_class(rows, card.classes)
     metrics = task.store_metrics(writer, rows, card, request.config)
+    unreadable = scores.unreadable_counts(writer, rows)
     writer.finish({"complete": all(r in writer.rows for r in names), "segments_per_class": per_class,
-                   "n_failed_records": len(failed), **({"reference_metrics": metrics} if metrics else {})})
+                   "n_failed_records": len(failed), "unreadable": unreadable,
+                   **({"reference_metrics": metrics} if metrics else {})})
     tables.write_table(scores.records_frame(rows, card.classes, card.task).sort_values("record", kind="stable"), summary)
     for suffix, frame in task.side_tables(writer, rows).items():
         tables.write_table(frame, sidecar(request.out, suffix))
@@ -269,4 +271,4 @@ def _finish(request: ScoreRequest, model: ModelFile, source, names, todo, writer
         n_skipped=len(names) - len(todo), failed=failed, beats_per_class=per_class,
         n_beats=sum(int(r["n_segments"]) for r in rows), n_beats_run=run.n_segments, reference=metrics,
         wall_s=0.0, stage_s=dict(run.stage_s), model_loads=len(run.loads), task=card.task,
-        records=[writer.rows[r] for r in names if r in writer.rows], classes=tuple(card.classes))
+        records=[writer.rows[r] for r in names if r in writer.rows], classes=tuple(card.classes), unreadable=unreadable)

@@ -37,6 +37,7 @@ class BeatTask(Task):
     beats: ClassVar[bool] = True
     detector_columns: ClassVar[bool] = True
     ectopic: ClassVar[tuple[str, ...]] = ("S", "V", "F")
+    unreadable_class: ClassVar[str | None] = "Q"  # AAMI EC57: unclassifiable
 
     def min_seconds(self, card) -> float:
         """A record shorter than one beat window has nothing to score."""
@@ -73,6 +74,8 @@ class BeatTask(Task):
         with timer("model"):
             result.probability = predict(network_inputs(card, seg.spectrogram, seg.rr, seg.template))
         result.anchor = seg.anchor
+        with timer("quality"):
+            result.flags = self.judge_segments(card, ctx.config, x, first, seg.anchor, header.fs, plan.mv_per_unit)
         result.n_detected, result.n_dropped_edge, result.n_dropped_invalid = (
             len(seg.detected), seg.n_dropped_edge, seg.n_dropped_invalid)
         result.reference = seg.label if reference is not None else np.full(len(seg.anchor), "", dtype=object)
@@ -99,6 +102,7 @@ class BeatTask(Task):
             base.record, "ok", "", base.checksum, base.lead, base.lead_fallback, base.fs, base.sig_len,
             anchor=sample[keep], probability=np.concatenate([s.probability for s in parts])[keep],
             reference=np.concatenate([s.reference for s in parts])[keep], reference_file=base.reference_file,
+            flags=np.concatenate([s.segment_flags for s in parts])[keep],
             task=base.task, reference_class=base.reference_class, quality=base.quality, **merged)
 
     def store_metrics(self, writer: scores.ScoresWriter, rows: Sequence[Mapping[str, Any]], card, config

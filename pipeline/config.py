@@ -392,6 +392,38 @@ class DetectorSpec(_Config):
         return band
 
 
+class QualityConfig(_Config):
+    """Parameters of the quality verdicts of ``score``: per record (``pipeline.quality``) and per segment
+    (``pipeline.signal_quality``)."""
+
+    records: Literal["refuse", "flag"] = Field(
+        "refuse", description="Records a model must not score (no signal, too short, flat, sampled below the rate "
+                              "the model needs, `accepted.min_fs_hz` in its metadata; pipeline.quality): `refuse` "
+                              "fails them with stage `quality`, `flag` scores them anyway. Either way the verdict is "
+                              "in the table.")
+    segments: bool = Field(
+        True, description="Judge every segment (a beat's neighbourhood, a rhythm window) with signal-quality indices "
+                          "(pipeline.signal_quality): a segment that fails one keeps its probabilities, but its "
+                          "predicted class is the unreadable one (`Q` for beats, `~` for rhythm models that have it) "
+                          "and the store's `quality` variable says which index it failed. false: no segment is "
+                          "judged.")
+    neighbourhood_s: float = Field(
+        3.0, gt=0, le=60, description="Seconds of signal centred on each beat that its indices are computed over "
+                                      "(rhythm windows: the window itself).")
+    max_missing: float = Field(0.2, ge=0, le=1, description="Largest share of missing (NaN) samples.")
+    flat_mv: float = Field(0.02, ge=0, description="Least RMS (mV) of the 0.5-40 Hz signal: below it, a flat line.")
+    max_saturated: float = Field(
+        0.05, ge=0, le=1, description="Largest share of samples on the signal's extreme values (clipping).")
+    min_bas_sqi: float = Field(
+        -1.0, ge=-1, le=1, description="Least basSQI, 1 - (power below 1 Hz) / (power 0-40 Hz): baseline wander; "
+                                       "-1 turns it off.")
+    min_kurtosis: float = Field(
+        3.0, ge=0, description="Least kurtosis of the 0.5-40 Hz signal (ECG: 5-35; Gaussian noise: 3); 0 turns it "
+                               "off.")
+    p_sqi: tuple[float, float] = Field(
+        (0.0, 10.0), strict=False, description="Range of pSQI, (power 5-15 Hz) / (power 5-40 Hz); [0, 10] turns it off.")
+
+
 class ScoreConfig(_Config):
     """Everything the scoring job needs besides the model, input and output.
 
@@ -408,11 +440,9 @@ class ScoreConfig(_Config):
                              "names them), `fail` marks it failed.")
     detector: DetectorSpec = Field(
         default_factory=DetectorSpec, description="R-peak detector (pipeline.detect.DetectorSpec).")
-    quality: Literal["refuse", "flag"] = Field(
-        "refuse", description="Records a model must not score (no signal, too short, flat, sampled below the rate "
-                              "the model needs, `accepted.min_fs_hz` in its metadata; pipeline.quality): `refuse` "
-                              "fails them with stage `quality`, `flag` scores them anyway. Either way the verdict is "
-                              "in the table.")
+    quality: QualityConfig = Field(
+        default_factory=QualityConfig, description="Quality verdicts per record and per segment; the string "
+                                                   "`refuse` or `flag` (earlier configurations) sets `records`.")
     piece_s: float = Field(
         1800.0, ge=60, description="Records of 1.5 x this many seconds or more are scored in equal pieces of "
                                    "about this length, one task each.")
@@ -429,10 +459,18 @@ class ScoreConfig(_Config):
     flush_s: float = Field(2.0, ge=0, description="Seconds between commits of finished records to the store.")
     download: DownloadConfig = Field(default_factory=DownloadConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _quality_shorthand(cls, data: Any) -> Any:
+        # `quality: refuse` (the key's meaning before segments were judged) is the records' verdict.
+        if isinstance(data, dict) and isinstance(data.get("quality"), str):
+            data = {**data, "quality": {"records": data["quality"]}}
+        return data
+
     def fingerprint(self) -> str:
         """SHA-256 of the keys that change which beats are found and how they are scored."""
         d = self.to_dict()
-        content = {k: d[k] for k in ("leads", "lead_fallback", "detector", "match_tolerance_s")}
+        content = {k: d[k] for k in ("leads", "lead_fallback", "detector", "match_tolerance_s", "quality")}
         if self.rhythm_hop_s is not None:  # only when set: stores scored before it existed keep their fingerprint
             content["rhythm_hop_s"] = self.rhythm_hop_s
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

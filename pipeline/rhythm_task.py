@@ -36,6 +36,7 @@ class RhythmTask(Task):
     reads_label_table: ClassVar[bool] = True
     record_prediction: ClassVar[bool] = True
     trace_sizes: ClassVar[tuple[int, ...]] = (16, 15)  # rhythm windows are ~100x larger than beats
+    unreadable_class: ClassVar[str | None] = "~"  # the Challenge 2017 noise class
 
     def evaluation_units(self, prob, y, names, segment_record, aggregation=""):
         from .evaluate import aggregate_by_record
@@ -53,6 +54,11 @@ class RhythmTask(Task):
         if header.sig_len < card.min_s * header.fs:
             raise RecordError(header.record, "signal", f"{header.sig_len / header.fs:.2f} s long, shorter than the "
                                                        f"{card.min_s:g} s the model's recordings had at least")
+
+    def quality_windows(self, card, config, anchor, fs, n):
+        """A window is judged on itself."""
+        a = np.asarray(anchor, np.int64)
+        return np.clip(a, 0, n), np.clip(a + int(round(card.window_s * fs)), 0, n)
 
     def default_annotator(self, card) -> str:
         return "atr"  # the WFDB reference annotations, whose rhythm notes are compared with the windows
@@ -82,6 +88,8 @@ class RhythmTask(Task):
             with timer("model"):
                 result.probability = predict(seg.spectrogram.astype(card.input_dtype))
             result.anchor, result.n_detected, result.n_dropped_invalid = seg.anchor, len(anchor), seg.n_dropped_invalid
+            with timer("quality"):
+                result.flags = self.judge_segments(card, ctx.config, x, first, seg.anchor, header.fs, plan.mv_per_unit)
         result.reference_class = ctx.labels.get(plan.record.rsplit("/", 1)[-1], "")
         result.reference = np.full(len(result.anchor), result.reference_class, dtype=object)
         if plan.has_reference:
@@ -99,6 +107,7 @@ class RhythmTask(Task):
             base.record, "ok", "", base.checksum, base.lead, base.lead_fallback, base.fs, base.sig_len,
             anchor=np.concatenate([s.anchor for s in parts]), reference_file=base.reference_file,
             probability=np.concatenate([s.probability for s in parts]),
+            flags=np.concatenate([s.segment_flags for s in parts]),
             reference=np.concatenate([s.reference for s in parts]), task=base.task,
             reference_class=base.reference_class, quality=base.quality, **scores.merged_counts(parts))
 

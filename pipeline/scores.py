@@ -1,6 +1,6 @@
 """Stage 10: the Zarr store of scores written by ``ecg-pipeline score``.
 
-Layout (``schemas/scores-v2.json`` is the contract, checked on open; the scores side
+Layout (``schemas/scores-v3.json`` is the contract, checked on open; the scores side
 of the schema family of ``store-v4.json``: ``task`` and ``anchor_kind`` in the attributes):
 
 * per segment (a beat, for beat models), on dimension ``segment``: ``probability
@@ -42,9 +42,9 @@ from .. import schemas
 from . import store
 from .errors import StoreError
 
-SCHEMA_FILE = "scores-v2.json"
+SCHEMA_FILE = "scores-v3.json"
 KIND = "scores"  #: the ``kind`` attribute: tells a scores store from a spectrogram store
-SEGMENT_VARS = ("probability", "predicted", "reference", "record", "anchor")
+SEGMENT_VARS = ("probability", "predicted", "reference", "quality", "record", "anchor")
 SEGMENT_COORDS = ("record", "anchor")
 ECTOPIC = ("S", "V", "F")
 RHYTHM_TABLE = ("record_probability", "record_predicted", "record_reference_class")  #: rhythm stores only
@@ -52,7 +52,7 @@ STATE_GROUP = "_state"  #: its attributes are the commit point: ``n_segments`` a
 
 
 def scores_schema() -> dict[str, Any]:
-    """The scores store schema (``schemas/scores-v2.json``)."""
+    """The scores store schema (``schemas/scores-v3.json``)."""
     return schemas.load(SCHEMA_FILE)
 
 
@@ -71,6 +71,8 @@ class RecordScores:
     anchor: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     probability: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     reference: np.ndarray = field(default_factory=lambda: np.zeros(0, object))  #: "" where unmatched
+    #: per segment, the signal-quality indices it failed (``signal_quality.FLAGS``; 0: readable)
+    flags: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     n_detected: int = 0
     n_dropped_edge: int = 0
     n_dropped_invalid: int = 0
@@ -90,6 +92,28 @@ class RecordScores:
         return int(self.anchor.shape[0]) if self.status == "ok" else 0
 
     @property
+    def segment_flags(self) -> np.ndarray:
+        """``flags``, or zeros (readable) where the segments were not judged."""
+        n = int(self.anchor.shape[0])
+        return self.flags.astype(np.uint8) if self.flags.shape == (n,) else np.zeros(n, np.uint8)
+
+    def predicted_index(self, classes: Sequence[str]) -> np.ndarray:
+        """Each segment's predicted class (an index into ``classes``): the most probable one, or the task's
+        unreadable class (``Task.unreadable_class``) where the segment failed a quality index."""
+        if not self.n_segments:
+            return np.zeros(0, np.int64)
+        idx = np.argmax(self.probability, axis=1)
+        u = _task(self.task).unreadable_index(classes)
+        if u is not None:
+            idx = np.where(self.segment_flags != 0, u, idx)
+        return idx
+
+    @property
+    def unreadable(self) -> float:
+        """The share of segments judged unreadable (NaN without segments)."""
+        return float(np.count_nonzero(self.segment_flags)) / self.n_segments if self.n_segments else float("nan")
+
+    @property
     def record_probability(self) -> np.ndarray:
         """Rhythm: the mean of the windows' probabilities (NaN without windows)."""
         if not self.n_segments:
@@ -98,7 +122,8 @@ class RecordScores:
 
 
 #: Per-record values the table computes from a record's segments, not copied from its ``RecordScores``.
-_COMPUTED = ("offset", "n_segments", "segments", "ectopic_share", "probability", "predicted", "reference_class")
+_COMPUTED = ("offset", "n_segments", "segments", "ectopic_share", "probability", "predicted", "reference_class",
+             "unreadable")
 #: The table's ``record_reference`` is the annotation extension compared with (``RecordScores.reference_file``).
 _ALIASES = {"reference": "reference_file"}
 
@@ -110,7 +135,7 @@ def _task(name: str | None):
 
 
 def table_columns(task: str | None = None) -> tuple[str, ...]:
-    """The per-record table's columns (without ``record_``), in schema order: ``schemas/scores-v2.json``'s
+    """The per-record table's columns (without ``record_``), in schema order: ``schemas/scores-v3.json``'s
     ``record_*`` variables are the one declaration of a row; the record-level prediction's only for tasks
     that make one (``Task.record_prediction``)."""
     whole = _task(task).record_prediction
@@ -142,11 +167,12 @@ def table_row(r: RecordScores, offset: int, classes: Sequence[str]) -> dict[str,
     """The per-record table row of ``r`` placed at segment ``offset``."""
     row = {c: getattr(r, _ALIASES.get(c, c)) for c in table_columns() if c not in _COMPUTED}
     n = r.n_segments
-    predicted = np.argmax(r.probability, axis=1) if n else np.zeros(0, np.int64)
+    predicted = r.predicted_index(classes)
     counts = np.bincount(predicted, minlength=len(classes))[: len(classes)] if n else np.zeros(len(classes), np.int64)
     task = _task(r.task)
     ectopic = sum(int(counts[i]) for i, c in enumerate(classes) if c in task.ectopic)
     row.update(record=r.record, offset=int(offset), n_segments=n, segments=counts.astype(np.int64),
+               unreadable=r.unreadable,
                ectopic_share=ectopic / n if n and task.ectopic else float("nan"))
     if task.record_prediction:
         p = r.record_probability if n else np.full(len(classes), np.nan, np.float32)
@@ -257,7 +283,8 @@ class ScoresWriter:
             shape = tuple(0 if d == "segment" else len(self.classes) for d in dims)
             chunks = tuple(chunk_size if d == "segment" else max(len(self.classes), 1) for d in dims)
             store.create_array(group, name, spec, shape, chunks, spec["dtype"][0],
-                               coordinates=SEGMENT_COORDS if name in ("probability", "predicted", "reference") else ())
+                               coordinates=SEGMENT_COORDS if name in ("probability", "predicted", "reference", "quality")
+                               else ())
         group["class"][:] = np.asarray(self.classes, dtype=object)
 
     def _cut_back(self, group) -> None:
@@ -302,8 +329,10 @@ class ScoresWriter:
         if beats:
             values = {
                 "probability": np.concatenate([r.probability for r in beats]).astype(np.float32),
-                "predicted": np.asarray(self.classes, dtype=object)[np.concatenate([r.probability.argmax(1) for r in beats])],
+                "predicted": np.asarray(self.classes, dtype=object)[
+                    np.concatenate([r.predicted_index(self.classes) for r in beats])],
                 "reference": np.concatenate([np.asarray(r.reference, dtype=object) for r in beats]),
+                "quality": np.concatenate([r.segment_flags for r in beats]),
                 "record": np.concatenate([np.full(r.n_segments, r.record, dtype=object) for r in beats]),
                 "anchor": np.concatenate([r.anchor for r in beats]).astype(np.int64),
             }
@@ -386,7 +415,7 @@ def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str], tas
         out.append(d)
     per_record = ["predicted", *[f"p_{c}" for c in classes], "reference_class"] if whole else []
     detector = ["ectopic_share"] if t.ectopic else []
-    cols = ["record", "status", "error", "quality", *per_record, f"n_{unit}", *[f"{unit}_{c}" for c in classes], *detector,
+    cols = ["record", "status", "error", "quality", "unreadable", *per_record, f"n_{unit}", *[f"{unit}_{c}" for c in classes], *detector,
             "lead", "lead_fallback", "fs", "sig_len", "n_detected", "n_dropped_edge", "n_dropped_invalid",
             "reference", "n_reference", "n_reference_edge", "tp", "fn", "fp", "checksum", "offset", "seconds"]
     if not t.detector_columns:
@@ -401,7 +430,7 @@ def open_scores(path: str, *, storage_options: Mapping[str, Any] | None = None,
     Raises
     ------
     StoreError
-        The path is not a scores store, does not match ``schemas/scores-v2.json``, or
+        The path is not a scores store, does not match ``schemas/scores-v3.json``, or
         its job has not finished (unless ``require_complete=False``).
     """
     try:
@@ -413,7 +442,7 @@ def open_scores(path: str, *, storage_options: Mapping[str, Any] | None = None,
         raise StoreError(f"cannot open {path} as a Zarr v3 store: {type(exc).__name__}: {exc}") from exc
     if ds.attrs.get("kind") in (KIND, "beat-scores") and ds.attrs.get("schema_version") != scores_schema()["schema_version"]:
         raise StoreError(f"{path} holds scores of schema v{ds.attrs.get('schema_version')}; this ecg-pipeline reads "
-                         f"v{scores_schema()['schema_version']} (generic anchor and segment counts): score again with "
+                         f"v{scores_schema()['schema_version']} (per-segment quality verdicts): score again with "
                          "--overwrite, or into a new --out")
     if require_complete and ds.attrs.get("kind") == KIND and not ds.attrs.get("complete"):
         raise StoreError(f"{path}: the scoring job has not finished (attrs complete=false): re-run "
@@ -425,6 +454,18 @@ def open_scores(path: str, *, storage_options: Mapping[str, Any] | None = None,
     # Zarr v3 strings arrive as numpy StringDType, which xarray's where/concat cannot promote yet.
     return ds.map(lambda v: v.astype(object) if v.dtype.kind == "T" else v).assign_coords(
         {n: ds[n].astype(object) if ds[n].dtype.kind == "T" else ds[n] for n in ds.coords})
+
+
+def unreadable_counts(writer: "ScoresWriter", rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Segments judged unreadable over the whole store: how many, their share, the records holding any and the
+    count failing each index (``signal_quality.FLAGS``; a segment may fail several)."""
+    from .signal_quality import FLAGS
+
+    q = np.asarray(writer.group["quality"][: writer.n], dtype=np.uint8)
+    n_bad = int(np.count_nonzero(q))
+    return {"segments": n_bad, "share": n_bad / q.size if q.size else 0.0,
+            "records": sum(1 for r in rows if r["status"] == "ok" and (r.get("unreadable") or 0) > 0),
+            "by_index": {name: int(np.count_nonzero(q & bit)) for name, bit in FLAGS.items()}}
 
 
 def segments_per_class(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]) -> dict[str, int]:

@@ -158,7 +158,7 @@ def _judge(ctx: ScoringContext, plan: ScoringPlan) -> None:
     v = quality.record_quality(stats, header.fs, min_seconds=ctx.task.min_seconds(ctx.card), min_fs=ctx.card.min_fs,
                                mv_per_unit=plan.mv_per_unit, lead=lead.name, lead_fallback=lead.fallback)
     plan.quality = v.text
-    if v.refused and ctx.config.quality == "refuse":
+    if v.refused and ctx.config.quality.records == "refuse":
         plan.error = f"quality: {v.text} (not scored; `quality: flag` scores it anyway)"
 
 
@@ -267,6 +267,7 @@ class ScoreReport:
     task: str = "beat"
     records: list[dict[str, Any]] = field(default_factory=list)  #: the per-record table rows of this run's records
     classes: tuple[str, ...] = ()
+    unreadable: dict[str, Any] = field(default_factory=dict)  #: ``scores.unreadable_counts`` of the store
 
     @property
     def ok(self) -> bool:
@@ -297,6 +298,7 @@ class ScoreReport:
         if total:
             lines.append("  worker time " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in self.stage_s.items()))
         lines += task.report_lines(self.reference)
+        lines += self._unreadable_lines(task)
         flagged = [(r["record"], r["quality"]) for r in self.records if r.get("quality") and r.get("status") == "ok"]
         if flagged:
             lines.append(f"  quality     {len(flagged)} record(s) scored with a doubt (see the quality column):")
@@ -307,6 +309,22 @@ class ScoreReport:
             lines.append("  failed records:")
             lines += [f"    {r:>8}  {e}" for r, e in self.failed]
         return "\n".join(lines) + "\n"
+
+    def _unreadable_lines(self, task) -> list[str]:
+        u = self.unreadable
+        if not u or not u.get("segments"):
+            return []
+        cls = task.unreadable_index(self.classes)
+        as_ = f", predicted {self.classes[cls]}" if cls is not None else ""
+        lines = [f"  unreadable  {u['segments']:,} {task.unit} ({100 * u['share']:.2f}%) in {u['records']} record(s) "
+                 f"failed a signal-quality index{as_} (the store's `quality`): "
+                 + ", ".join(f"{k} {n:,}" for k, n in u["by_index"].items() if n)]
+        worst = sorted((r for r in self.records if r.get("status") == "ok" and (r.get("unreadable") or 0) > 0),
+                       key=lambda r: -r["unreadable"])
+        lines += [f"    {r['record']:>8}  {100 * r['unreadable']:.1f}% of its {task.unit} unreadable" for r in worst[:10]]
+        if len(worst) > 10:
+            lines.append(f"    ... and {len(worst) - 10} more (the unreadable column of {self.summary})")
+        return lines
 
     def records_text(self) -> str:
         """Each record's verdict (``score`` of a single record prints it): its class probabilities (rhythm models)

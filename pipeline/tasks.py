@@ -43,6 +43,8 @@ class Task:
     ectopic: ClassVar[tuple[str, ...]] = ()  #: classes whose share of a record's segments the table gives
     reads_label_table: ClassVar[bool] = False  #: scoring reads reference classes from a label table
     trace_sizes: ClassVar[tuple[int, ...]] = (64, 63)  #: batch sizes the workers trace the network with
+    #: the class a segment judged unreadable (``pipeline.signal_quality``) is predicted as, where the model has it
+    unreadable_class: ClassVar[str | None] = None
 
     def evaluation_units(self, prob: np.ndarray, y: np.ndarray, names: np.ndarray, segment_record: np.ndarray,
                          aggregation: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -59,6 +61,29 @@ class Task:
 
     def check_record(self, card, header) -> None:
         """Refuse a record (``RecordError``) the task cannot score at all, before its lead is read."""
+
+    def quality_windows(self, card, config, anchor: np.ndarray, fs: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(lo, hi)``: the samples each segment at ``anchor`` (samples of a lead piece of ``n`` samples at
+        ``fs``) is judged on by ``signal_quality``; ``config`` is the score configuration's ``quality``."""
+        from .signal_quality import centred
+
+        return centred(anchor, fs, config.neighbourhood_s, n)
+
+    def judge_segments(self, card, config, x: np.ndarray, first: int, anchor: np.ndarray, fs: float,
+                       mv_per_unit: float | None) -> np.ndarray:
+        """The quality flags (``signal_quality.FLAGS``, uint8) of the segments at ``anchor`` (record samples) of
+        a piece ``x`` of a lead that starts at record sample ``first``; all 0 when segments are not judged."""
+        from .signal_quality import enabled, quality_indices
+
+        q = config.quality
+        if not q.segments or not len(anchor):
+            return np.zeros(len(anchor), np.uint8)
+        lo, hi = self.quality_windows(card, q, np.asarray(anchor, np.int64) - first, fs, len(x))
+        return quality_indices(x, fs, lo, hi, mv_per_unit or 1.0, enabled(q)).flags(q)
+
+    def unreadable_index(self, classes) -> int | None:
+        """The index of ``unreadable_class`` among a model's ``classes``, None where it has no such class."""
+        return list(classes).index(self.unreadable_class) if self.unreadable_class in classes else None
 
     def default_annotator(self, card) -> str:
         """The annotation files ``score --annotations auto`` compares with."""

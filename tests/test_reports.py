@@ -107,7 +107,7 @@ def test_store_text_of_a_scores_store(tmp_path):
 
     path = str(tmp_path / "scores.zarr")
     classes = ("N", "S", "V", "F", "Q")
-    attrs = {"schema_version": 2, "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
+    attrs = {"schema_version": 3, "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
              "package_version": "0", "model": "m.keras", "model_sha256": "ab" * 32, "model_database": "mitdb",
              "classes": list(classes), "detector": {}, "input": "in.zip", "config": {},
              "spectrogram": {"fs": 360.0, "n_before": 90, "n_after": 162, "nperseg": 64, "hop": 8, "nfft": 64,
@@ -120,7 +120,7 @@ def test_store_text_of_a_scores_store(tmp_path):
                                 reference=np.array([""] * 4, dtype=object), n_detected=4)])
     writer.finish({"complete": True})
     lines = reports.store_text(path).splitlines()
-    assert lines[0] == f"{path}: beat scores of in.zip by m.keras (sha256 abababababab), schema v2, complete=True"
+    assert lines[0] == f"{path}: beat scores of in.zip by m.keras (sha256 abababababab), schema v3, complete=True"
     assert lines[1] == "  4 beats, 1 records"
     assert lines[3].split() == ["record", "status", "beats", *classes, "ectopic", "error"]
     assert lines[4].split() == ["208", "ok", "4", "3", "0", "1", "0", "0", "25.0%"]

@@ -481,7 +481,7 @@ def test_a_driver_killed_inside_a_commit_loses_and_repeats_nothing(tmp_path, mon
     the commit point and the readers' ``n_segments``. The re-run must score exactly what was not committed."""
     from ecg_pipeline.pipeline import scores
 
-    attrs = {"schema_version": 2, "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
+    attrs = {"schema_version": 3, "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
              "package_version": "0",
              "model": "m.keras", "model_sha256": "a" * 64, "model_database": "mitdb", "classes": CLASSES,
              "spectrogram": {"fs": 360.0, "n_before": 90, "n_after": 162, "nperseg": 64, "hop": 8, "nfft": 64,

@@ -25,7 +25,7 @@ CLASSES = ("N", "S", "V", "F", "Q")
 
 
 def _attrs(sha="a" * 64, fp="b" * 64):
-    return {"schema_version": 2, "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
+    return {"schema_version": 3, "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
             "package_version": "0",
             "model": "m.keras", "model_sha256": sha, "model_database": "mitdb", "classes": list(CLASSES),
             "spectrogram": {"fs": 360.0, "n_before": 90, "n_after": 162, "nperseg": 64, "hop": 8, "nfft": 64,

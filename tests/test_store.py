@@ -149,7 +149,7 @@ def test_store_kind_and_task_of_real_stores(tmp_path):
     _write(rhythm, store.Layout(("a",), (6,), 3, 4, 4), _attrs(task="rhythm", anchor_kind="window-start"))
     scores = str(tmp_path / "scores.zarr")
     classes = ("N", "V")
-    attrs = {"schema_version": 2, "kind": "scores", "task": "beat", "anchor_kind": "r-peak",
+    attrs = {"schema_version": 3, "kind": "scores", "task": "beat", "anchor_kind": "r-peak",
              "package": "ecg-pipeline", "package_version": "0", "model": "m.keras", "model_sha256": "a" * 64,
              "model_database": "mitdb", "classes": list(classes), "spectrogram": {}, "detector": {}, "input": "x",
              "config": {}, "config_fingerprint": "b" * 64}
