@@ -75,7 +75,8 @@ class BeatTask(Task):
             result.probability = predict(network_inputs(card, seg.spectrogram, seg.rr, seg.template))
         result.anchor = seg.anchor
         with timer("quality"):
-            result.flags = self.judge_segments(card, ctx.config, x, first, seg.anchor, header.fs, plan.mv_per_unit)
+            result.flags = self.judge_segments(card, ctx.config, x, first, seg.anchor, header.fs, plan.mv_per_unit,
+                                               seg.beats)
         result.n_detected, result.n_dropped_edge, result.n_dropped_invalid = (
             len(seg.detected), seg.n_dropped_edge, seg.n_dropped_invalid)
         result.reference = seg.label if reference is not None else np.full(len(seg.anchor), "", dtype=object)

@@ -418,10 +418,14 @@ class QualityConfig(_Config):
         -1.0, ge=-1, le=1, description="Least basSQI, 1 - (power below 1 Hz) / (power 0-40 Hz): baseline wander; "
                                        "-1 turns it off.")
     min_kurtosis: float = Field(
-        3.0, ge=0, description="Least kurtosis of the 0.5-40 Hz signal (ECG: 5-35; Gaussian noise: 3); 0 turns it "
+        2.5, ge=0, description="Least kurtosis of the 0.5-40 Hz signal (ECG: 5-35; Gaussian noise: 3); 0 turns it "
                                "off.")
     p_sqi: tuple[float, float] = Field(
         (0.0, 10.0), strict=False, description="Range of pSQI, (power 5-15 Hz) / (power 5-40 Hz); [0, 10] turns it off.")
+    min_snr_db: float | None = Field(
+        12.0, ge=-60, le=60, description="Beats: least local signal-to-noise ratio, dB (the MIT-BIH Noise Stress "
+                                         "Test's definition: the median QRS amplitude against the 5-40 Hz power "
+                                         "between QRS complexes of the neighbourhood); null turns it off.")
 
 
 class ScoreConfig(_Config):

@@ -200,6 +200,7 @@ class DetectedSegments:
     #: per ``anchor``: the matched reference beat's class, "" where none (all "" without a reference)
     label: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     agreement: "labels.Agreement | None" = None  #: the detector against the reference, where one was given
+    beats: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  #: every detection in ``x``, margins too
 
 
 def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: int, spec: SpectrogramSpec,
@@ -268,7 +269,7 @@ def detected_segments(x: np.ndarray, fs: float, first: int, start: int, stop: in
         with timer("rr"):
             features = rr.features_at(kept.anchor, found.beats, fs, rr_spec, x, first)
     return DetectedSegments(kept.anchor, out, found.anchor, check.n_edge, check.n_invalid, dict(timer.seconds),
-                            features, tmpl, kept.label, found.agreement)
+                            features, tmpl, kept.label, found.agreement, found.beats)
 
 
 @dataclass

@@ -70,16 +70,18 @@ class Task:
         return centred(anchor, fs, config.neighbourhood_s, n)
 
     def judge_segments(self, card, config, x: np.ndarray, first: int, anchor: np.ndarray, fs: float,
-                       mv_per_unit: float | None) -> np.ndarray:
+                       mv_per_unit: float | None, beats: np.ndarray | None = None) -> np.ndarray:
         """The quality flags (``signal_quality.FLAGS``, uint8) of the segments at ``anchor`` (record samples) of
-        a piece ``x`` of a lead that starts at record sample ``first``; all 0 when segments are not judged."""
+        a piece ``x`` of a lead that starts at record sample ``first``; all 0 when segments are not judged.
+        ``beats``: every beat detected in ``x`` (record samples), for the local SNR."""
         from .signal_quality import enabled, quality_indices
 
         q = config.quality
         if not q.segments or not len(anchor):
             return np.zeros(len(anchor), np.uint8)
         lo, hi = self.quality_windows(card, q, np.asarray(anchor, np.int64) - first, fs, len(x))
-        return quality_indices(x, fs, lo, hi, mv_per_unit or 1.0, enabled(q)).flags(q)
+        return quality_indices(x, fs, lo, hi, mv_per_unit or 1.0, enabled(q),
+                               None if beats is None else np.asarray(beats, np.int64) - first).flags(q)
 
     def unreadable_index(self, classes) -> int | None:
         """The index of ``unreadable_class`` among a model's ``classes``, None where it has no such class."""

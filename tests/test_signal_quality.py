@@ -48,6 +48,28 @@ def test_clean_synthetic_ecg_is_readable_and_each_kind_of_bad_signal_fails_its_i
         assert share > 0.8, (name, share, [sq.flag_names(f) for f in flags[:3]])
 
 
+def test_the_local_snr_follows_the_noise_added_and_needs_the_beats():
+    """nst's SNR (S = A^2 / 8 from the QRS amplitude, N the noise power): white noise at a known SNR lowers the
+    estimate by as many dB (the estimate counts only the noise's 5-40 Hz share, 35/180 of white noise's power at
+    360 Hz: 7.1 dB above the true SNR)."""
+    clean = synthetic_ecg(60)
+    beats = np.flatnonzero(np.diff(np.sign(np.diff(clean))) < 0) + 1
+    beats = beats[clean[beats] > 0.5]
+    amplitude = np.median([np.ptp(clean[b - 18:b + 19]) for b in beats])
+    rng = np.random.default_rng(3)
+    lo, hi = sq.centred(beats, FS, 3.0, clean.size)
+    found = {}
+    for snr in (12, 6, 0):
+        noise = rng.standard_normal(clean.size) * amplitude / np.sqrt(8) / 10 ** (snr / 20)
+        q = sq.quality_indices(clean + noise, FS, lo, hi, beats=beats)
+        found[snr] = float(np.median(q.snr_db))
+        # (at 0 dB the noise adds to the QRS amplitude measured too: 2 dB more)
+        assert found[snr] == pytest.approx(snr + 10 * np.log10(180 / 35), abs=2.5), found
+    assert found[12] > found[6] + 4 > found[0] + 8
+    assert np.median(sq.quality_indices(clean, FS, lo, hi, beats=beats).snr_db) > 25
+    assert np.isnan(sq.quality_indices(clean, FS, lo, hi).snr_db).all()  # without beats, no estimate
+
+
 def test_the_windowed_moments_equal_scipy_on_each_window():
     rng = np.random.default_rng(2)
     x = synthetic_ecg(20) + 0.05 * rng.standard_normal(int(20 * FS))
@@ -68,7 +90,8 @@ def test_the_windowed_moments_equal_scipy_on_each_window():
 
 
 def test_only_the_enabled_indices_are_computed_and_the_configuration_turns_them_off():
-    assert sq.enabled(QualityConfig()) == ("missing", "flat", "saturated", "kurtosis")
+    assert sq.enabled(QualityConfig()) == ("missing", "flat", "saturated", "kurtosis", "noise")
+    assert "noise" not in sq.enabled(QualityConfig(min_snr_db=None))
     assert "baseline" in sq.enabled(QualityConfig(min_bas_sqi=0.5))
     q = sq.quality_indices(synthetic_ecg(10), FS, np.array([0]), np.array([3600]), which=("missing",))
     assert np.isnan(q.kurtosis).all() and q.missing[0] == 0
