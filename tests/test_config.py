@@ -56,7 +56,9 @@ def test_fingerprints_are_the_ones_stores_on_disk_carry():
     # The detector's amplitude floor (detector.min_amplitude_mv) changed what scoring finds on noise, so scores
     # stores of the detector before it (0624e8b0...) are not resumed into: --overwrite, or a new --out.
     # So did the search back (detector.searchback_*): scores stores of the detector before it (ac331c55...) neither.
-    assert ScoreConfig().fingerprint() == "6237cf3ce3c33388103b41c96b0d1b5f25de2bfe2c1bdd8a315579c0a9089d86"
+    # Nor the T- and P-wave rejection (detector.twave_*, pwave_*): stores of the detector before it (df334c09...,
+    # with the quality section) are not resumed into either.
+    assert ScoreConfig().fingerprint() == "e378edef646b131a300fbe9f45622235aa8517fc3cec31d24093e6f7fe15a50b"
     c = config_from_dict({"leads": ["V1", "II"], "stft": {"nfft": 128}, "store": {"dtype": "float32"}})
     assert c.fingerprint() == "58d6bcf1c1fcd492a8883d8d92c48ac8938571345502ab28d3bfefb6f359d15a"
     full = config_from_dict({"leads": ["V1", "II"], "stft": {"nfft": 128, "max_freq_hz": None},
@@ -68,7 +70,7 @@ def test_fingerprints_are_the_ones_stores_on_disk_carry():
     # Whole numbers stay as written (YAML `band_hz: [4, 16]` was fingerprinted as [4, 16], not [4.0, 16.0]).
     s = score_config_from_dict({"leads": ["II"], "detector": {"band_hz": [4, 16]}})
     assert s.detector.band_hz == (4, 16) and type(s.detector.band_hz[0]) is int
-    assert s.fingerprint() == "e7f118ab8d1f0d9067d6a2a1eed7cd3c5a5d4a1d0aee8883efed4a55336e961d"
+    assert s.fingerprint() == "820a1feb8a42d0f63b658c58f109f859d59849007f50effa17ce21749952b3e9"
 
 
 def test_a_fingerprint_covers_the_keys_of_its_task_only():
