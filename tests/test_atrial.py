@@ -126,7 +126,7 @@ def test_annotated_and_detected_beats_give_the_same_atrial_activity(mirror, reco
     """Training takes it from the annotated beats moved to the detector's fiducial point, scoring from the
     detections: on the beats both find, the values agree within 0.05 for 95 % of the beats where the detector
     finds the annotated beats and no others (201, 219, 232: at most 7 false detections). A false detection
-    changes its neighbours' median window: 222 (atrial flutter, 46 false detections) agrees within 0.25
+    changes its neighbours' median window: 222 (atrial flutter, 15 false detections; 46 before the T- and P-wave rejection) agrees within 0.25
     outside AF and flutter (95th percentile) and within 0.75 inside, where both are low (median 0.09 / 0.12):
     there the correlation of the two over all beats and the AF median are checked. 201, 219 and 222 hold
     atrial fibrillation or flutter: the beats in it are less consistent than N beats outside it. In 232, 1,382 of
@@ -148,7 +148,7 @@ def test_annotated_and_detected_beats_give_the_same_atrial_activity(mirror, reco
     det = det[m.det_index]
     err = np.abs(ref - det)
     if record == "222":
-        assert len(peaks) - m.tp > 20 and np.corrcoef(ref, det)[0, 1] > 0.9
+        assert len(peaks) - m.tp > 10 and np.corrcoef(ref, det)[0, 1] > 0.9
     else:
         assert np.percentile(err, 95) < 0.05, (record, np.percentile(err, [50, 95, 99]))
     label = beats.label[m.ref_index]

@@ -58,6 +58,11 @@ def test_fingerprints_are_the_ones_stores_on_disk_carry():
     # So did the search back (detector.searchback_*): scores stores of the detector before it (ac331c55...) neither.
     # Nor the T- and P-wave rejection (detector.twave_*, pwave_*): stores of the detector before it (df334c09...,
     # with the quality section) are not resumed into either.
+    # The per-segment quality verdicts (`quality` section) change predicted classes, so they are in the fingerprint
+    # (scores stores of schema v2 are refused by their schema version anyway).
+    from ecg_pipeline.pipeline.config import QualityConfig
+
+    assert ScoreConfig().fingerprint() != ScoreConfig(quality=QualityConfig(segments=False)).fingerprint()
     assert ScoreConfig().fingerprint() == "e378edef646b131a300fbe9f45622235aa8517fc3cec31d24093e6f7fe15a50b"
     c = config_from_dict({"leads": ["V1", "II"], "stft": {"nfft": 128}, "store": {"dtype": "float32"}})
     assert c.fingerprint() == "58d6bcf1c1fcd492a8883d8d92c48ac8938571345502ab28d3bfefb6f359d15a"
