@@ -154,6 +154,26 @@ def baseline_detector(path: Path, config: Path | None = None) -> Detector:
     return Detector(BEFORE, "ecg_pipeline (before)", "ecg-pipeline", make)
 
 
+def _detect_source() -> dict:
+    """Which ``detect.py`` the ``ecg_pipeline`` row measured: its path, sha256, and the git state of the checkout."""
+    import hashlib
+    import subprocess
+
+    from ecg_pipeline.pipeline import detect
+
+    path = Path(detect.__file__)
+    out = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    try:
+        git = ["git", "-C", str(path.parent)]
+        out["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       timeout=10).stdout.strip() or None
+        out["modified"] = bool(subprocess.run([*git, "status", "--porcelain", "--", path.name], capture_output=True,
+                                              text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
 def _version(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -432,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             "versions": {pkg: _version(pkg) for pkg in dict.fromkeys(d.package for d in detectors)},
             "mitdb_records": records if "mitdb" in datasets else [], "minutes": minutes,
             "stress": str(args.stress) if args.stress else None,
-            "detectors": [d.name for d in detectors], "baseline_detector": str(args.baseline_detector or "") or None}
+            "detectors": [d.name for d in detectors], "baseline_detector": str(args.baseline_detector or "") or None,
+            "detect_py": _detect_source() if "ecg_pipeline" in names else None}
     if "stress" in datasets:
         run_sources = sorted({r["record"] for r in per_record if r["dataset"] == "stress"})
         meta["stress_records"] = run_sources
