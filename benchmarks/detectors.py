@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         if "stress" in datasets:
             yield from stress_cases(args.stress, _names(args.stress_records), args.snrs, 2 if args.quick else None)
 
+    detect_py = _detect_source() if "ecg_pipeline" in names else None  # the version imported now, not at the end
     t0 = time.perf_counter()
     rows, per_record, skipped = run(cases(), detectors)
     meta = {"python": platform.python_version(), "machine": platform.machine(), "wall_s": round(time.perf_counter() - t0, 1),
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             "mitdb_records": records if "mitdb" in datasets else [], "minutes": minutes,
             "stress": str(args.stress) if args.stress else None,
             "detectors": [d.name for d in detectors], "baseline_detector": str(args.baseline_detector or "") or None,
-            "detect_py": _detect_source() if "ecg_pipeline" in names else None}
+            "detect_py": detect_py}
     if "stress" in datasets:
         run_sources = sorted({r["record"] for r in per_record if r["dataset"] == "stress"})
         meta["stress_records"] = run_sources
