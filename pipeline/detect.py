@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage, signal
@@ -286,13 +287,20 @@ def _search_back(r: np.ndarray, mwi: np.ndarray, maxima: np.ndarray, low: np.nda
 
 def _filtered(x: np.ndarray, fs: float, spec: DetectorSpec) -> tuple[np.ndarray, np.ndarray]:
     """The detector's band (``band_hz``) and fiducial-band (``fiducial_band_hz``) signals of ``x`` (NaNs and
-    infinities taken as 0), zero phase.
+    infinities taken as 0), zero phase (``band_passed``)."""
+    band, fiducial = band_passed(x, fs, (tuple(spec.band_hz), tuple(spec.fiducial_band_hz)))
+    return band, fiducial
+
+
+def band_passed(x: np.ndarray, fs: float, bands: Sequence[tuple[float, float]]) -> list[np.ndarray]:
+    """``x`` (NaNs and infinities taken as 0) through a zero-phase 2nd-order Butterworth band-pass per band.
 
     ``signal.sosfiltfilt(sos, x)`` for each band, bit for bit: the same odd extension, initial conditions and
     forward and backward ``sosfilt`` passes, but ``x`` is converted to float64 straight into the extension,
-    which is made once for both filters (sosfiltfilt makes it, and copies, per filter); the designs are cached.
+    which is made once for all the bands (sosfiltfilt makes it, and copies, per filter); the designs are cached.
+    Also used by ``signal_quality``.
     """
-    designs = [_design(tuple(spec.band_hz), float(fs)), _design(tuple(spec.fiducial_band_hz), float(fs))]
+    designs = [_design(tuple(b), float(fs)) for b in bands]
     edge, n = designs[0][2], x.size
     ext = np.empty(n + 2 * edge)
     mid = ext[edge:edge + n]
@@ -300,7 +308,7 @@ def _filtered(x: np.ndarray, fs: float, spec: DetectorSpec) -> tuple[np.ndarray,
     if not np.isfinite(mid).all():
         np.copyto(mid, 0.0, where=~np.isfinite(mid))
     if any(d[2] != edge for d in designs) or n <= edge:  # not met by the 2nd-order band-passes used here
-        return tuple(signal.sosfiltfilt(sos, mid) for sos, _, _ in designs)
+        return [signal.sosfiltfilt(sos, mid) for sos, _, _ in designs]
     # The odd extension (scipy.signal._arraytools.odd_ext).
     ext[:edge] = 2 * mid[:1] - mid[edge:0:-1]
     ext[-edge:] = 2 * mid[-1:] - mid[-2:-edge - 2:-1]
@@ -310,7 +318,7 @@ def _filtered(x: np.ndarray, fs: float, spec: DetectorSpec) -> tuple[np.ndarray,
         forward = _sosfilt_in_place(sos, ext if k == len(designs) - 1 else ext.copy(), zi * ext[0])
         backward = _sosfilt_in_place(sos, forward[::-1].copy(), zi * forward[-1])
         out.append(backward[::-1][edge:-edge])
-    return out[0], out[1]
+    return out
 
 
 def _sosfilt_in_place(sos: np.ndarray, y: np.ndarray, zi: np.ndarray) -> np.ndarray:

@@ -20,8 +20,9 @@ established signal-quality indices (Li, McSharry and Clifford 2008; Behar et al.
 
 Each segment gets a bit mask of the indices it fails (``FLAGS``, 0: readable); the scoring tasks keep its
 probabilities but predict the unreadable class for it (``Q`` for beats, the noise class ``~`` for rhythm
-models). Every index is a mean over a window, taken from cumulative sums of the filtered signal (two
-zero-phase filters over the piece, then one gather per segment): no per-sample or per-segment Python loop.
+models). Every index is a mean over a window, from block sums of the filtered signal (the detector's
+zero-phase filter kernel, then sums over 25 ms blocks and one gather per segment; window edges on that grid): no
+per-sample or per-segment Python loop.
 """
 
 from __future__ import annotations
@@ -75,29 +76,60 @@ class QualityIndices:
 
 
 @lru_cache(maxsize=8)
-def _designs(fs: float) -> tuple[np.ndarray, ...]:
-    """Band-pass 0.5-40 Hz (the ECG), 5-15 Hz (QRS), high-pass 5 Hz of the ECG band, low-pass 1 Hz (baseline)."""
-    nyq = fs / 2
-    top = min(40.0, 0.45 * fs)  # a 100 Hz recording has no 40 Hz
-    ecg = sps.butter(2, (0.5, top), btype="bandpass", fs=fs, output="sos")
-    qrs = sps.butter(2, (5.0, min(15.0, 0.9 * nyq)), btype="bandpass", fs=fs, output="sos")
-    high = sps.butter(2, (5.0, top), btype="bandpass", fs=fs, output="sos")
+def _lowpass(fs: float) -> tuple[np.ndarray, np.ndarray]:
+    """Low-pass 1 Hz (baseline) and 40 Hz (the ECG with its baseline) for basSQI."""
     base = sps.butter(2, 1.0, btype="lowpass", fs=fs, output="sos")
-    wide = sps.butter(2, top, btype="lowpass", fs=fs, output="sos")
-    return ecg, qrs, high, base, wide
+    wide = sps.butter(2, min(40.0, 0.45 * fs), btype="lowpass", fs=fs, output="sos")
+    return base, wide
 
 
-def _window_means(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """The mean of ``values[lo[i]:hi[i]]`` for each i, from one cumulative sum (NaN for an empty window)."""
-    c = np.empty(values.size + 1)
-    c[0] = 0.0
-    np.cumsum(values, out=c[1:])
-    return (c[hi] - c[lo]) / n
+#: Window sums are taken over blocks of this many seconds (a window's edges move by at most half a block: 12.5 ms
+#: on windows of seconds): a block sum is a reduction, some 10x cheaper than a cumulative sum of every sample.
+BLOCK_S = 0.025
 
 
-def _variance(y: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: np.ndarray) -> np.ndarray:
-    mean = _window_means(y, lo, hi, n)
-    return _window_means(y * y, lo, hi, n) - mean ** 2
+#: Signals sampled at twice this rate or more are averaged down by a whole factor before filtering.
+DECIMATE_TO_HZ = 150.0
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Windows on a grid of blocks of ``size`` samples: each window ``[lo, hi)`` rounded to block edges."""
+
+    size: int
+    n: int  #: samples of the piece
+    lo: np.ndarray  #: first block of each window
+    hi: np.ndarray  #: one past its last block
+    count: np.ndarray  #: samples each window holds (float; 0 for an empty one)
+
+    @classmethod
+    def of(cls, lo: np.ndarray, hi: np.ndarray, n: int, fs: float) -> "_Grid":
+        size = max(int(round(BLOCK_S * fs)), 1)
+        last = -(-n // size)  # blocks, the last one partial
+        blo = np.clip((lo + size // 2) // size, 0, last)
+        bhi = np.clip((hi + size // 2) // size, blo, last)
+        count = (np.minimum(bhi * size, n) - np.minimum(blo * size, n)).astype(np.float64)
+        return cls(size, n, blo, bhi, count)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The windows' sample bounds after rounding."""
+        return np.minimum(self.lo * self.size, self.n), np.minimum(self.hi * self.size, self.n)
+
+    def means(self, values: np.ndarray) -> np.ndarray:
+        """The mean of ``values`` (one per sample) over each window (NaN for an empty one)."""
+        whole = self.n // self.size
+        c = np.zeros(whole + 2)
+        # A matrix-vector product sums the short rows ~6x faster than sum(axis=1) (NumPy's reduction over a
+        # 9-element axis is slow; BLAS is not).
+        c[1:whole + 1] = values[: whole * self.size].reshape(whole, self.size) @ np.ones(self.size)
+        c[whole + 1] = values[whole * self.size:].sum()
+        np.cumsum(c, out=c)
+        return (c[self.hi] - c[self.lo]) / self.count
+
+    def share(self, positions: np.ndarray) -> np.ndarray:
+        """The share of each window's samples that are at ``positions`` (sorted sample indices, a few)."""
+        a, b = self.bounds()
+        return (np.searchsorted(positions, b) - np.searchsorted(positions, a)) / self.count
 
 
 #: The indices ``quality_indices`` computes by default, and each one's configuration key that turns it off.
@@ -128,50 +160,67 @@ def quality_indices(x: np.ndarray, fs: float, lo: np.ndarray, hi: np.ndarray, mv
     mv_per_unit
         Millivolts per unit of ``x``.
     which
-        The indices to compute (``INDICES``; the others are NaN, and fail no threshold): each costs one or two
-        zero-phase filters and a few cumulative sums over ``x``.
+        The indices to compute (``INDICES``; the others are NaN, and fail no threshold): each costs a
+        zero-phase filter and a few block sums over ``x``.
     beats
         Every beat detected in ``x`` (samples of ``x``), for the local SNR (``noise``; without them it is NaN).
     """
     x = np.asarray(x, np.float64)
     lo = np.clip(np.asarray(lo, np.int64), 0, x.size)
     hi = np.clip(np.asarray(hi, np.int64), lo, x.size)
-    n = (hi - lo).astype(np.float64)
+    grid = _Grid.of(lo, hi, x.size, fs)
     nan = np.full(lo.shape, np.nan)
     out = dict.fromkeys(("rms_mv", "saturated", "bas_sqi", "kurtosis", "p_sqi", "snr_db"), nan)
     finite = np.isfinite(x)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["missing"] = _window_means((~finite).astype(np.float64), lo, hi, n)
+        out["missing"] = grid.share(np.flatnonzero(~finite))
         if x.size < 64 or not finite.any():  # too short to filter, or nothing there: only the missing share
             return QualityIndices(**out)
-        x0 = np.where(finite, x, 0.0) * mv_per_unit
-        ecg_sos, qrs_sos, high_sos, base_sos, wide_sos = _designs(float(fs))
+        x0 = np.where(finite, x, 0.0) * mv_per_unit if not finite.all() else x * mv_per_unit
         if "saturated" in which:
             x_ok = x0[finite]
-            rails = ((x0 >= x_ok.max()) | (x0 <= x_ok.min())) & finite
-            out["saturated"] = _window_means(rails.astype(np.float64), lo, hi, n)
+            out["saturated"] = grid.share(np.flatnonzero(((x0 >= x_ok.max()) | (x0 <= x_ok.min())) & finite))
+        # The other indices look at 0.5-40 Hz: on a signal averaged down to ~150-300 Hz they are the same to a few
+        # per cent (a 2-sample mean keeps 94 % of 40 Hz at 360 Hz), at half the cost or less.
+        k = max(int(fs // DECIMATE_TO_HZ), 1)
+        if k > 1:
+            m = x0.size // k
+            x0 = x0[: m * k].reshape(m, k) @ np.full(k, 1.0 / k)
+            fs, grid = fs / k, _Grid.of(lo // k, hi // k, m, fs / k)
+            beats = None if beats is None else np.asarray(beats, np.int64) // k
+        top = min(40.0, 0.45 * fs)  # a 100 Hz recording has no 40 Hz
+        bands = {}
+        if {"flat", "kurtosis", "noise"} & set(which):
+            bands["ecg"] = (0.5, top)
+        if {"spectrum", "noise"} & set(which):
+            bands["high"] = (5.0, top)
+        if "spectrum" in which:
+            bands["qrs"] = (5.0, min(15.0, 0.45 * fs))
+        from .detect import band_passed  # the detector's filter kernel: one odd extension for every band
+
+        f = dict(zip(bands, band_passed(x0, fs, list(bands.values())))) if bands else {}
         if {"flat", "kurtosis"} & set(which):
-            ecg = sps.sosfiltfilt(ecg_sos, x0)
-            mean = _window_means(ecg, lo, hi, n)
+            ecg = f["ecg"]
+            mean = grid.means(ecg)
             e2 = ecg * ecg
-            m2 = _window_means(e2, lo, hi, n)
+            m2 = grid.means(e2)
             var = m2 - mean ** 2
             out["rms_mv"] = np.sqrt(np.maximum(var, 0))
             if "kurtosis" in which:
-                m3 = _window_means(e2 * ecg, lo, hi, n)
-                m4 = _window_means(np.square(e2, out=e2), lo, hi, n)
+                m3 = grid.means(e2 * ecg)
+                m4 = grid.means(np.square(e2, out=e2))
                 # The 4th central moment from the raw ones: E[(y - u)^4] = E y^4 - 4u E y^3 + 6u^2 E y^2 - 3u^4.
                 out["kurtosis"] = (m4 - 4 * mean * m3 + 6 * mean ** 2 * m2 - 3 * mean ** 4) / var ** 2
         if "spectrum" in which:
-            qrs, high = sps.sosfiltfilt(qrs_sos, x0), sps.sosfiltfilt(high_sos, x0)
-            out["p_sqi"] = _window_means(qrs * qrs, lo, hi, n) / _window_means(high * high, lo, hi, n)
+            out["p_sqi"] = grid.means(f["qrs"] ** 2) / grid.means(f["high"] ** 2)
         if "noise" in which and beats is not None and len(beats) >= 3:
-            ecg = ecg if {"flat", "kurtosis"} & set(which) else sps.sosfiltfilt(ecg_sos, x0)
-            high = high if "spectrum" in which else sps.sosfiltfilt(high_sos, x0)
-            out["snr_db"] = _local_snr_db(ecg, high, np.asarray(beats, np.int64), fs, lo, hi)
+            out["snr_db"] = _local_snr_db(f["ecg"], f["high"], np.asarray(beats, np.int64), fs, grid)
         if "baseline" in which:
+            base_sos, wide_sos = _lowpass(float(fs))
             base, wide = sps.sosfiltfilt(base_sos, x0), sps.sosfiltfilt(wide_sos, x0)
-            out["bas_sqi"] = 1 - _variance(base, lo, hi, n) / _variance(wide, lo, hi, n)
+            var_base = grid.means(base * base) - grid.means(base) ** 2
+            var_wide = grid.means(wide * wide) - grid.means(wide) ** 2
+            out["bas_sqi"] = 1 - var_base / var_wide
     return QualityIndices(**out)
 
 
@@ -180,8 +229,7 @@ def quality_indices(x: np.ndarray, fs: float, lo: np.ndarray, hi: np.ndarray, mv
 QRS_HALF_S, QRS_GAP_S = 0.05, 0.10
 
 
-def _local_snr_db(ecg: np.ndarray, high: np.ndarray, beats: np.ndarray, fs: float, lo: np.ndarray,
-                  hi: np.ndarray) -> np.ndarray:
+def _local_snr_db(ecg: np.ndarray, high: np.ndarray, beats: np.ndarray, fs: float, grid: _Grid) -> np.ndarray:
     """nst's SNR (MIT-BIH Noise Stress Test), estimated in each window: S = A**2 / 8 with A the median QRS
     peak-to-peak amplitude of the piece's beats (``ecg``: 0.5-40 Hz, within ``QRS_HALF_S`` of each beat: most
     of a piece is readable, so the median is the clean amplitude), N the mean power of the 5-40 Hz signal
@@ -193,12 +241,9 @@ def _local_snr_db(ecg: np.ndarray, high: np.ndarray, beats: np.ndarray, fs: floa
     block = ecg[np.clip(beats[:, None] + np.arange(-h, h + 1)[None, :], 0, n - 1)]
     amplitude = float(np.median(block.max(axis=1) - block.min(axis=1))) if beats.size else 0.0
     g = max(int(round(QRS_GAP_S * fs)), 1)
-    edges = np.zeros(n + 1, np.int64)  # +1 where a QRS zone opens, -1 where it closes: its running sum covers them
-    np.add.at(edges, np.clip(beats - g, 0, n), 1)
-    np.add.at(edges, np.clip(beats + g + 1, 0, n), -1)
-    between = (np.cumsum(edges[:-1]) == 0).astype(np.float64)
-    count = _window_means(between, lo, hi, np.ones(lo.shape))
-    power = _window_means(high * high * between, lo, hi, np.ones(lo.shape)) / count
+    between = np.ones(n)
+    between[np.clip(beats[:, None] + np.arange(-g, g + 1)[None, :], 0, n - 1)] = 0.0
+    power = grid.means(np.square(high, out=high) * between) / grid.means(between)
     return 10 * np.log10(amplitude ** 2 / 8 / power)
 
 
