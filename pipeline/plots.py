@@ -274,7 +274,9 @@ def scores_overview(view: RecordView, *, bin_s: float | None = None, title: str 
     ax_e.set_ylim(0, max(5.0, np.nanmax(100 * share) * 1.1 if np.isfinite(share).any() else 5.0))
     for a in (ax, ax_e):
         a.grid(alpha=0.25)
-    ax.set_title(title or f"record {view.record}: {t.size:,} beats, ectopic (S+V+F) {total:.1f} %", fontsize=10)
+    unreadable = f", unreadable {100 * view.unreadable:.1f} % (predicted Q)" if view.unreadable else ""
+    ax.set_title(title or f"record {view.record}: {t.size:,} beats, ectopic (S+V+F) {total:.1f} %{unreadable}",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -495,6 +495,13 @@ class RecordView:
     reference: np.ndarray  #: object array: the matched reference class, "" where none
     probability: np.ndarray  #: (n, n_classes) float32
     reference_class: str = ""  #: rhythm: the record's class in a label table
+    #: per segment, the signal-quality indices it failed (``signal_quality.FLAGS``; 0: readable)
+    quality: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+
+    @property
+    def unreadable(self) -> float:
+        """The share of the record's segments judged unreadable."""
+        return float(np.count_nonzero(self.quality)) / self.quality.size if self.quality.size else 0.0
 
     @property
     def duration_s(self) -> float:
@@ -539,7 +546,7 @@ def record_view(ds: xr.Dataset, record: str) -> RecordView:
         anchor=values("anchor", np.int64), predicted=values("predicted", object),
         reference=np.asarray(["" if not isinstance(r, str) else r for r in values("reference", object)], dtype=object),
         probability=values("probability", np.float32),
-        reference_class=str(row.get("record_reference_class", "") or ""))
+        reference_class=str(row.get("record_reference_class", "") or ""), quality=values("quality", np.uint8))
 
 
 def sidecar(out: str, suffix: str) -> str:
