@@ -142,7 +142,9 @@ class BeatTask(Task):
 
     def record_text(self, row: Mapping[str, Any], classes: Sequence[str]) -> str:
         counts = "  ".join(f"{c} {int(n):,}" for c, n in zip(classes, row["segments"]))
-        return f"{row['record']}: {int(row['n_segments']):,} beats  {counts}"
+        u = row.get("unreadable") or 0.0
+        unreadable = f"  ({100 * u:.1f}% unreadable, predicted Q)" if u > 0 else ""
+        return f"{row['record']}: {int(row['n_segments']):,} beats  {counts}{unreadable}"
 
 
 register_task(BeatTask())

@@ -147,7 +147,9 @@ class RhythmTask(Task):
         ref = f"   (reference {row['reference_class']})" if row.get("reference_class") else ""
         return (f"{row['record']}: {row['predicted']}{ref}\n  probability  {probs}\n"
                 f"  {int(row['n_segments'])} window(s), {row['sig_len'] / row['fs']:.1f} s; "
-                "mean of the window probabilities")
+                "mean of the window probabilities"
+                + (f"; {100 * row['unreadable']:.0f}% of the windows unreadable" if (row.get("unreadable") or 0) > 0
+                   else ""))
 
 
 def table_metrics(rows, classes: Sequence[str], challenge_classes: Sequence[str]) -> dict | None:
