@@ -4,9 +4,11 @@ Layout (``schemas/scores-v3.json`` is the contract, checked on open; the scores 
 of the schema family of ``store-v4.json``: ``task`` and ``anchor_kind`` in the attributes):
 
 * per segment (a beat, for beat models), on dimension ``segment``: ``probability
-  (segment, class)``, ``predicted``, ``reference`` (the matched reference class, when
-  the record has annotations) and the coordinates ``record`` and ``anchor`` (the
-  detected R peak, at the record's sampling rate);
+  (segment, class)``, ``predicted`` (the unreadable class where ``quality`` is set),
+  ``reference`` (the matched reference class, when the record has annotations),
+  ``quality`` (the signal-quality indices the segment failed, ``signal_quality.FLAGS``)
+  and the coordinates ``record`` and ``anchor`` (the detected R peak, at the record's
+  sampling rate);
 * ``class``: the model's classes (N, S, V, F, Q; N, A, O, ~);
 * the per-record table on ``record_id``: status and error, lead, segments per
   predicted class, and for beats the ectopic share and the detector's counts against
