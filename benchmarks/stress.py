@@ -84,15 +84,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ecg_pipeline.pipeline.splits import DS1, DS2  # de Chazal's inter-patient split (paced records in neither)
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_MIRROR = HERE.parent.parent / "shared" / "physionet"
 log = logging.getLogger("benchmarks.stress")
 
-#: de Chazal et al.'s inter-patient split of MIT-BIH (paced records 102, 104, 107, 217 in neither)
-DS1 = ("101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124", "201", "203", "205",
-       "207", "208", "209", "215", "220", "223", "230")
-DS2 = ("100", "103", "105", "111", "113", "117", "121", "123", "200", "202", "210", "212", "213", "214", "219",
-       "221", "222", "228", "231", "232", "233", "234")
 SNRS = (24, 18, 12, 6, 0, -6)
 FS = 360.0
 #: WFDB ecgmap.h map1(): the annotation codes it maps to NORMAL, whose amplitude sigamp -a measures

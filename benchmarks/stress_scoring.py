@@ -40,12 +40,10 @@ from ecg_pipeline.pipeline.cluster import dask_client  # noqa: E402
 from ecg_pipeline.pipeline.config import load_score_config  # noqa: E402
 from ecg_pipeline.pipeline.scores import open_scores  # noqa: E402
 
+from ecg_pipeline.pipeline.splits import DS1, DS2  # noqa: E402 - de Chazal's inter-patient split
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_MIRROR = HERE.parent.parent / "shared" / "physionet"
-DS1 = ("101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124", "201", "203", "205",
-       "207", "208", "209", "215", "220", "223", "230")
-DS2 = ("100", "103", "105", "111", "113", "117", "121", "123", "200", "202", "210", "212", "213", "214", "219",
-       "221", "222", "228", "231", "232", "233", "234")
 SHORT_RR_S = 0.36
 log = logging.getLogger("benchmarks.stress_scoring")
 
