@@ -16,12 +16,13 @@ import json
 import os
 import sys
 import tempfile
-from typing import Sequence
+from typing import Any, Sequence
 
 from .. import pipeline
 from ..pipeline.databases import DATABASES
 from ..pipeline.download import DEFAULT_SOURCE
 from ..pipeline.errors import PipelineError
+from ..pipeline.locations import locate, parse_storage_options
 from ..pipeline.models import MODELS
 from ..pipeline.splits import SPLITS
 from ..pipeline.tables import TABLE_FORMATS
@@ -63,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add in (_add_preprocess, _add_train, _add_evaluate, _add_score, _add_inspect, _add_plot):
         add(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--storage-option", action="append", metavar="KEY=VALUE", dest="storage_option",
+            help="fsspec option for the job's s3:// (or other fsspec) stores, outputs, model and config files, "
+                 "repeatable: endpoint_url=http://minio:9000, anon=true, profile=NAME (workers get them with the "
+                 "job). Options per protocol, and those of --source: fsspec's configuration, e.g. "
+                 "FSSPEC_S3_ENDPOINT_URL in the environment")
     return parser
 
 
@@ -310,7 +318,8 @@ def _cluster_args(parser: argparse.ArgumentParser, scheduler_help: str) -> None:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from ..pipeline.config import load_config
 
-    config = load_config(args.config, dict(DATABASES[args.db].preprocess_defaults))
+    options = parse_storage_options(args.storage_option)
+    config = load_config(args.config, dict(DATABASES[args.db].preprocess_defaults), options)
     if args.print_config:
         return _print_config(config)
     if not args.out:
@@ -319,20 +328,20 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
     request = PreprocessRequest(db=args.db, out=args.out, version=args.db_version, source=args.source,
                                 records=args.records, cache_dir=args.cache_dir, config=config,
-                                overwrite=args.overwrite)
-    with job_cluster(args, args.out, "preprocess", n_workers=args.workers) as client:
+                                overwrite=args.overwrite, storage_options=options)
+    with job_cluster(args, args.out, "preprocess", n_workers=args.workers, storage_options=options) as client:
         report = run_preprocess(request, client, progress=_progress(not args.no_progress))
     sys.stdout.write(report.text())
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=2, default=str)
+        locate(args.report, options).write_text(json.dumps(report.to_dict(), indent=2, default=str))
     return EXIT_OK if report.ok else EXIT_RECORDS_FAILED
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..pipeline.reports import store_text
 
-    sys.stdout.write(store_text(args.store, require_complete=not args.allow_incomplete))
+    sys.stdout.write(store_text(args.store, require_complete=not args.allow_incomplete,
+                                storage_options=parse_storage_options(args.storage_option)))
     return EXIT_OK
 
 
@@ -351,7 +360,7 @@ def _resources_arg(text: str) -> dict[str, float] | None:
     return out
 
 
-def _store_task(store: str | None) -> str | None:
+def _store_task(store: str | None, storage_options: dict[str, Any]) -> str | None:
     """The ``task`` a store declares (its training defaults depend on it); None (the default task) when there is
     no store yet, or it is not one (the training job then says so clearly)."""
     if not store:
@@ -359,7 +368,7 @@ def _store_task(store: str | None) -> str | None:
     from ..pipeline.store import store_task
 
     try:
-        return store_task(store)
+        return store_task(store, storage_options)
     except PipelineError:
         return None
 
@@ -367,8 +376,9 @@ def _store_task(store: str | None) -> str | None:
 def cmd_train(args: argparse.Namespace) -> int:
     from ..pipeline.config import load_train_config
 
-    config = load_train_config(args.config, _store_task(args.store), model=args.model, epochs=args.epochs,
-                               seed=args.seed)
+    options = parse_storage_options(args.storage_option)
+    config = load_train_config(args.config, _store_task(args.store, options), model=args.model, epochs=args.epochs,
+                               seed=args.seed, storage_options=options)
     if args.print_config:
         return _print_config(config)
     if not args.store or not args.out:
@@ -378,7 +388,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     remote = bool(args.scheduler or args.scheduler_file)
 
     request = TrainRequest(store=args.store, split=args.split, out=args.out, config=config, resume=args.resume,
-                           overwrite=args.overwrite, verbose=2 if (args.no_progress or remote) else 1)
+                           overwrite=args.overwrite, storage_options=options,
+                           verbose=2 if (args.no_progress or remote) else 1)
     if remote:
         resources = _resources_arg(args.resources)
         with _cluster(args) as client:
@@ -394,7 +405,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train import run_evaluation
     from ..pipeline.evaluate import format_report
 
-    metrics = run_evaluation(args.model, args.store, args.split, part=args.part, out=args.out, seed=args.seed)
+    metrics = run_evaluation(args.model, args.store, args.split, part=args.part, out=args.out, seed=args.seed,
+                             storage_options=parse_storage_options(args.storage_option))
     sys.stdout.write(format_report(metrics, f"{args.model} on {args.store}: {metrics['split']} split, {args.part} part"))
     return EXIT_OK
 
@@ -402,7 +414,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from ..pipeline.config import load_score_config
 
-    config = load_score_config(args.config)
+    options = parse_storage_options(args.storage_option)
+    config = load_score_config(args.config, options)
     if args.print_config:
         return _print_config(config)
     from ..pipeline.sources import single_record
@@ -417,7 +430,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .score import ScoreRequest, check_summary, run_scoring
 
     # Refuse an unsafe or foreign model file, or a summary that cannot be written, before starting a cluster.
-    ModelCard.read(args.model)
+    ModelCard.read(args.model, options)
     if args.out:
         check_summary(summary_path(args.out, args.summary))
     with contextlib.ExitStack() as stack:
@@ -427,10 +440,10 @@ def cmd_score(args: argparse.Namespace) -> int:
                                db=args.db, version=args.db_version, records=(one[1],) if one else args.records,
                                annotations=annotations, config=config, cache_dir=args.cache_dir,
                                work_dir=args.work_dir, summary=args.summary, overwrite=args.overwrite,
-                               labels=args.labels)
+                               labels=args.labels, storage_options=options)
         from ..pipeline.lease import hold
 
-        with hold(out, "score"), _cluster(args, n_workers=args.workers) as client:  # the lease first, as above
+        with hold(out, "score", storage_options=options), _cluster(args, n_workers=args.workers) as client:  # the lease first, as above
             link = client.dashboard_link
             sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
             report = run_scoring(request, client, progress=_progress(not args.no_progress, unit="record"))
@@ -443,7 +456,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     request = PlotRequest(store=args.store, out=args.out, record=args.record, start_s=args.start, seconds=args.seconds,
                           input=args.input, per_class=args.per_class, seed=args.seed, waveforms=not args.no_waveforms,
-                          cache_dir=args.cache_dir)
+                          cache_dir=args.cache_dir, storage_options=parse_storage_options(args.storage_option))
     for path in run_plot(request):
         sys.stdout.write(f"{path}\n")
     return EXIT_OK

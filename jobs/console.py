@@ -44,7 +44,7 @@ def dask_session(args: argparse.Namespace, **kwargs):
 
 
 @contextlib.contextmanager
-def job_cluster(args: argparse.Namespace, out: str, job: str, **kwargs):
+def job_cluster(args: argparse.Namespace, out: str, job: str, storage_options=None, **kwargs):
     """The lease of the store ``out`` for ``job``, then ``dask_session``; says where the dashboard is.
 
     The lease comes first: a second writer of the store is refused before a cluster starts (the job
@@ -52,7 +52,7 @@ def job_cluster(args: argparse.Namespace, out: str, job: str, **kwargs):
     """
     from ..pipeline.lease import hold
 
-    with hold(out, job), dask_session(args, **kwargs) as client:
+    with hold(out, job, storage_options=storage_options), dask_session(args, **kwargs) as client:
         link = client.dashboard_link
         sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
         yield client

@@ -32,6 +32,7 @@ from distributed import Client, as_completed
 from ..pipeline import lease, scores, scoring, sources, tables
 from ..pipeline.config import ScoreConfig
 from ..pipeline.model_runtime import ModelFile, ModelPlugin
+from ..pipeline.locations import locate
 from ..pipeline.scores import sidecar, summary_path  # noqa: F401 - part of this job's API
 from ..pipeline.scoring import ScoreReport, ScoringContext
 from .common import NoProgress
@@ -106,7 +107,7 @@ def run_scoring(request: ScoreRequest, client: Client,
 
 def _run_scoring(request: ScoreRequest, client: Client, progress: Callable[[str, int], Any]) -> ScoreReport:
     t0 = time.perf_counter()
-    model = ModelFile.read(request.model)
+    model = ModelFile.read(request.model, request.storage_options)
     task, config = model.card.task_impl(), request.config
     summary = summary_path(request.out, request.summary)
     check_summary(summary)
@@ -258,14 +259,12 @@ def _finish(request: ScoreRequest, model: ModelFile, source, names, todo, writer
     writer.finish({"complete": all(r in writer.rows for r in names), "segments_per_class": per_class,
                    "n_failed_records": len(failed), "unreadable": unreadable,
                    **({"reference_metrics": metrics} if metrics else {})})
-    tables.write_table(scores.records_frame(rows, card.classes, card.task).sort_values("record", kind="stable"), summary)
+    tables.write_table(scores.records_frame(rows, card.classes, card.task).sort_values("record", kind="stable"), summary,
+                       request.storage_options)
     for suffix, frame in task.side_tables(writer, rows).items():
-        tables.write_table(frame, sidecar(request.out, suffix))
+        tables.write_table(frame, sidecar(request.out, suffix), request.storage_options)
     if metrics:
-        import fsspec
-
-        with fsspec.open(sidecar(request.out, ".metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        locate(sidecar(request.out, ".metrics.json"), request.storage_options).write_text(json.dumps(metrics, indent=2))
     return ScoreReport(
         out=request.out, summary=summary, input=source.description, n_records=len(names), n_scored=len(todo),
         n_skipped=len(names) - len(todo), failed=failed, beats_per_class=per_class,

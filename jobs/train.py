@@ -77,7 +77,8 @@ class TrainRequest:
 
 def _split(request: TrainRequest, ds) -> Split:
     """The request's split (the store's task's default when none is named), refused without train or val."""
-    split = make_split(request.split or get_task(ds.attrs.get("task")).default_split, ds, seed=request.config.seed)
+    split = make_split(request.split or get_task(ds.attrs.get("task")).default_split, ds, seed=request.config.seed,
+                       storage_options=request.storage_options)
     for part in ("train", "val"):
         if not len(split[part]):
             raise ConfigError(f"split {split.name} has no {part} segments in {request.store}")
@@ -105,7 +106,7 @@ def run_training(request: TrainRequest) -> TrainResult:
     inputs = MODEL_INPUTS.get(cfg.model, ("spectrogram",))
     check_store_inputs(inputs, ds.attrs, list(ds.variables), f"model {cfg.model}", store=str(request.store))
     out, saved = RunFolder.open(request.out, split.to_dict(), cfg.to_dict(), resume=request.resume,
-                                overwrite=request.overwrite)
+                                overwrite=request.overwrite, storage_options=request.storage_options)
     state = saved or TrainState(selection=scorer.selection)
 
     keras.utils.set_random_seed(cfg.seed)
@@ -145,20 +146,21 @@ def run_evaluation(model_path: str, store: str, split_spec: str | None = None, *
     card lists them (record splits), else its split recreated by name with its seed.
     The intra-patient split is recreated from ``seed`` (default: the seed the model was trained with).
     """
-    card = ModelCard.read(model_path)  # refuse a foreign or metadata-less file before TensorFlow starts
+    # refuse a foreign or metadata-less file before TensorFlow starts
+    card = ModelCard.read(model_path, storage_options)
     ds = open_dataset(store, storage_options=storage_options)
     card.check_store(ds.attrs, list(ds.variables), str(model_path), ds.encoding.get("source", "STORE"))
-    model, _ = load_model(model_path)
+    model, _ = load_model(model_path, storage_options=storage_options)
     if seed is None:
         seed = int((card.train_config or {}).get("seed", 0))
-    split = evaluation_split(card, ds, split_spec, seed)
+    split = evaluation_split(card, ds, split_spec, seed, storage_options)
     if not len(split[part]):
         raise ConfigError(f"split {split.name} has no {part} segments in {store}")
     loader = ZarrSegmentLoader(store, split[part], LoaderOptions(batch_size=batch_size, shuffle=False,
                                                                  inputs=card.inputs),
                                storage_options=storage_options)
     return evaluate(model, loader, Scorer.of(ds), split, part, store, str(model_path),
-                    RunFolder(out) if out else None,
+                    RunFolder(out, storage_options) if out else None,
                     f"{os.path.basename(str(model_path))}, {split.name} split, {part} part",
                     {"flops_per_segment": flops_per_segment(model)})
 

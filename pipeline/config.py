@@ -634,12 +634,15 @@ def merged(defaults: Any, data: Any) -> Any:
     return defaults if data is None else data
 
 
-def load_config(path: str | Path | None, defaults: dict[str, Any] | None = None) -> PreprocessConfig:
-    """Read a preprocess YAML configuration file over ``defaults`` (a database's; ``None`` file: the defaults)."""
-    return _load_yaml(path, lambda data: config_from_dict(merged(dict(defaults or {}), data)))
+def load_config(path: str | Path | None, defaults: dict[str, Any] | None = None,
+                storage_options: Mapping[str, Any] | None = None) -> PreprocessConfig:
+    """Read a preprocess YAML configuration file (a path or fsspec URL) over ``defaults`` (a database's; ``None``
+    file: the defaults)."""
+    return _load_yaml(path, lambda data: config_from_dict(merged(dict(defaults or {}), data)), storage_options)
 
 
-def load_train_config(path: str | Path | None, task: str | None = "beat", **overrides: Any) -> TrainConfig:
+def load_train_config(path: str | Path | None, task: str | None = "beat", *,
+                      storage_options: Mapping[str, Any] | None = None, **overrides: Any) -> TrainConfig:
     """Read a training YAML file over the defaults of a store of ``task`` (None: TrainConfig's own, the beat
     ones); non-None ``overrides`` win."""
     changes = {k: v for k, v in overrides.items() if v is not None}
@@ -648,18 +651,20 @@ def load_train_config(path: str | Path | None, task: str | None = "beat", **over
         data = merged(dict(TASK_TRAIN_DEFAULTS.get(task, {})), data)
         return train_config_from_dict({**data, **changes} if isinstance(data, dict) else data)
 
-    return _load_yaml(path, build)
+    return _load_yaml(path, build, storage_options)
 
 
-def load_score_config(path: str | Path | None) -> ScoreConfig:
+def load_score_config(path: str | Path | None, storage_options: Mapping[str, Any] | None = None) -> ScoreConfig:
     """Read a scoring YAML configuration file (``None`` gives the defaults)."""
-    return _load_yaml(path, score_config_from_dict)
+    return _load_yaml(path, score_config_from_dict, storage_options)
 
 
-def _load_yaml(path, from_dict):
+def _load_yaml(path, from_dict, storage_options: Mapping[str, Any] | None = None):
     if path is None:
         return from_dict(None)
-    path = Path(path)
+    from .locations import locate
+
+    path = locate(path, storage_options)
     try:
         raw = path.read_bytes()
     except OSError as exc:

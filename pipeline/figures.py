@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -56,7 +56,7 @@ class RecordFigures:
 
 def scored_record(store: str, record: str | None = None, *, start_s: float | None = None,
                   seconds: float | None = None, input: str | None = None,
-                  cache_dir: str | None = None) -> RecordFigures:
+                  cache_dir: str | None = None, storage_options: Mapping[str, Any] | None = None) -> RecordFigures:
     """The overview and the ECG strip of one record of a scores store.
 
     Parameters
@@ -69,7 +69,7 @@ def scored_record(store: str, record: str | None = None, *, start_s: float | Non
     input
         Where the record's samples are read from (default: the scoring job's ``--input``).
     """
-    ds = scores.open_scores(store, require_complete=False)
+    ds = scores.open_scores(store, require_complete=False, storage_options=storage_options)
     names = scores.record_names(ds)
     if record is None:
         ok = [r for r in names if str(ds["record_status"].values[names.index(r)]) == "ok"]
@@ -146,7 +146,8 @@ def _record_index(ds, store: str, record: str) -> int:
 
 
 def gallery(store: str, *, record: str | None = None, per_class: int = 4, seed: int = 0, input: str | None = None,
-            waveforms: bool = True, cache_dir: str | None = None, _span=(None, None)):
+            waveforms: bool = True, cache_dir: str | None = None, storage_options: Mapping[str, Any] | None = None,
+            _span=(None, None)):
     """The spectrogram gallery of a store made by ``preprocess`` (of one ``record``, or of all).
 
     With ``waveforms``, each spectrogram's signal window is read again from ``input`` (default:
@@ -156,7 +157,7 @@ def gallery(store: str, *, record: str | None = None, per_class: int = 4, seed: 
 
     if per_class < 1:
         raise PipelineError(f"--per-class must be at least 1 (got {per_class})")
-    ds = open_dataset(store, require_complete=False)
+    ds = open_dataset(store, require_complete=False, storage_options=storage_options)
     a = ds.attrs
     task = str(a.get("task", "beat"))
     classes = [str(c) for c in a.get("classes", [])]
@@ -189,11 +190,11 @@ def gallery(store: str, *, record: str | None = None, per_class: int = 4, seed: 
 
 
 def labelled_strip(store: str, record: str, start_s: float, seconds: float | None = None, *, input: str | None = None,
-                   cache_dir: str | None = None):
+                   cache_dir: str | None = None, storage_options: Mapping[str, Any] | None = None):
     """An ECG strip of a spectrogram store's record with its stored segments marked by their labels."""
     from .store import open_dataset
 
-    ds = open_dataset(store, require_complete=False)
+    ds = open_dataset(store, require_complete=False, storage_options=storage_options)
     a = ds.attrs
     task = str(a.get("task", "beat"))
     i = _record_index(ds, store, record)

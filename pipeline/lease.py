@@ -15,10 +15,11 @@ A job that writes a store (``preprocess``, ``score``) holds the lease for as lon
 - **released** when the job ends, however it ends (an exception or ``KeyboardInterrupt`` included);
   a job killed outright leaves its lease behind, which the next job takes over as above.
 
-Beside the store, not inside it: ``--overwrite`` replaces the store's folder, never the lease. For
-fsspec URLs other than local paths (``s3://``, ``gs://``, ...) the same file is written through fsspec,
-best effort: object stores offer no atomic create-if-absent here, so two jobs started within the same
-second may both proceed; the heartbeat and take-over work as on a local disk.
+Beside the store, not inside it: ``--overwrite`` replaces the store's folder, never the lease. On
+fsspec URLs (``s3://``, ...) the lease is taken by the file system's exclusive create (S3's
+``If-None-Match: *``, which AWS and S3-compatible servers honour): of two jobs started at the same
+instant exactly one takes it. A file system without exclusive create is refused. Taking over a stale
+lease there is a copy and a delete, checked, then the same exclusive create.
 
 Within one process the lease is re-entrant: the command line takes it before starting a cluster, the
 job function takes it again (it also guards jobs started from Python), and the outer release frees it.
@@ -37,11 +38,12 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .errors import PipelineError
+from .locations import Location, locate
 
 log = logging.getLogger(__name__)
 
@@ -131,77 +133,41 @@ def _pid_alive(pid: int, started: float) -> bool:
 
 
 class _Files:
-    """The few file operations a lease needs: local (atomic) or through fsspec (best effort)."""
+    """The few file operations a lease needs, on a local path or an fsspec URL (``locations.Location``)."""
 
     def __init__(self, path: str, storage_options: Mapping[str, Any] | None):
-        import fsspec
-        from fsspec.implementations.local import LocalFileSystem
+        self.location = locate(path, storage_options)
+        self.local, self.path = self.location.local, self.location.path
 
-        fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        self.local = isinstance(fs, LocalFileSystem)
-        self.fs, self.path = fs, (os.path.abspath(p) if isinstance(fs, LocalFileSystem) else p)
+    def _at(self, path: str | None) -> Location:
+        return self.location if path is None or path == self.path else replace(self.location, url=path, path=path)
 
     def read(self, path: str | None = None) -> str | None:
-        path = path or self.path
         try:
-            if self.local:
-                return Path(path).read_text(encoding="utf-8")
-            with self.fs.open(path, "r", encoding="utf-8") as f:
-                return f.read()
+            return self._at(path).read_text()
         except FileNotFoundError:
             return None
 
     def create(self, text: str) -> bool:
-        """Write ``text`` at the lease path if nothing is there; False if something is."""
-        if not self.local:
-            if self.fs.exists(self.path):
-                return False
-            with self.fs.open(self.path, "w", encoding="utf-8") as f:
-                f.write(text)
-            return True
-        folder = os.path.dirname(self.path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, self.path)  # atomic, and the lease appears whole
-            return True
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links here: exclusive create
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            return True
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        """Write ``text`` at the lease path if nothing is there (exclusive create: one winner); False if taken."""
+        return self.location.create(text.encode("utf-8"))
 
     def replace(self, text: str) -> None:
         """Rewrite the lease whole (the heartbeat)."""
-        if not self.local:
-            with self.fs.open(self.path, "w", encoding="utf-8") as f:
-                f.write(text)
-            return
-        tmp = f"{self.path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, self.path)
+        self.location.write_text(text)
 
     def move_aside(self, token: str) -> str | None:
-        """Move the lease to a unique name (one mover wins); the new name, or None if it was gone."""
+        """Move the lease to a unique name (one mover wins locally); the new name, or None if it was gone.
+
+        On object stores a move is a copy and a delete: two movers may both succeed, so ``acquire`` checks what it
+        moved and the exclusive create that follows has one winner.
+        """
         dest = f"{self.path}.stale-{token}"
         try:
             if self.local:
                 os.rename(self.path, dest)
             else:
-                self.fs.mv(self.path, dest)
+                self.location.fs.mv(self.path, dest)
         except FileNotFoundError:
             return None
         return dest
@@ -209,19 +175,12 @@ class _Files:
     def put_back(self, moved: str) -> None:
         """Undo ``move_aside`` of a lease that turned out to be live (unless another took its place)."""
         with contextlib.suppress(OSError):
-            if self.local:
-                with contextlib.suppress(FileExistsError):
-                    os.link(moved, self.path)
-            elif not self.fs.exists(self.path):
-                self.fs.copy(moved, self.path)
+            self.create(self._at(moved).read_text())
         self.remove(moved)
 
     def remove(self, path: str | None = None) -> None:
-        with contextlib.suppress(FileNotFoundError, OSError):
-            if self.local:
-                os.unlink(path or self.path)
-            else:
-                self.fs.rm(path or self.path)
+        with contextlib.suppress(OSError):
+            self._at(path).remove()
 
 
 class Lease:
@@ -329,7 +288,7 @@ def acquire(out: str, job: str, command: str | None = None, storage_options: Map
 
 def _mtime(files: _Files) -> float:
     try:
-        return os.stat(files.path).st_mtime if files.local else float(files.fs.modified(files.path).timestamp())
+        return files.location.modified()
     except Exception:  # noqa: BLE001
         return time.time()
 

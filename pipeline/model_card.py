@@ -153,7 +153,7 @@ class ModelCard(_Section):
         return card
 
     @classmethod
-    def read(cls, path: str | Path) -> "ModelCard":
+    def read(cls, path: str | Path, storage_options: Mapping[str, Any] | None = None) -> "ModelCard":
         """The card of the ``.keras`` archive at ``path``, checked (``models.check_archive``), without TensorFlow.
 
         Raises
@@ -161,7 +161,7 @@ class ModelCard(_Section):
         ModelError
             Not a safe ``.keras`` archive, no metadata, or metadata that is not a card of a known task.
         """
-        return cls.from_dict(check_archive(path), str(path))
+        return cls.from_dict(check_archive(path, storage_options), str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The card as ``ecg_pipeline.json`` holds it."""
@@ -333,11 +333,11 @@ def check_store_inputs(inputs: Sequence[str], attrs: Mapping[str, Any], variable
                          f"{dict(template_attrs)}, store {attrs.get('template')}); re-run preprocess with the model's")
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> str:
     """SHA-256 of a model file: its identity in a scores store and the workers' model cache."""
-    import fsspec
+    from .locations import locate
 
-    with fsspec.open(str(path), "rb") as f:
+    with locate(path, storage_options).open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 

@@ -15,14 +15,15 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from distributed import WorkerPlugin
 
 from . import models
+from .locations import locate
 from .model_card import ModelCard, file_sha256
 
 __all__ = ["LOADED", "LoadedModels", "ModelFile", "ModelPlugin", "dummy_inputs", "limit_tf_threads", "network_inputs",
@@ -36,18 +37,19 @@ class ModelFile:
     path: str
     sha256: str
     card: ModelCard
+    storage_options: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def read(cls, path: str | Path) -> "ModelFile":
-        """Check and read the archive at ``path`` (``ModelCard.read``: no TensorFlow).
+    def read(cls, path: str | Path, storage_options: Mapping[str, Any] | None = None) -> "ModelFile":
+        """Check and read the archive at ``path``, a local path or fsspec URL (``ModelCard.read``: no TensorFlow).
 
         Raises
         ------
         models.ModelError
             Not a safe ``.keras`` archive, or no card of a known task.
         """
-        card = ModelCard.read(path)
-        return cls(str(path), file_sha256(path), card)
+        card = ModelCard.read(path, storage_options)
+        return cls(str(path), file_sha256(path, storage_options), card, storage_options)
 
 
 def network_inputs(card: ModelCard, spectrogram: np.ndarray, rr: np.ndarray | None = None,
@@ -109,11 +111,9 @@ class ModelPlugin(WorkerPlugin):
 
     def __init__(self, model: ModelFile):
         self.name = f"ecg-pipeline-model-{model.sha256[:16]}"
-        self.file = model
-        import fsspec
-
-        with fsspec.open(model.path, "rb") as f:  # the user's path or URL; workers get the bytes, not the path
-            self.payload = f.read()
+        self.file = replace(model, storage_options=None)
+        # the user's path or URL, read here: workers get the bytes, not the path (nor its credentials)
+        self.payload = locate(model.path, model.storage_options).read_bytes()
         self.model = None
         self.load_id = ""
 

@@ -416,36 +416,44 @@ def _class_names(config: Any) -> set[str]:
     return names
 
 
-def check_archive(path: str | Path) -> dict[str, Any]:
+def check_archive(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Refuse a model file that is not a plain ``.keras`` archive, without importing TensorFlow.
 
     A cheap first check for jobs that load the model elsewhere (on Dask workers):
     the suffix, the zip container, a parseable ``config.json`` and no ``Lambda``
     layer. ``load_model`` (Keras safe mode) stays the real gate. Returns the
-    ``ecg_pipeline.json`` metadata.
+    ``ecg_pipeline.json`` metadata. ``path`` is a local path or an fsspec URL.
 
     Raises
     ------
     ModelError
         Naming the file and the reason.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"no model file at {path}")
-    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
-        raise ModelError(f"{path}: only native .keras model archives are loaded (pickles, .h5 and SavedModel "
+    from .locations import locate
+
+    location = locate(path, storage_options)
+    if not location.isfile():
+        raise ModelError(f"no model file at {location.url}")
+    with location.local_file() as local:
+        return _check_local_archive(local, location.url)
+
+
+def _check_local_archive(path: str, shown: str) -> dict[str, Any]:
+    """``check_archive`` of the local file ``path`` (``shown``: the name the user gave, for messages)."""
+    if not shown.endswith(".keras") or not zipfile.is_zipfile(path):
+        raise ModelError(f"{shown}: only native .keras model archives are loaded (pickles, .h5 and SavedModel "
                          "directories can run code on load and are refused)")
     try:
         with zipfile.ZipFile(path) as z:
             config = json.loads(z.read("config.json"))
     except (KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise ModelError(f"{path}: not a Keras model archive (no readable config.json: {exc})") from None
+        raise ModelError(f"{shown}: not a Keras model archive (no readable config.json: {exc})") from None
     if "Lambda" in _class_names(config):
-        raise ModelError(f"{path}: refused: the model holds a Lambda layer, whose code would run on load "
+        raise ModelError(f"{shown}: refused: the model holds a Lambda layer, whose code would run on load "
                          "(Keras safe mode)")
     metadata = read_metadata(path)
     inputs, n_out = _declared_io(config)
-    check_network(path, metadata, inputs, n_out)
+    check_network(shown, metadata, inputs, n_out)
     return metadata
 
 
@@ -510,32 +518,42 @@ def check_network(path: str | Path, metadata: Mapping[str, Any], inputs: Mapping
                          f"network scores {n_out}; metadata and network disagree, refused")
 
 
-def load_model(path: str | Path, *, compile: bool = False):
+def load_model(path: str | Path, *, compile: bool = False, storage_options: Mapping[str, Any] | None = None):
     """Load a ``.keras`` model safely; return ``(model, metadata)``.
 
     Only the native ``.keras`` format is accepted, with Keras safe mode on: formats
     and layers that run arbitrary code on load (pickles, HDF5/SavedModel with
-    custom objects, ``Lambda`` layers) are refused.
+    custom objects, ``Lambda`` layers) are refused. ``path`` is a local path or an
+    fsspec URL (read from a local copy).
 
     Raises
     ------
     ModelError
         Naming the file and the reason it was refused.
     """
-    path = Path(path)
-    metadata = check_archive(path)
+    from .locations import locate
+
+    location = locate(path, storage_options)
+    if not location.isfile():
+        raise ModelError(f"no model file at {location.url}")
+    with location.local_file() as local:
+        return _load_local_model(local, location.url, compile)
+
+
+def _load_local_model(path: str, shown: str, compile: bool):
+    metadata = _check_local_archive(path, shown)
     keras = _keras()
     try:
         model = keras.models.load_model(path, compile=compile, safe_mode=True)
     except ValueError as exc:
         if "safe_mode" in str(exc) or "Lambda" in str(exc):
-            raise ModelError(f"{path}: refused by Keras safe mode, the model holds code that would run on load "
+            raise ModelError(f"{shown}: refused by Keras safe mode, the model holds code that would run on load "
                              f"({str(exc).splitlines()[0]})") from None
-        raise ModelError(f"{path}: cannot load model: {exc}") from None
+        raise ModelError(f"{shown}: cannot load model: {exc}") from None
     except (TypeError, KeyError, OSError) as exc:
-        raise ModelError(f"{path}: cannot load model: {type(exc).__name__}: {exc}") from None
+        raise ModelError(f"{shown}: cannot load model: {type(exc).__name__}: {exc}") from None
     # The loaded network is the truth: check it too (config.json may not state every output's width).
     inputs = {t.name.split(":")[0]: tuple(t.shape[1:]) for t in model.inputs}
     n_out = model.outputs[0].shape[-1] if len(model.outputs) == 1 else None
-    check_network(path, metadata, inputs, n_out)
+    check_network(shown, metadata, inputs, n_out)
     return model, metadata

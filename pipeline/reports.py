@@ -162,7 +162,7 @@ class PreprocessReport:
         return d
 
 
-def store_text(path: str, require_complete: bool = True) -> str:
+def store_text(path: str, require_complete: bool = True, storage_options: Mapping[str, Any] | None = None) -> str:
     """The summary ``ecg-pipeline inspect`` prints: of a spectrogram store or a scores store (``store.store_kind``).
 
     Raises
@@ -172,15 +172,16 @@ def store_text(path: str, require_complete: bool = True) -> str:
     """
     from .store import store_kind
 
-    render = scores_store_text if store_kind(path) == "scores" else spectrogram_store_text
-    return render(path, require_complete)
+    render = scores_store_text if store_kind(path, storage_options) == "scores" else spectrogram_store_text
+    return render(path, require_complete, storage_options)
 
 
-def spectrogram_store_text(path: str, require_complete: bool = True) -> str:
+def spectrogram_store_text(path: str, require_complete: bool = True,
+                           storage_options: Mapping[str, Any] | None = None) -> str:
     """A spectrogram store (``store.open_dataset``, validated): its header, shapes, classes and per-record table."""
     from .store import open_dataset
 
-    ds = open_dataset(path, require_complete=require_complete)
+    ds = open_dataset(path, require_complete=require_complete, storage_options=storage_options)
     a = ds.attrs
     out = [f"{path}: {a['database']} {a['database_version']} ({a['database_title']}), "
            f"schema v{a['schema_version']}, complete={a['complete']}",
@@ -197,11 +198,11 @@ def spectrogram_store_text(path: str, require_complete: bool = True) -> str:
     return "\n".join(out) + "\n"
 
 
-def scores_store_text(path: str, require_complete: bool = True) -> str:
+def scores_store_text(path: str, require_complete: bool = True, storage_options: Mapping[str, Any] | None = None) -> str:
     """A scores store (``scores.open_scores``, validated): its header, class counts and per-record table."""
     from .scores import open_scores
 
-    ds = open_scores(path, require_complete=require_complete)
+    ds = open_scores(path, require_complete=require_complete, storage_options=storage_options)
     a = ds.attrs
     classes = [str(c) for c in ds["class"].values]
     rhythm = a.get("task") == "rhythm"

@@ -12,22 +12,22 @@ started with, its history, metrics and plots. ``RunFolder`` owns that folder's l
 * reading and writing its files, each write atomic (temporary file + rename), so that a crash
   leaves the previous version of a file, never half of one.
 
-Every file is named by the folder and reached through its methods (paths are strings joined by
-the folder), so that the folder can later live on any fsspec URL; for now it is local only.
+Every file is named by the folder and reached through its methods (``locations.Location``), so the
+folder may be a local path or any fsspec URL (``s3://bucket/runs/r1``): models are written to a local
+temporary file and uploaded, and read from a local copy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 import yaml
 
 from .errors import ConfigError
+from .locations import Location, locate
 from .model_card import ModelCard
 from .models import load_model, save_model
 
@@ -52,7 +52,6 @@ CONFUSION_RATIOS_FILE = "confusion_ratios.png"
 PREDICTIONS_FILE = "predictions.csv"
 #: The files of a run that a new run in the folder must not leave behind (the rest are rewritten by it).
 RUN_MODEL_FILES = (STATE_FILE, CHECKPOINT_FILE, MODEL_FILE, LEGACY_BEST_FILE)
-_TMP = ".tmp"
 
 
 @dataclass
@@ -100,23 +99,28 @@ class TrainState:
 
 @dataclass(frozen=True)
 class RunFolder:
-    """A folder of run outputs, every file reached through it (``root``: a local path, ``file://`` accepted).
+    """A folder of run outputs, every file reached through it (``root``: a local path or an fsspec URL).
 
-    ``evaluate --out`` writes into one too; ``open`` adds a training run's lifecycle.
+    ``evaluate --out`` writes into one too; ``open`` adds a training run's lifecycle. ``storage_options`` go
+    to fsspec with the URL.
     """
 
     root: str
+    storage_options: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
-        root = self.root[len("file://"):] if self.root.startswith("file://") else self.root
-        if "://" in root:
-            raise ConfigError(f"--out {self.root}: run folders are local paths for now")
-        object.__setattr__(self, "root", os.path.normpath(root))
+        location = locate(self.root, self.storage_options)
+        object.__setattr__(self, "_location", location)
+        object.__setattr__(self, "root", location.path if location.local else location.url.rstrip("/"))
+
+    @property
+    def location(self) -> Location:
+        return self._location  # type: ignore[attr-defined]
 
     # -- the lifecycle of a training run -------------------------------------------------------------------------
     @classmethod
     def open(cls, url: str, split: Mapping[str, Any], config: Mapping[str, Any], *, resume: bool = False,
-             overwrite: bool = False) -> tuple["RunFolder", TrainState | None]:
+             overwrite: bool = False, storage_options: Mapping[str, Any] | None = None) -> tuple["RunFolder", TrainState | None]:
         """The folder of a run about to train on ``split`` with ``config``, and its saved state when it resumes.
 
         A folder that holds a run is refused unless ``resume`` (continue it from its checkpoint; without one
@@ -129,14 +133,14 @@ class RunFolder:
             ``url`` holds a run and neither flag is given; ``url`` is a file; the saved state is no training
             state; or the run to resume was saved with another split or store.
         """
-        folder = cls(url)
-        if os.path.exists(folder.root) and not os.path.isdir(folder.root):
+        folder = cls(url, storage_options)
+        if folder.location.isfile():
             raise ConfigError(f"--out {url} is a file, not a folder")
         holds_run = folder.exists(STATE_FILE)
         if holds_run and not (resume or overwrite):
             raise ConfigError(f"{url} already holds a training run: pass --resume to continue it or --overwrite "
                               "to replace it")
-        os.makedirs(folder.root, exist_ok=True)
+        folder.location.makedirs()
         state = None
         if holds_run and resume and folder.exists(CHECKPOINT_FILE):
             state = folder._resume(split)
@@ -172,7 +176,7 @@ class RunFolder:
         """
         if not self.exists(LEGACY_BEST_FILE):
             return False
-        legacy, _ = load_model(self.path(LEGACY_BEST_FILE))
+        legacy, _ = self.load_model(LEGACY_BEST_FILE)
         self.save_model(legacy, MODEL_FILE, card)
         self.remove(LEGACY_BEST_FILE)
         return True
@@ -188,21 +192,24 @@ class RunFolder:
         self.write_json(STATE_FILE, state.to_dict())
 
     # -- files ---------------------------------------------------------------------------------------------------
+    def file(self, name: str) -> Location:
+        """The file ``name`` of this folder."""
+        return self.location.join(name)
+
     def path(self, name: str) -> str:
-        """Where the file ``name`` of this folder is."""
-        return os.path.join(self.root, name)
+        """Where the file ``name`` of this folder is (a local path or a URL, for messages and records)."""
+        file = self.file(name)
+        return file.path if file.local else file.url
 
     def exists(self, name: str) -> bool:
-        return os.path.isfile(self.path(name))
+        return self.file(name).isfile()
 
     def remove(self, name: str) -> None:
         """Remove ``name`` if it is there."""
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.path(name))
+        self.file(name).remove()
 
     def read_bytes(self, name: str) -> bytes:
-        with open(self.path(name), "rb") as f:
-            return f.read()
+        return self.file(name).read_bytes()
 
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode("utf-8")
@@ -211,18 +218,9 @@ class RunFolder:
         return json.loads(self.read_text(name))
 
     def write_bytes(self, name: str, data: bytes) -> str:
-        """Write ``name`` atomically: a temporary file renamed over it, so that a crash leaves the old file whole."""
-        os.makedirs(self.root, exist_ok=True)
-        path = self.path(name)
-        tmp = path + _TMP
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-        return path
+        """Write ``name`` whole or not at all (``Location.write_bytes``), so a crash leaves the old file whole."""
+        self.file(name).write_bytes(data)
+        return self.path(name)
 
     def write_text(self, name: str, text: str) -> str:
         return self.write_bytes(name, text.encode("utf-8"))
@@ -232,14 +230,15 @@ class RunFolder:
         return self.write_text(name, json.dumps(data, **{"indent": 2, "default": str, **dumps}) + "\n")
 
     def save_model(self, model, name: str, card: ModelCard) -> str:
-        """Save ``model`` as ``name`` with ``card`` inside (``models.save_model``: temporary file + rename)."""
-        os.makedirs(self.root, exist_ok=True)
-        return str(save_model(model, self.path(name), card.to_dict()))
+        """Save ``model`` as ``name`` with ``card`` inside (written locally, then moved or uploaded whole)."""
+        with self.file(name).writing(suffix=".keras") as tmp:
+            save_model(model, tmp, card.to_dict())
+        return self.path(name)
 
     def load_model(self, name: str, *, compile: bool = False):
         """``(model, metadata)`` of the model file ``name`` (``models.load_model``: safe mode)."""
-        return load_model(self.path(name), compile=compile)
+        return load_model(self.path(name), compile=compile, storage_options=self.storage_options)
 
     def read_card(self, name: str) -> ModelCard:
         """The card of the model file ``name``, without TensorFlow."""
-        return ModelCard.read(self.path(name))
+        return ModelCard.read(self.path(name), storage_options=self.storage_options)

@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from .errors import ConfigError
+from .locations import locate
 
 #: de Chazal, O'Dwyer & Reilly, IEEE TBME 51(7) 2004: the inter-patient split of MIT-BIH.
 DS1 = ("101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124", "201", "203", "205",
@@ -166,9 +167,10 @@ def record_labels(ds) -> list[str]:
     return out
 
 
-def from_file(path: str | Path, record_ids: Sequence[str], offsets: np.ndarray, n_beats: np.ndarray) -> Split:
-    """A record split from a YAML/JSON file ``{train: [...], val: [...], test: [...]}``."""
-    text = Path(path).read_text(encoding="utf-8")
+def from_file(path: str | Path, record_ids: Sequence[str], offsets: np.ndarray, n_beats: np.ndarray,
+              storage_options: Mapping[str, Any] | None = None) -> Split:
+    """A record split from a YAML/JSON file ``{train: [...], val: [...], test: [...]}`` (a path or fsspec URL)."""
+    text = locate(path, storage_options).read_text()
     data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     if isinstance(data, dict) and "records" in data and isinstance(data["records"], dict):
         data = data["records"]  # a split.json saved by a training run
@@ -220,10 +222,10 @@ def _table(ds) -> tuple[list[str], np.ndarray, np.ndarray]:
             np.asarray(ds["record_n_segments"].values))
 
 
-def make_split(spec: str, ds, seed: int = 0) -> Split:
-    """The split named by ``spec`` (a key of ``SPLITS`` or a split file's path) over store ``ds``."""
+def make_split(spec: str, ds, seed: int = 0, storage_options: Mapping[str, Any] | None = None) -> Split:
+    """The split named by ``spec`` (a key of ``SPLITS`` or a split file's path or URL) over store ``ds``."""
     if spec in SPLITS:
         return SPLITS[spec][0](ds, seed)
-    if Path(spec).is_file():
-        return from_file(spec, *_table(ds))
+    if locate(spec, storage_options).isfile():
+        return from_file(spec, *_table(ds), storage_options=storage_options)
     raise ConfigError(f"--split {spec!r}: expected {', '.join(SPLITS)} or an existing split file")

@@ -1,24 +1,27 @@
 """Stage 11: per-record tables as files, in the formats of a registry (CSV, Parquet, ...).
 
-A format is a file suffix, a writer ``fn(frame, path)`` and the optional packages it
-needs; ``register_table_format`` adds one (the ``--summary`` help lists them).
+A format is a file suffix, an encoder ``fn(frame) -> bytes`` and the optional packages it
+needs; ``register_table_format`` adds one (the ``--summary`` help lists them). ``write_table``
+writes the bytes whole to a local path or an fsspec URL (``locations``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from .errors import PipelineError
+from .locations import locate
 
 
 @dataclass(frozen=True)
 class TableFormat:
     suffix: str
     name: str
-    write: Callable[[Any, str], None]  #: (pandas.DataFrame, fsspec path) -> None
+    encode: Callable[[Any], bytes]  #: pandas.DataFrame -> the file's bytes
     needs: tuple[str, ...] = ()  #: importable modules it requires
     extra: str = ""  #: the package extra that installs them
 
@@ -32,22 +35,18 @@ def register_table_format(fmt: TableFormat) -> None:
     _REGISTRY[fmt.suffix] = fmt
 
 
-def _write_csv(frame, path: str) -> None:
-    import fsspec
-
-    with fsspec.open(path, "w", newline="") as f:
-        frame.to_csv(f, index=False)
+def _csv(frame) -> bytes:
+    return frame.to_csv(index=False).encode("utf-8")
 
 
-def _write_parquet(frame, path: str) -> None:
-    import fsspec
+def _parquet(frame) -> bytes:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
 
-    with fsspec.open(path, "wb") as f:
-        frame.to_parquet(f, index=False)
 
-
-register_table_format(TableFormat(".csv", "CSV", _write_csv))
-register_table_format(TableFormat(".parquet", "Parquet", _write_parquet, needs=("pyarrow",), extra="parquet"))
+register_table_format(TableFormat(".csv", "CSV", _csv))
+register_table_format(TableFormat(".parquet", "Parquet", _parquet, needs=("pyarrow",), extra="parquet"))
 
 
 def table_format(path: str) -> TableFormat:
@@ -62,6 +61,6 @@ def table_format(path: str) -> TableFormat:
     return fmt
 
 
-def write_table(frame, path: str) -> None:
-    """Write ``frame`` to ``path`` in the format its suffix names."""
-    table_format(path).write(frame, path)
+def write_table(frame, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``frame`` to ``path`` (a local path or fsspec URL) in the format its suffix names, whole or not at all."""
+    locate(path, storage_options).write_bytes(table_format(path).encode(frame))

@@ -268,7 +268,8 @@ def write_history(out: RunFolder, history: Mapping[str, list[float]]) -> None:
         out.write_bytes(CURVES_FILE, _png(history_figure(history)))
 
 
-def evaluation_split(card: ModelCard, ds, spec: str | None, seed: int) -> Split:
+def evaluation_split(card: ModelCard, ds, spec: str | None, seed: int,
+                     storage_options: Mapping[str, Any] | None = None) -> Split:
     """The split to evaluate a saved model on: ``spec`` if given, else the model's own.
 
     The model's own is the records of each part as its card lists them (record splits), else its split
@@ -279,7 +280,8 @@ def evaluation_split(card: ModelCard, ds, spec: str | None, seed: int) -> Split:
         return by_records(saved["name"], saved["records"], [str(r) for r in ds["record_id"].values],
                           np.asarray(ds["record_offset"].values), np.asarray(ds["record_n_segments"].values),
                           {"from": "the model's metadata"})
-    return make_split(spec or saved.get("name") or get_task(ds.attrs.get("task")).default_split, ds, seed=seed)
+    return make_split(spec or saved.get("name") or get_task(ds.attrs.get("task")).default_split, ds, seed=seed,
+                      storage_options=storage_options)
 
 
 # -- the data ----------------------------------------------------------------------------------------------------

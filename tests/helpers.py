@@ -133,15 +133,24 @@ def make_db(root: Path, records: dict[str, dict], version: str = "0.0.1", sums: 
 
 
 @contextlib.contextmanager
-def dask_processes(tmp_path: Path, n_workers: int = 2, resources: str | None = None):
+def dask_processes(tmp_path: Path, n_workers: int = 2, resources: str | None = None, own_homes: bool = False):
     """Run `dask scheduler` and `dask worker` as separate processes on 127.0.0.1; yield the scheduler file.
 
     The `dask` commands themselves are the child processes (not a shell chain), so
-    terminating them stops the cluster.
+    terminating them stops the cluster. ``own_homes``: the workers run as on another machine, in their own
+    working folder (``tmp_path/worker``) with their own HOME, XDG_CACHE_HOME and TMPDIR under it.
     """
     bin_dir = Path(sys.executable).parent
     sched_file = tmp_path / "scheduler.json"
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    worker_env, worker_cwd = env, None
+    if own_homes:
+        worker_cwd = tmp_path / "worker"
+        for sub in ("home", "cache", "tmp"):
+            (worker_cwd / sub).mkdir(parents=True, exist_ok=True)
+        worker_env = {**env, "HOME": str(worker_cwd / "home"), "XDG_CACHE_HOME": str(worker_cwd / "cache"),
+                      "TMPDIR": str(worker_cwd / "tmp")}
+        worker_env.pop("ECG_PIPELINE_CACHE", None)
     procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
                                "--no-dashboard", "--scheduler-file", str(sched_file)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
@@ -155,7 +164,8 @@ def dask_processes(tmp_path: Path, n_workers: int = 2, resources: str | None = N
                                        "--nworkers", str(n_workers), "--nthreads", "1", "--no-dashboard",
                                        "--host", "127.0.0.1", "--local-directory", str(tmp_path / "dask-worker-space"),
                                        *extra],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=worker_env,
+                                      cwd=worker_cwd))
         from distributed import Client
 
         with Client(scheduler_file=str(sched_file), timeout=60) as c:

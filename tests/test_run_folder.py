@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from ecg_pipeline.pipeline import run_folder
+from ecg_pipeline.pipeline import locations, run_folder
 from ecg_pipeline.pipeline.errors import ConfigError
 from ecg_pipeline.pipeline.run_folder import (CHECKPOINT_FILE, LEGACY_BEST_FILE, MODEL_FILE, STATE_FILE, RunFolder,
                                               TrainState)
@@ -106,12 +106,39 @@ def test_resume_refuses_a_folder_that_is_not_this_run(tmp_path, how):
     assert out.exists(CHECKPOINT_FILE) and out.exists(MODEL_FILE)  # a refused folder keeps its run
 
 
-def test_a_file_or_a_remote_url_is_refused(tmp_path):
+def test_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         RunFolder.open(str(tmp_path / "file"), SPLIT, CONFIG)
-    with pytest.raises(ConfigError, match="local paths for now"):
-        RunFolder("s3://bucket/run")
+
+
+def test_a_run_folder_on_an_fsspec_url_lives_there_and_nowhere_else(tmp_path, monkeypatch, untrained_model):
+    """``memory://`` stands for any fsspec file system (the S3 test is in test_object_store.py): the whole
+    lifecycle, model files included, goes through fsspec, and nothing named after the URL appears on disk."""
+    import fsspec
+
+    from ecg_pipeline.pipeline.model_card import ModelCard
+    from ecg_pipeline.pipeline.models import load_model
+
+    monkeypatch.chdir(tmp_path)
+    url = "memory://runs/r1"
+    out, state = RunFolder.open(url, SPLIT, CONFIG)
+    assert state is None and out.root == url
+    out.write_state(TrainState(epoch=1, best_epoch=1, best_val_score=0.5, history={"loss": [1.0]}))
+    model, _ = load_model(untrained_model)
+    out.save_model(model, MODEL_FILE, ModelCard.read(untrained_model))
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        RunFolder.open(url, SPLIT, CONFIG)
+    again, state = RunFolder.open(url, SPLIT, CONFIG, resume=True)  # no checkpoint: starts afresh
+    assert state is None and not again.exists(MODEL_FILE)
+    out.save_model(model, MODEL_FILE, ModelCard.read(untrained_model))
+    assert out.read_card(MODEL_FILE).classes == ModelCard.read(untrained_model).classes
+    assert out.path(MODEL_FILE) == url + "/" + MODEL_FILE
+    fs = fsspec.filesystem("memory")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/runs/r1", detail=False)) == [
+        "config.yaml", MODEL_FILE, "split.json"]
+    assert os.listdir(tmp_path) == []
+    fs.rm("/runs", recursive=True)
 
 
 def test_a_write_that_fails_before_its_rename_leaves_the_old_file_whole(tmp_path, monkeypatch):
@@ -121,7 +148,7 @@ def test_a_write_that_fails_before_its_rename_leaves_the_old_file_whole(tmp_path
     def crash(src, dst):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(run_folder.os, "replace", crash)
+    monkeypatch.setattr(locations.os, "replace", crash)
     with pytest.raises(OSError, match="disk gone"):
         out.write_json("run.json", {"a": 2})
     monkeypatch.undo()

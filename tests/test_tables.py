@@ -16,14 +16,17 @@ def test_csv_roundtrip_and_unknown_suffix(tmp_path):
 
 
 def test_a_registered_format_is_used_and_its_needs_are_checked(tmp_path):
-    written = []
-    fmt = tables.TableFormat(".tsv-test", "TSV", lambda frame, path: written.append(path), needs=("no_such_module_x",))
+    def tsv(frame) -> bytes:
+        return frame.to_csv(sep="\t", index=False).encode()
+
+    fmt = tables.TableFormat(".tsv-test", "TSV", tsv, needs=("no_such_module_x",))
     tables.register_table_format(fmt)
     try:
         with pytest.raises(PipelineError, match="TSV needs no_such_module_x"):
             tables.write_table(pd.DataFrame({"a": [1]}), str(tmp_path / "t.tsv-test"))
-        tables.register_table_format(tables.TableFormat(".tsv-test", "TSV", lambda frame, path: written.append(path)))
-        tables.write_table(pd.DataFrame({"a": [1]}), str(tmp_path / "t.tsv-test"))
-        assert written == [str(tmp_path / "t.tsv-test")]
+        assert not (tmp_path / "t.tsv-test").exists()
+        tables.register_table_format(tables.TableFormat(".tsv-test", "TSV", tsv))
+        tables.write_table(pd.DataFrame({"a": [1], "b": [2]}), str(tmp_path / "t.tsv-test"))
+        assert (tmp_path / "t.tsv-test").read_text() == "a\tb\n1\t2\n"
     finally:
         tables._REGISTRY.pop(".tsv-test")
