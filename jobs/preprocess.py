@@ -33,6 +33,7 @@ from distributed import Client, as_completed
 
 from .common import NoProgress, ProgressBar
 from ..pipeline import download, labels, lease, preprocessing, sources, store
+from ..pipeline.cluster import on_worker
 from ..pipeline.config import PreprocessConfig, load_config
 from ..pipeline.databases import Database, get_database
 from ..pipeline.errors import DownloadError, PipelineError
@@ -173,8 +174,8 @@ def _list_source(client: Client, source: sources.RecordSource, label_source: Lab
                  request: PreprocessRequest, policy: download.RetryPolicy) -> tuple[sources.Listing, LabelSource]:
     """The source's listing and the label source with its table read (``labels.load_table``), on a worker."""
     listing: sources.Listing
-    listing, label_source = client.submit(preprocessing.prepare_listing, source, label_source, request.cache_dir,
-                                          policy, pure=False).result()
+    listing, label_source = client.submit(on_worker, preprocessing.prepare_listing, source, label_source,
+                                          request.cache_dir, policy, pure=False).result()
     if listing.missing:
         log.warning("source lacks %d file(s) that SHA256SUMS.txt lists: %s", len(listing.missing),
                     ", ".join(listing.missing))

@@ -30,9 +30,10 @@ from typing import Any, Callable, Mapping
 from distributed import Client, as_completed
 
 from ..pipeline import lease, scores, scoring, sources, tables
+from ..pipeline.cluster import on_worker
 from ..pipeline.config import ScoreConfig
-from ..pipeline.model_runtime import ModelFile, ModelPlugin
 from ..pipeline.locations import locate
+from ..pipeline.model_runtime import ModelFile, ModelPlugin, register_model
 from ..pipeline.scores import sidecar, summary_path  # noqa: F401 - part of this job's API
 from ..pipeline.scoring import ScoreReport, ScoringContext
 from .common import NoProgress
@@ -140,7 +141,7 @@ def _listed_records(client: Client, source: sources.RecordSource, request: Score
                     ) -> tuple[sources.RecordSource, tuple[str, ...], dict[str, str]]:
     """The prepared source, the records to score (``--records`` checked against the listing) and, for tasks that
     read label tables, the reference classes (``--labels``, or a ``REFERENCE.csv`` in the source)."""
-    listing, table = client.submit(scoring.list_records, source, request.cache_dir, request.config.download,
+    listing, table = client.submit(on_worker, scoring.list_records, source, request.cache_dir, request.config.download,
                                    label_table and not request.labels, pure=False).result()
     names = listing.records
     if request.labels and label_table:
@@ -189,7 +190,7 @@ def _score(client: Client, plugin: ModelPlugin, ctx: ScoringContext, source, tod
     t = time.perf_counter()
     try:
         try:  # every worker loads the model now: a refused model raises here, and leaves no empty store behind
-            client.register_plugin(plugin)
+            register_model(client, plugin)
         except Exception:
             run.writer.discard_if_new_and_empty()
             raise

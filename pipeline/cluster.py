@@ -203,3 +203,25 @@ def dask_client(
         if quiet_task_errors:
             client.register_plugin(_QuietTaskErrors())
         yield client
+
+
+def on_worker(fn, *args):
+    """``fn(*args)`` run as a task: a job-level error it raises names the worker it was raised on.
+
+    A worker sees other files, credentials and networks than the driver (another machine, another HOME): an
+    unreachable source or store is then that worker's view, and the message says which worker had it.
+    """
+    from .errors import PipelineError
+
+    try:
+        return fn(*args)
+    except (PipelineError, OSError) as exc:
+        from distributed import get_worker
+
+        try:
+            where = get_worker().address
+        except ValueError:  # not on a worker (a synchronous scheduler): nothing to add
+            raise exc from None
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (f"{exc.args[0]} (seen on Dask worker {where})", *exc.args[1:])
+        raise

@@ -176,3 +176,33 @@ def predict(model, x: Any, batch_size: int) -> np.ndarray:
 
     return np.concatenate([np.asarray(model.predict_on_batch(part(i)), dtype=np.float32)
                            for i in range(0, n, batch_size)])
+
+
+def register_model(client, plugin: ModelPlugin, attempts: int = 5) -> None:
+    """Send the model to every worker of ``client`` (``register_plugin``), surviving workers lost meanwhile.
+
+    The scheduler keeps the plugin from the first attempt on, so workers that join later (a lost worker's
+    replacement) load it too; a worker lost while the plugin was being sent makes the broadcast fail
+    (``CommClosedError``: "Stream is closed"), and the registration is repeated for the workers still there
+    (cheap: a worker that loaded these bytes takes them from ``LOADED``). A model that fails to load is not
+    retried: its ``ModelError`` is raised.
+
+    Raises
+    ------
+    models.ModelError
+        A worker refused the model.
+    OSError
+        Workers kept being lost ``attempts`` times in a row.
+    """
+    import logging
+
+    for attempt in range(1, attempts + 1):
+        try:
+            client.register_plugin(plugin)
+            return
+        except OSError as exc:  # distributed's CommClosedError and StreamClosedError are OSErrors
+            if attempt == attempts:
+                raise
+            logging.getLogger(__name__).warning(
+                "a worker was lost while the model was being sent to the workers (%s: %s); sending it again",
+                type(exc).__name__, exc)

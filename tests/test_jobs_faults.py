@@ -513,3 +513,39 @@ def test_a_disk_that_refuses_writes_fails_the_records_counts_nothing_and_a_rerun
     assert a.attrs["segments_per_class"] == b.attrs["segments_per_class"]
     np.testing.assert_array_equal(a.spectrogram.values, b.spectrogram.values)
     np.testing.assert_array_equal(a.label.values, b.label.values)
+
+
+@pytest.mark.realdata
+def test_a_worker_lost_while_the_model_is_sent_costs_only_redone_work(untrained_model, mirror, tmp_path):
+    """`dask scheduler` + `dask worker` processes; SIGKILL a worker once it has begun loading the model (the
+    broadcast of the model plugin is then still waiting for it): the job sends the model again, ends with 0, and
+    its store equals a clean run's."""
+    from distributed import Client
+
+    from helpers import dask_processes
+    from ecg_pipeline.pipeline.scores import open_scores
+
+    args = ["score", "--model", str(untrained_model), "--input", str(mirror / "mitdb" / "1.0.0"), "--records",
+            "100,101", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    with dask_processes(tmp_path, n_workers=2) as sched:
+        with Client(scheduler_file=str(sched), timeout=60) as c:
+            pids = list(c.run(os.getpid).values())
+        log = tmp_path / "driver"
+        driver = _start([*args, "--out", str(tmp_path / "a.zarr"), "--scheduler-file", str(sched)], log)
+        try:
+            victim = _wait_for("a worker loading the model",
+                               lambda: next((p for p in pids if _maps_tensorflow([p])), None), driver, log)
+            os.kill(victim, signal.SIGKILL)
+            assert driver.wait(timeout=600) == 0, _output(log)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        assert "lost while the model was being sent" in _output(log)
+        clean = _run([*args, "--out", str(tmp_path / "b.zarr"), "--scheduler-file", str(sched)])
+        assert clean.returncode == 0, clean.stderr[-3000:]
+    got, ref = open_scores(str(tmp_path / "a.zarr")), open_scores(str(tmp_path / "b.zarr"))
+    assert set(got.record_status.values) == {"ok"} and sorted(got.record_id.values) == ["100", "101"]
+    for rec in ("100", "101"):  # records are committed in the order they finish
+        a, b = got.record.values == rec, ref.record.values == rec
+        np.testing.assert_array_equal(got.anchor.values[a], ref.anchor.values[b])
+        np.testing.assert_array_equal(got.probability.values[a], ref.probability.values[b])

@@ -3,6 +3,7 @@ on a real local Dask cluster: good records, every kind of bad input, and resumin
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -168,6 +169,8 @@ def test_cli_unreachable_source_and_bad_config(tmp_path):
     r = _cli("preprocess", "mitdb", "--source", "http://127.0.0.1:9/", "--out", str(tmp_path / "x.zarr"),
              "--workers", "1", "--no-progress", "--config", str(cfg))
     assert r.returncode == 2 and "ecg-pipeline: error:" in r.stderr and "127.0.0.1:9" in r.stderr
+    # The listing ran on a worker, which may see another network than the driver: the message says so.
+    assert re.search(r"seen on Dask worker tcp://127\.0\.0\.1:\d+", r.stderr), r.stderr
     # One clear line: neither distributed's "Compute Failed" record of the task nor a traceback (those need -v).
     assert "Traceback" not in r.stderr and "Compute Failed" not in r.stderr, r.stderr
     assert [line for line in r.stderr.splitlines() if "error" in line.lower()] == \
