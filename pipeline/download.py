@@ -169,6 +169,29 @@ def _cause(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def check_in_place(folder: Path, name: str, expected_sha256: str | None) -> FetchResult:
+    """A file of a local (or network) folder, read where it is: hashed and checked against ``expected_sha256``.
+
+    Raises
+    ------
+    SourceNotFound
+        The folder has no such file.
+    ChecksumError
+        Its bytes do not match ``expected_sha256``.
+    """
+    start = time.perf_counter()
+    path = Path(folder) / name
+    try:
+        with open(path, "rb") as f:
+            got = hashlib.file_digest(f, "sha256").hexdigest()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise SourceNotFound(f"{name}: not found in {folder}") from None
+    if expected_sha256 is not None and got != expected_sha256:
+        raise ChecksumError(f"{name}: SHA-256 mismatch (SHA256SUMS.txt {expected_sha256[:12]}..., got {got[:12]}..., "
+                            f"{path.stat().st_size} bytes)")
+    return FetchResult(name, path, got, "verified" if expected_sha256 else "unlisted", 0, time.perf_counter() - start)
+
+
 def read_text(fs: AbstractFileSystem, path: str, policy: RetryPolicy = RetryPolicy()) -> str:
     """Read a small text file from the source, with retries."""
     return _retrying(path, policy, lambda: fs.cat_file(path)).decode("utf-8")

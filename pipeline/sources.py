@@ -21,8 +21,9 @@ The kinds:
 * ``RemoteSource``: a folder of any fsspec file system (``https://``, ``s3://``,
   ``file://``), a PhysioNet database folder ``<source>/<db>/<version>`` among them:
   records from its ``RECORDS`` file, else from a listing of ``.hea`` files; files
-  fetched into the cache through ``pipeline.download`` (retries, atomic writes) and
-  verified against ``SHA256SUMS.txt`` where the folder has one.
+  verified against ``SHA256SUMS.txt`` where the folder has one. Remote files are
+  fetched into the cache through ``pipeline.download`` (retries, atomic writes); a
+  folder on a local or network file system is read in place, never copied.
 * ``ArchiveSource``: a ``.zip``/``.tar(.gz)`` archive, local or at any fsspec URL,
   alone or as a member of a PhysioNet tree (then checked against the tree's
   ``SHA256SUMS.txt``): fetched, checked and extracted safely
@@ -259,8 +260,21 @@ class RemoteSource:
     def _root(self, policy: download.RetryPolicy):
         return download.open_source(self.url, policy)
 
+    @property
+    def in_place(self) -> Path | None:
+        """The folder itself when it is on a local (or network) file system: its files are read there, checked
+        against SHA256SUMS.txt, and never copied into the cache; None for remote URLs."""
+        protocol = fsspec.core.split_protocol(self.url)[0]
+        if protocol not in (None, "file"):
+            return None
+        return Path(fsspec.core.strip_protocol(self.url) if protocol else self.url).expanduser()
+
+    def _folder(self, cache: Path) -> Path:
+        """Where a record's files are read: the source folder itself (``in_place``), else the cache."""
+        return self.in_place or self.cache_dir(cache)
+
     def prepare(self, cache: Path | None = None, policy: download.RetryPolicy = download.RetryPolicy()) -> Listing:
-        if cache is not None:
+        if cache is not None and self.in_place is None:
             download.writable_folder(self.cache_dir(cache))
         fs, root = self._root(policy)
         try:
@@ -290,6 +304,8 @@ class RemoteSource:
         if expected is None and self.require_checksums:
             raise RecordError(record, "checksum", f"{name} is not listed in SHA256SUMS.txt (download.require_checksums)")
         try:
+            if self.in_place is not None:
+                return download.check_in_place(self.in_place, download.safe_name(name), expected)
             return download.fetch_file(fs, root, download.safe_name(name), cache, expected, policy)
         except ValueError as exc:
             raise RecordError(record, "download", str(exc)) from exc
@@ -307,7 +323,7 @@ class RemoteSource:
         except ValueError as exc:
             raise RecordError(record, "download", str(exc)) from exc
         fs, root = self._root(policy)
-        local = self.cache_dir(cache)
+        local = self._folder(cache)
         got = []
         try:
             got.append(self._get(fs, root, f"{record}.hea", local, record, policy))
@@ -334,11 +350,15 @@ class RemoteSource:
     def fetch_again(self, local: LocalRecord, cache: Path,
                     policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
         # Each file against the digest it had: a cheap marker check where it is cached, a verified
-        # download on a machine that has not seen it (a changed file then fails the record).
+        # download on a machine that has not seen it, a hash where it is read in place (a changed file then
+        # fails the record).
         fs, root = self._root(policy)
-        folder = self.cache_dir(cache)
+        folder = self._folder(cache)
         for name, digest in local.files:
             try:
+                if self.in_place is not None:
+                    download.check_in_place(folder, download.safe_name(name), digest)
+                    continue
                 download.fetch_file(fs, root, download.safe_name(name), folder, digest, policy)
             except (download.ChecksumError, SourceNotFound) as exc:
                 raise RecordError(local.record, "download", f"{name} changed at the source during the job ({exc})") from exc
@@ -349,6 +369,8 @@ class RemoteSource:
     def fetch_file(self, name: str, cache: Path, policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
         fs, root = self._root(policy)
         try:
+            if self.in_place is not None:
+                return download.check_in_place(self.in_place, download.safe_name(name), self.sha256.get(name)).path
             return download.fetch_file(fs, root, download.safe_name(name), self.cache_dir(cache),
                                        self.sha256.get(name), policy).path
         except ValueError as exc:

@@ -123,6 +123,29 @@ def test_rerun_finishes_failed_records_and_matches_a_clean_run(client, bad_db, t
     xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
 
 
+@pytest.mark.parametrize("as_url", [False, True])
+def test_a_local_source_is_read_in_place_checked_and_never_copied(client, tmp_path, as_url):
+    """A source on a local (or network) file system: the same store as over HTTP, nothing of it in the cache, its
+    files still checked against SHA256SUMS.txt (a changed file fails its record with the cause)."""
+    root = tmp_path / "src"
+    folder = make_db(root, _good_records(), VERSION)
+    with open(folder / "101.dat", "r+b") as f:  # a bit flipped after SHA256SUMS.txt was written
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    local = _run(client, root.as_uri() if as_url else str(root), tmp_path / "local.zarr")
+    cache = tmp_path / "local.zarr.cache"
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix in (".dat", ".hea", ".atr")]
+    status = {r.record: (r.status, r.error) for r in local.records}
+    assert status["101"][0] == "failed" and status["101"][1].startswith("checksum: 101.dat: SHA-256 mismatch"), status
+    with HTTPMirror(root) as srv:
+        remote = _run(client, srv.url, tmp_path / "http.zarr")
+    assert {r.record: r.status for r in remote.records} == {r: s for r, (s, _) in status.items()}
+    a, b = store.open_dataset(str(tmp_path / "local.zarr")), store.open_dataset(str(tmp_path / "http.zarr"))
+    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+
+
 def test_unknown_symbols_policies(client, tmp_path):
     root = tmp_path / "src"
     make_db(root, {"103": _good_records()["103"]}, VERSION)
