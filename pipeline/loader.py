@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 
 from .errors import StoreError
+from .locations import url_options
 from .store import LABEL, check_version, rebuild_hint
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def class_weights(counts: np.ndarray, how: Weighting) -> np.ndarray:
 def _open_group(path: str, storage_options: Mapping[str, Any] | None):
     try:
         return zarr.open_group(store=path, mode="r", zarr_format=3, use_consolidated=False,
-                               storage_options=dict(storage_options or {}) or None)
+                               storage_options=url_options(path, storage_options))
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"no Zarr store at {path}") from exc
 

@@ -30,7 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .errors import ConfigError
 
-__all__ = ["Location", "check_s3fs", "is_url", "locate", "parse_storage_options"]
+__all__ = ["Location", "check_s3fs", "is_url", "locate", "parse_storage_options", "url_options"]
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -265,6 +265,12 @@ def check_s3fs(installed: str | None = None) -> None:
     if parts < MIN_S3FS:
         raise ConfigError(f"s3fs {installed} is too old for s3:// URLs (needs >= {MIN_S3FS[0]}.{MIN_S3FS[1]}): "
                           'pip install "ecg-pipeline[s3]" (or "s3fs>=2024.6")')
+
+
+def url_options(path: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``storage_options`` for ``path`` as zarr and xarray take them: None for a local path (zarr refuses options
+    it would not use), the options for a URL. A job's options are for its URLs; its local paths need none."""
+    return dict(storage_options) if storage_options and is_url(path) else None
 
 
 def parse_storage_options(items: list[str] | tuple[str, ...] | None) -> dict[str, Any]:

@@ -43,6 +43,7 @@ import zarr
 from .. import schemas
 from . import store
 from .errors import StoreError
+from .locations import url_options
 
 SCHEMA_FILE = "scores-v3.json"
 KIND = "scores"  #: the ``kind`` attribute: tells a scores store from a spectrogram store
@@ -436,7 +437,7 @@ def open_scores(path: str, *, storage_options: Mapping[str, Any] | None = None,
         its job has not finished (unless ``require_complete=False``).
     """
     try:
-        ds = xr.open_zarr(path, consolidated=False, zarr_format=3, storage_options=storage_options or None,
+        ds = xr.open_zarr(path, consolidated=False, zarr_format=3, storage_options=url_options(path, storage_options),
                           chunks=None, decode_timedelta=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"no Zarr store at {path}") from exc

@@ -35,6 +35,7 @@ import zarr
 
 from .. import schemas
 from .errors import StoreError
+from .locations import url_options
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -129,7 +130,7 @@ def chunk_fingerprint(config_fingerprint: str, parts: Sequence[tuple[str, str, i
 
 
 def open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None):
-    return zarr.open_group(store=path, mode=mode, zarr_format=3, storage_options=dict(storage_options or {}) or None,
+    return zarr.open_group(store=path, mode=mode, zarr_format=3, storage_options=url_options(path, storage_options),
                            use_consolidated=False)
 
 
@@ -544,7 +545,7 @@ def open_dataset(
     import xarray as xr  # here, not at import: the loader imports this module into training processes
 
     try:
-        ds = xr.open_zarr(path, consolidated=False, zarr_format=3, storage_options=storage_options or None,
+        ds = xr.open_zarr(path, consolidated=False, zarr_format=3, storage_options=url_options(path, storage_options),
                           chunks=chunks if chunks is not None else {}, decode_timedelta=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"no Zarr store at {path}") from exc

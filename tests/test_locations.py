@@ -58,6 +58,14 @@ def test_exclusive_create_locally_has_one_winner(tmp_path):
     assert where.create(b"1") and not where.create(b"2") and where.read_bytes() == b"1"
 
 
+def test_storage_options_go_to_urls_only():
+    from ecg_pipeline.pipeline.locations import url_options
+
+    opts = {"endpoint_url": "http://127.0.0.1:9000"}
+    assert url_options("s3://b/x.zarr", opts) == opts and url_options("/data/x.zarr", opts) is None
+    assert url_options("file:///data/x.zarr", opts) is None and url_options("s3://b/x.zarr", None) is None
+
+
 def test_storage_options_from_the_command_line():
     got = parse_storage_options(["endpoint_url=http://127.0.0.1:9000", "anon=true", "default_block_size=5242880",
                                  "client_kwargs.region_name=eu-west-1", "profile=my=profile"])

@@ -181,6 +181,8 @@ def test_every_job_on_s3_with_workers_on_other_machines(s3, mirror, tmp_path):
     _ok(_cli("plot", store, "--no-waveforms", "--out", f"{base}/plots", *s3.cli, cwd=driver))
     r = _ok(_cli("inspect", scores, *s3.cli, cwd=driver))
     assert "119" in r.stdout
+    r = _ok(_cli("inspect", str(local), *s3.cli, cwd=driver))  # a local store in a job with storage options
+    assert "119" in r.stdout
 
     assert {"model.keras", "checkpoint.keras", "run.json", "metrics.json", "curves.png", "split.json",
             "config.yaml", "train_state.json"} <= set(s3.ls(run[len("s3://"):]))
