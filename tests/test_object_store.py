@@ -5,6 +5,7 @@ be. Also: exclusive create and the job lease on S3, two jobs started at one inst
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -162,8 +163,13 @@ def test_every_job_on_s3_with_workers_on_other_machines(s3, mirror, tmp_path):
     records = mirror / "mitdb" / "1.0.0"
     with dask_processes(tmp_path, n_workers=2, own_homes=True) as sched:
         cluster = ["--scheduler-file", str(sched)]
-        _ok(_cli("preprocess", "mitdb", "--source", mirror.as_uri(), "--records", "100,119,208", "--out", store,
-                 "--no-progress", *cluster, *s3.cli, cwd=driver))
+        pre = ["preprocess", "mitdb", "--source", mirror.as_uri(), "--records", "100,119,208", "--no-progress",
+               *cluster]
+        _ok(_cli(*pre, "--out", store, *s3.cli, cwd=driver))
+        _ok(_cli(*pre, "--out", store, "--report", f"{base}/resume.json", *s3.cli, cwd=driver))  # resumes: no chunk
+        resumed = json.loads(s3.fs.cat(f"{base}/resume.json"[len("s3://"):]))
+        assert resumed["chunks_written"] == 0 and resumed["chunks_skipped"] == resumed["chunks_total"] > 0
+        _ok(_cli(*pre, "--out", str(tmp_path / "local.zarr"), cwd=driver))
         r = _ok(_cli("train", "--store", store, "--split", f"{base}/split.yaml", "--config", f"{base}/train.yaml",
                      "--epochs", "1", "--out", run, "--resources", "none", *cluster, *s3.cli, cwd=driver))
         assert run in r.stdout
@@ -191,7 +197,13 @@ def test_every_job_on_s3_with_workers_on_other_machines(s3, mirror, tmp_path):
     assert {"scores-119-overview.png", "mitdb-gallery.png"} <= set(s3.ls(f"{base}/plots"[len("s3://"):]))
     assert _no_url_folders(tmp_path) == []
 
+    import xarray as xr
+
     from ecg_pipeline.pipeline.scores import open_scores
+    from ecg_pipeline.pipeline.store import open_dataset
+
+    xr.testing.assert_identical(open_dataset(store, storage_options=s3.options).drop_attrs(),
+                                open_dataset(str(tmp_path / "local.zarr")).drop_attrs())
 
     remote, here = open_scores(scores, storage_options=s3.options), open_scores(str(local))
     np.testing.assert_array_equal(remote.anchor.values, here.anchor.values)
