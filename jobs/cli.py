@@ -211,10 +211,11 @@ def _add_score(sub) -> None:
             "  ecg-pipeline score --model runs/mitdb/model.keras --input recordings.zip --out scores.zarr\n"
             "  ecg-pipeline score --model runs/mitdb/model.keras --db mitdb --records 100,101 --out s.zarr\n"
             "  ecg-pipeline score --model runs/cinc2017/model.keras --input path/to/A00003   # prints probabilities\n"
+            "  ecg-pipeline score --model runs/mitdb/model.keras --input mitdb/208 --format csv  # one row per beat\n"
             "  ecg-pipeline score ... --scheduler tcp://10.0.0.5:8786\n\n"
             "writes: --out (Zarr: probability, predicted, reference per beat; per-record table), the summary\n"
             "table (--summary, default <out stem>.records.csv: scores.zarr -> scores.records.csv) and, with a\n"
-            "reference, <out stem>.metrics.json\n\n"
+            "reference, <out stem>.metrics.json; with --wfdb-out, one WFDB annotation file per record\n\n"
             "exit status: 0 every record scored, 1 some records failed (listed), 2 the job could not run"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -238,6 +239,13 @@ def _add_score(sub) -> None:
     sc.add_argument("--summary", metavar="FILE",
                     help=f"per-record table: a file ending in {', '.join(TABLE_FORMATS)} (.parquet needs pyarrow; "
                          "default: <out without .zarr>.records.csv)")
+    sc.add_argument("--format", choices=("text", "csv", "json"), default="text",
+                    help="a single record without --out (scored in this process, no cluster): text (default), or "
+                         "one row per beat or window with its class probabilities as csv or json")
+    sc.add_argument("--wfdb-out", metavar="DIR",
+                    help="also write each scored record as a WFDB annotation file DIR/<record>.ecgp (beats: their "
+                         "class as WFDB code N S V F Q; rhythm: (AFIB-style notes), for wfdb.rdann, WFDB viewers "
+                         "and bxb/rxr (path or fsspec URL)")
     sc.add_argument("--config", metavar="FILE", help="YAML scoring configuration (schemas/score-config.schema.json)")
     sc.add_argument("--print-config", action="store_true", help="print the effective configuration as YAML and exit")
     _cluster_args(sc, "submit to this Dask scheduler (tcp://host:8786); folder and archive inputs must be on a "
@@ -425,6 +433,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise PipelineError("--model and --out are required (--out may be left out for a single record)")
     if not args.input and not args.db:
         raise PipelineError("give --input (a folder, archive or URL), or --db (with --source) for a PhysioNet database")
+    if one and not args.out and not (args.scheduler or args.scheduler_file):
+        return _predict_one(args, one, config, options)
     from ..pipeline.model_card import ModelCard
     from ..pipeline.scores import summary_path
     from .score import ScoreRequest, check_summary, run_scoring
@@ -440,7 +450,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                                db=args.db, version=args.db_version, records=(one[1],) if one else args.records,
                                annotations=annotations, config=config, cache_dir=args.cache_dir,
                                work_dir=args.work_dir, summary=args.summary, overwrite=args.overwrite,
-                               labels=args.labels, storage_options=options)
+                               labels=args.labels, storage_options=options, wfdb_out=args.wfdb_out)
         from ..pipeline.lease import hold
 
         with hold(out, "score", storage_options=options), _cluster(args, n_workers=args.workers) as client:  # the lease first, as above
@@ -448,7 +458,23 @@ def cmd_score(args: argparse.Namespace) -> int:
             sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
             report = run_scoring(request, client, progress=_progress(not args.no_progress, unit="record"))
         sys.stdout.write(report.records_text() if one else report.text())
+        if args.wfdb_out:
+            sys.stdout.write(f"WFDB annotations: {args.wfdb_out}/<record>.ecgp (read with wfdb.rdann(record, 'ecgp'))\n")
     return EXIT_OK if report.ok else EXIT_RECORDS_FAILED
+
+
+def _predict_one(args: argparse.Namespace, one: tuple[str, str], config, options) -> int:
+    """``score --input RECORD`` without ``--out``: the record scored in this process, no cluster."""
+    from ..pipeline.predict_one import score_one
+
+    annotations = None if args.no_annotations else (args.annotations or "auto")
+    result = score_one(args.model, one[0], one[1], config, annotations=annotations, labels=args.labels,
+                       cache_dir=args.cache_dir, storage_options=options)
+    if args.format == "csv":
+        sys.stdout.write(result.frame().to_csv(index=False) if result.ok else result.text())
+    else:
+        sys.stdout.write(result.to_json() if args.format == "json" else result.text())
+    return EXIT_OK if result.ok else EXIT_RECORDS_FAILED
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

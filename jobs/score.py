@@ -36,6 +36,7 @@ from ..pipeline.locations import locate
 from ..pipeline.model_runtime import ModelFile, ModelPlugin, register_model
 from ..pipeline.scores import sidecar, summary_path  # noqa: F401 - part of this job's API
 from ..pipeline.scoring import ScoreReport, ScoringContext
+from ..pipeline.wfdb_out import DEFAULT_EXTENSION, write_wfdb_annotations
 from .common import NoProgress
 from .preprocess import plan_batch_size
 
@@ -69,6 +70,11 @@ class ScoreRequest:
     labels
         Tasks that read label tables (rhythm): a ``record,label`` file of reference classes; None: a
         ``REFERENCE.csv`` beside the records, if there is one.
+    storage_options
+        fsspec options of the job's URLs (``out``, ``model``, ``summary``, ``wfdb_out``).
+    wfdb_out
+        Folder (path or URL) for each scored record's WFDB annotation file ``<record>.ecgp``
+        (``pipeline.wfdb_out``); None: none written.
     """
 
     model: str
@@ -86,6 +92,7 @@ class ScoreRequest:
     overwrite: bool = False
     storage_options: Mapping[str, Any] | None = None
     labels: str | None = None
+    wfdb_out: str | None = None
 
 
 def check_summary(path: str) -> None:
@@ -266,6 +273,9 @@ def _finish(request: ScoreRequest, model: ModelFile, source, names, todo, writer
         tables.write_table(frame, sidecar(request.out, suffix), request.storage_options)
     if metrics:
         locate(sidecar(request.out, ".metrics.json"), request.storage_options).write_text(json.dumps(metrics, indent=2))
+    if request.wfdb_out:
+        n = len(write_wfdb_annotations(request.out, request.wfdb_out, storage_options=request.storage_options))
+        log.info("wrote %d WFDB annotation files (.%s) to %s", n, DEFAULT_EXTENSION, request.wfdb_out)
     return ScoreReport(
         out=request.out, summary=summary, input=source.description, n_records=len(names), n_scored=len(todo),
         n_skipped=len(names) - len(todo), failed=failed, beats_per_class=per_class,

@@ -146,5 +146,9 @@ class BeatTask(Task):
         unreadable = f"  ({100 * u:.1f}% unreadable, predicted Q)" if u > 0 else ""
         return f"{row['record']}: {int(row['n_segments']):,} beats  {counts}{unreadable}"
 
+    def wfdb_annotations(self, view) -> tuple[np.ndarray, list[str], list[str]]:
+        # The AAMI classes are WFDB beat codes themselves (N, S, V, F, Q), which bxb maps to the same classes.
+        return np.asarray(view.anchor, np.int64), [str(c) for c in view.predicted], [""] * len(view.anchor)
+
 
 register_task(BeatTask())

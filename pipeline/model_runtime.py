@@ -164,18 +164,7 @@ def limit_tf_threads(n: int) -> None:
         pass  # TensorFlow already ran in this process: its pools are fixed
 
 
-def predict(model, x: Any, batch_size: int) -> np.ndarray:
-    """Class probabilities of ``x`` (an array, or arrays by input name) in batches (``predict_on_batch``: no
-    per-call dataset set-up)."""
-    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
-    if not n:
-        return np.zeros((0, model.output_shape[-1]), np.float32)
-
-    def part(i: int):
-        return {k: v[i:i + batch_size] for k, v in x.items()} if isinstance(x, dict) else x[i:i + batch_size]
-
-    return np.concatenate([np.asarray(model.predict_on_batch(part(i)), dtype=np.float32)
-                           for i in range(0, n, batch_size)])
+predict = models.predict_in_batches  #: the name the scoring tasks and tests know it by
 
 
 def register_model(client, plugin: ModelPlugin, attempts: int = 5) -> None:

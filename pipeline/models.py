@@ -377,6 +377,20 @@ def average_members(members: Sequence[Any]):
     return keras.Model(feed, mean, name=f"mean_of_{len(members)}")
 
 
+def predict_in_batches(model, x: Any, batch_size: int) -> np.ndarray:
+    """Class probabilities of ``x`` (an array, or arrays by input name) in batches (``predict_on_batch``: no
+    per-call dataset set-up)."""
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    if not n:
+        return np.zeros((0, model.output_shape[-1]), np.float32)
+
+    def part(i: int):
+        return {k: v[i:i + batch_size] for k, v in x.items()} if isinstance(x, dict) else x[i:i + batch_size]
+
+    return np.concatenate([np.asarray(model.predict_on_batch(part(i)), dtype=np.float32)
+                           for i in range(0, n, batch_size)])
+
+
 def save_model(model, path: str | Path, metadata: Mapping[str, Any]) -> Path:
     """Save ``model`` in the native ``.keras`` format with ``metadata`` inside the archive."""
     path = Path(path)

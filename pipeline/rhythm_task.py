@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -22,6 +23,10 @@ from .errors import RecordError
 from .evaluate import classification_metrics, episode_agreement, format_report
 from .labels import RecordInput, RhythmAnnotations
 from .tasks import Task, register_task
+
+
+#: A rhythm model's class -> the rhythm note WFDB annotation files use for it (without the "(").
+WFDB_RHYTHM: Mapping[str, str] = MappingProxyType({"A": "AFIB", "N": "N", "O": "O"})
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,16 @@ class RhythmTask(Task):
             for rec, b in sorted(ann["records"].items()):
                 lines.append(f"    {rec:>10} {b['burden_model']:>13.1%} {b['burden_reference']:>10.1%}")
         return lines
+
+    def wfdb_annotations(self, view) -> tuple[np.ndarray, list[str], list[str]]:
+        # One rhythm annotation ("+") where each run of windows of one class starts, its class as WFDB's rhythm
+        # note: (AFIB for A, (N for N, (O for other rhythms (no WFDB code covers them all); noise is "~".
+        sample, symbol, aux = [], [], []
+        for start_s, _, c in scores.episodes(view.anchor, view.predicted, view.sig_len, view.fs):
+            sample.append(int(round(start_s * view.fs)))
+            symbol.append("~" if c == "~" else "+")
+            aux.append("" if c == "~" else "(" + WFDB_RHYTHM.get(c, c))
+        return np.asarray(sample, np.int64), symbol, aux
 
     def record_text(self, row: Mapping[str, Any], classes: Sequence[str]) -> str:
         probs = "  ".join(f"{c} {p:.3f}" for c, p in zip(classes, row["probability"]))

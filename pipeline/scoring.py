@@ -18,11 +18,12 @@ the store's layout or the driver's loop.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -179,10 +180,10 @@ class PieceScores:
     model_load: str = ""  #: which load of the model scored it (worker, process, time)
 
 
-def score_piece(ctx: ScoringContext, source: sources.RecordSource, plan: ScoringPlan, index: int = 0) -> PieceScores:
-    """Task: score piece ``index`` of a planned record with the worker's model. Problems become ``scores.status``."""
-    from distributed import get_worker
-
+def score_piece(ctx: ScoringContext, source: sources.RecordSource, plan: ScoringPlan, index: int = 0,
+                predict: Callable[[Any], np.ndarray] | None = None) -> PieceScores:
+    """Task: score piece ``index`` of a planned record with the worker's model (``predict``: a model of this
+    process instead, for one record scored without a cluster). Problems become ``scores.status``."""
     t0 = time.perf_counter()
     result = plan.scores(ctx.card.task)
     result.seconds = 0.0
@@ -191,11 +192,14 @@ def score_piece(ctx: ScoringContext, source: sources.RecordSource, plan: Scoring
     try:
         with timer("read"):
             base = source.fetch_again(plan.local, ctx.cache(), ctx.policy)
-        model = get_worker().plugins[ctx.plugin]
-        out.model_load = model.load_id
+        if predict is None:
+            from distributed import get_worker
+
+            model = get_worker().plugins[ctx.plugin]
+            out.model_load = model.load_id
+            predict = functools.partial(model.predict, batch_size=ctx.config.batch_size)
         start, stop = plan.pieces[index]
-        ctx.task.score_piece(ctx, base, plan, start, stop, lambda x: model.predict(x, ctx.config.batch_size),
-                             result, timer)
+        ctx.task.score_piece(ctx, base, plan, start, stop, predict, result, timer)
     except RecordError as exc:
         result.status, result.error = "failed", f"{exc.stage}: {exc.message}"
     except Exception as exc:  # noqa: BLE001 - one bad record must not sink the job

@@ -27,7 +27,7 @@ class Task:
     Scoring members (``pipeline.scoring`` calls them; ``card`` is a ``model_card.ModelCard``, ``ctx`` a
     ``scoring.ScoringContext``): ``min_seconds``, ``check_record``, ``default_annotator``,
     ``scores_attrs``, ``score_piece``, ``merge``, ``store_metrics``, ``side_tables``, ``report_lines``,
-    ``record_text``.
+    ``record_text``, ``wfdb_annotations``.
     """
 
     name: ClassVar[str]
@@ -118,6 +118,11 @@ class Task:
     def record_text(self, row: Mapping[str, Any], classes) -> str:
         """One record's verdict, for ``score`` of a single record."""
         return f"{row['record']}: {int(row['n_segments']):,} {self.unit}"
+
+    def wfdb_annotations(self, view) -> tuple[np.ndarray, list[str], list[str]]:
+        """``(sample, symbol, aux_note)`` of one scored record (``scores.RecordView``) as WFDB annotations
+        (``pipeline.wfdb_out``): beats with their class's symbol, rhythm runs as ``(AFIB``-style notes."""
+        raise NotImplementedError(f"{self.name} scores have no WFDB annotation form")
 
 
 _TASKS: dict[str, Task] = {}

@@ -4,6 +4,7 @@ pipeline used to refuse or misread. Every input is built here, small, as real fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -352,15 +353,18 @@ def test_a_cache_that_cannot_be_written_is_one_line_before_any_work(job, mirror,
     (tmp_path / "a-file").write_text("")
     out = tmp_path / "out.zarr"
     cache = tmp_path / "a-file" / "cache"
-    if job == "preprocess":
-        args = ["preprocess", "mitdb", "--source", mirror.as_uri(), "--records", "100,101"]
-    else:  # an archive input is extracted under the cache
-        with zipfile.ZipFile(tmp_path / "in.zip", "w") as z:
-            for ext in ("hea", "dat"):
-                z.write(mirror / "mitdb" / "1.0.0" / f"100.{ext}", f"100.{ext}")
-        args = ["score", "--model", str(untrained_model), "--input", str(tmp_path / "in.zip")]
-    r = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", *args, "--out", str(out), "--workers", "1",
-                        "--no-progress", "--cache-dir", str(cache)], capture_output=True, text=True, timeout=300)
+    with contextlib.ExitStack() as stack:
+        if job == "preprocess":  # a remote source is fetched into the cache (a local one is read in place)
+            http = stack.enter_context(HTTPMirror(mirror))
+            args = ["preprocess", "mitdb", "--source", http.url, "--records", "100,101"]
+        else:  # an archive input is extracted under the cache
+            with zipfile.ZipFile(tmp_path / "in.zip", "w") as z:
+                for ext in ("hea", "dat"):
+                    z.write(mirror / "mitdb" / "1.0.0" / f"100.{ext}", f"100.{ext}")
+            args = ["score", "--model", str(untrained_model), "--input", str(tmp_path / "in.zip")]
+        r = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", *args, "--out", str(out), "--workers",
+                            "1", "--no-progress", "--cache-dir", str(cache)], capture_output=True, text=True,
+                           timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
     assert re.search(rf"error: download cache {re.escape(str(cache))}\S*: cannot write there \(NotADirectoryError",
                      r.stderr), r.stderr

@@ -282,6 +282,18 @@ def test_one_record_prints_its_class_probabilities(cinc, mirror, tmp_path):
     values = dict(zip(probs.split()[1::2], map(float, probs.split()[2::2])))
     assert list(values) == CLASSES and sum(values.values()) == pytest.approx(1.0, abs=5e-3)
     assert line.split()[1] == max(values, key=values.get)
+    assert "Dask dashboard" not in r.stderr  # scored in this process: no cluster was started
+    # As JSON, and the same figures as the scoring job gives the record in a store.
+    got = json.loads(_ok(_cli("score", "--model", str(cinc["run"] / "model.keras"), "--input",
+                              str(folder / test[0]), "--format", "json")).stdout)
+    _ok(_cli("score", "--model", str(cinc["run"] / "model.keras"), "--input", str(folder), "--out",
+             str(tmp_path / "s.zarr"), "--workers", "1", "--no-progress"))
+    from ecg_pipeline.pipeline.scores import open_scores
+
+    ds = open_scores(str(tmp_path / "s.zarr"))
+    assert got["predicted"] == str(ds.record_predicted.values[0]) == line.split()[1]
+    np.testing.assert_allclose([got["probability"][c] for c in CLASSES], ds.record_probability.values[0], atol=1e-5)
+    assert [s["sample"] for s in got["segments"]] == ds.anchor.values.tolist()
 
 
 @pytest.fixture(scope="module")

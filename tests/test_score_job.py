@@ -81,8 +81,58 @@ def ds2(mirror, model, work):
     out = work / "ds2.zarr"
     with HTTPMirror(mirror) as http:
         r = _ok(_cli("score", "--model", str(model), "--db", "mitdb", "--source", http.url, "--records",
-                     ",".join(DS2), "--out", str(out), "--workers", "2", "--no-progress"))
+                     ",".join(DS2), "--out", str(out), "--workers", "2", "--no-progress", "--wfdb-out",
+                     str(work / "ds2-wfdb")))
     return out, r
+
+
+def test_one_record_is_scored_in_this_process_beat_by_beat_as_the_job_scores_it(ds2, model, mirror, tmp_path):
+    """`score --input <record>` without --out: no cluster; a table of beats (csv) with the same beats, classes and
+    probabilities as the job gave the record in DS2's store."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    for ext in ("hea", "dat", "atr"):
+        shutil.copy(mirror / "mitdb" / "1.0.0" / f"100.{ext}", folder)
+    r = _ok(_cli("score", "--model", str(model), "--input", str(folder / "100"), "--format", "csv"))
+    assert "Dask dashboard" not in r.stderr
+    import io
+
+    got = pd.read_csv(io.StringIO(r.stdout), dtype={"record": str}, keep_default_na=False)
+    ds = open_scores(str(ds2[0]))
+    mine = ds.record.values == "100"
+    np.testing.assert_array_equal(got["sample"].to_numpy(), ds.anchor.values[mine])
+    assert got["predicted"].tolist() == [str(c) for c in ds.predicted.values[mine]]
+    np.testing.assert_allclose(got[[f"p_{c}" for c in CLASSES]].to_numpy(), ds.probability.values[mine], atol=1e-4)
+    text = _ok(_cli("score", "--model", str(model), "--input", str(folder / "100"))).stdout
+    assert text.splitlines()[0].split()[:4] == ["record", "sample", "time_s", "predicted"]
+    assert text.rstrip().splitlines()[-1].startswith(f"100: {int(mine.sum()):,} beats")
+
+
+def test_ds2_as_wfdb_annotation_files_gives_wfdb_the_detector_figures_of_the_job(ds2, mirror, work):
+    """`score --wfdb-out`: each DS2 record's beats as <record>.ecgp, read back by wfdb.rdann; wfdb's own EC57
+    comparison (compare_annotations, 150 ms) against the .atr beats finds the job's true and false detections,
+    and as missed the job's missed beats plus the reference beats nearer a record end than a window's half-width
+    (which the job never scores, and counts apart): so the same Se and +P over the beats the job judges."""
+    from wfdb.processing import compare_annotations
+
+    out, r = ds2
+    ds = open_scores(str(out))
+    assert "WFDB annotations:" in r.stdout
+    total = {"tp": 0, "fn": 0, "fp": 0}
+    for rec in DS2:
+        got = wfdb.rdann(str(work / "ds2-wfdb" / rec), "ecgp")
+        mine = ds.record.values == rec
+        np.testing.assert_array_equal(got.sample, ds.anchor.values[mine])
+        assert got.symbol == [str(c) for c in ds.predicted.values[mine]] and got.fs == 360
+        ann = wfdb.rdann(str(mirror / "mitdb" / "1.0.0" / rec), "atr")
+        ref = label_beats(np.asarray(ann.sample), np.asarray(ann.symbol, dtype=object), LABEL_MAPS["aami-ec57"], "Q")
+        c = compare_annotations(np.asarray(ref.sample), got.sample, int(0.150 * got.fs))
+        row = {k: int(ds[f"record_{k}"].sel(record_id=rec)) for k in ("tp", "fn", "fp", "n_reference_edge")}
+        assert (c.tp, c.fp, c.fn) == (row["tp"], row["fp"], row["fn"] + row["n_reference_edge"]), (rec, row)
+        for k in total:
+            total[k] += row[k]
+    det = ds.attrs["reference_metrics"]["detector"]
+    assert total == {k: det[k] for k in total}
 
 
 def test_ds2_scores_agree_with_the_reference(ds2, model, mirror, work):
