@@ -97,11 +97,11 @@ def _add_preprocess(sub) -> None:
     )
     pre.add_argument("db", choices=sorted(DATABASES), metavar="DB", help=f"database ({', '.join(sorted(DATABASES))})")
     pre.add_argument("--out", help="output store: a path or fsspec URL (required unless --print-config)")
-    pre.add_argument("--version", dest="db_version", metavar="VERSION",
+    pre.add_argument("--db-version", "--version", dest="db_version", metavar="VERSION",
                      help="database version (default: the version the project knows, e.g. mitdb 1.0.0)")
-    pre.add_argument("--source", default=DEFAULT_SOURCE, metavar="URL",
+    pre.add_argument("--source", metavar="URL",
                      help="root of a PhysioNet-style file tree <db>/<version>/...: https://, http://, file://, "
-                          "s3:// or a local path (default: %(default)s)")
+                          f"s3:// or a local path (default: $ECG_PIPELINE_SOURCE, else {DEFAULT_SOURCE})")
     pre.add_argument("--records", type=_records_arg, metavar="LIST", help="comma-separated subset of records")
     pre.add_argument("--config", metavar="FILE", help="YAML configuration (schemas/preprocess-config.schema.json)")
     pre.add_argument("--print-config", action="store_true", help="print the effective configuration as YAML and exit")
@@ -182,6 +182,8 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--part", default="test", choices=("train", "val", "test"), help="part of the split (default: %(default)s)")
     ev.add_argument("--seed", type=int, help="intra-patient split seed (default: the model's training seed)")
     ev.add_argument("--out", help="also write metrics.json, classification_report.txt and plots here")
+    ev.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (there is one only when stdout is a terminal)")
     ev.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
 
 
@@ -223,8 +225,9 @@ def _add_score(sub) -> None:
     sc.add_argument("--model", help="model.keras written by `ecg-pipeline train` (loaded in Keras safe mode)")
     sc.add_argument("--input", metavar="PATH|URL", help="folder, .zip/.tar(.gz) archive, or fsspec URL of records")
     sc.add_argument("--db", metavar="DB", help="score a PhysioNet database instead of --input")
-    sc.add_argument("--source", metavar="URL", help=f"root of the PhysioNet-style tree for --db (default: {DEFAULT_SOURCE})")
-    sc.add_argument("--version", dest="db_version", metavar="VERSION", help="database version for --db")
+    sc.add_argument("--source", metavar="URL", help="root of the PhysioNet-style tree for --db (default: "
+                                                     f"$ECG_PIPELINE_SOURCE, else {DEFAULT_SOURCE})")
+    sc.add_argument("--db-version", "--version", dest="db_version", metavar="VERSION", help="database version for --db")
     sc.add_argument("--records", type=_records_arg, metavar="LIST", help="comma-separated subset of records")
     sc.add_argument("--out", help="scores store: a path or fsspec URL (optional for a single record: its "
                                   "probabilities are printed)")
@@ -334,15 +337,36 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         raise PipelineError("--out is required")
     from .preprocess import PreprocessRequest, run_preprocess
 
-    request = PreprocessRequest(db=args.db, out=args.out, version=args.db_version, source=args.source,
+    request = PreprocessRequest(db=args.db, out=args.out, version=args.db_version, source=_source(args),
                                 records=args.records, cache_dir=args.cache_dir, config=config,
                                 overwrite=args.overwrite, storage_options=options)
-    with job_cluster(args, args.out, "preprocess", n_workers=args.workers, storage_options=options) as client:
+    with _hint_source(args), job_cluster(args, args.out, "preprocess", n_workers=args.workers,
+                                         storage_options=options) as client:
         report = run_preprocess(request, client, progress=_progress(not args.no_progress))
     sys.stdout.write(report.text())
     if args.report:
         locate(args.report, options).write_text(json.dumps(report.to_dict(), indent=2, default=str))
     return EXIT_OK if report.ok else EXIT_RECORDS_FAILED
+
+
+@contextlib.contextmanager
+def _hint_source(args: argparse.Namespace):
+    """An unreachable default source (physionet.org) says how to use another one."""
+    from ..pipeline.sources import SourceUnreachable
+
+    try:
+        yield
+    except SourceUnreachable as exc:
+        if args.source or os.environ.get("ECG_PIPELINE_SOURCE") or getattr(args, "input", None):
+            raise
+        raise SourceUnreachable(f"{exc}. To read a copy of the database instead, pass --source (a local folder, or "
+                                "a file://, http(s):// or s3:// URL of a PhysioNet-style tree) or set "
+                                "ECG_PIPELINE_SOURCE") from None
+
+
+def _source(args: argparse.Namespace) -> str:
+    """``--source``, else ``$ECG_PIPELINE_SOURCE``, else physionet.org."""
+    return args.source or os.environ.get("ECG_PIPELINE_SOURCE") or DEFAULT_SOURCE
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -414,7 +438,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..pipeline.evaluate import format_report
 
     metrics = run_evaluation(args.model, args.store, args.split, part=args.part, out=args.out, seed=args.seed,
-                             storage_options=parse_storage_options(args.storage_option))
+                             storage_options=parse_storage_options(args.storage_option),
+                             progress=not args.no_progress and sys.stdout.isatty())
     sys.stdout.write(format_report(metrics, f"{args.model} on {args.store}: {metrics['split']} split, {args.part} part"))
     return EXIT_OK
 
@@ -446,14 +471,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         out = args.out or os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "scores.zarr")
         annotations = None if args.no_annotations else (args.annotations or "auto")
-        request = ScoreRequest(model=args.model, out=out, input=one[0] if one else args.input, source=args.source,
+        request = ScoreRequest(model=args.model, out=out, input=one[0] if one else args.input, source=_source(args),
                                db=args.db, version=args.db_version, records=(one[1],) if one else args.records,
                                annotations=annotations, config=config, cache_dir=args.cache_dir,
                                work_dir=args.work_dir, summary=args.summary, overwrite=args.overwrite,
                                labels=args.labels, storage_options=options, wfdb_out=args.wfdb_out)
         from ..pipeline.lease import hold
 
-        with hold(out, "score", storage_options=options), _cluster(args, n_workers=args.workers) as client:  # the lease first, as above
+        with _hint_source(args), hold(out, "score", storage_options=options), \
+                _cluster(args, n_workers=args.workers) as client:  # the lease first, as above
             link = client.dashboard_link
             sys.stderr.write(f"Dask dashboard: {link}\n" if link else "Dask dashboard: not available\n")
             report = run_scoring(request, client, progress=_progress(not args.no_progress, unit="record"))

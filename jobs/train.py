@@ -139,7 +139,7 @@ def run_training(request: TrainRequest) -> TrainResult:
 
 def run_evaluation(model_path: str, store: str, split_spec: str | None = None, *, part: str = "test",
                    out: str | None = None, seed: int | None = None, batch_size: int = 512,
-                   storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   storage_options: Mapping[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     """Recompute the metrics of a saved model on a part of a split; write them to ``out`` if given.
 
     Without ``split_spec`` the model's own split is used: the records of each part as its
@@ -162,7 +162,7 @@ def run_evaluation(model_path: str, store: str, split_spec: str | None = None, *
     return evaluate(model, loader, Scorer.of(ds), split, part, store, str(model_path),
                     RunFolder(out, storage_options) if out else None,
                     f"{os.path.basename(str(model_path))}, {split.name} split, {part} part",
-                    {"flops_per_segment": flops_per_segment(model)})
+                    {"flops_per_segment": flops_per_segment(model)}, verbose=int(progress))
 
 
 def submit_training(request: TrainRequest, client, resources: Mapping[str, float] | None = None) -> TrainResult:

@@ -60,6 +60,10 @@ class SourceError(PipelineError):
     """An input that cannot be read as a set of records (the whole job stops)."""
 
 
+class SourceUnreachable(SourceError):
+    """The source did not answer (after the retries)."""
+
+
 @dataclass(frozen=True)
 class LocalRecord:
     """A record whose files are on local disk."""
@@ -280,7 +284,7 @@ class RemoteSource:
         try:
             manifest = download.read_manifest(fs, root, policy)
         except DownloadError as exc:
-            raise SourceError(f"{self.url}: unreachable: {exc}") from exc
+            raise SourceUnreachable(f"{self.url}: unreachable: {exc}") from exc
         names = manifest.records
         if names is None:
             try:
@@ -449,7 +453,7 @@ class ArchiveSource:
             try:
                 manifest = download.read_manifest(fs, root, policy)
             except DownloadError as exc:
-                raise SourceError(f"{self.checksums_from}: unreachable: {exc}") from exc
+                raise SourceUnreachable(f"{self.checksums_from}: unreachable: {exc}") from exc
             sha = manifest.sha256.get(self.archive.rstrip("/").rsplit("/", 1)[-1])
             if sha is None:
                 log.warning("%s: not listed in SHA256SUMS.txt: fetched unverified", self.archive)

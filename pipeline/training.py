@@ -203,19 +203,20 @@ class Scorer:
         return m, names, prob, y
 
 
-def predict_classes(model, loader: ZarrSegmentLoader) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and predicted class of every segment of ``loader``, in segment order."""
+def predict_classes(model, loader: ZarrSegmentLoader, verbose: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and predicted class of every segment of ``loader``, in segment order (``verbose`` 1:
+    Keras' progress bar)."""
     if not len(loader):
         return np.zeros((0, len(loader.classes)), np.float32), np.zeros(0, np.int64)
-    prob = model.predict(loader.dataset().map(lambda x, *rest: x), verbose=0)
+    prob = model.predict(loader.dataset().map(lambda x, *rest: x), verbose=verbose)
     return prob, prob.argmax(axis=1)
 
 
 def evaluate(model, loader: ZarrSegmentLoader, scorer: Scorer, split: Split, part: str, store: str,
              model_path: str, out: RunFolder | None, title: str,
-             extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             extra: Mapping[str, Any] | None = None, verbose: int = 0) -> dict[str, Any]:
     """Metrics of ``model`` on ``loader`` (a part of ``split``), with ``extra``; written to ``out`` when given."""
-    prob, _ = predict_classes(model, loader)
+    prob, _ = predict_classes(model, loader, verbose)
     metrics, names, prob, y = scorer(loader, prob)
     metrics.update(split=split.name, part=part, store=store, model=str(model_path), **dict(extra or {}))
     if out is not None:

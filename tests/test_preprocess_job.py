@@ -211,6 +211,34 @@ def test_cli_unreachable_source_and_bad_config(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not UTF-8 text" in r.stderr
 
 
+def test_the_source_comes_from_ecg_pipeline_source_and_the_default_source_says_how_to_change_it(tmp_path):
+    """$ECG_PIPELINE_SOURCE stands in for --source; an unreachable physionet.org (the default) suggests --source
+    (tested without reaching it: only 127.0.0.1 is contacted here)."""
+    import argparse
+    import os
+
+    from ecg_pipeline.jobs.cli import _hint_source
+    from ecg_pipeline.pipeline.sources import SourceUnreachable
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("download: {retries: 0}\n")
+    env = {**os.environ, "ECG_PIPELINE_SOURCE": "http://127.0.0.1:9/"}
+    r = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "preprocess", "mitdb", "--out",
+                        str(tmp_path / "x.zarr"), "--workers", "1", "--no-progress", "--config", str(cfg)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "http://127.0.0.1:9/mitdb/1.0.0: unreachable" in r.stderr, r.stderr
+    assert "pass --source" not in r.stderr  # the user chose that source
+    no_source = argparse.Namespace(source=None, input=None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("ECG_PIPELINE_SOURCE", raising=False)
+        with pytest.raises(SourceUnreachable, match=r"unreachable: timed out\. .*pass --source .*ECG_PIPELINE_SOURCE"):
+            with _hint_source(no_source):
+                raise SourceUnreachable("https://physionet.org/files/mitdb/1.0.0: unreachable: timed out")
+        with pytest.raises(SourceUnreachable, match=r"timed out$"):
+            with _hint_source(argparse.Namespace(source="http://127.0.0.1:9/", input=None)):
+                raise SourceUnreachable("http://127.0.0.1:9/mitdb/1.0.0: unreachable: timed out")
+
+
 def test_print_config_is_loadable(tmp_path):
     r = _cli("preprocess", "mitdb", "--print-config")
     assert r.returncode == 0

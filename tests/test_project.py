@@ -38,15 +38,15 @@ def test_readme_opens_with_the_commands_ci_runs():
 
 def test_help_names_every_option_of_the_contract():
     out = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "preprocess", "--help"], capture_output=True, text=True)
-    for opt in ("--out", "--version", "--source", "--scheduler", "--scheduler-file", "--workers", "--records",
-                "--config"):
+    for opt in ("--out", "--version", "--db-version", "--source", "--scheduler", "--scheduler-file", "--workers",
+                "--records", "--config", "--storage-option", "ECG_PIPELINE_SOURCE"):
         assert opt in out.stdout
     out = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "train", "--help"], capture_output=True, text=True)
     for opt in ("--store", "--split", "--model", "--epochs", "--out", "--scheduler", "--resume", "--config",
                 "inter-patient", "intra-patient"):
         assert opt in out.stdout
     out = subprocess.run([sys.executable, "-m", "ecg_pipeline.jobs.cli", "evaluate", "--help"], capture_output=True, text=True)
-    for opt in ("--model", "--store", "--split", "--part", "--out"):
+    for opt in ("--model", "--store", "--split", "--part", "--out", "--no-progress", "--storage-option"):
         assert opt in out.stdout
 
 
