@@ -393,8 +393,10 @@ class ScoresWriter:
             fs.rm(root, recursive=True)
 
     def finish(self, attrs: Mapping[str, Any]) -> None:
-        """Set the end-of-job attributes (``complete``, class counts, reference metrics)."""
+        """Set the end-of-job attributes (``complete``, class counts, reference metrics), then consolidate the
+        metadata (``store.consolidate``)."""
         self.group.attrs.update({**attrs, "updated": store.now()})
+        store.consolidate(self.group)
 
 
 def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str], task: str | None = None

@@ -425,9 +425,24 @@ def write_record_table(path: str, table: Mapping[str, np.ndarray], storage_optio
 
 
 def finish(path: str, attrs: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> None:
-    """Update the group attributes at the end of a job (``complete`` and the summary)."""
+    """Update the group attributes at the end of a job (``complete`` and the summary), then consolidate."""
     group = open_group(path, "r+", storage_options)
     group.attrs.update({**attrs, "updated": now()})
+    consolidate(group)
+
+
+def consolidate(group) -> None:
+    """Write the store's consolidated metadata, so that plain ``xarray.open_zarr(path)`` opens it in one read.
+
+    Written when a job completes. A job that writes the store again updates the group's attributes first,
+    which drops it (zarr rewrites the root metadata without it), so it is never stale: a store being written
+    has none, and gets it again when that job completes.
+    """
+    import warnings
+
+    with warnings.catch_warnings():  # "not part of the Zarr format 3 specification": zarr-python and xarray read it
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(group.store, zarr_format=3)  # the group's store is rooted at the store's path
 
 
 def read_fingerprints(path: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -121,6 +122,11 @@ def test_rerun_finishes_failed_records_and_matches_a_clean_run(client, bad_db, t
     assert second.chunks_skipped > 0 and second.chunks_written < second.chunks_total
     a, b = store.open_dataset(str(out)), store.open_dataset(str(tmp_path / "clean.zarr"))
     xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    # Plain xarray opens the resumed store from its consolidated metadata, written again by the second run.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = xr.open_zarr(str(out))
+    assert dict(plain.sizes) == dict(a.sizes) and plain.attrs["complete"] == a.attrs["complete"]
 
 
 @pytest.mark.parametrize("as_url", [False, True])

@@ -3,7 +3,9 @@ and the scoring stage on a real record."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -54,13 +56,18 @@ def test_commit_resume_and_cut_back(tmp_path):
     np.testing.assert_allclose(ds.probability.values.sum(axis=1), 1, rtol=1e-5)
     assert (ds.predicted.values == np.array(CLASSES, dtype=object)[ds.probability.values.argmax(1)]).all()
     assert ds.record_segments.sel(record_id="a").sum() == 300 and ds.record_status.sel(record_id="b") == "failed"
-    # Plain xarray opens it too (the store is the interface).
-    plain = xr.open_zarr(path, consolidated=False)
+    # Plain xarray opens it too (the store is the interface), from the consolidated metadata of a finished job.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Failed to open Zarr store with consolidated metadata"
+        plain = xr.open_zarr(path)
     assert plain.probability.dims == ("segment", "class") and "record" in plain.coords
+    assert plain.sizes["segment"] == 500
 
     # A crash after the data and table writes of record "d" but before the commit point moved:
     w2 = ScoresWriter(path, _attrs(), CLASSES, chunk_size=256)
     assert w2.done == {"a", "c"} and w2.n == 500  # failed "b" is tried again
+    # A store being written again has no consolidated metadata (it would go stale): plain xarray falls back.
+    assert json.loads((tmp_path / "s.zarr" / "zarr.json").read_text()).get("consolidated_metadata") is None
     d = _scores("d", 100, 4)
     g = zarr.open_group(path, mode="r+", use_consolidated=False)
     for name in ("probability", "anchor"):
@@ -73,6 +80,9 @@ def test_commit_resume_and_cut_back(tmp_path):
     w3.finish({"complete": True})
     ds = open_scores(path)
     assert ds.sizes["segment"] == 650 and list(ds.record_id.values) == ["a", "b", "c", "d"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert xr.open_zarr(path).sizes["segment"] == 650  # consolidated again, with the resumed job's arrays
     assert ds.record_status.sel(record_id="b") == "ok" and int(ds.record_offset.sel(record_id="b")) == 600
     np.testing.assert_array_equal(ds.anchor.values[500:600], d.anchor)
 
