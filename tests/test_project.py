@@ -5,6 +5,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 from helpers import REPO
 
 
@@ -149,3 +151,30 @@ def test_notebooks_and_benchmarks_use_the_jobs_public_api_only():
         assert not bad, f"{path.name} imports job internals: {', '.join(bad)}"
         if path.suffix == ".ipynb":
             assert _job_imports(text) or "ecg_pipeline.pipeline" in text, f"{path.name}: the check read nothing"
+
+
+def test_the_package_front_version_main_and_open_calls(tmp_path):
+    """`python -m ecg_pipeline` is the command line; `ecg_pipeline.__version__` is the installed version; the two
+    stores open with one call each (from any working directory, the checkout's included)."""
+    import importlib.metadata
+
+    for cwd in (REPO, tmp_path):
+        r = subprocess.run([sys.executable, "-m", "ecg_pipeline", "--version"], capture_output=True, text=True,
+                           cwd=cwd)
+        assert r.returncode == 0 and r.stdout.strip() == f"ecg-pipeline {importlib.metadata.version('ecg-pipeline')}"
+    r = subprocess.run([sys.executable, "-m", "ecg_pipeline", "score", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--wfdb-out" in r.stdout
+    import ecg_pipeline
+    from ecg_pipeline.pipeline.scores import open_scores
+    from ecg_pipeline.pipeline.store import open_dataset
+
+    assert ecg_pipeline.__version__ == importlib.metadata.version("ecg-pipeline")
+    assert ecg_pipeline.open_store.__doc__ and ecg_pipeline.open_scores.__doc__
+    from ecg_pipeline.pipeline.errors import StoreError
+
+    for front, inner in ((ecg_pipeline.open_store, open_dataset), (ecg_pipeline.open_scores, open_scores)):
+        with pytest.raises(StoreError) as a:
+            front(str(tmp_path / "absent.zarr"))
+        with pytest.raises(StoreError) as b:
+            inner(str(tmp_path / "absent.zarr"))
+        assert str(a.value) == str(b.value)
