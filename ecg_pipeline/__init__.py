@@ -29,12 +29,21 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ecg_pipeline' has no attribute {name!r}")
 
 
-def open_store(path: str, **kwargs: Any):
+def open_store(path: str, *, float32: bool = False, **kwargs: Any):
     """A store written by ``ecg-pipeline preprocess`` as a validated ``xarray.Dataset``
-    (``ecg_pipeline.pipeline.store.open_dataset``: ``storage_options``, ``require_complete``)."""
+    (``ecg_pipeline.pipeline.store.open_dataset``: ``storage_options``, ``require_complete``).
+
+    Spectrograms are stored as float16 by default (half the disk and I/O; the models take them as stored).
+    Sums over many float16 values overflow (``groupby("label").mean()`` of all N beats is not finite):
+    ``float32=True`` gives a lazy float32 view of the floating-point segment variables.
+    """
     from .pipeline.store import open_dataset
 
-    return open_dataset(path, **kwargs)
+    ds = open_dataset(path, **kwargs)
+    if float32:
+        ds = ds.assign({name: var.astype("float32") for name, var in ds.data_vars.items()
+                        if var.dtype.kind == "f" and var.dtype.itemsize < 4})
+    return ds
 
 
 def open_scores(path: str, **kwargs: Any):

@@ -206,3 +206,18 @@ def test_the_record_row_declares_the_schemas_record_table():
     assert set(table) == set(schema)
     for name, dtype in schema.items():
         assert table[name].dtype == (object if dtype == "str" else np.dtype(dtype)), name
+
+
+@pytest.mark.realdata
+def test_a_float32_view_of_a_float16_store_is_one_call_away(small_store):
+    """float16 spectrograms (the default) overflow when summed over many beats; open_store(float32=True) gives
+    the same values as float32, lazily, and a per-class mean that is finite."""
+    import ecg_pipeline
+
+    half, full = ecg_pipeline.open_store(str(small_store)), ecg_pipeline.open_store(str(small_store), float32=True)
+    assert half.spectrogram.dtype == np.float16 and full.spectrogram.dtype == np.float32
+    assert full.spectrogram.chunks is not None  # still lazy: nothing read yet
+    np.testing.assert_array_equal(full.spectrogram[:100].values, half.spectrogram[:100].values.astype(np.float32))
+    means = full.spectrogram.groupby("label").mean()
+    assert np.isfinite(means.values).all() and set(means.label.values) >= {"N", "V"}
+    assert full.label.dtype == half.label.dtype and full.anchor.dtype == half.anchor.dtype
