@@ -8,7 +8,7 @@ overwrite the run in ``out``) -> ``training.TrainingData`` (the loaders) ->
 this process or, with ``submit_training``, as one task on a Dask worker that declares a GPU
 resource. ``run_evaluation`` scores a saved model again; its model card says what it takes.
 
-Files written to ``out`` (see README, "Training"; their names are ``pipeline.run_folder``'s):
+Files written to ``out`` (see docs/usage.md, "Training a beat classifier"; their names are ``pipeline.run_folder``'s):
 ``model.keras``, ``checkpoint.keras``, ``train_state.json``, ``history.json``, ``history.csv``,
 ``split.json``, ``config.yaml``, ``run.json``, ``metrics.json``, ``classification_report.txt``,
 ``curves.png``, ``confusion_counts.png``, ``confusion_ratios.png``. Both model files carry the

@@ -265,7 +265,7 @@ def _model_names() -> list[str]:
 class TrainConfig(_Config):
     """Everything the training job needs besides the store, split and output.
 
-    The defaults are the configuration whose figures the README reports.
+    The defaults are the configuration whose figures docs/results.md reports.
     """
 
     @field_validator("model")
@@ -617,7 +617,7 @@ def score_config_from_dict(data: dict[str, Any] | None) -> ScoreConfig:
 
 
 #: Training defaults of a rhythm store where they differ from TrainConfig's own (the beat ones):
-#: the configuration of the README's Challenge 2017 figures. A file or an option overrides them.
+#: the configuration of the Challenge 2017 figures in docs/results.md. A file or an option overrides them.
 TASK_TRAIN_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "beat": MappingProxyType({}),
     "rhythm": MappingProxyType({"model": "rhythm-cnn", "epochs": 40, "batch_size": 32, "learning_rate": 1e-3,

@@ -203,7 +203,7 @@ def beat_template_cnn(input_shape: tuple[int, int], n_classes: int, *, input_dty
 
 def flops_per_segment(model) -> int:
     """Multiply-adds x 2 of one segment through the model's convolution and dense layers (the rest, batch
-    norm, pooling and activations, adds a few percent): the model's cost as the report and README give it."""
+    norm, pooling and activations, adds a few percent): the model's cost as the report and docs/results.md give it."""
     total = 0
     for layer in model.layers:
         kind = type(layer).__name__

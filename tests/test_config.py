@@ -252,7 +252,7 @@ def test_the_refit_is_ten_epochs_unless_told_to_follow_the_best_epoch():
 
 
 def test_the_example_configurations_load_as_the_readme_says():
-    """configs/: the files the README's commands pass with --config are valid and hold what their text says."""
+    """configs/: the files the commands of docs/usage.md pass with --config are valid and hold what their text says."""
     from pathlib import Path
 
     folder = Path(__file__).resolve().parent.parent / "configs"
@@ -261,5 +261,5 @@ def test_the_example_configurations_load_as_the_readme_says():
     assert (context.stft.nperseg, context.stft.hop, context.stft.max_freq_hz) == (64, 16, None)
     train = load_train_config(folder / "train-spectrogram-cnn.yaml", "beat")
     assert (train.model, train.class_weighting, train.refit, train.members) == ("spectrogram-cnn", "sqrt", False, 1)
-    readme = (folder.parent / "README.md").read_text()
-    assert all(f"configs/{p.name}" in readme for p in folder.glob("*.yaml"))
+    usage = (folder.parent / "docs" / "usage.md").read_text()
+    assert all(f"configs/{p.name}" in usage for p in folder.glob("*.yaml"))

@@ -143,7 +143,7 @@ def test_a_two_input_model_is_fed_by_input_name_saved_and_loaded_safely(tmp_path
     assert check_archive(path)["input"]["variables"] == ["spectrogram", "rr"]
     loaded, _ = load_model(path)  # Keras safe mode: the selection and standardisation are plain layers
     assert np.allclose(loaded.predict(x, verbose=0), p, atol=1e-6)
-    assert 0.5e6 < flops_per_segment(loaded) < 3e6  # the light model of the README (~1 MFLOP a beat)
+    assert 0.5e6 < flops_per_segment(loaded) < 3e6  # the light model of docs/results.md (~1 MFLOP a beat)
     assert flops_per_segment(build_model("spectrogram-cnn", (33, 24), 5)) > 10e6
     # A spectrogram-only network whose metadata says it takes rr is refused.
     plain = save_model(build_model("spectrogram-cnn", (8, 24), 5, options={"width": 4}), tmp_path / "p.keras", meta)
