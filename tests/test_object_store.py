@@ -38,7 +38,9 @@ class S3:
 
     @property
     def options(self) -> dict:
-        return {"endpoint_url": self.endpoint}
+        # Credentials in the options too: this process's reads may run on the workers of a Dask cluster another
+        # test started before the fixture set them in the environment (the options travel with the tasks).
+        return {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
 
     @property
     def cli(self) -> list[str]:
