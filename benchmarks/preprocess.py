@@ -83,20 +83,24 @@ def baseline(db_dir: Path, out_dir: Path, config: PreprocessConfig) -> tuple[flo
     return time.perf_counter() - t0, n
 
 
+def _cover_spectrograms(x: np.ndarray, fs: float, config: PreprocessConfig, label_source) -> np.ndarray:
+    """Windows covering the recording ``x`` (the rhythm task's, wrapped) and their spectrograms."""
+    r = config.rhythm
+    w = segment.WindowSpec.from_seconds(0.0, r.length_s, fs, pad="wrap")
+    anchor = segment.cover_windows(len(x), w.length, int(round(r.hop_s * fs)))
+    return spectrogram.spectrogram(segment.extract_windows(x, anchor, w),
+                                   spectrogram.spec_from_config(config, fs, label_source))
+
+
 def baseline_challenge(folder: Path, out_dir: Path, config: PreprocessConfig) -> tuple[float, int]:
     """Challenge 2017: single process, extracted local files, windows covering each recording, np.save."""
     label_source = label_source_for(get_database("challenge-2017"), config)  # its windows: (0, length_s), wrapped
     t0 = time.perf_counter()
     n = 0
-    r = config.rhythm
     for rec in (folder / "RECORDS").read_text().split():
         base = str(folder / rec)
         x = wfdb.rdrecord(base).p_signal[:, 0].astype(np.float32)
-        fs = 300.0
-        w = segment.WindowSpec.from_seconds(0.0, r.length_s, fs, pad="wrap")
-        anchor = segment.cover_windows(len(x), w.length, int(round(r.hop_s * fs)))
-        spec = spectrogram.spec_from_config(config, fs, label_source)
-        s = spectrogram.spectrogram(segment.extract_windows(x, anchor, w), spec)
+        s = _cover_spectrograms(x, 300.0, config, label_source)
         np.save(out_dir / f"{rec}.npy", s.astype(np.float16))
         n += s.shape[0]
     return time.perf_counter() - t0, n
@@ -110,7 +114,6 @@ def baseline_challenge_zip(archive: Path, inner: str, out_dir: Path, config: Pre
     from scipy.io import loadmat
 
     label_source = label_source_for(get_database("challenge-2017"), config)
-    r = config.rhythm
     t0 = time.perf_counter()
     n = 0
     with zipfile.ZipFile(io.BytesIO(archive.read_bytes())) as z:
@@ -122,10 +125,7 @@ def baseline_challenge_zip(archive: Path, inner: str, out_dir: Path, config: Pre
             gain, baseline_adu = float(fields[2].split("/")[0]), int(fields[4])
             adu = loadmat(io.BytesIO(z.read(f"{prefix}{rec}.mat")))["val"][0]
             x = ((adu - baseline_adu) / gain).astype(np.float32)
-            w = segment.WindowSpec.from_seconds(0.0, r.length_s, fs, pad="wrap")
-            anchor = segment.cover_windows(len(x), w.length, int(round(r.hop_s * fs)))
-            spec = spectrogram.spec_from_config(config, fs, label_source)
-            s = spectrogram.spectrogram(segment.extract_windows(x, anchor, w), spec)
+            s = _cover_spectrograms(x, fs, config, label_source)
             np.save(out_dir / f"{rec}.npy", s.astype(np.float16))
             n += s.shape[0]
     return time.perf_counter() - t0, n

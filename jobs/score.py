@@ -50,7 +50,8 @@ class ScoreRequest:
     Attributes
     ----------
     model
-        ``model.keras`` written by ``ecg-pipeline train``.
+        ``model.keras`` written by ``ecg-pipeline train`` (path or fsspec URL), or that file already read
+        (``ModelFile``: a model on an object store is then downloaded once).
     out
         Scores store (path or fsspec URL).
     input
@@ -77,7 +78,7 @@ class ScoreRequest:
         (``pipeline.wfdb_out``); None: none written.
     """
 
-    model: str
+    model: str | ModelFile
     out: str
     input: str | None = None
     source: str | None = None
@@ -115,7 +116,8 @@ def run_scoring(request: ScoreRequest, client: Client,
 
 def _run_scoring(request: ScoreRequest, client: Client, progress: Callable[[str, int], Any]) -> ScoreReport:
     t0 = time.perf_counter()
-    model = ModelFile.read(request.model, request.storage_options)
+    model = (request.model if isinstance(request.model, ModelFile)
+             else ModelFile.read(request.model, request.storage_options))
     task, config = model.card.task_impl(), request.config
     summary = summary_path(request.out, request.summary)
     check_summary(summary)
@@ -126,7 +128,7 @@ def _run_scoring(request: ScoreRequest, client: Client, progress: Callable[[str,
     source, names, table = _listed_records(client, source, request, task.reads_label_table)
     phase = {"prepare": time.perf_counter() - t0}
     # The store is opened (or created) only now: a refused input leaves none behind.
-    writer = scores.ScoresWriter(request.out, scores.scores_attrs(model.card, request.model, model.sha256, config,
+    writer = scores.ScoresWriter(request.out, scores.scores_attrs(model.card, model.path, model.sha256, config,
                                                                   source.description),
                                  model.card.classes, config.chunk_size, overwrite=request.overwrite,
                                  storage_options=request.storage_options)

@@ -31,7 +31,8 @@ from ..pipeline.config import TrainConfig
 from ..pipeline.errors import ConfigError, PipelineError
 from ..pipeline.loader import LoaderOptions, ZarrSegmentLoader
 from ..pipeline.model_card import ModelCard, check_store_inputs
-from ..pipeline.models import MODEL_INPUTS, flops_per_segment, load_model, quiet_native_stderr
+from ..pipeline.model_runtime import ModelFile
+from ..pipeline.models import MODEL_INPUTS, flops_per_segment, quiet_native_stderr
 from ..pipeline.run_folder import RUN_FILE, RunFolder, TrainState
 from ..pipeline.splits import Split, make_split
 from ..pipeline.store import open_dataset
@@ -147,10 +148,11 @@ def run_evaluation(model_path: str, store: str, split_spec: str | None = None, *
     The intra-patient split is recreated from ``seed`` (default: the seed the model was trained with).
     """
     # refuse a foreign or metadata-less file before TensorFlow starts
-    card = ModelCard.read(model_path, storage_options)
+    file = ModelFile.read(model_path, storage_options)  # read once
+    card = file.card
     ds = open_dataset(store, storage_options=storage_options)
     card.check_store(ds.attrs, list(ds.variables), str(model_path), ds.encoding.get("source", "STORE"))
-    model, _ = load_model(model_path, storage_options=storage_options)
+    model = file.load()
     if seed is None:
         seed = int((card.train_config or {}).get("seed", 0))
     split = evaluation_split(card, ds, split_spec, seed, storage_options)

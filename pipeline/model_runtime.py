@@ -24,7 +24,7 @@ from distributed import WorkerPlugin
 
 from . import models
 from .locations import locate
-from .model_card import ModelCard, file_sha256
+from .model_card import ModelCard
 
 __all__ = ["LOADED", "LoadedModels", "ModelFile", "ModelPlugin", "dummy_inputs", "limit_tf_threads", "network_inputs",
            "predict"]
@@ -32,12 +32,14 @@ __all__ = ["LOADED", "LoadedModels", "ModelFile", "ModelPlugin", "dummy_inputs",
 
 @dataclass(frozen=True)
 class ModelFile:
-    """A model archive: where it is, its bytes' SHA-256 (its identity) and its card."""
+    """A model archive: where it is, its bytes' SHA-256 (its identity), its card and its bytes (read once: a model
+    on an object store is downloaded once per job, not once per check)."""
 
     path: str
     sha256: str
     card: ModelCard
     storage_options: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    payload: bytes | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def read(cls, path: str | Path, storage_options: Mapping[str, Any] | None = None) -> "ModelFile":
@@ -48,8 +50,17 @@ class ModelFile:
         models.ModelError
             Not a safe ``.keras`` archive, or no card of a known task.
         """
-        card = ModelCard.read(path, storage_options)
-        return cls(str(path), file_sha256(path, storage_options), card, storage_options)
+        location = locate(path, storage_options)
+        if not location.isfile():
+            raise models.ModelError(f"no model file at {location.url}")
+        data = location.read_bytes()
+        card = ModelCard.from_dict(models.check_archive_bytes(data, location.url), str(path))
+        return cls(str(path), hashlib.sha256(data).hexdigest(), card, storage_options, data)
+
+    def load(self, *, compile: bool = False, folder: str | None = None) -> Any:
+        """The network (Keras safe mode, checked against the card's metadata), from the bytes read."""
+        network, _ = models.load_model_bytes(self.payload, self.path, compile=compile, folder=folder)
+        return network
 
 
 def network_inputs(card: ModelCard, spectrogram: np.ndarray, rr: np.ndarray | None = None,
@@ -111,9 +122,9 @@ class ModelPlugin(WorkerPlugin):
 
     def __init__(self, model: ModelFile):
         self.name = f"ecg-pipeline-model-{model.sha256[:16]}"
-        self.file = replace(model, storage_options=None)
-        # the user's path or URL, read here: workers get the bytes, not the path (nor its credentials)
-        self.payload = locate(model.path, model.storage_options).read_bytes()
+        # workers get the bytes read from the user's path or URL, not the path (nor its credentials)
+        self.file = replace(model, storage_options=None, payload=None)
+        self.payload = model.payload if model.payload is not None else locate(model.path, model.storage_options).read_bytes()
         self.model = None
         self.load_id = ""
 
@@ -128,16 +139,10 @@ class ModelPlugin(WorkerPlugin):
         if hit is not None:  # a warm worker scoring again with the same model: no new load and trace
             self.model, self.load_id = hit
             return
-        folder = Path(getattr(worker, "local_directory", None) or tempfile.gettempdir())
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            path = Path(tmp) / "model.keras"
-            path.write_bytes(self.payload)
-            if hashlib.sha256(self.payload).hexdigest() != self.file.sha256:
-                raise models.ModelError(f"{self.file.path}: bytes changed in transit")
-            try:
-                self.model, _ = models.load_model(path)
-            except models.ModelError as exc:  # name the user's file, not this worker's copy
-                raise models.ModelError(str(exc).replace(str(path), self.file.path)) from None
+        if hashlib.sha256(self.payload).hexdigest() != self.file.sha256:
+            raise models.ModelError(f"{self.file.path}: bytes changed in transit")
+        self.model = replace(self.file, payload=self.payload).load(
+            folder=getattr(worker, "local_directory", None) or tempfile.gettempdir())
         self.load_id = f"{worker.address}/{os.getpid()}/{time.time_ns()}"  # one per load, for the report
         # Trace the model for a full and a smaller batch now: TensorFlow then generalises the batch
         # dimension, so records of any length do not retrace it (about 1 s each) during the job.

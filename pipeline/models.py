@@ -14,13 +14,15 @@ config fingerprint) are written into the ``.keras`` archive as
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import IO, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -404,8 +406,9 @@ def save_model(model, path: str | Path, metadata: Mapping[str, Any]) -> Path:
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``ecg_pipeline.json`` metadata inside a ``.keras`` archive (``{}`` if absent)."""
+def read_metadata(path: str | Path | IO[bytes]) -> dict[str, Any]:
+    """The ``ecg_pipeline.json`` metadata inside a ``.keras`` archive, a local path or a binary file (``{}`` if
+    absent)."""
     try:
         with zipfile.ZipFile(path) as z:
             if METADATA_NAME not in z.namelist():
@@ -452,8 +455,13 @@ def check_archive(path: str | Path, storage_options: Mapping[str, Any] | None = 
         return _check_local_archive(local, location.url)
 
 
-def _check_local_archive(path: str, shown: str) -> dict[str, Any]:
-    """``check_archive`` of the local file ``path`` (``shown``: the name the user gave, for messages)."""
+def check_archive_bytes(data: bytes, shown: str) -> dict[str, Any]:
+    """``check_archive`` of an archive's bytes, read once (``shown``: the path or URL the user gave)."""
+    return _check_local_archive(io.BytesIO(data), shown)
+
+
+def _check_local_archive(path: str | IO[bytes], shown: str) -> dict[str, Any]:
+    """``check_archive`` of the local file or binary file ``path`` (``shown``: the name the user gave)."""
     if not shown.endswith(".keras") or not zipfile.is_zipfile(path):
         raise ModelError(f"{shown}: only native .keras model archives are loaded (pickles, .h5 and SavedModel "
                          "directories can run code on load and are refused)")
@@ -552,6 +560,19 @@ def load_model(path: str | Path, *, compile: bool = False, storage_options: Mapp
         raise ModelError(f"no model file at {location.url}")
     with location.local_file() as local:
         return _load_local_model(local, location.url, compile)
+
+
+def load_model_bytes(data: bytes, shown: str, *, compile: bool = False, folder: str | None = None):
+    """``load_model`` of an archive's bytes already read (``shown``: the path or URL the user gave, for messages);
+    Keras reads a temporary copy in ``folder`` (default: the system's temporary folder)."""
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = os.path.join(tmp, "model.keras")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            return _load_local_model(path, shown, compile)
+        except ModelError as exc:  # name the user's file, never the temporary copy
+            raise ModelError(str(exc).replace(path, shown)) from None
 
 
 def _load_local_model(path: str, shown: str, compile: bool):
