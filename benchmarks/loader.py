@@ -97,7 +97,7 @@ def bench_xbatcher(store: str, batch: int, seconds: float, codes: np.ndarray):
     import xbatcher
     from xbatcher.loaders.keras import CustomTFDataset
 
-    ds = xr.open_zarr(store, consolidated=False, zarr_format=3)
+    ds = xr.open_zarr(store, group="segments", consolidated=False, zarr_format=3)
     x = ds["spectrogram"]
     y = xr.DataArray(codes, dims=["segment"], name="label")
     data = CustomTFDataset(xbatcher.BatchGenerator(x, input_dims={"segment": batch}, preload_batch=False),

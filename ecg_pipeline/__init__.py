@@ -5,7 +5,8 @@ The one import package over the project's folders: ``ecg_pipeline.pipeline`` (on
 and ``ecg_pipeline.schemas`` (the stores' and configurations' schemas). The two stores open with one call:
 
 >>> import ecg_pipeline
->>> ds = ecg_pipeline.open_store("mitdb.zarr")        # doctest: +SKIP
+>>> tree = ecg_pipeline.open_store("mitdb.zarr")      # doctest: +SKIP
+>>> beats, records = tree["segments"].to_dataset(), tree["records"].to_dataset()  # doctest: +SKIP
 >>> scores = ecg_pipeline.open_scores("scores.zarr")  # doctest: +SKIP
 """
 
@@ -30,25 +31,29 @@ def __getattr__(name: str) -> Any:
 
 
 def open_store(path: str, *, float32: bool = False, **kwargs: Any):
-    """A store written by ``ecg-pipeline preprocess`` as a validated ``xarray.Dataset``
-    (``ecg_pipeline.pipeline.store.open_dataset``: ``storage_options``, ``require_complete``).
+    """A store written by ``ecg-pipeline preprocess`` as a validated ``xarray.DataTree``
+    (``ecg_pipeline.pipeline.store.open_tree``: ``storage_options``, ``require_complete``).
 
+    ``tree["segments"]`` holds one row per segment (spectrograms lazy), ``tree["records"]`` the per-record
+    table; ``tree.attrs`` say what the store holds (decoded: dicts and lists, as the schema declares them).
     Spectrograms are stored as float16 by default (half the disk and I/O; the models take them as stored).
-    Sums over many float16 values overflow (``groupby("label").mean()`` of all N beats is not finite):
-    ``float32=True`` gives a lazy float32 view of the floating-point segment variables.
+    Sums over many float16 values overflow (``groupby("label").mean()`` of all N beats is not finite), and
+    netCDF has no float16: ``float32=True`` gives a lazy float32 view of the floating-point segment variables.
     """
-    from .pipeline.store import open_dataset
+    from .pipeline.store import SEGMENTS, open_tree
 
-    ds = open_dataset(path, **kwargs)
+    tree = open_tree(path, **kwargs)
     if float32:
-        ds = ds.assign({name: var.astype("float32") for name, var in ds.data_vars.items()
-                        if var.dtype.kind == "f" and var.dtype.itemsize < 4})
-    return ds
+        seg = tree[SEGMENTS].to_dataset()
+        tree[SEGMENTS] = seg.assign({name: var.astype("float32") for name, var in seg.data_vars.items()
+                                     if var.dtype.kind == "f" and var.dtype.itemsize < 4})
+    return tree
 
 
 def open_scores(path: str, **kwargs: Any):
-    """A scores store written by ``ecg-pipeline score`` as a validated ``xarray.Dataset``
-    (``ecg_pipeline.pipeline.scores.open_scores``: ``storage_options``, ``require_complete``)."""
-    from .pipeline.scores import open_scores as _open_scores
+    """A scores store written by ``ecg-pipeline score`` as a validated ``xarray.DataTree``
+    (``ecg_pipeline.pipeline.scores.open_scores_tree``: ``storage_options``, ``require_complete``):
+    ``tree["segments"]`` one row per scored beat or window, ``tree["records"]`` the per-record table."""
+    from .pipeline.scores import open_scores_tree
 
-    return _open_scores(path, **kwargs)
+    return open_scores_tree(path, **kwargs)

@@ -223,7 +223,9 @@ def _add_score(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sc.add_argument("--model", help="model.keras written by `ecg-pipeline train` (loaded in Keras safe mode)")
-    sc.add_argument("--input", metavar="PATH|URL", help="folder, .zip/.tar(.gz) archive, or fsspec URL of records")
+    sc.add_argument("--input", metavar="PATH|URL", help="folder, .zip/.tar(.gz) archive, or fsspec URL of records; "
+                                                        "or one record (path/to/100, or its URL): scored here, "
+                                                        "without --out")
     sc.add_argument("--db", metavar="DB", help="score a PhysioNet database instead of --input")
     sc.add_argument("--source", metavar="URL", help="root of the PhysioNet-style tree for --db (default: "
                                                      f"$ECG_PIPELINE_SOURCE, else {DEFAULT_SOURCE})")
@@ -454,24 +456,27 @@ def cmd_score(args: argparse.Namespace) -> int:
     from ..pipeline.sources import single_record
 
     one = single_record(args.input)
+    if args.model and args.input and not (args.out or one):
+        raise PipelineError(f"--input {args.input} is not one WFDB record (no {args.input.rstrip('/')}.hea there); "
+                            "give --out to score a folder, archive or URL of records")
     if not args.model or not (args.out or one):
         raise PipelineError("--model and --out are required (--out may be left out for a single record)")
     if not args.input and not args.db:
         raise PipelineError("give --input (a folder, archive or URL), or --db (with --source) for a PhysioNet database")
     if one and not args.out and not (args.scheduler or args.scheduler_file):
         return _predict_one(args, one, config, options)
-    from ..pipeline.model_card import ModelCard
+    from ..pipeline.model_runtime import ModelFile
     from ..pipeline.scores import summary_path
     from .score import ScoreRequest, check_summary, run_scoring
 
     # Refuse an unsafe or foreign model file, or a summary that cannot be written, before starting a cluster.
-    ModelCard.read(args.model, options)
+    model = ModelFile.read(args.model, options)
     if args.out:
         check_summary(summary_path(args.out, args.summary))
     with contextlib.ExitStack() as stack:
         out = args.out or os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "scores.zarr")
         annotations = None if args.no_annotations else (args.annotations or "auto")
-        request = ScoreRequest(model=args.model, out=out, input=one[0] if one else args.input, source=_source(args),
+        request = ScoreRequest(model=model, out=out, input=one[0] if one else args.input, source=_source(args),
                                db=args.db, version=args.db_version, records=(one[1],) if one else args.records,
                                annotations=annotations, config=config, cache_dir=args.cache_dir,
                                work_dir=args.work_dir, summary=args.summary, overwrite=args.overwrite,

@@ -30,7 +30,7 @@ import zarr
 
 from .errors import StoreError
 from .locations import url_options
-from .store import LABEL, check_version, rebuild_hint
+from .store import LABEL, check_version, decode_attrs, rebuild_hint, segments_of
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ class ZarrSegmentLoader:
                  storage_options: Mapping[str, Any] | None = None):
         self.path = str(path)
         self.options = options or LoaderOptions()
-        group = _open_group(self.path, storage_options)
-        attrs = dict(group.attrs)
+        root = _open_group(self.path, storage_options)
+        attrs = decode_attrs(root.attrs)
         if attrs.get("package") != "ecg-pipeline":
             raise StoreError(f"{path} is not an ecg-pipeline store")
         check_version(attrs, self.path)
@@ -152,6 +152,7 @@ class ZarrSegmentLoader:
             raise StoreError(f"{path}: the job that writes this store has not finished (attrs complete=false)")
         self.attrs = attrs
         self.classes: tuple[str, ...] = tuple(attrs["classes"])
+        group = segments_of(root, attrs)
         self._spec = group["spectrogram"]
         self.sample_shape: tuple[int, int] = tuple(self._spec.shape[1:])  # type: ignore[assignment]
         self.dtype = np.dtype(self._spec.dtype)

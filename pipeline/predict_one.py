@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,7 +19,6 @@ from . import scoring, sources
 from .config import ScoreConfig
 from .download import cache_root
 from .errors import PipelineError
-from .model_card import ModelCard
 from .scores import RecordScores, table_row
 from .signal_quality import flag_names
 
@@ -86,7 +84,8 @@ class OneRecord:
 def score_one(model: str, folder: str, record: str, config: ScoreConfig = ScoreConfig(), *,
               annotations: str | None = "auto", labels: str | None = None, cache_dir: str | None = None,
               storage_options: Mapping[str, Any] | None = None) -> OneRecord:
-    """Score ``record`` of the local ``folder`` with the model file ``model`` (a path or fsspec URL) here.
+    """Score ``record`` of ``folder`` (a local folder or a URL: ``sources.single_record``) with the model file
+    ``model`` (a path or fsspec URL) here, in this process.
 
     ``annotations``: as ``ScoreRequest``'s (``"auto"``: compare with the model's reference files where the
     record has one). ``labels``: a ``record,label`` file for rhythm models (default: a ``REFERENCE.csv`` in
@@ -97,13 +96,14 @@ def score_one(model: str, folder: str, record: str, config: ScoreConfig = ScoreC
     PipelineError
         The model cannot be used. Problems of the record itself are in the result (``OneRecord.ok``).
     """
-    from .models import load_model, predict_in_batches, quiet_native_stderr
+    from .model_runtime import ModelFile
+    from .models import predict_in_batches, quiet_native_stderr
 
-    card = ModelCard.read(model, storage_options)  # no Dask here: model_runtime's worker plugin is not needed
-    task = card.task_impl()
+    file = ModelFile.read(model, storage_options)  # read once; no Dask here, so no worker plugin
+    card, task = file.card, file.card.task_impl()
     with quiet_native_stderr():
-        network, _ = load_model(model, storage_options=storage_options)
-    source = sources.FolderSource(str(Path(folder).resolve()))
+        network = file.load()
+    source = sources.record_folder(folder, config.download)
     annotator = task.default_annotator(card) if annotations == "auto" else annotations
     table = _label_table(source, labels, config) if task.reads_label_table else {}
     ctx = scoring.ScoringContext(card, config, annotator, annotations not in (None, "auto"), cache_dir, "", table)

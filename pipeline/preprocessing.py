@@ -8,7 +8,7 @@ record or a chunk becomes is here:
 * ``plan_records`` (task): ``extract.plan_record`` for a batch of records;
 * ``lay_out``: the store's layout from the plans (its sampling rate is the first good
   record's; a record at another rate fails), its spectrogram and coordinates;
-* ``store_attrs``: the store's group attributes (``schemas/store-v4.json``);
+* ``store_attrs``: the store's group attributes (``schemas/store-v5.json``);
 * ``write_chunk`` (task): the rows of one chunk (``extract.chunk_contents``), written whole;
 * ``segments_per_class``: the class counts of what was written.
 """

@@ -1,8 +1,8 @@
 """What a preprocess run and a store hold, as values and as the text the command line prints.
 
 * ``RecordOutcome``: the final state of one record: the one declaration of a row of a
-  spectrogram store's per-record table (``record_id`` and the ``record_*`` variables of
-  ``schemas/store-v4.json``; ``tests/test_store.py`` checks that they are the same set).
+  spectrogram store's per-record table (the ``records`` group of ``schemas/store-v5.json``;
+  ``tests/test_store.py`` checks that they are the same set).
   ``record_outcomes`` makes the rows from the records' plans, ``record_table`` the table's
   columns from the rows;
 * ``PreprocessReport``: what a preprocess run did; ``text()`` is its end-of-job summary,
@@ -149,9 +149,8 @@ class PreprocessReport:
             lines += [f"    {r.record:>8}  {r.quality}" for r in flagged[:20]]
             if len(flagged) > 20:
                 lines.append(f"    ... and {len(flagged) - 20} more")
-        if self.failed:
-            lines.append("  failed records:")
-            lines += [f"    {r.record:>8}  {r.error}" for r in self.failed]
+        lines += failure_lines([(r.record, r.error) for r in self.failed],
+                               f"every one: `ecg-pipeline inspect {self.out}` or --report")
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +159,26 @@ class PreprocessReport:
         d["n_segments"] = self.n_segments
         d["ok"] = self.ok
         return d
+
+
+def failure_lines(failed: Sequence[tuple[str, str]], where: str, listed: int = 20, examples: int = 3) -> list[str]:
+    """The failed records of a job summary: each with its error up to ``listed`` of them; beyond, the counts by
+    cause (the stage an error names, ``"<stage>: <cause>"``) with the first ``examples`` records of each, and
+    ``where`` every one is (a job over 100,000 records prints a dozen lines, not a line a record)."""
+    if not failed:
+        return []
+    if len(failed) <= listed:
+        return ["  failed records:", *(f"    {r:>8}  {e}" for r, e in failed)]
+    by_cause: dict[str, list[tuple[str, str]]] = {}
+    for record, error in failed:
+        by_cause.setdefault(error.split(":", 1)[0].strip() or "unknown", []).append((record, error))
+    lines = [f"  failed records by cause ({len(failed):,}; {where}):"]
+    for cause, rows in sorted(by_cause.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        lines.append(f"    {cause:<12} {len(rows):>8,}")
+        lines += [f"      {r:>8}  {e}" for r, e in rows[:examples]]
+        if len(rows) > examples:
+            lines.append(f"      ... and {len(rows) - examples:,} more")
+    return lines
 
 
 def store_text(path: str, require_complete: bool = True, storage_options: Mapping[str, Any] | None = None) -> str:

@@ -1,16 +1,17 @@
 """Stage 10: the Zarr store of scores written by ``ecg-pipeline score``.
 
-Layout (``schemas/scores-v3.json`` is the contract, checked on open; the scores side
-of the schema family of ``store-v4.json``: ``task`` and ``anchor_kind`` in the attributes):
+Layout (``schemas/scores-v4.json`` is the contract, checked on open; the scores side
+of the schema family of ``store-v5.json``: ``task`` and ``anchor_kind`` in the root group's
+attributes, netCDF-safe as there, ``store.encode_attrs``):
 
-* per segment (a beat, for beat models), on dimension ``segment``: ``probability
+* group ``segments``, per segment (a beat, for beat models), on dimension ``segment``: ``probability
   (segment, class)``, ``predicted`` (the unreadable class where ``quality`` is set),
   ``reference`` (the matched reference class, when the record has annotations),
   ``quality`` (the signal-quality indices the segment failed, ``signal_quality.FLAGS``)
   and the coordinates ``record`` and ``anchor`` (the detected R peak, at the record's
   sampling rate);
-* ``class``: the model's classes (N, S, V, F, Q; N, A, O, ~);
-* the per-record table on ``record_id``: status and error, lead, segments per
+* ``class``: the model's classes (N, S, V, F, Q; N, A, O, ~), in both groups;
+* group ``records``, the per-record table on ``record``: status and error, lead, segments per
   predicted class, and for beats the ectopic share and the detector's counts against
   the reference (``record_tp/fn/fp``); for rhythm models (segments are windows) the
   record's probabilities (the mean over its windows), its predicted class and its
@@ -45,7 +46,7 @@ from . import store
 from .errors import StoreError
 from .locations import url_options
 
-SCHEMA_FILE = "scores-v3.json"
+SCHEMA_FILE = "scores-v4.json"
 KIND = "scores"  #: the ``kind`` attribute: tells a scores store from a spectrogram store
 SEGMENT_VARS = ("probability", "predicted", "reference", "quality", "record", "anchor")
 SEGMENT_COORDS = ("record", "anchor")
@@ -55,8 +56,17 @@ STATE_GROUP = "_state"  #: its attributes are the commit point: ``n_segments`` a
 
 
 def scores_schema() -> dict[str, Any]:
-    """The scores store schema (``schemas/scores-v3.json``)."""
+    """The scores store schema (``schemas/scores-v4.json``)."""
     return schemas.load(SCHEMA_FILE)
+
+
+def _variables(group: str) -> dict[str, dict[str, Any]]:
+    """The schema's variables of ``group`` (``store.SEGMENTS`` or ``store.RECORDS``)."""
+    return scores_schema()["groups"][group]
+
+
+def _attr_kinds() -> dict[str, str]:
+    return {k: v.get("type", "") for k, v in scores_schema()["attrs"]["properties"].items()}
 
 
 @dataclass
@@ -138,12 +148,12 @@ def _task(name: str | None):
 
 
 def table_columns(task: str | None = None) -> tuple[str, ...]:
-    """The per-record table's columns (without ``record_``), in schema order: ``schemas/scores-v3.json``'s
-    ``record_*`` variables are the one declaration of a row; the record-level prediction's only for tasks
-    that make one (``Task.record_prediction``)."""
+    """The per-record table's columns, in schema order: the ``records`` group of ``schemas/scores-v4.json`` is
+    the one declaration of a row (``record`` and ``class`` are its coordinates, not columns); the record-level
+    prediction's only for tasks that make one (``Task.record_prediction``)."""
     whole = _task(task).record_prediction
-    return tuple(name.removeprefix("record_") for name, spec in scores_schema()["variables"].items()
-                 if spec["dims"][0] == "record_id" and name != "record_id" and (whole or name not in RHYTHM_TABLE))
+    return tuple(name for name in _variables(store.RECORDS)
+                 if name not in ("record", "class") and (whole or store.flat_name(name) not in RHYTHM_TABLE))
 
 
 def merged_counts(parts: Sequence["RecordScores"]) -> dict[str, Any]:
@@ -248,7 +258,7 @@ class ScoresWriter:
         self.rows: dict[str, dict[str, Any]] = {}
         self.created = group is None  #: this writer made the store (nothing was there)
         if group is not None:
-            old = dict(group.attrs)
+            old = store.decode_attrs(group.attrs, _attr_kinds())
             if old.get("kind") not in (KIND, "beat-scores"):
                 raise StoreError(f"{path} is not a scores store written by `ecg-pipeline score`; choose another --out "
                                  "or pass --overwrite")
@@ -275,20 +285,20 @@ class ScoresWriter:
         self._save_state(group)
         attrs.update(complete=False, updated=store.now(), n_segments=self.n, n_records=len(self.rows),
                      chunk_size=chunk_size)
-        group.attrs.update(attrs)
+        group.attrs.update(store.encode_attrs(attrs))
         self.group = group
+        self.seg = group[store.SEGMENTS]  #: the per-segment arrays
 
     def _create(self, group, chunk_size: int) -> None:
-        for name, spec in self.schema["variables"].items():
+        seg = group.require_group(store.SEGMENTS)
+        for name, spec in _variables(store.SEGMENTS).items():
             dims = spec["dims"]
-            if dims[0] == "record_id":
-                continue  # written whole by _write_table
             shape = tuple(0 if d == "segment" else len(self.classes) for d in dims)
             chunks = tuple(chunk_size if d == "segment" else max(len(self.classes), 1) for d in dims)
-            store.create_array(group, name, spec, shape, chunks, spec["dtype"][0],
+            store.create_array(seg, name, spec, shape, chunks, spec["dtype"][0],
                                coordinates=SEGMENT_COORDS if name in ("probability", "predicted", "reference", "quality")
                                else ())
-        group["class"][:] = np.asarray(self.classes, dtype=object)
+        seg["class"][:] = np.asarray(self.classes, dtype=object)
 
     def _cut_back(self, group) -> None:
         """Drop what a crashed run wrote past the commit point; rebuild the table from it."""
@@ -297,25 +307,10 @@ class ScoresWriter:
             self.n = int(state["n_segments"])
             self.rows = {row["record"]: row for row in json.loads(state["rows"])}
         for name in SEGMENT_VARS:
-            a = group[name]
+            a = group[f"{store.SEGMENTS}/{name}"]
             if a.shape[0] != self.n:
                 a.resize((self.n, *a.shape[1:]))
-        if "rows" in state:
-            self._write_table(group)  # the arrays may be any mix of two commits' tables
-            return
-        if "record_id" not in group:  # a store written before _state: its table arrays are all there is
-            return
-        table = {name: group[name][:] for name, spec in self.schema["variables"].items()
-                 if spec["dims"][0] == "record_id" and name in group}
-        for i, rec in enumerate(table["record_id"]):
-            row = {name.removeprefix("record_"): table[name][i] for name in table if name != "record_id"}
-            if int(row["offset"]) + int(row["n_segments"]) > self.n:
-                continue  # committed data never reached the commit point: score the record again
-            row["record"] = str(rec)
-            for k in ("status", "error", "quality", "checksum", "lead", "reference", "predicted", "reference_class"):
-                if k in row:
-                    row[k] = str(row[k])
-            self.rows[str(rec)] = row
+        self._write_table(group)  # the arrays may be any mix of two commits' tables
 
     @property
     def done(self) -> set[str]:
@@ -340,7 +335,7 @@ class ScoresWriter:
                 "anchor": np.concatenate([r.anchor for r in beats]).astype(np.int64),
             }
             for name, v in values.items():
-                a = self.group[name]
+                a = self.seg[name]
                 a.resize((n_new, *a.shape[1:]))
                 a[self.n:n_new] = v
         offset = self.n
@@ -362,12 +357,17 @@ class ScoresWriter:
     def _write_table(self, group) -> None:
         rows = list(self.rows.values())
         n = len(rows)
-        for name, spec in self.schema["variables"].items():
-            if spec["dims"][0] != "record_id" or (not _task(self.task).record_prediction and name in RHYTHM_TABLE):
+        table = group.require_group(store.RECORDS)
+        for name, spec in _variables(store.RECORDS).items():
+            if name == "class":
+                store.create_array(table, name, spec, (len(self.classes),), (max(len(self.classes), 1),), "str")[:] = \
+                    np.asarray(self.classes, dtype=object)
                 continue
-            key = "record" if name == "record_id" else name.removeprefix("record_")
+            if not _task(self.task).record_prediction and store.flat_name(name) in RHYTHM_TABLE:
+                continue
+            key = name  # table rows are keyed by the group's names
             dtype = spec["dtype"][0]
-            if spec["dims"] == ["record_id", "class"]:
+            if spec["dims"] == ["record", "class"]:
                 values = np.asarray([r[key] for r in rows], dtype=dtype).reshape(n, len(self.classes))
                 shape, chunks = (n, len(self.classes)), (max(n, 1), len(self.classes))
             else:
@@ -376,14 +376,14 @@ class ScoresWriter:
                 values = np.asarray([r.get(key, empty) if spec.get("optional") else r[key] for r in rows],
                                     dtype=object if dtype == "str" else dtype)
                 shape, chunks = (n,), (max(n, 1),)
-            arr = store.create_array(group, name, spec, shape, chunks, dtype)
+            arr = store.create_array(table, name, spec, shape, chunks, dtype)
             if n:
                 arr[:] = values
 
     def segments(self, *names: str) -> list[np.ndarray]:
         """Whole committed per-segment arrays, read once each (one read per record would cost seconds per
         thousand records); strings as object arrays."""
-        return [np.asarray(self.group[name][:self.n], dtype=np.int64 if name == "anchor" else object)
+        return [np.asarray(self.seg[name][:self.n], dtype=np.int64 if name == "anchor" else object)
                 for name in names]
 
     def discard_if_new_and_empty(self) -> None:
@@ -395,7 +395,7 @@ class ScoresWriter:
     def finish(self, attrs: Mapping[str, Any]) -> None:
         """Set the end-of-job attributes (``complete``, class counts, reference metrics), then consolidate the
         metadata (``store.consolidate``)."""
-        self.group.attrs.update({**attrs, "updated": store.now()})
+        self.group.attrs.update(store.encode_attrs({**attrs, "updated": store.now()}))
         store.consolidate(self.group)
 
 
@@ -428,37 +428,71 @@ def records_frame(rows: Iterable[Mapping[str, Any]], classes: Sequence[str], tas
     return pd.DataFrame(out, columns=cols)
 
 
-def open_scores(path: str, *, storage_options: Mapping[str, Any] | None = None,
-                require_complete: bool = True) -> xr.Dataset:
-    """Open a scores store as a validated ``xarray.Dataset`` (beats past the commit point left out).
+def _open_group_ds(path: str, storage_options: Mapping[str, Any] | None, group: str | None = None) -> xr.Dataset:
+    try:
+        return xr.open_zarr(path, group=group, consolidated=False, zarr_format=3, chunks=None, decode_timedelta=False,
+                            storage_options=url_options(path, storage_options))
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"no Zarr store at {path}" + (f" (or no group {group} in it)" if group else "")) from exc
+    except Exception as exc:  # noqa: BLE001
+        raise StoreError(f"cannot open {path} as a Zarr v3 store: {type(exc).__name__}: {exc}") from exc
+
+
+def _plain(ds: xr.Dataset) -> xr.Dataset:
+    """Zarr v3 strings arrive as numpy StringDType, which xarray's where/concat cannot promote yet: object arrays."""
+    return ds.map(lambda v: v.astype(object) if v.dtype.kind == "T" else v).assign_coords(
+        {n: ds[n].astype(object) if ds[n].dtype.kind == "T" else ds[n] for n in ds.coords})
+
+
+def open_scores_tree(path: str, *, storage_options: Mapping[str, Any] | None = None,
+                     require_complete: bool = True) -> xr.DataTree:
+    """Open a scores store as a validated ``xarray.DataTree``: ``segments`` (beats past the commit point left out)
+    and ``records`` (the per-record table on ``record``), the root's attributes decoded.
 
     Raises
     ------
     StoreError
-        The path is not a scores store, does not match ``schemas/scores-v3.json``, or
+        The path is not a scores store, does not match ``schemas/scores-v4.json``, or
         its job has not finished (unless ``require_complete=False``).
     """
-    try:
-        ds = xr.open_zarr(path, consolidated=False, zarr_format=3, storage_options=url_options(path, storage_options),
-                          chunks=None, decode_timedelta=False)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise StoreError(f"no Zarr store at {path}") from exc
-    except Exception as exc:  # noqa: BLE001
-        raise StoreError(f"cannot open {path} as a Zarr v3 store: {type(exc).__name__}: {exc}") from exc
-    if ds.attrs.get("kind") in (KIND, "beat-scores") and ds.attrs.get("schema_version") != scores_schema()["schema_version"]:
-        raise StoreError(f"{path} holds scores of schema v{ds.attrs.get('schema_version')}; this ecg-pipeline reads "
-                         f"v{scores_schema()['schema_version']} (per-segment quality verdicts): score again with "
-                         "--overwrite, or into a new --out")
-    if require_complete and ds.attrs.get("kind") == KIND and not ds.attrs.get("complete"):
+    root = _open_group_ds(path, storage_options)
+    attrs = store.decode_attrs(root.attrs, _attr_kinds())
+    if attrs.get("kind") in (KIND, "beat-scores") and attrs.get("schema_version") != scores_schema()["schema_version"]:
+        raise StoreError(f"{path} holds scores of schema v{attrs.get('schema_version')}; this ecg-pipeline reads "
+                         f"v{scores_schema()['schema_version']} (groups segments and records, netCDF-safe attributes): "
+                         "score again with --overwrite, or into a new --out")
+    if require_complete and attrs.get("kind") == KIND and not attrs.get("complete"):
         raise StoreError(f"{path}: the scoring job has not finished (attrs complete=false): re-run "
                          "`ecg-pipeline score` with the same --out to finish it")
-    problems = store.schema_problems(ds, scores_schema())
+    groups = {g: _open_group_ds(path, storage_options, g) for g in (store.SEGMENTS, store.RECORDS)}
+    problems = store.schema_problems(xr.Dataset(attrs=attrs), {"variables": {}, "attrs": scores_schema()["attrs"]})
+    for g, ds in groups.items():
+        problems += [f"{g}/{p}" for p in store.schema_problems(ds.drop_attrs(deep=False),
+                                                              {"variables": _variables(g), "attrs": {}})]
     if problems:
         raise StoreError(f"{path} does not match {SCHEMA_FILE}:\n  " + "\n  ".join(problems))
-    ds = ds.isel(segment=slice(0, int(ds.attrs["n_segments"])))
-    # Zarr v3 strings arrive as numpy StringDType, which xarray's where/concat cannot promote yet.
-    return ds.map(lambda v: v.astype(object) if v.dtype.kind == "T" else v).assign_coords(
-        {n: ds[n].astype(object) if ds[n].dtype.kind == "T" else ds[n] for n in ds.coords})
+    segments = groups[store.SEGMENTS].isel(segment=slice(0, int(attrs["n_segments"])))
+    return xr.DataTree.from_dict({"/": xr.Dataset(attrs=attrs), f"/{store.SEGMENTS}": _plain(segments),
+                                  f"/{store.RECORDS}": _plain(groups[store.RECORDS])})
+
+
+def open_scores(path: str, *, storage_options: Mapping[str, Any] | None = None,
+                require_complete: bool = True) -> xr.Dataset:
+    """A scores store as the pipeline reads it: one validated ``xarray.Dataset`` of the segments and the
+    per-record table, the table's variables named ``record_id`` and ``record_<name>`` (``open_scores_tree``
+    gives the two groups apart, as users see them).
+
+    Raises
+    ------
+    StoreError
+        As ``open_scores_tree``.
+    """
+    tree = open_scores_tree(path, storage_options=storage_options, require_complete=require_complete)
+    records = tree[store.RECORDS].to_dataset()
+    records = records.rename({n: store.flat_name(n) for n in records.variables if n != "class"})
+    flat = xr.merge([tree[store.SEGMENTS].to_dataset(), records], combine_attrs="override")
+    flat.attrs = dict(tree.attrs)
+    return flat
 
 
 def unreadable_counts(writer: "ScoresWriter", rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -466,7 +500,7 @@ def unreadable_counts(writer: "ScoresWriter", rows: Iterable[Mapping[str, Any]])
     count failing each index (``signal_quality.FLAGS``; a segment may fail several)."""
     from .signal_quality import FLAGS
 
-    q = np.asarray(writer.group["quality"][: writer.n], dtype=np.uint8)
+    q = np.asarray(writer.seg["quality"][: writer.n], dtype=np.uint8)
     n_bad = int(np.count_nonzero(q))
     return {"segments": n_bad, "share": n_bad / q.size if q.size else 0.0,
             "records": sum(1 for r in rows if r["status"] == "ok" and (r.get("unreadable") or 0) > 0),

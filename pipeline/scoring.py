@@ -32,6 +32,7 @@ from .config import ScoreConfig
 from .download import RetryPolicy, cache_root
 from .errors import RecordError
 from .model_card import ModelCard
+from .reports import failure_lines
 from .tasks import get_task
 from .timing import Timer
 
@@ -309,9 +310,7 @@ class ScoreReport:
             lines += [f"    {r:>8}  {q}" for r, q in flagged[:20]]
             if len(flagged) > 20:
                 lines.append(f"    ... and {len(flagged) - 20} more")
-        if self.failed:
-            lines.append("  failed records:")
-            lines += [f"    {r:>8}  {e}" for r, e in self.failed]
+        lines += failure_lines(self.failed, f"every one: the error column of {self.summary}")
         return "\n".join(lines) + "\n"
 
     def _unreadable_lines(self, task) -> list[str]:

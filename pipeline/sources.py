@@ -568,15 +568,51 @@ def resolve_source(
 
 
 def single_record(input: str | None) -> tuple[str, str] | None:
-    """``(folder, record)`` when ``input`` names one local WFDB record (``path/to/A00003`` or its ``.hea``)."""
-    if not input or fsspec.core.split_protocol(input)[0] not in (None, "file"):
+    """``(folder, record)`` when ``input`` names one WFDB record: a local ``path/to/A00003`` (or its ``.hea``), or
+    the URL of one (``https://host/mitdb/1.0.0/100``: its header is there). ``folder`` is a path or a URL.
+
+    Only the header's presence is asked for a URL; an unreachable one gives None, and the job that reads the
+    input then says what is wrong with it."""
+    if not input:
         return None
+    if fsspec.core.split_protocol(input)[0] not in (None, "file"):
+        if input.endswith("/") or is_archive(input):
+            return None
+        base = input[:-4] if input.endswith(".hea") else input
+        try:
+            fs, path = download.open_source(base + ".hea")
+            if not fs.isfile(path):
+                return None
+        except Exception:  # noqa: BLE001 - any fsspec backend's own error: then it is not one record we can see
+            return None
+        folder, _, name = base.rpartition("/")
+        return folder, name
     path = Path(fsspec.core.strip_protocol(input)).expanduser()
     if path.suffix == ".hea":
         path = path.with_suffix("")
     if path.is_dir() or not path.with_name(path.name + ".hea").is_file():
         return None
     return str(path.parent.resolve()), path.name
+
+
+def record_folder(folder: str, policy: download.RetryPolicy = download.RetryPolicy()) -> "FolderSource | RemoteSource":
+    """The source of ``single_record``'s ``folder``: read in place when local, else fetched from the URL and
+    checked against the folder's ``SHA256SUMS.txt`` where it has one (the folder is not listed).
+
+    Raises
+    ------
+    SourceUnreachable
+        The URL's folder cannot be read.
+    """
+    if fsspec.core.split_protocol(folder)[0] in (None, "file"):
+        return FolderSource(str(Path(fsspec.core.strip_protocol(folder)).expanduser().resolve()))
+    remote = RemoteSource(folder.rstrip("/"))
+    fs, root = remote._root(policy)
+    try:
+        manifest = download.read_manifest(fs, root, policy)
+    except DownloadError as exc:
+        raise SourceUnreachable(f"{folder}: unreachable: {exc}") from exc
+    return replace(remote, sha256=dict(manifest.sha256))
 
 
 def fetch_record(source: RecordSource, record: str, annotators: Sequence[str], cache: Path,

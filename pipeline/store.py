@@ -1,25 +1,31 @@
 """Stage 5: the labelled Zarr v3 store of spectrograms, one schema for beat and rhythm stores.
 
-Layout (``schemas/store-v4.json`` is the contract, checked on write and on open):
+Layout (``schemas/store-v5.json`` is the contract, checked on write and on open):
 
-* ``spectrogram (segment, freq, time)`` with per-segment coordinates ``record``,
+* the root group's attributes: what the store holds, netCDF-safe (``encode_attrs``: objects and
+  lists as JSON text, booleans as 0/1; ``decode_attrs`` reads them back);
+* group ``segments``: ``spectrogram (segment, freq, time)`` with per-segment coordinates ``record``,
   ``anchor`` (the sample a segment is placed at), ``label`` (its class), ``symbol``
   (the label as its source wrote it) and ``lead``; records are contiguous runs of
   segments in the order of the source's record list. The group attributes say what
   the segments are: ``task`` (beat, rhythm), ``anchor_kind`` (r-peak, window-start),
   ``classes`` and ``label_source``; readers take the label variable and class list
   from the store, never from a constant;
-* the per-record table on dimension ``record_id`` (``record_status``, ``record_offset``,
-  ``record_n_segments``, ...);
+* group ``records``: the per-record table on dimension ``record`` (``status``, ``offset``,
+  ``n_segments``, ...), apart from the segments so that selections on segments never broadcast it;
 * ``_state/chunk_fingerprint``: one entry (and one Zarr chunk) per segment chunk,
   hidden from xarray, saying which content each chunk holds. It makes re-runs
   resume: a chunk is rewritten only when its fingerprint differs from the plan.
 
 Writers never share a chunk: each write task owns whole ``segment`` chunks
 (explicit, chunk-aligned slices; never ``region="auto"``), and only the job's
-driver writes the group attributes and the per-record table. Metadata is not
-consolidated (``consolidated=False`` on write and open) so that a resized or
-half-written store can never be read through stale consolidated metadata.
+driver writes the group attributes and the per-record table. The job reads and writes
+without consolidated metadata (a resized or half-written store is never read through stale
+metadata); a finished job consolidates it for plain xarray readers.
+
+Readers: ``open_tree`` gives the store as users see it (an ``xarray.DataTree``); ``open_dataset``
+gives the pipeline's flat view (segments and the table in one Dataset, the table's variables named
+``record_id`` and ``record_<name>`` as in stores of versions 2 to 4, which both read).
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ from .locations import url_options
 if TYPE_CHECKING:
     import xarray as xr
 
-SCHEMA_FILE = "store-v4.json"
+SCHEMA_FILE = "store-v5.json"
+SEGMENTS = "segments"  #: the group of the per-segment arrays (schema v5)
+RECORDS = "records"  #: the group of the per-record table (schema v5)
 STATE_GROUP = "_state"
 FINGERPRINT = "chunk_fingerprint"
 SEGMENT_COORDS = ("record", "anchor", "label", "symbol", "lead")
@@ -48,13 +56,79 @@ LABEL = "label"  #: the per-segment class variable
 RR = "rr"  #: the per-segment RR features (beat stores, schema v3)
 TEMPLATE = "template"  #: the per-segment median spectrogram of the neighbouring beats (beat stores, schema v4)
 #: Schema versions this version reads: v2 stores are v4 stores without ``rr`` and ``template``, v3 stores without
-#: ``template`` (models that do not take them use them)
-READABLE_VERSIONS = (2, 3, 4)
+#: ``template`` (models that do not take them use them); v2 to v4 are flat (no groups)
+READABLE_VERSIONS = (2, 3, 4, 5)
+GROUPED_VERSION = 5  #: the first schema version with ``segments`` and ``records`` groups
 
 
 def store_schema() -> dict[str, Any]:
-    """The store schema (``schemas/store-v4.json``)."""
+    """The store schema (``schemas/store-v5.json``)."""
     return schemas.load(SCHEMA_FILE)
+
+
+def group_variables(group: str) -> dict[str, dict[str, Any]]:
+    """The schema's variables of ``group`` (``SEGMENTS`` or ``RECORDS``), by their name there."""
+    return store_schema()["groups"][group]
+
+
+def flat_name(name: str) -> str:
+    """The flat view's name of a ``records`` variable: ``record`` -> ``record_id``, ``status`` -> ``record_status``."""
+    return "record_id" if name == "record" else f"record_{name}"
+
+
+def flat_variables() -> dict[str, dict[str, Any]]:
+    """The schema's variables as the flat view names them (``open_dataset``; stores of versions 2 to 4)."""
+    out = dict(group_variables(SEGMENTS))
+    for name, spec in group_variables(RECORDS).items():
+        out[flat_name(name)] = {**spec, "dims": ["record_id"], "role": "coord" if name == "record" else "table"}
+    return out
+
+
+def segments_of(group, attrs: Mapping[str, Any]):
+    """The Zarr group that holds a store's per-segment arrays: ``segments`` (schema v5), else the root."""
+    return group[SEGMENTS] if int(attrs.get("schema_version") or 0) >= GROUPED_VERSION else group
+
+
+def _attr_kinds() -> dict[str, str]:
+    """The JSON type of each group attribute the schema declares (``object``, ``array``, ``boolean``, ...)."""
+    return {k: v.get("type", "") for k, v in store_schema()["attrs"]["properties"].items()}
+
+
+def encode_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Group attributes as netCDF accepts them: objects and lists as JSON text, booleans as 0/1.
+
+    Readers that know the schema get them back with ``decode_attrs``; netCDF, plain xarray and
+    other Zarr readers see strings and numbers only.
+    """
+    out: dict[str, Any] = {}
+    for key, value in attrs.items():
+        if isinstance(value, bool):
+            out[key] = int(value)
+        elif isinstance(value, (dict, list, tuple)):
+            out[key] = json.dumps(value, default=str)
+        else:
+            out[key] = value
+    return out
+
+
+def decode_attrs(attrs: Mapping[str, Any], kinds: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``encode_attrs`` undone for the attributes ``kinds`` (default: the store schema's) declares as objects,
+    arrays or booleans, and for undeclared ones whose text is a JSON object or array. Attributes already decoded
+    (stores of versions 2 to 4) are left as they are."""
+    kinds = _attr_kinds() if kinds is None else kinds
+    out = dict(attrs)
+    for key, value in attrs.items():
+        kind = kinds.get(key)
+        if kind is None and isinstance(value, str) and value[:1] in ("{", "["):
+            kind = "object"  # an attribute the schema does not declare (a task's own, such as challenge_classes)
+        if kind in ("object", "array") and isinstance(value, str):
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                pass  # left as text: validation names it
+        elif kind == "boolean" and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            out[key] = bool(value)
+    return out
 
 
 def now() -> str:
@@ -141,7 +215,7 @@ SCORES_KINDS = ("scores", "beat-scores")
 
 def _group_attrs(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     try:
-        return dict(open_group(path, "r", storage_options).attrs)
+        return decode_attrs(open_group(path, "r", storage_options).attrs)
     except Exception as exc:  # noqa: BLE001 - a missing path, a plain folder, a Zarr v2 store
         raise StoreError(f"{path} is not a store of ecg-pipeline: no Zarr v3 group there "
                          f"({type(exc).__name__}: {exc})") from None
@@ -214,8 +288,7 @@ def create_array(group, name: str, spec: Mapping[str, Any], shape: tuple[int, ..
 
 
 def _dim_sizes(layout: Layout) -> dict[str, int]:
-    return {"segment": layout.n_segments, "freq": layout.n_freq, "time": layout.n_time, "record_id": len(layout.records),
-            "rr_feature": layout.n_rr}
+    return {"segment": layout.n_segments, "freq": layout.n_freq, "time": layout.n_time, "rr_feature": layout.n_rr}
 
 
 def prepare(
@@ -264,16 +337,23 @@ def prepare(
     else:
         attrs.setdefault("created", now())
         group = open_group(path, "w", storage_options)
-    _lay_out_arrays(group, layout, dtype, compressor, path)
-    group["freq"][:] = coords["freq"]
-    group["time"][:] = coords["time"]
+    segments = group.require_group(SEGMENTS)
+    _lay_out_arrays(segments, layout, dtype, compressor, path, written=_written(group))
+    segments["freq"][:] = coords["freq"]
+    segments["time"][:] = coords["time"]
     if layout.n_rr:
-        group["rr_feature"][:] = np.asarray(coords["rr_feature"], dtype=object)
+        segments["rr_feature"][:] = np.asarray(coords["rr_feature"], dtype=object)
     held = _resize_fingerprints(group, layout.n_chunks)
     attrs.update(complete=False, updated=now(), n_segments=layout.n_segments, n_records=len(layout.records),
                  chunk_size=layout.chunk_size)
-    group.attrs.update(attrs)
+    group.attrs.update(encode_attrs(attrs))
     return held
+
+
+def _written(group) -> bool:
+    """Whether any segment chunk of the store was committed (a fingerprint is set)."""
+    fp = group.get(f"{STATE_GROUP}/{FINGERPRINT}")
+    return bool(fp is not None and fp.shape[0] and any(str(h) for h in fp[:]))
 
 
 def _open_to_resume(path: str, attrs: Mapping[str, Any], storage_options: Mapping[str, Any] | None):
@@ -291,7 +371,7 @@ def _open_to_resume(path: str, attrs: Mapping[str, Any], storage_options: Mappin
     except Exception as exc:  # noqa: BLE001 - e.g. a zarr v2 store or a plain folder
         raise StoreError(f"{path} exists but is not a Zarr v3 group ({type(exc).__name__}: {exc}); "
                          "choose another --out or pass --overwrite") from exc
-    old = dict(group.attrs)
+    old = decode_attrs(group.attrs)
     if old.get("package") != "ecg-pipeline":
         raise StoreError(f"{path} is a Zarr group but not an ecg-pipeline store; choose another --out or pass --overwrite")
     check_version(old, path, write=True)
@@ -304,15 +384,12 @@ def _open_to_resume(path: str, attrs: Mapping[str, Any], storage_options: Mappin
     return group
 
 
-def _lay_out_arrays(group, layout: Layout, dtype: str, compressor: str, path: str) -> None:
-    """Create the schema's arrays for ``layout`` (but the per-record table), or resize those a resumed store has."""
+def _lay_out_arrays(group, layout: Layout, dtype: str, compressor: str, path: str, written: bool) -> None:
+    """Create the ``segments`` group's arrays for ``layout``, or resize those a resumed store has (``written``: it
+    holds committed chunks)."""
     sizes = _dim_sizes(layout)
-    old_fp = group.get(f"{STATE_GROUP}/{FINGERPRINT}")
-    written = old_fp is not None and old_fp.shape[0] and any(str(h) for h in old_fp[:])
-    for name, spec in store_schema()["variables"].items():
+    for name, spec in group_variables(SEGMENTS).items():
         shape = tuple(sizes[d] for d in spec["dims"])
-        if spec["dims"][0] == "record_id":
-            continue  # the per-record table is written whole by write_record_table
         if "rr_feature" in spec["dims"] and not layout.n_rr:
             continue  # segments that are not beats have no RR features
         if name == TEMPLATE and not layout.template:
@@ -364,9 +441,10 @@ class ChunkWriter:
 
 def chunk_writer(path: str, storage_options: Mapping[str, Any] | None = None) -> ChunkWriter:
     group = open_group(path, "r+", storage_options)
+    segments = group[SEGMENTS]
     # A chunk is never all fill value here: skip zarr's empty-chunk scan (2/3 of the write time).
-    names = ("spectrogram", *SEGMENT_COORDS, *(n for n in (RR, TEMPLATE) if n in group))
-    arrays = {n: group[n].with_config({"write_empty_chunks": True}) for n in names}
+    names = ("spectrogram", *SEGMENT_COORDS, *(n for n in (RR, TEMPLATE) if n in segments))
+    arrays = {n: segments[n].with_config({"write_empty_chunks": True}) for n in names}
     return ChunkWriter(arrays, group[f"{STATE_GROUP}/{FINGERPRINT}"])
 
 
@@ -410,15 +488,15 @@ def write_chunk(
 
 
 def write_record_table(path: str, table: Mapping[str, np.ndarray], storage_options: Mapping[str, Any] | None = None) -> None:
-    """(Re)write the per-record table: ``record_id`` and every ``record_*`` variable of the schema."""
-    group = open_group(path, "r+", storage_options)
+    """(Re)write the per-record table (group ``records``) from its columns as the flat view names them:
+    ``record_id`` and ``record_<name>`` for every variable of the group."""
+    group = open_group(path, "r+", storage_options).require_group(RECORDS)
     n = len(table["record_id"])
-    for name, spec in store_schema()["variables"].items():
-        if spec["dims"] != ["record_id"]:
-            continue
-        values = np.asarray(table[name], dtype=object if spec["dtype"][0] == "str" else spec["dtype"][0])
+    for name, spec in group_variables(RECORDS).items():
+        column = flat_name(name)
+        values = np.asarray(table[column], dtype=object if spec["dtype"][0] == "str" else spec["dtype"][0])
         if values.shape != (n,):
-            raise StoreError(f"record table column {name} has shape {values.shape}, expected ({n},)")
+            raise StoreError(f"record table column {column} has shape {values.shape}, expected ({n},)")
         arr = create_array(group, name, spec, (n,), (max(n, 1),), spec["dtype"][0])
         if n:
             arr[:] = values
@@ -427,7 +505,7 @@ def write_record_table(path: str, table: Mapping[str, np.ndarray], storage_optio
 def finish(path: str, attrs: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> None:
     """Update the group attributes at the end of a job (``complete`` and the summary), then consolidate."""
     group = open_group(path, "r+", storage_options)
-    group.attrs.update({**attrs, "updated": now()})
+    group.attrs.update(encode_attrs({**attrs, "updated": now()}))
     consolidate(group)
 
 
@@ -476,15 +554,22 @@ def check_version(attrs: Mapping[str, Any], where: str, *, write: bool = False) 
         return
     if write and version in READABLE_VERSIONS and version != current:
         raise StoreError(f"{where} was written with store schema v{version} (this ecg-pipeline writes v{current}: "
-                         f"RR-interval features and neighbour templates per beat); {rebuild_hint(attrs, where)}")
+                         f"groups segments and records, netCDF-safe attributes; it reads v{version} but does not "
+                         f"resume it); {rebuild_hint(attrs, where)}")
     if version not in READABLE_VERSIONS:
         raise StoreError(
             f"{where} was written with store schema v{version} (this ecg-pipeline reads v2 to v{current}: "
             f"generic `label`/`anchor` variables and the task in the attributes); {rebuild_hint(attrs, where)}")
 
 
+def _check_complete(attrs: Mapping[str, Any], where: str) -> None:
+    if attrs.get("package") == "ecg-pipeline" and not attrs.get("complete"):
+        raise StoreError(f"{where}: the job that writes this store has not finished (attrs complete=false): "
+                         "re-run `ecg-pipeline preprocess` with the same --out to finish it")
+
+
 def validate(ds: xr.Dataset, *, require_complete: bool = True, where: str = "dataset") -> xr.Dataset:
-    """Check ``ds`` against the store schema; return it unchanged.
+    """Check ``ds``, the flat view of a store (``open_dataset``), against the store schema; return it unchanged.
 
     Raises
     ------
@@ -492,10 +577,9 @@ def validate(ds: xr.Dataset, *, require_complete: bool = True, where: str = "dat
         Listing every mismatch: missing or extra-dimensioned variables, wrong dtypes,
         invalid attributes, an unfinished job, or a per-record table that does not add up.
     """
-    schema = store_schema()
-    if require_complete and ds.attrs.get("package") == "ecg-pipeline" and not ds.attrs.get("complete"):
-        raise StoreError(f"{where}: the job that writes this store has not finished (attrs complete=false): "
-                         "re-run `ecg-pipeline preprocess` with the same --out to finish it")
+    schema = {"variables": flat_variables(), "attrs": store_schema()["attrs"]}
+    if require_complete:
+        _check_complete(ds.attrs, where)
     problems = schema_problems(ds, schema)
     if not problems:
         if ds.attrs.get("n_segments") != ds.sizes.get("segment"):
@@ -534,6 +618,53 @@ def schema_problems(ds: xr.Dataset, schema: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _open_zarr(path: str, storage_options: Mapping[str, Any] | None, chunks: Any, group: str | None = None) -> xr.Dataset:
+    import xarray as xr  # here, not at import: the loader imports this module into training processes
+
+    try:
+        return xr.open_zarr(path, group=group, consolidated=False, zarr_format=3, decode_timedelta=False,
+                            storage_options=url_options(path, storage_options),
+                            chunks=chunks if chunks is not None else {})
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"no Zarr store at {path}" + (f" (or no group {group} in it)" if group else "")) from exc
+    except Exception as exc:  # noqa: BLE001
+        raise StoreError(f"cannot open {path} as a Zarr v3 store: {type(exc).__name__}: {exc}") from exc
+
+
+def _load_small(ds: xr.Dataset, keep_lazy: Sequence[str]) -> xr.Dataset:
+    """Every variable but ``keep_lazy`` loaded: labels and the per-record table are small (a few MB for MIT-BIH),
+    so selections such as ``ds.where(ds.label == "V")`` work directly; only the big arrays stay lazy.
+    Zarr v3 variable-length strings arrive as numpy StringDType, which xarray's where/concat cannot promote
+    yet: they are handed out as plain object arrays of str."""
+    def _load(name):
+        var = ds[name].compute()
+        return var.astype(object) if var.dtype.kind == "T" else var
+
+    small = [name for name in ds.variables if name not in keep_lazy]
+    return ds.assign_coords({n: _load(n) for n in small if n in ds.coords}).assign(
+        {n: _load(n) for n in small if n in ds.data_vars})
+
+
+def _flat(path: str, storage_options: Mapping[str, Any] | None, chunks: Any, require_complete: bool) -> xr.Dataset:
+    """The store as one Dataset with the table's flat names (``record_id``, ``record_<name>``), its attributes
+    decoded, for any readable version (not yet validated)."""
+    import xarray as xr
+
+    root = _open_zarr(path, storage_options, chunks)
+    attrs = decode_attrs(root.attrs)
+    check_version(attrs, str(path))
+    if require_complete:
+        _check_complete(attrs, str(path))
+    if attrs.get("schema_version", 0) < GROUPED_VERSION:
+        return root.assign_attrs(attrs)
+    segments = _open_zarr(path, storage_options, chunks, SEGMENTS)
+    records = _open_zarr(path, storage_options, chunks, RECORDS)
+    records = records.rename({name: flat_name(name) for name in records.variables})
+    flat = xr.merge([segments, records], combine_attrs="override")  # "drop" would drop the variables' attrs too
+    flat.attrs = attrs
+    return flat
+
+
 def open_dataset(
     path: str,
     *,
@@ -557,26 +688,37 @@ def open_dataset(
     StoreError
         The path is not a store, or it does not match the schema.
     """
-    import xarray as xr  # here, not at import: the loader imports this module into training processes
+    ds = validate(_flat(path, storage_options, chunks, require_complete), require_complete=require_complete, where=str(path))
+    return _load_small(ds, [n for n in ds.data_vars if "segment" in ds[n].dims])
 
-    try:
-        ds = xr.open_zarr(path, consolidated=False, zarr_format=3, storage_options=url_options(path, storage_options),
-                          chunks=chunks if chunks is not None else {}, decode_timedelta=False)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise StoreError(f"no Zarr store at {path}") from exc
-    except Exception as exc:  # noqa: BLE001
-        raise StoreError(f"cannot open {path} as a Zarr v3 store: {type(exc).__name__}: {exc}") from exc
-    check_version(ds.attrs, str(path))
-    ds = validate(ds, require_complete=require_complete, where=str(path))
-    # Labels and the per-record table are small (a few MB for MIT-BIH): load them so that
-    # selections such as ds.where(ds.label == "V") or ds.sel(record_id=...) work directly;
-    # only the spectrogram stays lazy.
-    # Zarr v3 variable-length strings arrive as numpy StringDType, which xarray's where/concat
-    # cannot promote yet: hand them out as plain object arrays of str.
-    def _load(name):
-        var = ds[name].compute()
-        return var.astype(object) if var.dtype.kind == "T" else var
 
-    small = [name for name in ds.variables if "segment" not in ds[name].dims or name in SEGMENT_COORDS]
-    return ds.assign_coords({n: _load(n) for n in small if n in ds.coords}).assign(
-        {n: _load(n) for n in small if n in ds.data_vars})
+def open_tree(
+    path: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    require_complete: bool = True,
+    chunks: Any = None,
+) -> xr.DataTree:
+    """Open a store written by ``ecg-pipeline preprocess`` as a validated ``xarray.DataTree``.
+
+    ``tree["segments"]`` holds the per-segment arrays (spectrograms lazy, their coordinates loaded),
+    ``tree["records"]`` the per-record table on dimension ``record``; the root's attributes are decoded
+    (``decode_attrs``). Stores of versions 2 to 4 (flat) are read into the same tree.
+
+    Raises
+    ------
+    StoreError
+        The path is not a store, or it does not match the schema.
+    """
+    import xarray as xr
+
+    flat = open_dataset(path, storage_options=storage_options, require_complete=require_complete, chunks=chunks)
+    table = [n for n in flat.variables if "record_id" in flat[n].dims]
+    records = flat[table].rename({n: n.removeprefix("record_") if n != "record_id" else "record" for n in table})
+    records = records.rename_dims({"record_id": "record"}) if "record_id" in records.dims else records
+    segments = flat.drop_vars(table).drop_attrs(deep=False)
+    for name, spec in group_variables(RECORDS).items():  # stores of versions 2 to 4 had prose names: the schema's
+        if name in records.variables:
+            records[name].attrs = dict(spec["attrs"])
+    return xr.DataTree.from_dict({"/": xr.Dataset(attrs=flat.attrs), f"/{SEGMENTS}": segments,
+                                  f"/{RECORDS}": records.drop_attrs(deep=False)})

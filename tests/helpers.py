@@ -196,3 +196,35 @@ def assert_same_spectrograms(a: np.ndarray, b: np.ndarray, max_share: float = 1e
     off = np.abs(a - b)
     assert off.max(initial=0.0) <= atol, f"values differ by up to {off.max():.4g}"
     assert (off > 0).mean() <= max_share, f"{(off > 0).mean():.2%} of the values differ"
+
+
+def as_flat_store(src: Path, dst: Path, version: int, drop: tuple[str, ...] = ()) -> Path:
+    """A copy of the store ``src`` laid out as schema versions 2 to 4 wrote it: one flat group (the segment arrays
+    at the root, the table as ``record_id`` and ``record_<name>``), attributes as plain JSON objects, ``drop``
+    arrays and their attributes left out, ``schema_version`` set to ``version``."""
+    import json
+    import shutil
+
+    from ecg_pipeline.pipeline import store
+
+    shutil.copytree(src, dst)
+    for group, rename in ((store.SEGMENTS, lambda n: n), (store.RECORDS, store.flat_name)):
+        for child in sorted((dst / group).iterdir()):
+            if not child.is_dir():
+                continue
+            if child.name in drop:
+                shutil.rmtree(child)
+                continue
+            meta = json.loads((child / "zarr.json").read_text())
+            meta["dimension_names"] = ["record_id" if d == "record" else d for d in meta["dimension_names"]]
+            (child / "zarr.json").write_text(json.dumps(meta))
+            child.rename(dst / rename(child.name))
+        shutil.rmtree(dst / group)
+    root = json.loads((dst / "zarr.json").read_text())
+    root.pop("consolidated_metadata", None)
+    attrs = store.decode_attrs(root["attributes"])
+    for name in drop:
+        attrs.pop(name, None)
+    root["attributes"] = {**attrs, "schema_version": version}
+    (dst / "zarr.json").write_text(json.dumps(root))
+    return dst

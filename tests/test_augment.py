@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ecg_pipeline.pipeline import store
 from ecg_pipeline.pipeline.augment import PrematureBeats, TimeStretch, chain, premature_beats
 from ecg_pipeline.pipeline.rr import STORED_FEATURES, features_at
 
@@ -58,8 +59,9 @@ def test_the_loader_converts_beats_in_each_group_and_weights_what_it_made(small_
 
     from ecg_pipeline.pipeline.loader import LoaderOptions, ZarrSegmentLoader
 
-    g = zarr.open_group(str(small_store), mode="r")
-    rr, classes = g["rr"][:], list(g.attrs["classes"])
+    root = zarr.open_group(str(small_store), mode="r")
+    g, classes = root["segments"], list(store.decode_attrs(root.attrs)["classes"])
+    rr = g["rr"][:]
     aug = premature_beats(0.2, classes, list(g["rr_feature"][:]))
     idx = np.arange(len(rr))
     base = ZarrSegmentLoader(str(small_store), idx, LoaderOptions(inputs=("spectrogram", "rr"), seed=1,

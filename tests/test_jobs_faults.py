@@ -486,7 +486,7 @@ def test_a_disk_that_refuses_writes_fails_the_records_counts_nothing_and_a_rerun
             "--workers", "2", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
     clean = _run([*args, "--out", str(tmp_path / "clean.zarr")])  # also fills the download cache
     assert clean.returncode == 0, clean.stdout + clean.stderr
-    chunks = sorted(p.stat().st_size for p in (tmp_path / "clean.zarr" / "spectrogram").rglob("c/*/0/0"))
+    chunks = sorted(p.stat().st_size for p in (tmp_path / "clean.zarr" / "segments" / "spectrogram").rglob("c/*/0/0"))
     # A file size limit (RLIMIT_FSIZE, inherited by the workers) between the last, partial chunk and the full ones:
     # every full chunk write fails with EFBIG as on a full disk; the store's metadata and the table still fit.
     limit = (chunks[0] + chunks[1]) // 2

@@ -108,7 +108,7 @@ def test_installs_as_one_package_and_never_under_generic_names(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"ecg_pipeline"}, top
-    assert "ecg_pipeline/schemas/store-v4.json" in names and "ecg_pipeline/jobs/cli.py" in names
+    assert "ecg_pipeline/schemas/store-v5.json" in names and "ecg_pipeline/jobs/cli.py" in names
 
     own = tmp_path / "user"
     for name in ("pipeline", "jobs", "schemas"):
@@ -116,7 +116,7 @@ def test_installs_as_one_package_and_never_under_generic_names(tmp_path):
         (own / name / "__init__.py").write_text("MINE = True\n")
     probe = ("import importlib, sys\n"
              "import ecg_pipeline.pipeline.store, ecg_pipeline.jobs.cli, ecg_pipeline.schemas as s\n"
-             "assert s.load('store-v4.json') and not hasattr(ecg_pipeline.pipeline, 'MINE')\n"
+             "assert s.load('store-v5.json') and not hasattr(ecg_pipeline.pipeline, 'MINE')\n"
              "for name in ('pipeline', 'jobs', 'schemas'):\n"
              "    try:\n"
              "        m = importlib.import_module(name)\n"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from ecg_pipeline.pipeline import reports, store
+from ecg_pipeline.pipeline import reports, scores, store
 from ecg_pipeline.pipeline.errors import StoreError
 from ecg_pipeline.pipeline.reports import PreprocessReport, RecordOutcome
 
@@ -61,7 +61,7 @@ def test_many_doubtful_records_are_cut_to_twenty():
 def test_store_text_of_a_spectrogram_store_and_what_is_no_store(tmp_path):
     path = str(tmp_path / "s.zarr")
     layout = store.Layout(("100", "101"), (3, 2), 2, 3, 4)
-    attrs = {"schema_version": 4, "task": "beat", "anchor_kind": "r-peak", "label_source": {"kind": "beat-annotations"},
+    attrs = {"schema_version": store.store_schema()["schema_version"], "task": "beat", "anchor_kind": "r-peak", "label_source": {"kind": "beat-annotations"},
              "package": "ecg-pipeline", "package_version": "0", "database": "mitdb", "database_version": "1.0.0",
              "database_title": "MIT-BIH", "citation": "c", "source": "s", "label_map": {"N": "N"}, "classes": ["N"],
              "config": {}, "config_fingerprint": "0" * 64,
@@ -89,7 +89,7 @@ def test_store_text_of_a_spectrogram_store_and_what_is_no_store(tmp_path):
     text = reports.store_text(path, require_complete=False)
     assert text == reports.spectrogram_store_text(path, require_complete=False)
     lines = text.splitlines()
-    assert lines[0] == f"{path}: mitdb 1.0.0 (MIT-BIH), schema v4, complete=False"
+    assert lines[0] == f"{path}: mitdb 1.0.0 (MIT-BIH), schema v{store.store_schema()['schema_version']}, complete=False"
     assert lines[2] == "  freq 0.0-5.0 Hz, time -0.100..+0.100 s"
     assert lines[4:] == ["    record  status  lead   beats   offset  checksum  error",
                          "       100      ok  MLII       3        0  verified  ",
@@ -107,7 +107,7 @@ def test_store_text_of_a_scores_store(tmp_path):
 
     path = str(tmp_path / "scores.zarr")
     classes = ("N", "S", "V", "F", "Q")
-    attrs = {"schema_version": 3, "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
+    attrs = {"schema_version": scores.scores_schema()["schema_version"], "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
              "package_version": "0", "model": "m.keras", "model_sha256": "ab" * 32, "model_database": "mitdb",
              "classes": list(classes), "detector": {}, "input": "in.zip", "config": {},
              "spectrogram": {"fs": 360.0, "n_before": 90, "n_after": 162, "nperseg": 64, "hop": 8, "nfft": 64,
@@ -120,7 +120,21 @@ def test_store_text_of_a_scores_store(tmp_path):
                                 reference=np.array([""] * 4, dtype=object), n_detected=4)])
     writer.finish({"complete": True})
     lines = reports.store_text(path).splitlines()
-    assert lines[0] == f"{path}: beat scores of in.zip by m.keras (sha256 abababababab), schema v3, complete=True"
+    assert lines[0] == f"{path}: beat scores of in.zip by m.keras (sha256 abababababab), schema v{scores.scores_schema()['schema_version']}, complete=True"
     assert lines[1] == "  4 beats, 1 records"
     assert lines[3].split() == ["record", "status", "beats", *classes, "ectopic", "error"]
     assert lines[4].split() == ["208", "ok", "4", "3", "0", "1", "0", "0", "25.0%"]
+
+
+def test_many_failed_records_are_summarised_by_cause_not_listed_one_a_line():
+    """A job over 100,000 records must not print a line a failure: up to 20 are listed, beyond that the counts by
+    cause (the stage the error names), the first few records of each, and where to find every one."""
+    few = [(f"r{i}", "signal: truncated") for i in range(3)]
+    assert reports.failure_lines(few, "x") == ["  failed records:"] + [f"    {r:>8}  signal: truncated" for r, _ in few]
+    many = ([(f"s{i}", f"signal: {i} bytes short") for i in range(30_000)]
+            + [(f"h{i}", "header: no such file") for i in range(70_000)] + [("odd", "no stage given")])
+    lines = reports.failure_lines(many, "every one: the error column of out.records.csv")
+    assert len(lines) < 15 and "100,001" in lines[0] and "out.records.csv" in lines[0]
+    assert lines[1].split() == ["header", "70,000"] and lines[6].split() == ["signal", "30,000"]
+    assert lines[2].split() == ["h0", "header:", "no", "such", "file"] and "... and 69,997 more" in lines[5]
+    assert any(line.split()[:2] == ["no", "stage"] for line in lines)  # an error without a stage is its own cause

@@ -3,12 +3,12 @@ spectrograms, and how stores of schema v2 (no RR features) and v3 (no templates)
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import wfdb
 import zarr
+
+from helpers import as_flat_store
 
 from ecg_pipeline.pipeline import store
 from ecg_pipeline.pipeline.detect import fiducial_points
@@ -24,7 +24,7 @@ STORED_FEATURES = SPEC.features
 
 def test_the_store_holds_the_rr_features_of_every_beat_from_all_beats_of_its_record(small_store, mirror):
     ds = store.open_dataset(str(small_store))
-    assert ds.attrs["schema_version"] == 4 and ds["rr"].dims == ("segment", "rr_feature")
+    assert ds.attrs["schema_version"] == store.store_schema()["schema_version"] and ds["rr"].dims == ("segment", "rr_feature")
     assert ds["rr"].dtype == np.float32 and list(ds["rr_feature"].values) == list(STORED_FEATURES)
     assert RRSpec.from_attrs(ds.attrs["rr"]) == SPEC == RRSpec()
     rr = ds["rr"].values
@@ -51,7 +51,7 @@ def test_the_loader_streams_rr_beside_the_spectrograms_with_the_same_chunked_rea
     tf = pytest.importorskip("tensorflow")
     from ecg_pipeline.pipeline.loader import LoaderOptions, ZarrSegmentLoader
 
-    g = zarr.open_group(str(small_store), mode="r")
+    g = zarr.open_group(str(small_store), mode="r")["segments"]
     spec, rr = g["spectrogram"][:], g["rr"][:]
     idx = np.arange(300, 1400)  # a split selection over chunks 1-5 of 256
     opts = LoaderOptions(batch_size=128, seed=3, inputs=("spectrogram", "rr"), class_weighting="sqrt")
@@ -85,17 +85,8 @@ def test_the_loader_streams_rr_beside_the_spectrograms_with_the_same_chunked_rea
 
 
 def _as_v2(small_store, tmp_path):
-    """The store as schema v2 wrote it: the same, without RR features."""
-    old = tmp_path / "v2.zarr"
-    shutil.copytree(small_store, old)
-    g = zarr.open_group(str(old), mode="r+", use_consolidated=False)
-    del g["rr"], g["rr_feature"], g["template"]
-    attrs = dict(g.attrs)
-    attrs.pop("rr"), attrs.pop("template")
-    attrs["schema_version"] = 2
-    g.attrs.clear()
-    g.attrs.update(attrs)
-    return old
+    """The store as schema v2 wrote it: the same, flat, without RR features and templates."""
+    return as_flat_store(small_store, tmp_path / "v2.zarr", 2, drop=("rr", "rr_feature", "template"))
 
 
 def test_a_schema_v2_store_is_opened_for_reading_and_refused_for_rr_models_and_writing(small_store, tmp_path):
@@ -104,12 +95,16 @@ def test_a_schema_v2_store_is_opened_for_reading_and_refused_for_rr_models_and_w
     old = _as_v2(small_store, tmp_path)
     ds = store.open_dataset(str(old))  # read as a v4 store without rr and template
     assert "rr" not in ds and ds.sizes["segment"] == store.open_dataset(str(small_store)).sizes["segment"]
+    tree, new = store.open_tree(str(old)), store.open_tree(str(small_store))  # the flat store in v5's two groups
+    assert list(tree["records"].to_dataset().status.values) == list(new["records"].to_dataset().status.values)
+    assert tree["segments"].sizes["segment"] == new["segments"].sizes["segment"] and "rr" not in tree["segments"]
+    assert tree["records"]["n_segments"].attrs["units"] == "1" and tree.attrs["schema_version"] == 2
     assert len(ZarrSegmentLoader(str(old), np.arange(10))) == 10  # spectrogram-only models keep working
     with pytest.raises(StoreError, match=r"no variable 'rr' \(store schema v2.*--overwrite"):
         ZarrSegmentLoader(str(old), np.arange(10), LoaderOptions(inputs=("spectrogram", "rr")))
     layout = store.Layout(("100",), (10,), 8, 24, 256, len(STORED_FEATURES))
-    with pytest.raises(StoreError, match=r"store schema v2 \(this ecg-pipeline writes v4.*--overwrite"):
-        store.prepare(str(old), layout, {**dict(ds.attrs), "schema_version": 4}, "float16",
+    with pytest.raises(StoreError, match=r"store schema v2 \(this ecg-pipeline writes v5.*--overwrite"):
+        store.prepare(str(old), layout, {**dict(ds.attrs), "schema_version": 5}, "float16",
                       coords={"freq": np.zeros(8, np.float32), "time": np.zeros(24, np.float32)})
 
 
@@ -133,15 +128,7 @@ def test_a_schema_v3_store_trains_rr_models_and_refuses_template_models_with_how
     from ecg_pipeline.pipeline.loader import LoaderOptions, ZarrSegmentLoader
     from ecg_pipeline.pipeline.models import ModelError
 
-    old = tmp_path / "v3.zarr"
-    shutil.copytree(small_store, old)
-    g = zarr.open_group(str(old), mode="r+", use_consolidated=False)
-    del g["template"]
-    attrs = dict(g.attrs)
-    attrs.pop("template")
-    attrs["schema_version"] = 3
-    g.attrs.clear()
-    g.attrs.update(attrs)
+    old = as_flat_store(small_store, tmp_path / "v3.zarr", 3, drop=("template",))
     ds = store.open_dataset(str(old))
     assert "template" not in ds and "rr" in ds
     assert len(ZarrSegmentLoader(str(old), np.arange(10), LoaderOptions(inputs=("spectrogram", "rr")))) == 10

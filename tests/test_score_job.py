@@ -106,6 +106,16 @@ def test_one_record_is_scored_in_this_process_beat_by_beat_as_the_job_scores_it(
     text = _ok(_cli("score", "--model", str(model), "--input", str(folder / "100"))).stdout
     assert text.splitlines()[0].split()[:4] == ["record", "sample", "time_s", "predicted"]
     assert text.rstrip().splitlines()[-1].startswith(f"100: {int(mine.sum()):,} beats")
+    # The same record given as a URL (a PhysioNet-style folder served on 127.0.0.1): fetched, checked against the
+    # folder's SHA256SUMS.txt, scored here; a URL with no record behind it is said to be so.
+    with HTTPMirror(mirror) as http:
+        url = f"{http.url.rstrip('/')}/mitdb/1.0.0/100"
+        by_url = _ok(_cli("score", "--model", str(model), "--input", url, "--format", "csv",
+                          "--cache-dir", str(tmp_path / "cache")))
+        assert "Dask dashboard" not in by_url.stderr and by_url.stdout == r.stdout
+        missing = _cli("score", "--model", str(model), "--input", f"{http.url.rstrip('/')}/mitdb/1.0.0/999")
+    assert missing.returncode != 0 and "999" in missing.stderr + missing.stdout
+    assert "Traceback" not in missing.stderr
 
 
 def test_ds2_as_wfdb_annotation_files_gives_wfdb_the_detector_figures_of_the_job(ds2, mirror, work):
@@ -142,7 +152,7 @@ def test_ds2_scores_agree_with_the_reference(ds2, model, mirror, work):
     assert list(ds["class"].values) == CLASSES and ds.probability.dims == ("segment", "class")
     np.testing.assert_allclose(ds.probability.values.sum(axis=1), 1, atol=1e-4)
     # Plain xarray reads the store as well.
-    plain = xr.open_zarr(out, consolidated=False)
+    plain = xr.open_zarr(out, group="segments", consolidated=False)
     assert plain.sizes["segment"] == ds.sizes["segment"] == int(ds.record_n_segments.sum())
 
     # The reference beats the job counted are the annotation file's beats (counted here independently), less those
@@ -324,12 +334,12 @@ def test_unreadable_beats_are_flagged_where_the_annotators_marked_noise(ds2, mir
 
 def test_rerun_skips_scored_records(ds2, model, mirror):
     out, _ = ds2
-    before = zarr.open_group(str(out), mode="r", use_consolidated=False)["anchor"][:]
+    before = zarr.open_group(str(out), mode="r", use_consolidated=False)["segments/anchor"][:]
     with HTTPMirror(mirror) as http:
         r = _ok(_cli("score", "--model", str(model), "--db", "mitdb", "--source", http.url, "--records",
                      ",".join(DS2), "--out", str(out), "--workers", "2", "--no-progress"))
     assert f"0 scored now, {len(DS2)} already in the store" in r.stdout
-    after = zarr.open_group(str(out), mode="r", use_consolidated=False)["anchor"][:]
+    after = zarr.open_group(str(out), mode="r", use_consolidated=False)["segments/anchor"][:]
     np.testing.assert_array_equal(before, after)
     shown = _ok(_cli("inspect", str(out))).stdout  # the inspect command knows scores stores too
     ds = open_scores(str(out))
@@ -566,15 +576,14 @@ def test_a_driver_killed_inside_a_commit_loses_and_repeats_nothing(tmp_path, mon
     the commit point and the readers' ``n_segments``. The re-run must score exactly what was not committed."""
     from ecg_pipeline.pipeline import scores
 
-    attrs = {"schema_version": 3, "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
+    attrs = {"schema_version": scores.scores_schema()["schema_version"], "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
              "package_version": "0",
              "model": "m.keras", "model_sha256": "a" * 64, "model_database": "mitdb", "classes": CLASSES,
              "spectrogram": {"fs": 360.0, "n_before": 90, "n_after": 162, "nperseg": 64, "hop": 8, "nfft": 64,
                              "window": "hann", "log_eps": 1e-4}, "detector": {}, "input": "x", "config": {},
              "config_fingerprint": "b" * 64}
     every = {"a": _beats("a", 300, 1), "b": _beats("b", 40, 5), "c": _beats("c", 200, 3)}
-    n_table = sum(spec["dims"][0] == "record_id" and name not in scores.RHYTHM_TABLE  # a beat store's table
-                  for name, spec in scores.scores_schema()["variables"].items())
+    n_table = 1 + len(scores.table_columns("beat")) + 1  # a beat store's table: class, its columns, record
     create, save_state = scores.store.create_array, scores.ScoresWriter._save_state
 
     class Killed(BaseException):

@@ -17,7 +17,7 @@ from ecg_pipeline.pipeline.extract import detected_segments
 from ecg_pipeline.pipeline.model_card import ModelCard
 from ecg_pipeline.pipeline.scoring import PieceScores, RecordAssembler, ScoringContext
 from ecg_pipeline.pipeline.resample import resample
-from ecg_pipeline.pipeline import records, sources
+from ecg_pipeline.pipeline import records, scores, sources
 from ecg_pipeline.pipeline.config import ConfigError, ScoreConfig, score_config_from_dict
 from ecg_pipeline.pipeline.errors import StoreError
 from ecg_pipeline.pipeline.models import ModelError
@@ -27,7 +27,7 @@ CLASSES = ("N", "S", "V", "F", "Q")
 
 
 def _attrs(sha="a" * 64, fp="b" * 64):
-    return {"schema_version": 3, "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
+    return {"schema_version": scores.scores_schema()["schema_version"], "kind": "scores", "task": "beat", "anchor_kind": "r-peak", "package": "ecg-pipeline",
             "package_version": "0",
             "model": "m.keras", "model_sha256": sha, "model_database": "mitdb", "classes": list(CLASSES),
             "spectrogram": {"fs": 360.0, "n_before": 90, "n_after": 162, "nperseg": 64, "hop": 8, "nfft": 64,
@@ -59,9 +59,10 @@ def test_commit_resume_and_cut_back(tmp_path):
     # Plain xarray opens it too (the store is the interface), from the consolidated metadata of a finished job.
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "Failed to open Zarr store with consolidated metadata"
-        plain = xr.open_zarr(path)
+        plain = xr.open_zarr(path, group="segments")
+        table = xr.open_datatree(path, engine="zarr")["records"]
     assert plain.probability.dims == ("segment", "class") and "record" in plain.coords
-    assert plain.sizes["segment"] == 500
+    assert plain.sizes["segment"] == 500 and table.sizes["record"] == 3 and table["status"].attrs["long_name"]
 
     # A crash after the data and table writes of record "d" but before the commit point moved:
     w2 = ScoresWriter(path, _attrs(), CLASSES, chunk_size=256)
@@ -71,20 +72,41 @@ def test_commit_resume_and_cut_back(tmp_path):
     d = _scores("d", 100, 4)
     g = zarr.open_group(path, mode="r+", use_consolidated=False)
     for name in ("probability", "anchor"):
-        a = g[name]
+        a = g[f"segments/{name}"]
         a.resize((600, *a.shape[1:]))
-    g["anchor"][500:600] = d.anchor
+    g["segments/anchor"][500:600] = d.anchor
     w3 = ScoresWriter(path, _attrs(), CLASSES, chunk_size=256)
-    assert w3.n == 500 and g["anchor"].shape == (500,) and w3.done == {"a", "c"}
+    assert w3.n == 500 and g["segments/anchor"].shape == (500,) and w3.done == {"a", "c"}
     w3.commit([d, _scores("b", 50, 5)])
     w3.finish({"complete": True})
     ds = open_scores(path)
     assert ds.sizes["segment"] == 650 and list(ds.record_id.values) == ["a", "b", "c", "d"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert xr.open_zarr(path).sizes["segment"] == 650  # consolidated again, with the resumed job's arrays
+        assert xr.open_zarr(path, group="segments").sizes["segment"] == 650  # consolidated again, with the resumed job's arrays
     assert ds.record_status.sel(record_id="b") == "ok" and int(ds.record_offset.sel(record_id="b")) == 600
     np.testing.assert_array_equal(ds.anchor.values[500:600], d.anchor)
+
+
+def test_a_scores_store_opens_as_two_groups_and_a_slice_goes_to_netcdf(tmp_path):
+    """Schema v4: ecg_pipeline.open_scores gives the segments and the per-record table apart (a record's beats by
+    `where` carry no table), short names with units, and attributes netCDF takes."""
+    import ecg_pipeline
+
+    path = str(tmp_path / "s.zarr")
+    w = ScoresWriter(path, _attrs(), CLASSES, chunk_size=256)
+    w.commit([_scores("a", 300, 1), _scores("c", 200, 3)])
+    w.finish({"complete": True, "reference_metrics": {"detector": {"tp": 1}}})
+    tree = ecg_pipeline.open_scores(path)
+    beats, table = tree["segments"].to_dataset(), tree["records"].to_dataset()
+    picked = beats.where(beats.record == "c", drop=True)
+    assert set(picked.dims) == {"segment", "class"} and picked.sizes["segment"] == 200
+    assert int(table.segments.sel(record="c").sum()) == 200 and table.n_segments.attrs["units"] == "1"
+    assert tree.attrs["reference_metrics"] == {"detector": {"tp": 1}} and tree.attrs["complete"] is True
+    raw = xr.open_datatree(path, engine="zarr")
+    assert all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in raw.attrs.values())
+    picked.assign_attrs(raw.attrs).to_netcdf(tmp_path / "c.nc", engine="scipy")
+    assert xr.open_dataset(tmp_path / "c.nc", engine="scipy").probability.shape == (200, 5)
 
 
 def test_scores_of_another_model_are_not_mixed(tmp_path):

@@ -10,7 +10,7 @@ FP = "0" * 64
 
 
 def _attrs(**kw):
-    a = {"schema_version": 4, "task": "beat", "anchor_kind": "r-peak", "label_source": {"kind": "beat-annotations"},
+    a = {"schema_version": store.store_schema()["schema_version"], "task": "beat", "anchor_kind": "r-peak", "label_source": {"kind": "beat-annotations"},
          "package": "ecg-pipeline", "package_version": "0", "database": "mitdb",
          "database_version": "1.0.0", "database_title": "t", "citation": "c", "source": "s", "label_map": {"N": "N"},
          "classes": ["N"], "config": {}, "config_fingerprint": FP, "created": "now",
@@ -35,7 +35,7 @@ def _write(path, layout, attrs=None, fill=True):
             store.write_chunk(str(path), k, sl, spec, labels, f"fp{k}")
         names = list(layout.records)
         table = {"record_id": np.array(names, object)}
-        for name, spec in store.store_schema()["variables"].items():
+        for name, spec in store.flat_variables().items():
             if spec["dims"] == ["record_id"] and name != "record_id":
                 kind = spec["dtype"][0]
                 table[name] = np.array([""] * len(names), object) if kind == "str" else np.zeros(len(names), kind)
@@ -65,9 +65,9 @@ def test_roundtrip_through_xarray(tmp_path):
     assert set(store.SEGMENT_COORDS) <= set(ds.coords)
     assert ds.spectrogram[:, 0, 0].values.tolist() == [0] * 4 + [1] * 4 + [2] * 3
     assert ds["anchor"].values.tolist() == list(range(11))
-    # plain xarray sees the same dataset, and the bookkeeping group stays hidden
-    plain = xr.open_zarr(str(tmp_path / "s.zarr"), consolidated=False)
-    assert "chunk_fingerprint" not in plain.variables
+    # plain xarray sees the segments in their group, and the bookkeeping group stays apart
+    plain = xr.open_zarr(str(tmp_path / "s.zarr"), group="segments", consolidated=False)
+    assert "chunk_fingerprint" not in plain.variables and plain.spectrogram.shape == (11, 3, 4)
     assert store.read_fingerprints(str(tmp_path / "s.zarr")) == ["fp0", "fp1", "fp2"]
 
 
@@ -77,7 +77,7 @@ def test_resume_keeps_fingerprints_and_resizes(tmp_path):
     held = store.prepare(str(p), store.Layout(("a", "b"), (6, 5), 3, 4, 4), _attrs(), "float16",
                          coords={"freq": np.zeros(3, np.float32), "time": np.zeros(4, np.float32)})
     assert held == ["fp0", "fp1", ""]
-    assert zarr.open_group(str(p), mode="r")["spectrogram"].shape == (11, 3, 4)
+    assert zarr.open_group(str(p), mode="r")["segments/spectrogram"].shape == (11, 3, 4)
 
 
 def test_resume_refuses_another_configuration(tmp_path):
@@ -107,7 +107,7 @@ def test_validate_lists_problems(tmp_path):
     p = tmp_path / "s.zarr"
     _write(p, store.Layout(("a",), (6,), 3, 4, 4))
     ds = store.open_dataset(str(p))
-    bad = ds.drop_vars(["label", "symbol"]).assign_attrs(schema_version=5)
+    bad = ds.drop_vars(["label", "symbol"]).assign_attrs(schema_version=99)
     bad["anchor"] = bad["anchor"].astype("float32")
     with pytest.raises(StoreError) as e:
         store.validate(bad)
@@ -142,14 +142,14 @@ def test_a_store_of_schema_v1_is_refused_with_what_to_do(tmp_path):
 
 
 def test_store_kind_and_task_of_real_stores(tmp_path):
-    from ecg_pipeline.pipeline.scores import RecordScores, ScoresWriter
+    from ecg_pipeline.pipeline.scores import RecordScores, ScoresWriter, scores_schema
 
     spectrograms, rhythm = tmp_path / "s.zarr", tmp_path / "r.zarr"
     _write(spectrograms, store.Layout(("a",), (6,), 3, 4, 4))
     _write(rhythm, store.Layout(("a",), (6,), 3, 4, 4), _attrs(task="rhythm", anchor_kind="window-start"))
     scores = str(tmp_path / "scores.zarr")
     classes = ("N", "V")
-    attrs = {"schema_version": 3, "kind": "scores", "task": "beat", "anchor_kind": "r-peak",
+    attrs = {"schema_version": scores_schema()["schema_version"], "kind": "scores", "task": "beat", "anchor_kind": "r-peak",
              "package": "ecg-pipeline", "package_version": "0", "model": "m.keras", "model_sha256": "a" * 64,
              "model_database": "mitdb", "classes": list(classes), "spectrogram": {}, "detector": {}, "input": "x",
              "config": {}, "config_fingerprint": "b" * 64}
@@ -192,7 +192,7 @@ def test_the_record_row_declares_the_schemas_record_table():
     from ecg_pipeline.pipeline.extract import RecordPlan
     from ecg_pipeline.pipeline.reports import RecordOutcome, record_outcomes, record_table
 
-    schema = {name: spec["dtype"][0] for name, spec in store.store_schema()["variables"].items()
+    schema = {name: spec["dtype"][0] for name, spec in store.flat_variables().items()
               if spec["dims"] == ["record_id"]}
     fields = {"record_id" if f.name == "record" else f"record_{f.name}" for f in dataclasses.fields(RecordOutcome)}
     assert fields == set(schema)
@@ -214,10 +214,47 @@ def test_a_float32_view_of_a_float16_store_is_one_call_away(small_store):
     the same values as float32, lazily, and a per-class mean that is finite."""
     import ecg_pipeline
 
-    half, full = ecg_pipeline.open_store(str(small_store)), ecg_pipeline.open_store(str(small_store), float32=True)
+    half, full = (ecg_pipeline.open_store(str(small_store), float32=f)["segments"].to_dataset() for f in (False, True))
     assert half.spectrogram.dtype == np.float16 and full.spectrogram.dtype == np.float32
     assert full.spectrogram.chunks is not None  # still lazy: nothing read yet
     np.testing.assert_array_equal(full.spectrogram[:100].values, half.spectrogram[:100].values.astype(np.float32))
     means = full.spectrogram.groupby("label").mean()
     assert np.isfinite(means.values).all() and set(means.label.values) >= {"N", "V"}
     assert full.label.dtype == half.label.dtype and full.anchor.dtype == half.anchor.dtype
+
+
+def test_the_tree_keeps_segments_and_records_apart_and_a_slice_goes_to_netcdf(tmp_path):
+    """Schema v5: segments and the per-record table in their own groups (a selection on segments never broadcasts
+    the table), short names with units, attributes netCDF takes, consolidated metadata for plain xarray."""
+    import warnings
+
+    import ecg_pipeline
+
+    p = tmp_path / "s.zarr"
+    _write(p, store.Layout(("a", "b"), (6, 5), 3, 4, 4))
+    raw_attrs = dict(zarr.open_group(str(p), mode="r").attrs)
+    assert all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in raw_attrs.values()), raw_attrs
+    assert raw_attrs["complete"] == 1 and store.decode_attrs(raw_attrs)["label_source"] == {"kind": "beat-annotations"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "Failed to open Zarr store with consolidated metadata"
+        raw = xr.open_datatree(str(p), engine="zarr")
+    assert set(raw.children) >= {"segments", "records"}
+
+    tree = ecg_pipeline.open_store(str(p), float32=True)
+    seg, rec = tree["segments"].to_dataset(), tree["records"].to_dataset()
+    assert tree.attrs["classes"] == ["N"] and tree.attrs["complete"] is True
+    picked = seg.where(seg.label == "N", drop=True)
+    assert set(picked.dims) == {"segment", "freq", "time"} and picked.spectrogram.dtype == np.float32
+    assert rec.sel(record="b").n_segments.item() == 5 and rec.sel(record="b").offset.item() == 6
+    for ds in (seg, rec):
+        for name, var in ds.variables.items():
+            if name in ds.dims and name not in ("record",) and "long_name" not in var.attrs:
+                continue  # a dimension without its own coordinate variable
+            assert len(var.attrs["long_name"]) <= 40, (name, var.attrs["long_name"])
+            assert var.dtype.kind not in "iuf" or "units" in var.attrs, name
+    # A slice with the store's own (raw) attributes writes to netCDF (scipy: netCDF-3, the strictest engine).
+    part = seg.isel(segment=slice(0, 3)).compute().assign_attrs(raw.attrs)  # scipy's writer takes no dask arrays
+    part.to_netcdf(tmp_path / "part.nc", engine="scipy")
+    back = xr.open_dataset(tmp_path / "part.nc", engine="scipy")
+    assert back.spectrogram.shape == (3, 3, 4) and back.attrs["config_fingerprint"] == raw_attrs["config_fingerprint"]
+    assert store.decode_attrs(back.attrs)["label_source"] == {"kind": "beat-annotations"}
