@@ -6,12 +6,15 @@ Wiring only: two phases of Dask tasks whose bodies are in ``pipeline.preprocessi
 1. ``plan_records`` (one task per batch of records, one record a task for a few long
    ones: ``plan_batch_size``): ``extract.plan_record`` fetches each record
    through the source, reads its header and chosen lead, asks the label source for
-   anchors and labels, and keeps the usable windows. It returns a small
-   ``RecordPlan``; nothing is written yet.
-2. ``write_chunk`` (one task per Zarr chunk of segments): ``extract.chunk_contents``
-   computes the rows of the chunk (``segment.spectrograms`` per record piece), and
-   ``store.write_chunk`` writes it whole. Tasks own whole chunks, so no two ever write
-   the same one.
+   anchors and labels, keeps the usable windows and transforms them from the same read
+   (one pass). The driver gathers the plans' summaries (``summaries``: counts, no
+   arrays); the segments stay on the worker. Nothing is written yet. On a resume, the
+   plans the store keeps are reused for records whose files and chunks are unchanged.
+2. ``write_chunk`` (one task per Zarr chunk of segments, given the plan batches it
+   needs, so Dask runs it where they are): ``extract.chunk_contents`` takes the rows of
+   the chunk from the plans (a long record beyond ``store.one_pass_max_mb`` is read
+   again), and ``store.write_chunk`` writes it whole. Tasks own whole chunks, so no two
+   ever write the same one.
 
 The driver (``run_preprocess``) lays the records out from the plans
 (``preprocessing.lay_out``), compares each chunk's fingerprint with what the store
@@ -27,9 +30,10 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
-from distributed import Client, as_completed
+import numpy as np
+from distributed import Client, as_completed, wait
 
 from .common import NoProgress, ProgressBar
 from ..pipeline import download, labels, lease, preprocessing, sources, store
@@ -128,23 +132,14 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
     ctx = TaskContext(db, label_source, request.cache_dir, config, request.out, request.storage_options)
     with _phase(phase, "plan"):
         [src, ctx_f] = client.scatter([listing.source, ctx], broadcast=True)
-        plans, plan_futures = _plan_records(client, ctx_f, src, [n for n in names if n not in unlabelled], progress)
-        plans.update({r: RecordPlan(r, error=e) for r, e in unlabelled.items()})
-
-    laid = preprocessing.lay_out(ctx, names, plans)
-    layout, spec = laid.layout, laid.spec
-    attrs = preprocessing.store_attrs(ctx, version, request.source, spec, listing.missing)
-    held = store.prepare(request.out, layout, attrs, config.store.dtype, coords=laid.coords,
-                         compressor=config.store.compressor, overwrite=request.overwrite,
-                         storage_options=request.storage_options)
-    # The table says "pending" until phase 2 is done, so an interrupted store still opens
-    # (``open_dataset(..., require_complete=False)``) and shows where it stopped.
-    store.write_record_table(request.out, record_table(record_outcomes(names, layout, plans, {}, final=False)),
-                             request.storage_options)
-
+        reused = {} if request.overwrite else _reusable(client, ctx, ctx_f, src, names, progress)
+        commits = _Commits(client, ctx, ctx_f, src, request, preprocessing.store_attrs, version, listing, names,
+                           {**reused, **{r: RecordPlan(r, error=e) for r, e in unlabelled.items()}})
+        commits.read([n for n in names if n not in unlabelled and n not in reused], progress, then=commits.step)
     with _phase(phase, "write"):
-        written, skipped, failures, stage_s = _write_chunks(client, ctx, ctx_f, src, layout, plans, plan_futures,
-                                                            held, spec, progress)
+        laid = commits.commit(final=True)
+        written, skipped, failures = commits.wait(progress)
+    layout, plans = laid.layout, commits.plans
 
     # The per-record table and the final attributes (driver only: one writer).
     outcomes = record_outcomes(names, layout, plans, failures, final=True)
@@ -157,7 +152,8 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
         out=request.out, database=db.name, version=version, records=outcomes, segments_per_class=per_class,
         chunks_total=layout.n_chunks, chunks_written=written, chunks_skipped=skipped,
         missing_source_files=listing.missing, listing_error=listing.listing_error, wall_s=time.perf_counter() - t0,
-        phase_s=phase, stage_s=dict(stage_s), bytes_downloaded=sum(p.bytes_downloaded for p in plans.values()),
+        phase_s=phase, stage_s=dict(commits.seconds), bytes_downloaded=sum(p.bytes_downloaded for p in plans.values()),
+        records_read=commits.n_read, records_reused=sum(p.reused for p in plans.values()),
     )
 
 
@@ -184,72 +180,171 @@ def _list_source(client: Client, source: sources.RecordSource, label_source: Lab
     return listing, label_source
 
 
+def _reusable(client: Client, ctx: TaskContext, ctx_f, src, names: Sequence[str], progress) -> dict[str, RecordPlan]:
+    """On a resume: the stored plans of records whose chunks are written (``preprocessing.stored_plans``) and whose
+    files are unchanged (asked on workers, which reach the source: ``preprocessing.unchanged``)."""
+    stored = preprocessing.stored_plans(ctx, names)
+    if not stored:
+        return {}
+    batch, size = list(stored.values()), 2000
+    futures = {client.submit(preprocessing.unchanged, ctx_f, src, batch[i:i + size], pure=False): i
+               for i in range(0, len(batch), size)}
+    same: set[str] = set()
+    bar = progress("resume: files unchanged?", len(batch))
+    for fut in as_completed(futures):
+        try:
+            same.update(fut.result())
+        except Exception as exc:  # noqa: BLE001 - then those records are read again: slower, never wrong
+            log.warning("cannot tell whether %d records changed (%s: %s): reading them again", size,
+                        type(exc).__name__, exc)
+        bar.update(min(size, len(batch) - futures[fut]))
+    bar.close()
+    return {r: stored[r] for r in same}
+
+
 def plan_batch_size(n_records: int, n_workers: int) -> int:
     """Records per plan task: one for a few long records (MIT-BIH: 48), up to 64 when there are thousands,
     keeping at least 16 tasks per worker for balance."""
     return int(min(64, max(1, n_records // (16 * max(n_workers, 1)))))
 
 
-def _plan_records(client: Client, ctx: TaskContext, src, names, progress) -> tuple[dict[str, RecordPlan], dict]:
-    """Phase 1: ``plan_records`` tasks over batches of records; a task that dies fails its records alone.
+class _Commits:
+    """The store written while the records are read: each time the records read from the start of the list (the
+    prefix) grow by ``step_records``, they are laid out, their plan summaries and per-record table saved
+    (``store.write_plans``, before any of their chunks) and their full chunks submitted for writing. A job
+    killed at any point keeps what was committed, and a resume reads only the rest (``_reusable``); the
+    segments wait on the workers only until their chunk is written.
 
-    Returns the plans and, per record, ``(future of its batch, index in it)``: phase-2 tasks take that
-    future, so Dask runs them where the records' files were fetched.
+    A resumed store is never made smaller before the end (its chunks beyond the prefix are the next ones'
+    to reuse): intermediate commits wait until the prefix reaches its size.
     """
-    names = list(names)
-    size = plan_batch_size(len(names), len(client.nthreads()))
-    batches = [names[i:i + size] for i in range(0, len(names), size)]
-    futures = {client.submit(preprocessing.plan_records, ctx, src, b, key=f"plan-{b[0]}-{len(b)}-{os.urandom(4).hex()}",
-                             retries=1): b for b in batches}
-    plans: dict[str, RecordPlan] = {}
-    plan_futures: dict[str, Any] = {}
-    bar = progress("download + plan", len(names))
-    for fut in as_completed(futures):
-        batch = futures[fut]
-        try:
-            for j, plan in enumerate(fut.result()):
-                plans[plan.record], plan_futures[plan.record] = plan, (fut, j)
-        except Exception as exc:  # noqa: BLE001 - a worker died twice or a bug: the batch's records fail
-            plans.update({r: RecordPlan(r, error=f"task: {type(exc).__name__}: {exc}") for r in batch})
-        bar.update(len(batch))
-    bar.close()
-    return plans, plan_futures
 
+    def __init__(self, client: Client, ctx: TaskContext, ctx_f, src, request: PreprocessRequest, store_attrs,
+                 version: str, listing: sources.Listing, names: tuple[str, ...], known: dict[str, RecordPlan]):
+        self.client, self.ctx, self.ctx_f, self.src, self.request = client, ctx, ctx_f, src, request
+        self.store_attrs, self.version, self.listing, self.names = store_attrs, version, listing, names
+        self.plans: dict[str, RecordPlan] = dict(known)
+        self.futures: dict[str, Any] = {}  # record -> (future of its plan batch, index in it)
+        self.seconds: Counter[str] = Counter()  # task-seconds per stage, both phases
+        self.n_read = 0
+        self.step_records = ctx.config.store.commit_records or max(-(-len(names) // 25), 1000)
+        self.done = self.committed = 0  # records of the prefix; the prefix at the last commit
+        self.prepared = False
+        self.existing = 0 if request.overwrite else store.n_segments(request.out, request.storage_options)
+        self.writes: dict[int, tuple[Any, str, list[str]]] = {}  # chunk -> (future, fingerprint, records)
+        self.final_chunks = 0
+        self.saved: list[str] = []  # the plans of the prefix, as stored
 
-def _write_chunks(client: Client, ctx: TaskContext, ctx_f, src, layout: store.Layout,
-                  plans: Mapping[str, RecordPlan], plan_futures: Mapping[str, Any], held: list[str], spec, progress):
-    """Phase 2: a ``write_chunk`` task for each chunk whose fingerprint differs from what the store holds."""
-    names = layout.records
-    # The arrays are opened once here and shipped to the tasks with their metadata.
-    [arrays] = client.scatter([store.chunk_writer(ctx.out, ctx.storage_options)], broadcast=True)
-    chunk_futures = {}
-    skipped = 0
-    for k in range(layout.n_chunks):
-        pieces = layout.chunk_parts(k)
-        fp = preprocessing.chunk_fingerprint(ctx, layout, plans, k)
-        if held[k] == fp:
-            skipped += 1
-            continue
-        parts = [(*plan_futures[names[i]], lo, hi) for i, lo, hi in pieces]
-        fut = client.submit(preprocessing.write_chunk, ctx_f, src, arrays, k, parts, layout.chunk_slice(k), fp, spec,
-                            key=f"chunk-{k}-{os.urandom(4).hex()}", retries=1)
-        chunk_futures[fut] = (k, [names[i] for i, _, _ in pieces])
-    failures: dict[str, str] = {}
-    stage_s: Counter[str] = Counter()
-    for p in plans.values():
-        stage_s.update(p.seconds)
-    written = 0
-    bar = progress("spectrograms -> zarr", len(chunk_futures))
-    for fut in as_completed(chunk_futures):
-        k, recs = chunk_futures[fut]
-        try:
-            res: preprocessing.ChunkResult = fut.result()
-            written += res.written
-            failures.update(res.failures)
-            stage_s.update(res.seconds)
-        except Exception as exc:  # noqa: BLE001
-            for r in recs:
-                failures.setdefault(r, f"write: chunk {k}: {type(exc).__name__}: {exc}")
-        bar.update(1)
-    bar.close()
-    return written, skipped, failures, stage_s
+    def read(self, names: Sequence[str], progress, then: Callable[[], None] = lambda: None) -> None:
+        """``plan_records`` tasks over batches of ``names``; ``then`` after each batch. A task that dies fails its
+        records alone. The driver gets the plans' summaries; each record's plan batch stays on its worker, and
+        the chunk tasks that take it run there."""
+        names = list(names)
+        size = plan_batch_size(len(names), len(self.client.nthreads()))
+        futures = {}
+        for i in range(0, len(names), size):
+            b = names[i:i + size]
+            key = f"{b[0]}-{len(b)}-{os.urandom(4).hex()}"
+            heavy = self.client.submit(preprocessing.plan_records, self.ctx_f, self.src, b, key=f"plan-{key}",
+                                       retries=1)
+            futures[self.client.submit(preprocessing.summaries, heavy, key=f"plan-light-{key}")] = (b, heavy)
+        bar = progress("download + plan", len(names))
+        for fut in as_completed(futures):
+            batch, heavy = futures[fut]
+            try:
+                got: preprocessing.PlanSummaries = fut.result()
+                self.seconds.update(got.seconds)
+                for j, plan in enumerate(got.plans):
+                    self.plans[plan.record], self.futures[plan.record] = plan, (heavy, j)
+            except Exception as exc:  # noqa: BLE001 - a worker died twice or a bug: the batch's records fail
+                self.plans.update({r: RecordPlan(r, error=f"task: {type(exc).__name__}: {exc}") for r in batch})
+            self.n_read += len(batch)
+            bar.update(len(batch))
+            then()
+        bar.close()
+
+    def step(self) -> None:
+        """Commit once the prefix has grown by ``step_records``."""
+        while self.done < len(self.names) and self.names[self.done] in self.plans:
+            self.done += 1
+        if self.done - self.committed >= self.step_records:
+            self.commit(final=False)
+
+    def commit(self, final: bool) -> preprocessing.StoreLayout | None:
+        """Lay out the prefix (every record when ``final``), save its plans and table, submit its full chunks
+        (all when ``final``) whose fingerprint differs from the store's and that were not submitted yet."""
+        prefix = self.names if final else self.names[:self.done]
+        laid = self._lay_out(prefix)
+        if not final and (laid.spec is None or laid.layout.n_segments < self.existing):
+            return None
+        req, layout = self.request, laid.layout
+        attrs = self.store_attrs(self.ctx, self.version, req.source, laid.spec, self.listing.missing)
+        held = store.prepare(req.out, layout, attrs, self.ctx.config.store.dtype, coords=laid.coords,
+                             compressor=self.ctx.config.store.compressor, overwrite=req.overwrite and not self.prepared,
+                             storage_options=req.storage_options)
+        self.prepared = True
+        # "pending" until the end, so an interrupted store still opens (``require_complete=False``).
+        store.write_record_table(req.out, record_table(record_outcomes(prefix, layout, self.plans, {}, final=False)),
+                                 req.storage_options)
+        for r in prefix[len(self.saved):]:
+            self.saved.append(self.plans[r].to_json())  # a commit's prefix extends the last one's
+        store.write_plans(req.out, self.saved[:len(prefix)], req.storage_options)
+        todo, fps = preprocessing.chunks_to_write(self.ctx, layout, self.plans, held)
+        n_full = layout.n_chunks if final else layout.n_segments // layout.chunk_size
+        todo = [k for k in todo if k < n_full and (k not in self.writes or self.writes[k][1] != fps[k])]
+        if todo:
+            [arrays] = self.client.scatter([store.chunk_writer(req.out, req.storage_options)], broadcast=True)
+        for k in todo:
+            if k in self.writes:  # its content changed since (rare): never two tasks on one chunk
+                wait(self.writes[k][0])
+            pieces = layout.chunk_parts(k)
+            gone = [layout.records[i] for i, _, _ in pieces if layout.records[i] not in self.futures]
+            if gone:  # plans let go after an earlier write of this chunk: read those records again
+                self.read(gone, lambda desc, total: NoProgress())
+            parts = [(*self.futures[layout.records[i]], lo, hi) for i, lo, hi in pieces]
+            fut = self.client.submit(preprocessing.write_chunk, self.ctx_f, self.src, arrays, k, parts,
+                                     layout.chunk_slice(k), fps[k], laid.spec, key=f"chunk-{k}-{os.urandom(4).hex()}",
+                                     retries=1, priority=1)  # before the plans queued ahead: commits land now
+            self.writes[k] = (fut, fps[k], [layout.records[i] for i, _, _ in pieces])
+        # Records wholly in submitted chunks need their plans no more: their chunk tasks hold them, and Dask
+        # frees each worker's segments once those are written (else the workers would keep every record's).
+        ends = layout.offsets + np.asarray(layout.n_segments_per_record, np.int64)
+        for r, end in zip(layout.records, ends):
+            if end <= n_full * layout.chunk_size:
+                self.futures.pop(r, None)
+        self.committed = self.done
+        if final:
+            self.final_chunks = layout.n_chunks
+        return laid
+
+    def _lay_out(self, prefix: Sequence[str]) -> preprocessing.StoreLayout:
+        """``preprocessing.lay_out`` of ``prefix``; a reused record that lands in a chunk to be written after all
+        (another record of it changed) is read first."""
+        held = store.read_fingerprints(self.request.out, self.request.storage_options) if self.existing else []
+        while True:
+            laid = preprocessing.lay_out(self.ctx, prefix, self.plans)
+            todo = preprocessing.chunks_to_write(self.ctx, laid.layout, self.plans, held)[0]
+            stale = preprocessing.stale_reused(laid.layout, self.plans, todo)
+            if not stale:
+                return laid
+            self.read(stale, lambda desc, total: NoProgress())
+
+    def wait(self, progress) -> tuple[int, int, dict[str, str]]:
+        """Wait for the chunk writes of the final layout: chunks written, chunks left as they were, failures."""
+        failures: dict[str, str] = {}
+        written = 0
+        bar = progress("spectrograms -> zarr", len(self.writes))
+        by_future = {fut: (k, recs) for k, (fut, _, recs) in self.writes.items()}
+        for fut in as_completed(by_future):
+            k, recs = by_future[fut]
+            try:
+                res: preprocessing.ChunkResult = fut.result()
+                written += res.written
+                failures.update(res.failures)
+                self.seconds.update(res.seconds)
+            except Exception as exc:  # noqa: BLE001
+                for r in recs:
+                    failures.setdefault(r, f"write: chunk {k}: {type(exc).__name__}: {exc}")
+            bar.update(1)
+        bar.close()
+        return written, self.final_chunks - len(self.writes), failures

@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import tarfile
+import threading
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -158,3 +159,80 @@ def find_records(root: str | Path) -> list[Path]:
     """WFDB records under ``root`` (nested folders too): the paths of their ``.hea`` files without the suffix."""
     root = Path(root)
     return sorted(p.with_suffix("") for p in root.rglob("*.hea") if p.is_file())
+
+
+class ZipMembers:
+    """A zip archive read member by member: each member is written out the first time a task needs it.
+
+    No extraction step runs in front of a job: the worker that reads a record writes that record's
+    members (and only those) under ``dest``, so the work spreads over the workers. The whole archive is
+    checked when it is opened, as ``extract_archive`` checks it (member paths, links, declared size);
+    each member's CRC-32 is checked by ``zipfile`` as it is read, and its size against ``max_bytes``.
+    A member is written to a temporary name and renamed into place, so one that exists is whole.
+
+    Raises
+    ------
+    ArchiveError
+        The archive is not a readable zip, or one of its members is refused.
+    """
+
+    def __init__(self, archive: str | Path, dest: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.archive, self.dest, self.max_bytes = Path(archive), Path(dest), max_bytes
+        try:
+            self._zip = zipfile.ZipFile(self.archive)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ArchiveError(f"{archive}: corrupt zip archive ({exc})") from None
+        infos = self._zip.infolist()
+        for i in infos:
+            _safe_member(i.filename, self.archive)
+            if stat.S_ISLNK(i.external_attr >> 16):
+                raise ArchiveError(f"{archive}: member {i.filename!r} is a symbolic link; refused")
+        declared = sum(i.file_size for i in infos)
+        if declared > max_bytes:
+            raise ArchiveError(f"{archive}: declares {declared:,} bytes, over the limit of {max_bytes:,}; refused")
+        self._info = {i.filename: i for i in infos if not i.is_dir()}
+        self._lock = threading.Lock()  # one read at a time through the shared file handle (a worker's threads)
+
+    def names(self) -> list[str]:
+        """The file members, in the archive's order."""
+        return list(self._info)
+
+    def has(self, name: str) -> bool:
+        return name in self._info
+
+    def digest(self, name: str) -> str:
+        """The member's identity from the archive's directory (CRC-32 and size): no bytes are read."""
+        info = self._info[name]
+        return f"crc32:{info.CRC:08x}:{info.file_size}"
+
+    def extract(self, name: str) -> Path:
+        """The member as a file under ``dest``, written now unless a whole copy is there already.
+
+        Raises
+        ------
+        KeyError
+            The archive has no such member.
+        ArchiveError
+            It cannot be read (a bad CRC, a truncated archive) or is larger than ``max_bytes``.
+        """
+        info = self._info[name]
+        target = self.dest / _safe_member(name, self.archive)
+        try:
+            if target.stat().st_size == info.file_size:
+                return target
+        except FileNotFoundError:
+            pass
+        if info.file_size > self.max_bytes:
+            raise ArchiveError(f"{self.archive}: member {name!r} declares {info.file_size:,} bytes, over the limit "
+                               f"of {self.max_bytes:,}; refused")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        try:
+            with self._lock, self._zip.open(info) as src, open(tmp, "wb") as dst:
+                _copy_limited(src, dst, [self.max_bytes], self.archive, name)
+            os.replace(tmp, target)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise ArchiveError(f"{self.archive}: cannot extract {name!r}: {exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target

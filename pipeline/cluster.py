@@ -124,6 +124,7 @@ class ExitWithParent(WorkerPlugin):
 
 
 _watching: set[int] = set()
+_forked_from: set[int] = set()  #: processes that forked the workers of a local cluster (``dask_client``)
 
 
 def watch_parent(parent_pid: int, poll_s: float = 0.5) -> None:
@@ -165,10 +166,11 @@ def dask_client(
     (default: one per core) with ``threads_per_worker`` threads each. The stages are
     NumPy/wfdb code that holds the GIL part of the time, so processes beat threads.
 
-    ``start_method`` is how the local workers start: ``fork`` (the default on Linux)
-    starts them in ~0.1 s with the driver's modules already imported, against ~2 s for
-    ``spawn`` (the default elsewhere: fork is unsafe on macOS, and the default wherever
-    TensorFlow, JAX or PyTorch is already imported: their threads do not survive a fork).
+    ``start_method`` is how the local workers start: ``fork`` (the default on Linux, for the
+    first local cluster of a process) starts them in ~0.1 s with the driver's modules already
+    imported, against ~2 s for ``spawn`` (the default elsewhere: fork is unsafe on macOS; for a
+    second local cluster in one process; and wherever TensorFlow, JAX or PyTorch is already
+    imported: their threads do not survive a fork).
 
     ``quiet_task_errors`` drops the local workers' "Compute Failed" log records (see
     ``DropComputeFailed``); a remote cluster's workers log to their own terminals and are left alone.
@@ -191,7 +193,14 @@ def dask_client(
         # A forked child gets the parent's memory but not its threads: once TensorFlow (or JAX) has started its
         # thread pools in this process, forked workers deadlock in it (a notebook that trains, then scores).
         runtime = any(m in sys.modules for m in ("tensorflow", "jax", "torch"))
-        start_method = "fork" if sys.platform.startswith("linux") and not runtime else "spawn"
+        # Only the first local cluster of a process forks: in a second one (a notebook running two jobs, a
+        # benchmark's repeats), transfers of a few MB between forked workers hung for good once the first
+        # cluster's workers had sized their BLAS pools (measured: 48 transfers of 3.5 MB, the second cluster
+        # stalled in 3 runs of 3; spawned workers never).
+        again = os.getpid() in _forked_from
+        start_method = "fork" if sys.platform.startswith("linux") and not runtime and not again else "spawn"
+    if start_method == "fork":
+        _forked_from.add(os.getpid())
     with dask.config.set({"distributed.worker.multiprocessing-method": start_method}), LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,

@@ -199,6 +199,15 @@ class StoreConfig(_Config):
     dtype: Literal["float16", "float32"] = Field("float16", description="Storage dtype of `spectrogram`.")
     chunk_size: int = Field(2048, ge=16, le=1048576, description="Segments per Zarr chunk (and per write task).")
     compressor: Literal["blosc-lz4", "zstd", "none"] = Field("blosc-lz4", description="Codec of the numeric arrays.")
+    one_pass_max_mb: float = Field(
+        64.0, ge=0, description="A record whose segments take at most this many MB is read once: its spectrograms are "
+        "computed when it is planned and kept in the worker's memory until its chunk is written. A larger one (a long "
+        "Holter recording) is read again when its chunk is written. 0: every record is read twice (less worker "
+        "memory). Does not change what the store holds.")
+    commit_records: int | None = Field(
+        None, ge=1, description="Records read between two commits of the store while a job runs (their plans, "
+        "table rows and full chunks saved, so a killed job resumes from there): null takes 1/25 of the records, "
+        "at least 1,000 (a kill loses at most ~4 % of the reading). Does not change what the store holds.")
 
 
 class DownloadConfig(_Config):
@@ -236,6 +245,8 @@ class PreprocessConfig(_Config):
         """
         d = self.to_dict()
         d.pop("download")
+        for key in ("one_pass_max_mb", "commit_records"):
+            d["store"].pop(key)  # how the work is done, not what is written
         for key in (("rhythm",) if task == "beat" else ("window", "unknown_symbols", "rr", "template")):
             d.pop(key)
         if task == "beat" and d["window"].get("align") == "annotation":

@@ -249,6 +249,11 @@ def _cached(path: Path, expected: str | None) -> str | None:
     return mark.get("sha256")
 
 
+def cached_digest(path: Path) -> str | None:
+    """The SHA-256 of a cached file this module wrote and verified (its marker, no hashing); None if there is none."""
+    return _cached(path, None)
+
+
 def _write_marker(path: Path, digest: str) -> None:
     st = path.stat()
     marker = _marker(path)
@@ -320,7 +325,9 @@ def fetch_file(
     local.parent.mkdir(parents=True, exist_ok=True)
     remote = posixpath.join(db_root, name)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    open_kw = {"block_size": 0} if protocol in ("http", "https") else {}  # stream, one GET
+    # HTTP: streamed in one GET. A size given keeps fsspec from asking it first with a HEAD (a second request
+    # a file: most of the cost of a database of short recordings); a stream needs none.
+    open_kw = {"block_size": 0, "size": -1} if protocol in ("http", "https") else {}
 
     def attempt() -> tuple[str, int]:
         tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.part")

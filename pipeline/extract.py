@@ -3,8 +3,10 @@
 ``plan_record`` fetches a record through its source, reads the header and the chosen
 lead once, asks the label source for anchors and labels, and keeps the anchors whose
 window is usable (``segment.check_windows``): a small ``RecordPlan``, or the reason the
-record failed. ``chunk_contents`` turns pieces of planned records into the rows of one
-store chunk (``segment.spectrograms``). For scoring, ``detected_segments`` turns a span of a
+record failed. Where the record is not too long it also transforms the segments from
+that one read (``SegmentRows``). ``chunk_contents`` turns pieces of planned records into
+the rows of one store chunk: the rows computed at planning, else ``segment.spectrograms``
+of a second read. For scoring, ``detected_segments`` turns a span of a
 lead into detected R peaks (``labels.DetectedBeats``, matched to reference beats where the record
 has them) and their model inputs, ``window_segments`` does the same for rhythm windows;
 ``read_strip`` and ``segment_waveforms`` read signal back for figures. Jobs call these in
@@ -13,25 +15,46 @@ Dask tasks; nothing here knows about Dask or the store's layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from . import download, quality, records, rr, segment, sources, template
 from .errors import RecordError
 from .labels import LabelSource, RecordInput
-from .spectrogram import SpectrogramSpec
+from .spectrogram import SpectrogramSpec, SpectrogramSpecError
 from .timing import Timer
 
 if TYPE_CHECKING:
     from . import labels
 
 
-@dataclass
+@dataclass(frozen=True)
+class SegmentRows:
+    """A record's segments, transformed when it was planned (one read of the record): they stay on the worker
+    that planned it until its chunks are written (``chunk_contents``), and never travel to the job's driver."""
+
+    spec: SpectrogramSpec  #: the spectrogram they were made with (a store at another rate cannot take them)
+    spectrogram: np.ndarray  #: (n_segments, n_freq, n_time) float32
+    template: np.ndarray | None = None  #: (n_segments, n_freq, n_time) float32 with a ``template_spec``
+
+    @property
+    def nbytes(self) -> int:
+        return self.spectrogram.nbytes + (self.template.nbytes if self.template is not None else 0)
+
+
+@dataclass(slots=True)
 class RecordPlan:
-    """Which segments a record contributes, or why it failed."""
+    """Which segments a record contributes, or why it failed.
+
+    A plan read from a record carries its segments' arrays (``anchor``, ``label``, ...); its ``summary``
+    leaves them out and keeps their count and class counts: what the job's driver holds of each record (a
+    few hundred bytes, for databases of 100,000 recordings), and what the store keeps for the next run
+    (``to_json``), which reuses it for a record whose files and chunks are unchanged (``reused``).
+    """
 
     record: str
     ok: bool = False
@@ -53,23 +76,78 @@ class RecordPlan:
     n_unknown: int = 0
     n_nonbeat: int = 0
     quality: str = ""  #: why the record is doubtful (``quality.record_quality``), "" when nothing is to be said
+    rows: SegmentRows | None = None  #: its segments when they were computed as it was planned (one pass)
     bytes_downloaded: int = 0
     signal_files: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
+    n_kept: int | None = None  #: a summary's segment count (its arrays are left out)
+    counts: dict[str, int] | None = None  #: a summary's segments per class
+    reused: bool = False  #: read back from the store (``from_json``): the record was not read this run
 
     @property
     def n_segments(self) -> int:
-        return int(self.anchor.shape[0]) if self.ok else 0
+        if not self.ok:
+            return 0
+        return int(self.n_kept) if self.n_kept is not None else int(self.anchor.shape[0])
+
+    def class_counts(self) -> dict[str, int]:
+        """Segments per class."""
+        if self.counts is not None:
+            return dict(self.counts)
+        return {str(k): int(v) for k, v in zip(*np.unique(self.label.astype(str), return_counts=True))}
+
+    def summary(self) -> "RecordPlan":
+        """The plan without its arrays: counts instead (what the driver and the store keep)."""
+        if self.n_kept is not None:
+            return self
+        local = None if self.local is None else replace(self.local, base=_NOWHERE)
+        # The shared empty arrays and no timings: the driver holds one summary per record.
+        return replace(self, anchor=_NO_ANCHORS, symbol=_NO_STRINGS, label=_NO_STRINGS, rr=None, rows=None,
+                       local=local, seconds={}, n_kept=self.n_segments, counts=self.class_counts())
+
+    def to_json(self) -> str:
+        """The summary as one line of JSON (``_state/record_plan`` of the store)."""
+        s = self.summary()
+        d = {f.name: getattr(s, f.name) for f in fields(self) if f.name not in _NOT_STORED}
+        if s.local is not None:
+            d["files"] = [list(f) for f in s.local.files]
+            d["annotators"] = sorted(s.local.annotators)
+        d["signal_files"] = list(s.signal_files)
+        return json.dumps(d, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RecordPlan":
+        """A summary stored by ``to_json``, marked ``reused``."""
+        d = json.loads(text)
+        files = tuple(tuple(f) for f in d.pop("files", ()))
+        annotators = frozenset(d.pop("annotators", ()))
+        local = sources.LocalRecord(d["record"], Path(""), annotators, d["checksum"], files) if files else None
+        return cls(**{**d, "signal_files": tuple(d["signal_files"]), "local": local, "reused": True})
+
+
+_NO_ANCHORS = np.zeros(0, np.int64)
+_NO_STRINGS = np.zeros(0, object)
+_NO_ANCHORS.flags.writeable = _NO_STRINGS.flags.writeable = False
+_NOWHERE = Path("")  #: a summary's files are not read where they were: only their digests are kept
+
+#: What a stored summary leaves out: arrays, where the files were on a worker, this run's figures.
+_NOT_STORED = frozenset({"anchor", "symbol", "label", "rr", "rows", "local", "seconds", "bytes_downloaded", "reused"})
 
 
 def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, leads: Sequence[str],
                 lead_fallback: str, cache: Path, policy: download.RetryPolicy,
-                rr_spec: rr.RRSpec | None = None) -> RecordPlan:
+                rr_spec: rr.RRSpec | None = None, *,
+                spec_of: Callable[[float], SpectrogramSpec] | None = None,
+                template_spec: "template.TemplateSpec | None" = None, max_rows_bytes: float = 0) -> RecordPlan:
     """Fetch, read and label one record; record problems become ``plan.error``, never an exception.
 
     The window around each anchor is the label source's (``labels.window``, ``labels.pad``). Where the
     label source gives the record's beats and ``rr_spec`` is set, each kept segment gets its RR features
     (``rr.features_at``) from every beat of the record, the ones whose window does not fit included.
+
+    With ``spec_of`` (the spectrogram at a sampling rate), a record whose segments take at most
+    ``max_rows_bytes`` also gets them now, from the read that checked it (``plan.rows``, with the templates of
+    ``template_spec``): ``chunk_contents`` then writes them without reading the record again.
     """
     plan = RecordPlan(record)
     timer = Timer()
@@ -102,6 +180,13 @@ def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, 
         if rr_spec is not None and segs.beats is not None:
             with timer("rr"):
                 plan.rr = rr.features_at(kept.anchor, segs.beats, header.fs, rr_spec, signal)
+        if spec_of is not None and kept.anchor.size:
+            try:
+                spec = spec_of(header.fs)
+            except SpectrogramSpecError:  # the configuration's fault, not the record's: the job says so once
+                spec = None
+            if spec is not None:
+                plan.rows = _rows(signal, kept.anchor, spec, template_spec, max_rows_bytes, timer)
         plan.n_unknown, plan.n_nonbeat = segs.n_unknown, segs.n_nonbeat
         plan.lead, plan.lead_index, plan.fs, plan.sig_len = lead.name, lead.index, header.fs, header.sig_len
         plan.digest, plan.checksum, plan.bytes_downloaded = local.digest, local.checksum, local.bytes_downloaded
@@ -112,6 +197,20 @@ def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, 
         plan.error = f"{exc.stage}: {exc.message}"
     plan.seconds = dict(timer.seconds)
     return plan
+
+
+def _rows(signal: np.ndarray, anchor: np.ndarray, spec: SpectrogramSpec,
+          template_spec: "template.TemplateSpec | None", max_bytes: float, timer: Timer) -> SegmentRows | None:
+    """The segments of a whole record, as ``chunk_contents`` makes them from its pieces; None above ``max_bytes``."""
+    if anchor.size * spec.n_freq * spec.n_time * 4 * (1 if template_spec is None else 2) > max_bytes:
+        return None
+    with timer("stft"):
+        s = segment.spectrograms(signal, anchor, spec)
+    tmpl = None
+    if template_spec is not None:
+        with timer("template"):
+            tmpl = template.neighbour_template(s, template_spec.beats)
+    return SegmentRows(spec, s, tmpl)
 
 
 @dataclass
@@ -157,6 +256,12 @@ def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPla
         coords["symbol"][rows] = plan.symbol[lo:hi]
         coords["label"][rows] = plan.label[lo:hi]
         coords["lead"][rows] = plan.lead
+        ready = plan.rows is not None and plan.rows.spec == spec and (plan.rows.template is None) == (tmpl is None)
+        if ready:  # computed as the record was planned: no second read
+            out[rows] = plan.rows.spectrogram[lo:hi]
+            if tmpl is not None:
+                tmpl[rows] = plan.rows.template[lo:hi]
+            continue
         try:
             with timer("download"):
                 # A marker check on the worker that planned the record; a verified fetch of the same

@@ -5,7 +5,10 @@ record or a chunk becomes is here:
 
 * ``TaskContext``: the settings every task needs (scattered once);
 * ``prepare_listing`` (task): the source's listing and the label source with its table read;
-* ``plan_records`` (task): ``extract.plan_record`` for a batch of records;
+* ``plan_records`` (task): ``extract.plan_record`` for a batch of records, their segments computed
+  in the same read (one pass); ``summaries`` (task): the batch's plans for the driver, without arrays;
+* ``stored_plans``, ``unchanged`` (task), ``stale_reused``: on a resume, the plans of records whose files
+  and chunks are unchanged are taken from the store instead of reading the records again;
 * ``lay_out``: the store's layout from the plans (its sampling rate is the first good
   record's; a record at another rate fails), its spectrogram and coordinates;
 * ``store_attrs``: the store's group attributes (``schemas/store-v5.json``);
@@ -58,6 +61,10 @@ class TaskContext:
         """The RR features of beat segments (``config.rr``); None for stores whose segments are not beats."""
         return self.config.rr.spec() if get_task(self.labels.task).beats else None
 
+    def spec_at(self, fs: float) -> spectrogram.SpectrogramSpec:
+        """The spectrogram of a store at ``fs`` (``lay_out`` gives a store its first good record's rate)."""
+        return spectrogram.spec_from_config(self.config, fs, self.labels)
+
     def template_spec(self):
         """The neighbour templates of beat segments (``config.template``); None for other stores or beats 0."""
         return self.config.template.spec() if get_task(self.labels.task).beats else None
@@ -72,15 +79,70 @@ def prepare_listing(source: sources.RecordSource, label_source: LabelSource, cac
 
 
 def plan_record(ctx: TaskContext, source: sources.RecordSource, record: str) -> RecordPlan:
-    """Phase 1 for one record: ``extract.plan_record`` with this job's settings."""
+    """Phase 1 for one record: ``extract.plan_record`` with this job's settings (its segments computed in the
+    same pass up to ``store.one_pass_max_mb``)."""
     return extract.plan_record(source, record, ctx.labels, ctx.leads(), ctx.config.lead_fallback, ctx.cache(),
-                               ctx.policy, ctx.rr_spec())
+                               ctx.policy, ctx.rr_spec(), spec_of=ctx.spec_at, template_spec=ctx.template_spec(),
+                               max_rows_bytes=ctx.config.store.one_pass_max_mb * 2**20)
 
 
 def plan_records(ctx: TaskContext, source: sources.RecordSource, records: Sequence[str]) -> list[RecordPlan]:
     """Phase 1 for a batch of records (a task): short recordings are planned many to a task, so that the
     scheduler's per-task cost does not dominate (8,528 Challenge 2017 recordings of ~1 ms each)."""
     return [plan_record(ctx, source, r) for r in records]
+
+
+@dataclass(frozen=True)
+class PlanSummaries:
+    """What the driver gets of a batch of plans: their summaries and the batch's task-seconds per stage."""
+
+    plans: list[RecordPlan]
+    seconds: dict[str, float]
+
+
+def summaries(plans: Sequence[RecordPlan]) -> PlanSummaries:
+    """Task: the plans of a batch without their arrays, for the driver (the segments stay on the worker)."""
+    seconds: Counter[str] = Counter()
+    for p in plans:
+        seconds.update(p.seconds)
+    return PlanSummaries([p.summary() for p in plans], dict(seconds))
+
+
+def stored_plans(ctx: TaskContext, names: Sequence[str]) -> dict[str, RecordPlan]:
+    """The plans a resumed store keeps (``_state/record_plan``) that this run may reuse without reading the
+    record: records that were planned without error and all of whose chunks hold what those plans give
+    (their fingerprints match). Whether each record's files are unchanged is asked next (``unchanged``).
+    Empty when there is no store of this configuration at ``ctx.out``."""
+    texts, held = store.read_plans(ctx.out, ctx.storage_options, ctx.config.fingerprint(ctx.labels.task))
+    if not texts:
+        return {}
+    old = {p.record: p for p in map(RecordPlan.from_json, texts)}
+    layout = store.Layout(tuple(old), tuple(p.n_segments for p in old.values()), 0, 0, ctx.config.store.chunk_size)
+    complete = [k < len(held) and held[k] == chunk_fingerprint(ctx, layout, old, k) for k in range(layout.n_chunks)]
+    first, end = layout.offsets, layout.offsets + np.asarray(layout.n_segments_per_record, np.int64)
+    size = layout.chunk_size
+    wanted = set(names)
+    return {r: p for r, p, a, b in zip(old, old.values(), first, end)
+            if r in wanted and p.ok and p.local is not None and all(complete[a // size:-(-b // size)])}
+
+
+def unchanged(ctx: TaskContext, source: sources.RecordSource, plans: Sequence[RecordPlan]) -> list[str]:
+    """Task: the records of ``plans`` whose files the source still holds as they were (``source.unchanged``)."""
+    cache = ctx.cache()
+    return [p.record for p in plans if source.unchanged(p.local, cache, ctx.policy)]
+
+
+def stale_reused(layout: store.Layout, plans: Mapping[str, RecordPlan], chunks: Sequence[int]) -> list[str]:
+    """The reused records (``RecordPlan.reused``) with a piece in one of ``chunks``: they must be read after all."""
+    names = layout.records
+    return list(dict.fromkeys(names[i] for k in chunks for i, _, _ in layout.chunk_parts(k) if plans[names[i]].reused))
+
+
+def chunks_to_write(ctx: TaskContext, layout: store.Layout, plans: Mapping[str, RecordPlan],
+                    held: Sequence[str]) -> tuple[list[int], list[str]]:
+    """The chunks whose fingerprint differs from what the store holds, and the fingerprint of every chunk."""
+    fps = [chunk_fingerprint(ctx, layout, plans, k) for k in range(layout.n_chunks)]
+    return [k for k, fp in enumerate(fps) if k >= len(held) or held[k] != fp], fps
 
 
 @dataclass(frozen=True)
@@ -103,7 +165,7 @@ def lay_out(ctx: TaskContext, names: Sequence[str], plans: Mapping[str, RecordPl
         p = plans[r]
         if p.ok and p.fs != fs_store:
             p.ok, p.error = False, f"header: sampling frequency {p.fs} Hz differs from the store's {fs_store} Hz"
-    spec = spectrogram.spec_from_config(ctx.config, fs_store, ctx.labels) if fs_store else None
+    spec = ctx.spec_at(fs_store) if fs_store else None
     rr_spec = ctx.rr_spec()
     layout = store.Layout(tuple(names), tuple(plans[r].n_segments for r in names), spec.n_freq if spec else 0,
                           spec.n_time if spec else 0, ctx.config.store.chunk_size,
@@ -190,5 +252,8 @@ def segments_per_class(plans: Mapping[str, RecordPlan], outcomes: Sequence[Recor
                        classes: Sequence[str]) -> dict[str, int]:
     """Segments per class of the records written: a record whose chunk failed (a full disk) is not counted,
     whatever it planned."""
-    per_class = Counter(c for o in outcomes if o.status == "ok" for c in plans[o.record].label.tolist())
+    per_class: Counter[str] = Counter()
+    for o in outcomes:
+        if o.status == "ok":
+            per_class.update(plans[o.record].class_counts())
     return {c: int(per_class.get(c, 0)) for c in classes}

@@ -143,6 +143,66 @@ _MEMO_MAX_CHARS = 2**16
 _Parsed = tuple[bool, tuple[tuple[str, object], ...], tuple[str, ...]]
 
 
+@functools.lru_cache(maxsize=1)
+def _field_specs() -> tuple[tuple[tuple[str, str, object], ...], tuple[tuple[str, str, object], ...]]:
+    """wfdb's record-line and signal-line field tables as ``(field, kind, read default)`` rows (kind ``int``,
+    ``float`` or ``""``), read once: wfdb looks each field up in these pandas tables on every header (~2 ms,
+    more than reading a 30-second recording). Its own comparisons: ``==`` for the record line, ``is`` for signals."""
+    def rows(table, same) -> tuple[tuple[str, str, object], ...]:
+        out = []
+        for name in table.index:
+            types = table.loc[name, "allowed_types"]
+            kind = "int" if same(types, _header.int_types) else "float" if same(types, _header.float_types) else ""
+            out.append((name, kind, table.loc[name, "read_default"]))
+        return tuple(out)
+
+    return rows(_header.RECORD_SPECS, lambda a, b: a == b), rows(_header.SIGNAL_SPECS, lambda a, b: a is b)
+
+
+def _parse_record_line(line: str) -> dict:
+    """``wfdb.io._header._parse_record_line`` without its pandas lookups (same fields, same values)."""
+    m = _header.rx_record.match(line)
+    if m is None:
+        raise _header.HeaderSyntaxError("invalid syntax in record line")
+    fields = m.groupdict()
+    if fields["base_time"] or fields["base_date"]:  # dates and times: wfdb's own parser (never on our lines)
+        return _header._parse_record_line(line)
+    for name, kind, default in _field_specs()[0]:
+        value = fields[name]
+        if value == "":
+            fields[name] = default
+        elif kind == "int":
+            fields[name] = int(value)
+        elif kind == "float":
+            fs = float(value)
+            fields[name] = int(fs) if name == "fs" and round(fs, 8) == float(int(fs)) else fs
+    return fields
+
+
+def _parse_signal_lines(lines: list[str]) -> dict:
+    """``wfdb.io._header._parse_signal_lines`` without its pandas lookups (same fields, same values)."""
+    specs = _field_specs()[1]
+    out: dict[str, list] = {name: [None] * len(lines) for name, _, _ in specs}
+    for ch, line in enumerate(lines):
+        m = _header.rx_signal.match(line)
+        if m is None:
+            raise _header.HeaderSyntaxError("invalid syntax in signal line")
+        raw = m.groupdict()
+        for name, kind, default in specs:
+            value = raw[name]
+            if value == "":
+                # A missing baseline is the ADC zero where one is given (wfdb's rule).
+                out[name][ch] = int(raw["adc_zero"]) if name == "baseline" and raw["adc_zero"] != "" else default
+            elif kind == "int":
+                out[name][ch] = int(value)
+            elif kind == "float":
+                gain = float(value)
+                out[name][ch] = 200.0 if name == "adc_gain" and gain == 0 else gain  # a gain of 0 means 200
+            else:
+                out[name][ch] = value
+    return out
+
+
 @functools.lru_cache(maxsize=256)
 def _parse_text(text: str) -> _Parsed:
     """A header's text parsed by wfdb's header functions: ``(multi_segment, fields, comments)``.
@@ -155,12 +215,12 @@ def _parse_text(text: str) -> _Parsed:
     lines, comments = _wfdb_header.parse_header_content(text)
     if not lines:
         raise _header.HeaderSyntaxError("no record line")
-    fields = _header._parse_record_line(_record_line(lines[0]))
+    fields = _parse_record_line(_record_line(lines[0]))
     multi = fields["n_seg"] is not None
     items: dict[str, object] = {}
     if not multi:
         if len(lines) > 1:
-            items.update(_header._parse_signal_lines(lines[1:]))
+            items.update(_parse_signal_lines(lines[1:]))
         items.update((k, v) for k, v in fields.items() if k != "n_seg")
     else:
         items.update(_header._read_segment_lines(lines[1:]))

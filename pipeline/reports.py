@@ -109,6 +109,8 @@ class PreprocessReport:
     phase_s: dict[str, float]
     stage_s: dict[str, float]
     bytes_downloaded: int
+    records_read: int = 0  #: records read this run (planned, and their segments computed)
+    records_reused: int = 0  #: records of a resumed store whose plan was reused: files and chunks unchanged
 
     @property
     def failed(self) -> list[RecordOutcome]:
@@ -128,7 +130,9 @@ class PreprocessReport:
         lines = [
             "",
             f"{self.database} {self.version} -> {self.out}",
-            f"  records     {len(ok)} done, {len(self.failed)} failed, {len(self.records)} total",
+            f"  records     {len(ok)} done, {len(self.failed)} failed, {len(self.records)} total"
+            + (f" ({self.records_reused:,} unchanged since the last run, {self.records_read:,} read)"
+               if self.records_reused else ""),
             f"  segments    {self.n_segments:,}   chunks written {self.chunks_written}, "
             f"already there {self.chunks_skipped}, of {self.chunks_total}",
             "  per class   " + "   ".join(f"{c} {n:,}" for c, n in self.segments_per_class.items()),

@@ -26,8 +26,9 @@ The kinds:
   folder on a local or network file system is read in place, never copied.
 * ``ArchiveSource``: a ``.zip``/``.tar(.gz)`` archive, local or at any fsspec URL,
   alone or as a member of a PhysioNet tree (then checked against the tree's
-  ``SHA256SUMS.txt``): fetched, checked and extracted safely
-  (``pipeline.archives``) once per machine into the cache, then read as a folder.
+  ``SHA256SUMS.txt``): fetched and checked once per machine into the cache; a zip's
+  members are then read by the worker that needs them, a tar is extracted safely
+  (``pipeline.archives``) and read as a folder.
 
 ``resolve_source`` turns a command line (``--input``, or a database with
 ``--source``) into one of them; a database entry (``pipeline.databases``) says
@@ -40,6 +41,8 @@ import functools
 import hashlib
 import logging
 import posixpath
+import stat
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Mapping, Protocol, Sequence
@@ -72,7 +75,10 @@ class LocalRecord:
     base: Path  #: local path without suffix, as ``wfdb`` wants it
     annotators: frozenset[str]  #: the requested annotation extensions that are present
     checksum: Checksum  #: every file matched SHA256SUMS.txt / some were unlisted / read in place
-    files: tuple[tuple[str, str], ...] = ()  #: (name, sha256) of every file read, header first
+    #: (name, digest) of every file read, header first. The digest is what says the file is the same at no extra
+    #: cost: its SHA-256 where it was downloaded or checked against SHA256SUMS.txt, ``crc32:<crc>:<size>`` for
+    #: an archive member (from the archive's directory), ``stat:<size>:<mtime_ns>`` for a local folder's file.
+    files: tuple[tuple[str, str], ...] = ()
     bytes_downloaded: int = 0
 
     def has(self, annotator: str | None) -> bool:
@@ -112,6 +118,12 @@ class RecordSource(Protocol):
         """The base path of a record fetched before, its files checked against ``local.files`` (no header parse)."""
         ...
 
+    def unchanged(self, local: "LocalRecord", cache: Path, policy: download.RetryPolicy) -> bool:
+        """Whether the source still holds the files of ``local`` as they were, asked as cheaply as the source
+        allows (its SHA256SUMS.txt, a cache marker, a file's size and time, an archive's directory); never
+        fetches. False when it cannot tell: the record is then read again."""
+        ...
+
 
 def is_archive(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES)
@@ -120,6 +132,18 @@ def is_archive(name: str) -> bool:
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _stat_digest(path: Path) -> str | None:
+    """A local file's identity without reading it (size and modification time), None when it is not a file.
+
+    Hashing every file of a folder would cost more than reading the records (a database of short recordings);
+    a file rewritten in place gets a new modification time, so a resumed store sees that it changed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"stat:{st.st_size}:{st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else None
 
 
 def _signal_names(files: Sequence[str], record: str) -> list[str]:
@@ -225,10 +249,10 @@ class FolderSource:
         names += [f"{record}.{a}" for a in annotators if a in present]
         files = []
         for name in names:
-            path = root / name
-            if not path.is_file():
+            digest = _stat_digest(root / name)
+            if digest is None:
                 raise RecordError(record, "signal", f"{name}: not found in {self.description}")
-            files.append((name, _sha256(path)))
+            files.append((name, digest))
         return LocalRecord(record, base, present, "local", tuple(files))
 
     def fetch_file(self, name: str, cache: Path | None = None,
@@ -242,10 +266,13 @@ class FolderSource:
                     policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
         root = Path(self.root)
         for name, digest in local.files:
-            path = root / name
-            if not path.is_file() or _sha256(path) != digest:
+            if _stat_digest(root / name) != digest:
                 raise RecordError(local.record, "download", f"{name} changed in {self.description} during the job")
         return root / local.record
+
+    def unchanged(self, local: LocalRecord, cache: Path | None = None,
+                  policy: download.RetryPolicy = download.RetryPolicy()) -> bool:
+        return all(_stat_digest(Path(self.root) / name) == digest for name, digest in local.files)
 
 
 @dataclass(frozen=True)
@@ -370,6 +397,27 @@ class RemoteSource:
                 raise RecordError(local.record, "download", str(exc)) from exc
         return folder / local.record
 
+    def unchanged(self, local: LocalRecord, cache: Path,
+                  policy: download.RetryPolicy = download.RetryPolicy()) -> bool:
+        # A listed file is what SHA256SUMS.txt says (it is verified whenever it is read); an unlisted one is
+        # known only where this machine holds a verified copy (the cache's marker) or reads it in place.
+        folder = self._folder(cache)
+        for name, digest in local.files:
+            listed = self.sha256.get(name)
+            if listed is not None:
+                if listed != digest:
+                    return False
+                continue
+            try:
+                if self.in_place is not None:
+                    if download.check_in_place(folder, download.safe_name(name), None).sha256 != digest:
+                        return False
+                elif download.cached_digest(folder / download.safe_name(name)) != digest:
+                    return False
+            except (SourceNotFound, ValueError):
+                return False
+        return True
+
     def fetch_file(self, name: str, cache: Path, policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
         fs, root = self._root(policy)
         try:
@@ -385,9 +433,11 @@ class RemoteSource:
 class ArchiveSource:
     """Records inside a ``.zip``/``.tar(.gz)`` archive: a local path or any fsspec URL.
 
-    The archive is fetched (verified against ``sha256`` when known), extracted safely
-    and cached once per machine, on whichever worker first needs it; then its
-    ``inner`` folder is read as a ``FolderSource``.
+    The archive is fetched (verified against ``sha256`` when known) once per machine. A zip is then
+    read member by member (``archives.ZipMembers``): each record's members are written out by the
+    worker that reads the record, with no extraction step in front of the job. A tar archive cannot be
+    read that way: it is extracted safely, once per machine, by whichever worker first needs it, and its
+    ``inner`` folder read as a ``FolderSource``.
     """
 
     archive: str
@@ -446,6 +496,18 @@ class ArchiveSource:
         root = dest / self.inner if self.inner else dest
         return FolderSource(str(root), origin=self.description)
 
+    def zip_members(self, cache: Path | None,
+                    policy: download.RetryPolicy = download.RetryPolicy()) -> archives.ZipMembers | None:
+        """The archive read member by member where it is a zip (once per process); None for a tar archive,
+        which cannot be read member by member and is extracted whole (``folder``)."""
+        return _zip_members(self, str(self._work(cache)), policy)
+
+    def _root(self, z: archives.ZipMembers) -> Path:
+        return z.dest / self.inner if self.inner else z.dest
+
+    def _member(self, name: str) -> str:
+        return f"{self.inner}/{name}" if self.inner else name
+
     def prepare(self, cache: Path | None = None, policy: download.RetryPolicy = download.RetryPolicy()) -> Listing:
         sha = self.sha256
         if sha is None and self.checksums_from:
@@ -459,27 +521,114 @@ class ArchiveSource:
                 log.warning("%s: not listed in SHA256SUMS.txt: fetched unverified", self.archive)
         ready = replace(self, sha256=sha)
         download.writable_folder(self._work(cache), *(("work folder", "--work-dir") if self.work_dir else ()))
-        listing = ready.folder(cache, policy).prepare(cache, policy)
-        return Listing(ready, listing.records, has_checksums=sha is not None)
+        z = ready.zip_members(cache, policy)
+        names = ready.folder(cache, policy).prepare(cache, policy).records if z is None else ready._zip_listing(z)
+        return Listing(ready, tuple(names), has_checksums=sha is not None)
+
+    def _zip_listing(self, z: archives.ZipMembers) -> list[str]:
+        """``list_folder`` of the ``inner`` folder, from its ``RECORDS`` member alone where that lists records;
+        else from the ``RECORDS`` and ``.hea`` members (written out: small) of the folder."""
+        prefix = self._member("")
+        inside = [n for n in z.names() if n.startswith(prefix)]
+        if not inside:
+            raise SourceError(f"{self.description}: no such folder in the archive")
+        if z.has(self._member("RECORDS")):
+            entries = z.extract(self._member("RECORDS")).read_text(encoding="utf-8", errors="replace").split()
+            if not any(e.endswith("/") for e in entries):
+                return entries
+        for n in inside:
+            if posixpath.basename(n) == "RECORDS" or n.endswith(".hea"):
+                z.extract(n)
+        return list_folder(self._root(z))
 
     def fetch(self, record: str, annotators: Sequence[str] = (), cache: Path | None = None,
               policy: download.RetryPolicy = download.RetryPolicy()) -> LocalRecord:
-        local = self.folder(cache, policy).fetch(record, annotators, cache, policy)
+        z = self.zip_members(cache, policy)
+        if z is None:
+            local = self.folder(cache, policy).fetch(record, annotators, cache, policy)
+        else:
+            local = self._fetch_members(z, record, annotators)
         # The archive's bytes were checked as a whole: its members are as verified as it is.
         return replace(local, checksum="verified" if self.sha256 else "local")
 
+    def _fetch_members(self, z: archives.ZipMembers, record: str, annotators: Sequence[str]) -> LocalRecord:
+        """The record's members written out by this worker; each file's digest is its CRC-32 and size from the
+        archive's directory (no hashing: the archive was checked whole, ``zipfile`` checks each CRC on read)."""
+        try:
+            download.safe_name(record)
+        except ValueError as exc:
+            raise RecordError(record, "download", str(exc)) from exc
+        root = self._root(z)
+
+        def get(name: str, stage: str) -> tuple[str, str]:
+            member = self._member(name)
+            if not z.has(member):
+                raise RecordError(record, stage, f"{name}: not found in {self.description}")
+            try:
+                z.extract(member)
+            except archives.ArchiveError as exc:
+                raise RecordError(record, "download", str(exc)) from exc
+            return name, z.digest(member)
+
+        files = [get(f"{record}.hea", "download")]
+        fetched = {f"{record}.hea"}
+        # Until nothing new is named: a multi-segment header names segment headers, which name signal files.
+        while todo := [n for n in _signal_names(records.header_files(root / record, record), record) if n not in fetched]:
+            for name in todo:
+                files.append(get(name, "signal"))
+                fetched.add(name)
+        present = frozenset(a for a in annotators if z.has(self._member(f"{record}.{a}")))
+        files += [get(f"{record}.{a}", "annotations") for a in annotators if a in present]
+        return LocalRecord(record, root / record, present, "local", tuple(files))
+
     def fetch_file(self, name: str, cache: Path | None = None,
                    policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
-        return self.folder(cache, policy).fetch_file(name, cache, policy)
+        z = self.zip_members(cache, policy)
+        if z is None:
+            return self.folder(cache, policy).fetch_file(name, cache, policy)
+        member = self._member(download.safe_name(name))
+        if not z.has(member):
+            raise SourceNotFound(f"{name}: not found in {self.description}")
+        try:
+            return z.extract(member)
+        except archives.ArchiveError as exc:
+            raise SourceError(str(exc)) from exc
 
     def fetch_again(self, local: LocalRecord, cache: Path | None = None,
                     policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
-        return self.folder(cache, policy).fetch_again(local, cache, policy)
+        z = self.zip_members(cache, policy)
+        if z is None:
+            return self.folder(cache, policy).fetch_again(local, cache, policy)
+        for name, digest in local.files:
+            member = self._member(name)
+            if not z.has(member) or z.digest(member) != digest:
+                raise RecordError(local.record, "download", f"{name} changed in {self.description} during the job")
+            try:
+                z.extract(member)
+            except archives.ArchiveError as exc:
+                raise RecordError(local.record, "download", str(exc)) from exc
+        return self._root(z) / local.record
+
+    def unchanged(self, local: LocalRecord, cache: Path | None = None,
+                  policy: download.RetryPolicy = download.RetryPolicy()) -> bool:
+        z = self.zip_members(cache, policy)
+        if z is None:
+            return self.folder(cache, policy).unchanged(local, cache, policy)
+        return all(z.has(self._member(n)) and z.digest(self._member(n)) == d for n, d in local.files)
 
 
 @functools.lru_cache(maxsize=16)
 def _extracted_folder(source: ArchiveSource, work: str, policy: download.RetryPolicy) -> FolderSource:
     return source._folder(Path(work), policy)
+
+
+@functools.lru_cache(maxsize=16)
+def _zip_members(source: ArchiveSource, work: str, policy: download.RetryPolicy) -> archives.ZipMembers | None:
+    path, digest = source._local_archive(Path(work), policy)
+    if not zipfile.is_zipfile(path):
+        return None
+    key = digest or _archive_key(path)
+    return archives.ZipMembers(path, Path(work) / f"{path.name}-{key[:16]}", max_bytes=source.max_bytes)
 
 
 def _sha256_once(path: Path) -> str:

@@ -15,7 +15,9 @@ Layout (``schemas/store-v5.json`` is the contract, checked on write and on open)
   ``n_segments``, ...), apart from the segments so that selections on segments never broadcast it;
 * ``_state/chunk_fingerprint``: one entry (and one Zarr chunk) per segment chunk,
   hidden from xarray, saying which content each chunk holds. It makes re-runs
-  resume: a chunk is rewritten only when its fingerprint differs from the plan.
+  resume: a chunk is rewritten only when its fingerprint differs from the plan;
+* ``_state/record_plan``: per record, the summary of its plan (JSON text): a resumed job reuses it for a
+  record whose files are unchanged and whose chunks are all written, without reading the record.
 
 Writers never share a chunk: each write task owns whole ``segment`` chunks
 (explicit, chunk-aligned slices; never ``region="auto"``), and only the job's
@@ -51,6 +53,7 @@ SEGMENTS = "segments"  #: the group of the per-segment arrays (schema v5)
 RECORDS = "records"  #: the group of the per-record table (schema v5)
 STATE_GROUP = "_state"
 FINGERPRINT = "chunk_fingerprint"
+PLAN = "record_plan"  #: ``_state/record_plan``: per record, the summary of its plan (JSON), for the next run
 SEGMENT_COORDS = ("record", "anchor", "label", "symbol", "lead")
 LABEL = "label"  #: the per-segment class variable
 RR = "rr"  #: the per-segment RR features (beat stores, schema v3)
@@ -521,6 +524,44 @@ def consolidate(group) -> None:
     with warnings.catch_warnings():  # "not part of the Zarr format 3 specification": zarr-python and xarray read it
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(group.store, zarr_format=3)  # the group's store is rooted at the store's path
+
+
+def write_plans(path: str, plans: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> None:
+    """Replace ``_state/record_plan``: one JSON summary of each record's plan, in store order (the driver writes
+    it before any chunk of a run, so a chunk's fingerprint always matches the plans it was written from)."""
+    state = open_group(path, "r+", storage_options).require_group(STATE_GROUP)
+    if PLAN in state:
+        del state[PLAN]
+    arr = state.create_array(PLAN, shape=(len(plans),), chunks=(max(min(len(plans), 16384), 1),), dtype=str,
+                             fill_value="", dimension_names=["record"])
+    if plans:
+        arr[:] = np.asarray(plans, dtype=object)
+
+
+def read_plans(path: str, storage_options: Mapping[str, Any] | None = None,
+               config_fingerprint: str | None = None) -> tuple[list[str], list[str]]:
+    """The plan summaries a store keeps for the next run (``write_plans``) and its chunk fingerprints; empty lists
+    where there is no store of this version (and ``config_fingerprint``) to resume, or it keeps none."""
+    try:
+        group = open_group(path, "r", storage_options)
+        attrs = decode_attrs(group.attrs)
+        if (attrs.get("schema_version") != store_schema()["schema_version"]
+                or attrs.get("config_fingerprint") != config_fingerprint):
+            return [], []
+        plans = group.get(f"{STATE_GROUP}/{PLAN}")
+        if plans is None:
+            return [], []
+        return [str(x) for x in plans[:]], [str(x) for x in group[f"{STATE_GROUP}/{FINGERPRINT}"][:]]
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        return [], []
+
+
+def n_segments(path: str, storage_options: Mapping[str, Any] | None = None) -> int:
+    """The length of the segment dimension of the store at ``path``; 0 where there is none (or it cannot be read)."""
+    try:
+        return int(open_group(path, "r", storage_options)[f"{SEGMENTS}/spectrogram"].shape[0])
+    except Exception:  # noqa: BLE001 - no store, another kind of folder: a job then creates or refuses it
+        return 0
 
 
 def read_fingerprints(path: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:

@@ -27,7 +27,8 @@ class Faults:
 
     fail_first: dict[str, int] = field(default_factory=dict)  #: path suffix -> 503s before serving
     corrupt: set[str] = field(default_factory=set)  #: path suffixes served with one flipped byte
-    requests: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)  #: GET paths, in order
+    heads: list[str] = field(default_factory=list)  #: HEAD paths, in order
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -35,6 +36,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, *args):  # keep test output clean
         pass
+
+    def do_HEAD(self):
+        self.faults.heads.append(self.path)
+        super().do_HEAD()
 
     def do_GET(self):
         self.faults.requests.append(self.path)

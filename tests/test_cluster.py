@@ -24,3 +24,30 @@ def test_local_workers_size_native_pools_to_their_threads(client):
     # The driver is left as it was: its pools are the user's.
     if (os.cpu_count() or 1) > 1 and "OPENBLAS_NUM_THREADS" not in os.environ:
         assert max(n for api, n in _pools() if api == "openblas") > 1
+
+
+def _block(i: int):
+    import numpy as np
+
+    # 3.4 MB, as a record's plan carries them: its spectrograms and templates, inside a Python object
+    return [np.full((2300, 8, 24), i, np.float32), np.full((2300, 8, 24), i, np.float32)]
+
+
+def _total(*blocks) -> float:
+    return float(sum(b[0][0, 0, 0] for b in blocks))
+
+
+def test_a_second_local_cluster_in_one_process_moves_large_results_between_workers():
+    """Each task takes two results made on (mostly) different workers: megabytes go worker to worker. In the
+    second local cluster of a process, forked workers hung on such transfers for good (the first cluster's
+    workers had sized their BLAS pools): a second cluster's workers are spawned, and every task finishes."""
+    from distributed import as_completed
+
+    from ecg_pipeline.pipeline.cluster import dask_client
+
+    for _ in range(2):
+        with dask_client(n_workers=2, dashboard_address=None) as client:
+            blocks = [client.submit(_block, i, pure=False) for i in range(48)]
+            sums = {client.submit(_total, blocks[i], blocks[(i + 1) % 48], pure=False): i for i in range(48)}
+            got = {sums[f]: f.result() for f in as_completed(sums, timeout=120)}
+    assert got == {i: float(i + (i + 1) % 48) for i in range(48)}

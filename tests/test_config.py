@@ -109,7 +109,8 @@ def test_to_dict_is_plain_data_in_declaration_order():
         "rr": {"local_beats": 10, "long_s": 300.0, "min_rr_s": 0.15, "max_rr_s": 3.0, "default_rr_s": 0.8,
                    "atrial": False},
         "template": {"beats": 8},
-        "store": {"dtype": "float16", "chunk_size": 2048, "compressor": "blosc-lz4"},
+        "store": {"dtype": "float16", "chunk_size": 2048, "compressor": "blosc-lz4",
+                  "one_pass_max_mb": 64.0, "commit_records": None},
         "download": {"retries": 4, "backoff_s": 0.5, "timeout_s": 120.0, "require_checksums": False}}
     assert list(TrainConfig().to_dict()) == ["model", "epochs", "batch_size", "learning_rate", "lr_factor",
                                              "lr_patience", "class_weighting", "balanced_sampling", "premature_beats", "time_stretch", "patience", "refit", "refit_epochs", "members", "seed",

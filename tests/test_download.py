@@ -32,6 +32,8 @@ def test_fetch_verifies_writes_atomically_and_resumes(db, tmp_path):
         assert r.checksum == "verified" and r.bytes_downloaded == (db / "mitdb/0.0.1/100.dat").stat().st_size
         assert _sha(cache / "100.dat") == sums["100.dat"]
         assert not list(cache.glob(".*.part"))
+        # One request a file: one GET, streamed, and no HEAD to ask its size first.
+        assert srv.faults.requests == ["/mitdb/0.0.1/100.dat"] and srv.faults.heads == []
         n_requests = len(srv.faults.requests)
         again = download.fetch_file(fs, base, "100.dat", cache, sums["100.dat"], FAST)
         assert again.bytes_downloaded == 0 and len(srv.faults.requests) == n_requests  # no second GET

@@ -3,6 +3,7 @@ on a real local Dask cluster: good records, every kind of bad input, and resumin
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -151,6 +152,54 @@ def test_a_local_source_is_read_in_place_checked_and_never_copied(client, tmp_pa
     assert {r.record: r.status for r in remote.records} == {r: s for r, (s, _) in status.items()}
     a, b = store.open_dataset(str(tmp_path / "local.zarr")), store.open_dataset(str(tmp_path / "http.zarr"))
     xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+
+
+def test_one_pass_writes_the_store_two_passes_write(client, tmp_path):
+    """Segments computed as each record is planned (the default) against a second read of every record
+    (``store.one_pass_max_mb: 0``): the same store but for float32 rounding, and the same fingerprints, so
+    either resumes the other without writing a chunk."""
+    root = tmp_path / "src"
+    make_db(root, _good_records(), VERSION)
+    with HTTPMirror(root) as srv:
+        one = _run(client, srv.url, tmp_path / "one.zarr")
+        two = _run(client, srv.url, tmp_path / "two.zarr", config={"store": {"chunk_size": 16, "one_pass_max_mb": 0}})
+        again = _run(client, srv.url, tmp_path / "two.zarr")
+    assert one.ok and two.ok and one.n_segments == two.n_segments > 30 and one.chunks_total > 2
+    assert again.chunks_written == 0 and again.chunks_skipped == again.chunks_total
+    a, b = store.open_dataset(str(tmp_path / "one.zarr")), store.open_dataset(str(tmp_path / "two.zarr"))
+    assert a.attrs["config_fingerprint"] == b.attrs["config_fingerprint"]
+    xr.testing.assert_allclose(a.drop_attrs(), b.drop_attrs(), rtol=0, atol=1e-2)
+    for name in ("spectrogram", "template"):
+        assert float((a[name] != b[name]).mean()) < 1e-3  # float16 steps moved by the STFT's rounding, at most
+    for name in ("anchor", "label", "rr", "record_status", "record_n_segments"):
+        xr.testing.assert_identical(a[name].drop_attrs(), b[name].drop_attrs())
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_a_resume_reads_only_the_records_that_changed(client, tmp_path, served):
+    """A finished store run again reads no record (the plans it keeps are reused: files and chunks unchanged);
+    after one record changes at the source, only it and the records that share its chunks are read, and the
+    store equals one made from scratch. Over HTTP the files' identity is SHA256SUMS.txt; for a local folder,
+    each file's size and modification time."""
+    root = tmp_path / "src"
+    folder = make_db(root, _good_records(), VERSION)
+    names = list(_good_records())
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(HTTPMirror(root)).url if served else str(root)
+        first = _run(client, url, tmp_path / "s.zarr")
+        again = _run(client, url, tmp_path / "s.zarr")
+        write_record(folder, "103", seconds=10, seed=30)  # new content: another signal and other beats
+        write_sums(folder)
+        third = _run(client, url, tmp_path / "s.zarr")
+        clean = _run(client, url, tmp_path / "clean.zarr")
+    assert first.ok and (first.records_read, first.records_reused) == (len(names), 0)
+    assert (again.records_read, again.records_reused, again.chunks_written) == (0, len(names), 0)
+    assert "unchanged since the last run, 0 read" in again.text()
+    assert third.ok and 1 <= third.records_read < len(names) and third.records_reused == len(names) - third.records_read
+    assert 1 <= third.chunks_written < third.chunks_total
+    a, b = store.open_dataset(str(tmp_path / "s.zarr")), store.open_dataset(str(tmp_path / "clean.zarr"))
+    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    assert a.attrs["segments_per_class"] == b.attrs["segments_per_class"]
 
 
 def test_unknown_symbols_policies(client, tmp_path):

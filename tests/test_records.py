@@ -265,3 +265,35 @@ def test_a_file_truncated_after_read_header_fails_in_read_signal(tmp_path, size)
                                               "implies 3,240") as exc:
             records.read_signal(tmp_path / "t", h, records.Lead(c, h.sig_names[c], False), 0, 10)
         assert str(exc.value) == str(fresh.value)
+
+
+def test_headers_are_parsed_as_wfdb_parses_them(mirror):
+    """The header parser without pandas gives wfdb's fields, values and types, on every MIT-BIH header, Challenge
+    2017 headers, and hand-made lines for wfdb's special cases (a gain of 0, a baseline from the ADC zero, no
+    units, skew and byte offsets, fractional rates, a counter frequency)."""
+    import zipfile
+
+    from wfdb.io import _header
+    from wfdb.io import header as wfdb_header
+
+    from ecg_pipeline.pipeline.records import _parse_record_line, _parse_signal_lines, _record_line
+
+    texts = [p.read_text() for p in sorted((mirror / "mitdb" / "1.0.0").glob("*.hea"))]
+    archive = mirror / "challenge-2017" / "1.0.0" / "training2017.zip"
+    if archive.is_file():
+        with zipfile.ZipFile(archive) as z:
+            texts += [z.read(n).decode() for n in sorted(z.namelist()) if n.endswith(".hea")][:300]
+    texts += ["r 2 360.5/100(12) 1000\nr.dat 212 0(3)/uV 11 1024 0 0 0 MLII\nr.dat 212 200 11 -5 0 0 0 V5\n",
+              "r 1 250\nr.dat 16x4:2+512 100.5e1/mV 12 7\n", "r 1 128 10\n~ 16\n", "r 2\nr.dat 80 -3.5(-7)\nr.dat 80\n",
+              "r 1 360\nr.mat 16+24 1000/mV 16 0 -127 0 0 ECG lead II\n"]
+    assert len(texts) > 100
+    for text in texts:
+        lines, _ = wfdb_header.parse_header_content(text)
+        line = _record_line(lines[0])
+        ours, theirs = _parse_record_line(line), _header._parse_record_line(line)
+        assert ours == theirs and [type(v) for v in ours.values()] == [type(v) for v in theirs.values()], text
+        ours, theirs = _parse_signal_lines(lines[1:]), _header._parse_signal_lines(lines[1:])
+        assert ours == theirs, text
+        assert {k: [type(x) for x in v] for k, v in ours.items()} == {k: [type(x) for x in v] for k, v in theirs.items()}
+    with pytest.raises(_header.HeaderSyntaxError):
+        _parse_signal_lines(["r.dat x y"])

@@ -3,7 +3,9 @@ and the scoring stage on a real record."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import warnings
 
@@ -184,14 +186,22 @@ def test_folder_and_remote_sources_find_nested_records(tmp_path):
     assert local.has("atr") and records.read_header(local.base, "r1").fs == 360
     assert [n for n, _ in local.files] == ["site1/day2/r1.hea", "site1/day2/r1.dat", "site1/day2/r1.atr"]
     assert not src.fetch("r2", ("atr",), tmp_path / "cache").has("atr")
+    # A local file's identity is its size and modification time (no hashing): the same until it is rewritten.
+    assert src.fetch("site1/day2/r1", ("atr",)).digest == local.digest
+    dat = root / "site1" / "day2" / "r1.dat"
+    st = dat.stat()
+    os.utime(dat, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert src.fetch("site1/day2/r1", ("atr",)).digest != local.digest
+    with pytest.raises(records.RecordError, match="r1.dat changed in .* during the job"):
+        src.fetch_again(local)
     # The same folder served over HTTP: records from the listing, files fetched into the cache.
     with HTTPMirror(tmp_path) as m:
         listing = sources.RemoteSource(m.url + "archive").prepare()
         remote, names = listing.source, listing.records
         assert names == ("r2", "site1/day2/r1") and not listing.has_checksums
         remote_local = remote.fetch("site1/day2/r1", ("atr",), tmp_path / "cache")
-        # The same bytes give the same content identity, wherever they were read from.
-        assert remote_local.digest == local.digest
+        # Downloaded files are identified by the SHA-256 computed as they arrive.
+        assert dict(remote_local.files)["site1/day2/r1.dat"] == hashlib.sha256(dat.read_bytes()).hexdigest()
         local = remote_local
         assert local.has("atr") and local.checksum == "unlisted"
         assert records.read_header(local.base, "site1/day2/r1").sig_len == 360 * 30
