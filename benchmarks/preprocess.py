@@ -6,8 +6,9 @@ side in one run, repeated (medians reported):
 
 * baseline: one process reads every record from local files (``wfdb.rdrecord``, and
   ``wfdb.rdann`` for beats; the Challenge 2017 archive is extracted before the clock
-  starts), cuts its segments (beats; windows covering the recording), runs one
-  vectorised STFT per record and ``np.save``s the result;
+  starts), cuts its segments (beats, aligned to their fiducial points as the job's
+  label source aligns them; windows covering the recording), runs one vectorised STFT
+  per record and ``np.save``s the result: the job's transforms, in one process;
 * lean baseline (Challenge 2017 only): one process reads each recording straight out of the zip held in
   memory (one ``loadmat``), windows, one vectorised STFT per recording, ``np.save``;
 * job: a fresh local Dask cluster of ``--workers`` processes (start-up included), cold
@@ -40,11 +41,11 @@ import numpy as np
 import wfdb
 
 from ecg_pipeline.jobs.preprocess import PreprocessRequest, run_preprocess
-from ecg_pipeline.pipeline import rr, segment, spectrogram
+from ecg_pipeline.pipeline import rr, segment, spectrogram, template
 from ecg_pipeline.pipeline.cluster import dask_client
 from ecg_pipeline.pipeline.config import PreprocessConfig, load_config
 from ecg_pipeline.pipeline.databases import get_database
-from ecg_pipeline.pipeline.labels import AAMI_EC57, label_beats, label_source_for
+from ecg_pipeline.pipeline.labels import RecordInput, label_source_for
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MIRROR = HERE.parent.parent / "shared" / "physionet"
@@ -62,7 +63,14 @@ def serve(root: Path) -> tuple[subprocess.Popen, str]:
 
 
 def baseline(db_dir: Path, out_dir: Path, config: PreprocessConfig) -> tuple[float, int]:
-    """MIT-BIH: single process, local files, one vectorised STFT per record, np.save."""
+    """MIT-BIH: single process, local files, one vectorised STFT per record, np.save.
+
+    The job's transforms, so the same segments: the beats of the label source (``label_source.segments``: the
+    annotations, each beat moved to its fiducial point where ``window.align`` says so), windows inside the record,
+    the STFT, the neighbour templates (``config.template``), RR features from every beat.
+    """
+    label_source = label_source_for(get_database("mitdb"), config)
+    tmpl = config.template.spec()  # the beats' neighbour templates, where the configuration has them
     t0 = time.perf_counter()
     n = 0
     for rec in (db_dir / "RECORDS").read_text().split():
@@ -71,14 +79,15 @@ def baseline(db_dir: Path, out_dir: Path, config: PreprocessConfig) -> tuple[flo
         names = [s.upper() for s in h.sig_name]
         ch = names.index("MLII") if "MLII" in names else names.index("V5")
         sig = wfdb.rdrecord(base, channels=[ch]).p_signal[:, 0].astype(np.float32)
-        ann = wfdb.rdann(base, "atr")
-        beats = label_beats(ann.sample, ann.symbol, AAMI_EC57, "Q")
+        segs = label_source.segments(RecordInput(rec, Path(base), h.fs, h.sig_len, sig))
         w = segment.WindowSpec.from_seconds(config.window.before_s, config.window.after_s, h.fs)
-        keep = segment.in_bounds(beats.sample, h.sig_len, w)
+        keep = segment.in_bounds(segs.anchor, h.sig_len, w)
         spec = spectrogram.spec_from_config(config, h.fs)
-        s = spectrogram.spectrogram(segment.extract_windows(sig, beats.sample[keep], w), spec)
+        s = spectrogram.spectrogram(segment.extract_windows(sig, segs.anchor[keep], w), spec)
         np.save(out_dir / f"{rec}.npy", s.astype(np.float16))
-        np.save(out_dir / f"{rec}.rr.npy", rr.features_at(beats.sample[keep], beats.sample, h.fs, config.rr.spec(), sig))
+        if tmpl is not None:
+            np.save(out_dir / f"{rec}.template.npy", template.neighbour_template(s, tmpl.beats).astype(np.float16))
+        np.save(out_dir / f"{rec}.rr.npy", rr.features_at(segs.anchor[keep], segs.beats, h.fs, config.rr.spec(), sig))
         n += s.shape[0]
     return time.perf_counter() - t0, n
 

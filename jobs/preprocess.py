@@ -227,7 +227,7 @@ class _Commits:
         self.futures: dict[str, Any] = {}  # record -> (future of its plan batch, index in it)
         self.seconds: Counter[str] = Counter()  # task-seconds per stage, both phases
         self.n_read = 0
-        self.step_records = ctx.config.store.commit_records or max(-(-len(names) // 25), 1000)
+        self.step_records = ctx.config.store.commit_records or max(-(-len(names) // 50), 200)
         self.done = self.committed = 0  # records of the prefix; the prefix at the last commit
         self.prepared = False
         self.existing = 0 if request.overwrite else store.n_segments(request.out, request.storage_options)

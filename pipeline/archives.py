@@ -162,10 +162,12 @@ def find_records(root: str | Path) -> list[Path]:
 
 
 class ZipMembers:
-    """A zip archive read member by member: each member is written out the first time a task needs it.
+    """A zip archive read member by member: into memory (``read``), or written out the first time a task needs it
+    on disk (``extract``).
 
-    No extraction step runs in front of a job: the worker that reads a record writes that record's
-    members (and only those) under ``dest``, so the work spreads over the workers. The whole archive is
+    No extraction step runs in front of a job: the worker that reads a record reads that record's
+    members (and only those), so the work spreads over the workers; writing a small member out costs
+    about ten times reading it (file creation), so records are read from memory where they can be. The whole archive is
     checked when it is opened, as ``extract_archive`` checks it (member paths, links, declared size);
     each member's CRC-32 is checked by ``zipfile`` as it is read, and its size against ``max_bytes``.
     A member is written to a temporary name and renamed into place, so one that exists is whole.
@@ -204,6 +206,34 @@ class ZipMembers:
         """The member's identity from the archive's directory (CRC-32 and size): no bytes are read."""
         info = self._info[name]
         return f"crc32:{info.CRC:08x}:{info.file_size}"
+
+    def size(self, name: str) -> int:
+        """The member's size from the archive's directory."""
+        return self._info[name].file_size
+
+    def read(self, name: str) -> bytes:
+        """The member's bytes, read into memory (nothing written): its CRC-32 checked as ``extract`` checks it.
+
+        Raises
+        ------
+        KeyError
+            The archive has no such member.
+        ArchiveError
+            It cannot be read (a bad CRC, a truncated archive) or is larger than ``max_bytes``.
+        """
+        info = self._info[name]
+        if info.file_size > self.max_bytes:
+            raise ArchiveError(f"{self.archive}: member {name!r} declares {info.file_size:,} bytes, over the limit "
+                               f"of {self.max_bytes:,}; refused")
+        try:
+            with self._lock, self._zip.open(info) as src:
+                data = src.read(info.file_size + 1)  # one byte past the declared size: a member that lies is caught
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise ArchiveError(f"{self.archive}: cannot read {name!r}: {exc}") from None
+        if len(data) != info.file_size:
+            raise ArchiveError(f"{self.archive}: member {name!r} holds {len(data):,} bytes, its directory says "
+                               f"{info.file_size:,}")
+        return data
 
     def extract(self, name: str) -> Path:
         """The member as a file under ``dest``, written now unless a whole copy is there already.

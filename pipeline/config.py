@@ -206,8 +206,9 @@ class StoreConfig(_Config):
         "memory). Does not change what the store holds.")
     commit_records: int | None = Field(
         None, ge=1, description="Records read between two commits of the store while a job runs (their plans, "
-        "table rows and full chunks saved, so a killed job resumes from there): null takes 1/25 of the records, "
-        "at least 1,000 (a kill loses at most ~4 % of the reading). Does not change what the store holds.")
+        "table rows and full chunks saved, so a killed job resumes from there): null takes 1/50 of the records, "
+        "at least 200 (a kill loses about 2 % of the reading, and what the workers were reading). Does not change "
+        "what the store holds.")
 
 
 class DownloadConfig(_Config):

@@ -153,15 +153,16 @@ def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, 
     timer = Timer()
     try:
         with timer("download"):
-            local = sources.fetch_record(source, record, (), cache, policy, required=labels.annotators)
+            # in memory: this read is the only one (an archive's members are not written out)
+            local = sources.fetch_record(source, record, (), cache, policy, required=labels.annotators, in_memory=True)
         with timer("read_header"):
-            header = records.read_header(local.base, record)
+            header = records.read_header(local.base, record, contents=local.contents)
             lead = records.choose_lead(header, tuple(leads), lead_fallback)  # type: ignore[arg-type]
             header = header.for_lead(lead)  # the lead's own rate (several samples per frame)
         with timer("read_signal"):
             # A full read of the chosen lead finds truncated or undecodable files now, before
             # any segment is allotted to the record, and marks windows over invalid samples.
-            signal = records.read_signal(local.base, header, lead)
+            signal = records.read_signal(local.base, header, lead, contents=local.contents)
         with timer("label"):
             segs = labels.segments(RecordInput(record, local.base, header.fs, header.sig_len, signal))
             window = segment.WindowSpec.from_seconds(*labels.window, header.fs, pad=labels.pad)  # type: ignore[arg-type]
@@ -190,7 +191,7 @@ def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, 
         plan.n_unknown, plan.n_nonbeat = segs.n_unknown, segs.n_nonbeat
         plan.lead, plan.lead_index, plan.fs, plan.sig_len = lead.name, lead.index, header.fs, header.sig_len
         plan.digest, plan.checksum, plan.bytes_downloaded = local.digest, local.checksum, local.bytes_downloaded
-        plan.local = local
+        plan.local = replace(local, contents=None)  # the bytes were read: the plan waits for its chunk without them
         plan.signal_files = header.files
         plan.ok = True
     except RecordError as exc:
@@ -464,7 +465,7 @@ def read_strip(source: sources.RecordSource, record: str, start_s: float, second
     if seconds <= 0:
         raise ValueError(f"the strip length must be positive (got {seconds} s)")
     local = sources.fetch_record(source, record, (annotator,) if annotator else (), cache, policy)
-    header = records.read_header(local.base, record)
+    header = records.read_header(local.base, record, contents=local.contents)
     chosen = records.choose_lead(header, (lead,) if lead else tuple(leads), "fail" if lead else "first")
     header = header.for_lead(chosen)  # the lead's own rate (several samples per frame)
     duration = header.sig_len / header.fs
@@ -472,7 +473,7 @@ def read_strip(source: sources.RecordSource, record: str, start_s: float, second
         raise ValueError(f"--start {start_s:g} s is outside record {record} (0 to {duration:.1f} s)")
     first = int(round(start_s * header.fs))
     stop = min(header.sig_len, first + max(int(round(seconds * header.fs)), 1))
-    signal = records.read_signal(local.base, header, chosen, first, stop)
+    signal = records.read_signal(local.base, header, chosen, first, stop, contents=local.contents)
     ann_sample, ann_symbol = np.zeros(0, np.int64), np.zeros(0, object)
     if annotator and local.has(annotator):
         ann = records.read_annotations(local.base, record, annotator, header.fs)
@@ -499,9 +500,10 @@ def segment_waveforms(source: sources.RecordSource, record: Sequence[str], ancho
     for name in dict.fromkeys(record):
         rows = [i for i, r in enumerate(record) if r == name]
         local = sources.fetch_record(source, name, (), cache, policy)
-        header = records.read_header(local.base, name)
+        header = records.read_header(local.base, name, contents=local.contents)
         for want in dict.fromkeys(lead[i] for i in rows):
-            signal = records.read_signal(local.base, header, records.choose_lead(header, (want,)))
+            signal = records.read_signal(local.base, header, records.choose_lead(header, (want,)),
+                                         contents=local.contents)
             for i in (i for i in rows if lead[i] == want):
                 lo = int(anchor[i]) - n_before
                 a, b = max(lo, 0), min(lo + n_before + n_after, len(signal))

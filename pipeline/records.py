@@ -16,16 +16,21 @@ Also read as wfdb reads them: signals with several samples per frame (at their o
 rate, ``fs * spf``: ``Header.for_lead``), multi-segment records (one record, the
 segments joined; gaps and signals a segment lacks are NaN), and signals without a
 name (``signal <i>``).
+
+A record's files may be held in memory (``contents``: an archive's members, read without
+writing them out); names it lacks are read from the folder on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import tempfile
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal, Mapping
 
 import numpy as np
 import wfdb
@@ -89,6 +94,50 @@ class Lead:
 # headers: parsed with wfdb's functions, checked against the files
 
 
+@dataclass(frozen=True)
+class _Folder:
+    """The folder of a record's header: its files on disk, or held in memory by name (relative to the folder)."""
+
+    path: Path
+    contents: Mapping[str, bytes] | None = None
+
+    def _held(self, name: str) -> bytes | None:
+        return None if self.contents is None else self.contents.get(name)
+
+    def size(self, name: str) -> int:
+        """Bytes of file ``name``; ``FileNotFoundError`` where it is nowhere."""
+        held = self._held(name)
+        return len(held) if held is not None else (self.path / name).stat().st_size
+
+    def read(self, name: str) -> bytes:
+        held = self._held(name)
+        return held if held is not None else (self.path / name).read_bytes()
+
+    def is_file(self, name: str) -> bool:
+        return self._held(name) is not None or (self.path / name).is_file()
+
+    def array(self, name: str, dtype, count: int, offset: int) -> np.ndarray:
+        """``np.fromfile(name, dtype, count, offset=offset)``: fewer items where the file ends first."""
+        held = self._held(name)
+        if held is None:
+            return np.fromfile(self.path / name, dtype, count=count, offset=offset)
+        size = np.dtype(dtype).itemsize
+        part = memoryview(held)[offset:offset + count * size]
+        return np.frombuffer(part[:len(part) // size * size], dtype)
+
+    @contextlib.contextmanager
+    def on_disk(self) -> Iterator[Path]:
+        """A folder on disk with the files (for wfdb's own readers): a temporary copy of those in memory."""
+        if not self.contents:
+            yield self.path
+            return
+        with tempfile.TemporaryDirectory(prefix="ecg-record-") as tmp:
+            for name, data in self.contents.items():
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / name).write_bytes(data)
+            yield Path(tmp)
+
+
 @dataclass
 class _Segment:
     """One single-segment header of a record and where its frames lie in the record."""
@@ -96,7 +145,7 @@ class _Segment:
     start: int  #: first frame in the record
     length: int  #: frames
     rec: wfdb.Record | None  #: None: a gap (``~``)
-    folder: Path = field(default_factory=Path)
+    folder: _Folder = field(default_factory=lambda: _Folder(Path()))
 
 
 @dataclass
@@ -113,17 +162,18 @@ class _Record:
     layout: Literal["single", "fixed", "variable"] = "single"
 
 
-def _read_text(hea: Path, record: str) -> str:
+def _read_text(folder: _Folder, hea: str, record: str) -> str:
+    label = Path(hea).name
     try:
-        size = hea.stat().st_size
+        size = folder.size(hea)
         if size > MAX_HEADER_BYTES:
-            raise RecordError(record, "header", f"{hea.name} is {size:,} bytes: not a WFDB header "
+            raise RecordError(record, "header", f"{label} is {size:,} bytes: not a WFDB header "
                                                 f"(at most {MAX_HEADER_BYTES:,})")
-        return hea.read_bytes().decode("ascii", errors="ignore")  # as wfdb.rdheader reads it
+        return folder.read(hea).decode("ascii", errors="ignore")  # as wfdb.rdheader reads it
     except FileNotFoundError:
-        raise RecordError(record, "header", f"{hea.name}: not found") from None
+        raise RecordError(record, "header", f"{label}: not found") from None
     except OSError as exc:
-        raise RecordError(record, "header", f"cannot read {hea.name}: {exc}") from exc
+        raise RecordError(record, "header", f"cannot read {label}: {exc}") from exc
 
 
 def _record_line(line: str) -> str:
@@ -229,14 +279,15 @@ def _parse_text(text: str) -> _Parsed:
             tuple(c.strip(" \t#") for c in comments))
 
 
-def _parse(hea: Path, record: str) -> wfdb.Record | wfdb.MultiRecord:
-    """``hea`` parsed as ``wfdb.rdheader`` parses it, from its text (the user's file is never changed).
+def _parse(folder: _Folder, hea: str, record: str) -> wfdb.Record | wfdb.MultiRecord:
+    """Header ``hea`` of ``folder`` parsed as ``wfdb.rdheader`` parses it, from its text (the user's file is never
+    changed).
 
     The file is read on every call (a header changed on disk gives its new content); only the
     parse of a text seen before is memoised (``_parse_text``). Each call returns a new record
     with its own lists: callers set fields on it.
     """
-    text = _read_text(hea, record)
+    text = _read_text(folder, hea, record)
     try:
         multi, items, comments = (_parse_text if len(text) <= _MEMO_MAX_CHARS else _parse_text.__wrapped__)(text)
         rec = wfdb.MultiRecord() if multi else wfdb.Record()
@@ -244,7 +295,7 @@ def _parse(hea: Path, record: str) -> wfdb.Record | wfdb.MultiRecord:
             setattr(rec, k, list(v) if isinstance(v, tuple) else v)
         rec.comments = list(comments)
     except Exception as exc:  # noqa: BLE001 - wfdb raises many types for bad headers
-        raise RecordError(record, "header", f"cannot parse {hea.name}: {type(exc).__name__}: {exc}") from exc
+        raise RecordError(record, "header", f"cannot parse {Path(hea).name}: {type(exc).__name__}: {exc}") from exc
     return rec
 
 
@@ -258,7 +309,7 @@ def _signal_count(rec: wfdb.Record, hea: str, record: str) -> int:
     return n
 
 
-def _file_problem(folder: Path, rec: wfdb.Record, hea: str, sig_len: int | None) -> tuple[str, int | None]:
+def _file_problem(folder: _Folder, rec: wfdb.Record, hea: str, sig_len: int | None) -> tuple[str, int | None]:
     """What a single-segment header's signal files say about its length: ``(problem, frames)``.
 
     ``problem`` is ``""`` when every fixed-size signal file holds ``sig_len`` frames, else
@@ -276,9 +327,8 @@ def _file_problem(folder: Path, rec: wfdb.Record, hea: str, sig_len: int | None)
     for name, sigs in per_file.items():
         if any(fmt not in _BYTES_PER_SAMPLE for fmt, _, _ in sigs):
             continue  # compressed (FLAC): no size to check against
-        path = folder / name
         try:
-            actual = path.stat().st_size
+            actual = folder.size(name)
         except FileNotFoundError:
             raise FileNotFoundError(f"{name}: not found (named by {hea})") from None
         offset = sigs[0][2]
@@ -295,7 +345,7 @@ def _file_problem(folder: Path, rec: wfdb.Record, hea: str, sig_len: int | None)
     return "", held
 
 
-def _single(folder: Path, rec: wfdb.Record, hea: str, record: str, *, layout_only: bool = False) -> int:
+def _single(folder: _Folder, rec: wfdb.Record, hea: str, record: str, *, layout_only: bool = False) -> int:
     """Check a single-segment header against its files; return its length in frames (set on ``rec`` too)."""
     n = _signal_count(rec, hea, record)
     if layout_only:  # a variable-layout record's layout header: signal names only, no files
@@ -337,11 +387,11 @@ def _names(rec, n: int) -> tuple[str, ...]:
     return tuple(nm.strip() if isinstance(nm, str) and nm.strip() else f"signal {i}" for i, nm in enumerate(names))
 
 
-def _load(base: Path, record: str) -> _Record:
+def _load(base: Path, record: str, contents: Mapping[str, bytes] | None = None) -> _Record:
     """The record's header(s) parsed and checked against its files (``RecordError`` otherwise)."""
     base = Path(base)
-    folder, hea = base.parent, f"{base.name}.hea"
-    rec = _parse(folder / hea, record)
+    folder, hea = _Folder(base.parent, contents), f"{base.name}.hea"
+    rec = _parse(folder, hea, record)
     if isinstance(rec, wfdb.Record):
         sig_len = _single(folder, rec, hea, record)
         n = rec.n_sig
@@ -351,7 +401,7 @@ def _load(base: Path, record: str) -> _Record:
     return _load_segments(folder, hea, rec, record)
 
 
-def _load_segments(folder: Path, hea: str, master: wfdb.MultiRecord, record: str) -> _Record:
+def _load_segments(folder: _Folder, hea: str, master: wfdb.MultiRecord, record: str) -> _Record:
     """A multi-segment record as one: its segments checked against their files, in order, gaps kept."""
     names_seg, lengths = list(master.seg_name or []), [int(x) for x in (master.seg_len or [])]
     if not names_seg or len(names_seg) != int(master.n_seg):
@@ -371,7 +421,7 @@ def _load_segments(folder: Path, hea: str, master: wfdb.MultiRecord, record: str
             start += length
             continue
         seg_hea = f"{seg}.hea"
-        rec = _parse(folder / seg_hea, record)
+        rec = _parse(folder, seg_hea, record)
         files.append(seg_hea)
         if not isinstance(rec, wfdb.Record):
             raise RecordError(record, "header", f"segment {seg_hea} of {hea} is itself a multi-segment header")
@@ -410,8 +460,11 @@ def _load_segments(folder: Path, hea: str, master: wfdb.MultiRecord, record: str
                    "variable" if variable else "fixed")
 
 
-def read_header(base: Path, record: str) -> Header:
+def read_header(base: Path, record: str, *, contents: Mapping[str, bytes] | None = None) -> Header:
     """Parse ``<base>.hea`` (``base`` is the record path without extension) and check it against the files.
+
+    ``contents``: the record's files held in memory, by name relative to the header's folder (``LocalRecord.contents``);
+    the names it lacks are read from disk.
 
     Raises
     ------
@@ -421,7 +474,7 @@ def read_header(base: Path, record: str) -> Header:
         missing, or holds fewer samples than the header declares (``"<file> is truncated:
         ..."``, naming both counts): nothing is planned for samples that do not exist.
     """
-    r = _load(base, record)
+    r = _load(base, record, contents)
     return Header(record=record, fs=r.fs, sig_len=r.sig_len, sig_names=r.names, units=r.units, files=r.files,
                   spf=r.spf if any(k != 1 for k in r.spf) else (),
                   n_segments=len(r.segments) if r.layout != "single" else 0)
@@ -444,21 +497,21 @@ def segment_names(hea: Path) -> tuple[str, ...]:
                 return ()
         if "/" not in line.split()[0]:
             return ()
-        rec = _parse(Path(hea), Path(hea).stem)
+        rec = _parse(_Folder(Path(hea).parent), Path(hea).name, Path(hea).stem)
     except (OSError, IndexError, RecordError):
         return ()
     return tuple(n for n in (getattr(rec, "seg_name", None) or []) if n != "~")
 
 
-def header_files(base: Path, record: str) -> tuple[str, ...]:
+def header_files(base: Path, record: str, *, contents: Mapping[str, bytes] | None = None) -> tuple[str, ...]:
     """The files ``<base>.hea`` names (signal files; segment headers and the signal files of those present),
     relative to its folder, without checking them: what a source must fetch beside the header.
 
     A source fetches until this stops growing (a segment header names more files).
     """
     base = Path(base)
-    folder, hea = base.parent, f"{base.name}.hea"
-    rec = _parse(folder / hea, record)
+    folder, hea = _Folder(base.parent, contents), f"{base.name}.hea"
+    rec = _parse(folder, hea, record)
     if isinstance(rec, wfdb.Record):
         return tuple(dict.fromkeys(n for n in (rec.file_name or []) if n and n != "~"))
     out: list[str] = []
@@ -466,8 +519,8 @@ def header_files(base: Path, record: str) -> tuple[str, ...]:
         if seg == "~":
             continue
         out.append(f"{seg}.hea")
-        if (folder / f"{seg}.hea").is_file():
-            sub = _parse(folder / f"{seg}.hea", record)
+        if folder.is_file(f"{seg}.hea"):
+            sub = _parse(folder, f"{seg}.hea", record)
             if isinstance(sub, wfdb.Record):
                 out += [n for n in (sub.file_name or []) if n and n != "~"]
     return tuple(dict.fromkeys(out))
@@ -629,12 +682,12 @@ def _fast_channel(seg: _Segment, channel: int, first: int, stop: int) -> np.ndar
         return None  # wfdb reads a file as its first signal's format, and misplaces signals not consecutive
     n, c = len(mine), channel - mine[0]
     offset = int((rec.byte_offset or [0] * rec.n_sig)[mine[0]] or 0)  # a file's signals start at its first's
-    path = seg.folder / rec.file_name[channel]
+    name = rec.file_name[channel]
     baseline, gain = rec.baseline[channel], rec.adc_gain[channel]
     if fmt == "212":
         start = first - first % 2 if n % 2 else first  # an odd n: frames start a triplet every second frame
         need = -(-(stop - start) * n * 3 // 2)
-        raw = np.fromfile(path, np.uint8, count=need, offset=offset + start * n * 3 // 2)
+        raw = seg.folder.array(name, np.uint8, need, offset + start * n * 3 // 2)
         if raw.size < need:
             return None
         # every 12-bit code's sample by _dac (float64), rounded to float32 as read_signal gives it: looked up
@@ -642,7 +695,7 @@ def _fast_channel(seg: _Segment, channel: int, first: int, stop: int) -> np.ndar
         table = _dac(np.where(codes < 2048, codes, codes - 4096), fmt, baseline, gain).astype(np.float32)
         return _decode_212(raw, n, c, first - start, stop - first, table)
     dtype, shift = _ALIGNED_DTYPES[fmt]
-    raw = np.fromfile(path, dtype, count=(stop - first) * n, offset=offset + first * n * np.dtype(dtype).itemsize)
+    raw = seg.folder.array(name, dtype, (stop - first) * n, offset + first * n * np.dtype(dtype).itemsize)
     if raw.size < (stop - first) * n:
         return None
     digital = raw[c::n]
@@ -667,17 +720,19 @@ def _read_channel(seg: _Segment, channel: int, first: int, stop: int) -> np.ndar
         if fast is not None:
             return fast
     f0, f1 = first // k, -(-stop // k)
-    digital = _signal._rd_segment(
-        file_name=rec.file_name, dir_name=str(seg.folder), pn_dir=None, fmt=rec.fmt, n_sig=rec.n_sig,
-        sig_len=rec.sig_len, byte_offset=rec.byte_offset, samps_per_frame=rec.samps_per_frame, skew=rec.skew,
-        init_value=rec.init_value, sampfrom=f0, sampto=f1, channels=[channel], ignore_skew=False)
+    with seg.folder.on_disk() as folder:
+        digital = _signal._rd_segment(
+            file_name=rec.file_name, dir_name=str(folder), pn_dir=None, fmt=rec.fmt, n_sig=rec.n_sig,
+            sig_len=rec.sig_len, byte_offset=rec.byte_offset, samps_per_frame=rec.samps_per_frame, skew=rec.skew,
+            init_value=rec.init_value, sampfrom=f0, sampto=f1, channels=[channel], ignore_skew=False)
     one = wfdb.Record(e_d_signal=digital, fmt=[rec.fmt[channel]], adc_gain=[rec.adc_gain[channel]],
                       baseline=[rec.baseline[channel]], samps_per_frame=[k], n_sig=1)
     physical = one.dac(expanded=True, return_res=64)[0]
     return physical[first - f0 * k: stop - f0 * k].astype(np.float32)
 
 
-def read_signal(base: Path, header: Header, lead: Lead, sampfrom: int = 0, sampto: int | None = None) -> np.ndarray:
+def read_signal(base: Path, header: Header, lead: Lead, sampfrom: int = 0, sampto: int | None = None, *,
+                contents: Mapping[str, bytes] | None = None) -> np.ndarray:
     """One lead in physical units (float32), samples ``[sampfrom, sampto)`` at the lead's own rate.
 
     A lead with several samples per frame is read at its true rate (``Header.for_lead``:
@@ -686,9 +741,10 @@ def read_signal(base: Path, header: Header, lead: Lead, sampfrom: int = 0, sampt
     is read again from the files (``header`` names the record, its length is the default
     ``sampto``), so a file truncated since ``read_header`` fails here the same way.
 
-    Raises ``RecordError`` (stage ``signal``) for unreadable or truncated signal files.
+    ``contents``: as ``read_header``'s. Raises ``RecordError`` (stage ``signal``) for unreadable or truncated signal
+    files.
     """
-    r = _load(base, header.record)
+    r = _load(base, header.record, contents)
     k = r.spf[lead.index] if lead.index < len(r.spf) else 1
     total = r.sig_len * k
     sampto = total if sampto is None else sampto

@@ -69,7 +69,7 @@ class SourceUnreachable(SourceError):
 
 @dataclass(frozen=True)
 class LocalRecord:
-    """A record whose files are on local disk."""
+    """A record whose files are on local disk, or (an archive's members) some of them held in memory."""
 
     record: str
     base: Path  #: local path without suffix, as ``wfdb`` wants it
@@ -80,6 +80,9 @@ class LocalRecord:
     #: an archive member (from the archive's directory), ``stat:<size>:<mtime_ns>`` for a local folder's file.
     files: tuple[tuple[str, str], ...] = ()
     bytes_downloaded: int = 0
+    #: The header and signal files held in memory, by name relative to the header's folder (``records.read_header``'s
+    #: ``contents``): a zip's members, read without writing them out. None: every file is on disk at ``base``.
+    contents: Mapping[str, bytes] | None = field(default=None, compare=False, repr=False)
 
     def has(self, annotator: str | None) -> bool:
         return bool(annotator) and annotator in self.annotators
@@ -110,7 +113,11 @@ class RecordSource(Protocol):
     def prepare(self, cache: Path, policy: download.RetryPolicy) -> Listing: ...
 
     def fetch(self, record: str, annotators: Sequence[str], cache: Path,
-              policy: download.RetryPolicy) -> LocalRecord: ...
+              policy: download.RetryPolicy, *, in_memory: bool = False) -> LocalRecord:
+        """The record's files, checked. ``in_memory``: the caller reads them with ``LocalRecord.contents``
+        (``records.read_header(local.base, record, contents=local.contents)``), so a source that can hold them in
+        memory may leave them unwritten (an archive's members); other sources ignore it."""
+        ...
 
     def fetch_file(self, name: str, cache: Path, policy: download.RetryPolicy) -> Path: ...
 
@@ -234,7 +241,7 @@ class FolderSource:
         return Listing(self, tuple(list_folder(root)))
 
     def fetch(self, record: str, annotators: Sequence[str] = (), cache: Path | None = None,
-              policy: download.RetryPolicy = download.RetryPolicy()) -> LocalRecord:
+              policy: download.RetryPolicy = download.RetryPolicy(), *, in_memory: bool = False) -> LocalRecord:
         try:
             download.safe_name(record)
         except ValueError as exc:
@@ -348,7 +355,7 @@ class RemoteSource:
             raise RecordError(record, "download", str(exc)) from exc
 
     def fetch(self, record: str, annotators: Sequence[str] = (), cache: Path = Path("."),
-              policy: download.RetryPolicy = download.RetryPolicy()) -> LocalRecord:
+              policy: download.RetryPolicy = download.RetryPolicy(), *, in_memory: bool = False) -> LocalRecord:
         try:
             download.safe_name(record)
         except ValueError as exc:
@@ -429,13 +436,18 @@ class RemoteSource:
             raise SourceError(f"{self.url}: {exc}") from exc
 
 
+#: An archive member larger than this is written out to be read, not held in memory (a day-long Holter record).
+MEMBER_IN_MEMORY_MAX = 64 * 2**20
+
+
 @dataclass(frozen=True)
 class ArchiveSource:
     """Records inside a ``.zip``/``.tar(.gz)`` archive: a local path or any fsspec URL.
 
     The archive is fetched (verified against ``sha256`` when known) once per machine. A zip is then
-    read member by member (``archives.ZipMembers``): each record's members are written out by the
-    worker that reads the record, with no extraction step in front of the job. A tar archive cannot be
+    read member by member (``archives.ZipMembers``): the worker that reads a record writes out its members
+    (or, asked ``in_memory``, reads them into memory: ``LocalRecord.contents``), with no extraction step in
+    front of the job. A tar archive cannot be
     read that way: it is extracted safely, once per machine, by whichever worker first needs it, and its
     ``inner`` folder read as a ``FolderSource``.
     """
@@ -542,30 +554,44 @@ class ArchiveSource:
         return list_folder(self._root(z))
 
     def fetch(self, record: str, annotators: Sequence[str] = (), cache: Path | None = None,
-              policy: download.RetryPolicy = download.RetryPolicy()) -> LocalRecord:
+              policy: download.RetryPolicy = download.RetryPolicy(), *, in_memory: bool = False) -> LocalRecord:
         z = self.zip_members(cache, policy)
         if z is None:
             local = self.folder(cache, policy).fetch(record, annotators, cache, policy)
         else:
-            local = self._fetch_members(z, record, annotators)
+            local = self._fetch_members(z, record, annotators, in_memory)
         # The archive's bytes were checked as a whole: its members are as verified as it is.
         return replace(local, checksum="verified" if self.sha256 else "local")
 
-    def _fetch_members(self, z: archives.ZipMembers, record: str, annotators: Sequence[str]) -> LocalRecord:
-        """The record's members written out by this worker; each file's digest is its CRC-32 and size from the
-        archive's directory (no hashing: the archive was checked whole, ``zipfile`` checks each CRC on read)."""
+    def _fetch_members(self, z: archives.ZipMembers, record: str, annotators: Sequence[str],
+                       in_memory: bool) -> LocalRecord:
+        """The record's members written out by this worker; ``in_memory``: its header and signal members read into
+        memory instead (``LocalRecord.contents``; written out all the same where one is larger than
+        ``MEMBER_IN_MEMORY_MAX``), its annotation members written out (``wfdb.rdann`` reads files). Each file's
+        digest is its CRC-32 and size from the archive's directory (no hashing: the archive was checked whole,
+        ``zipfile`` checks each CRC on read)."""
         try:
             download.safe_name(record)
         except ValueError as exc:
             raise RecordError(record, "download", str(exc)) from exc
         root = self._root(z)
+        folder = posixpath.dirname(record)
+        contents: dict[str, bytes] | None = {} if in_memory else None
 
-        def get(name: str, stage: str) -> tuple[str, str]:
+        def get(name: str, stage: str, keep: bool = True) -> tuple[str, str]:
+            nonlocal contents
             member = self._member(name)
             if not z.has(member):
                 raise RecordError(record, stage, f"{name}: not found in {self.description}")
             try:
-                z.extract(member)
+                if keep and contents is not None and z.size(member) <= MEMBER_IN_MEMORY_MAX:
+                    contents[posixpath.relpath(name, folder) if folder else name] = z.read(member)
+                else:
+                    if keep and contents is not None:  # too large to hold: the record's files all go on disk
+                        for held in list(contents):
+                            z.extract(self._member(posixpath.join(folder, held) if folder else held))
+                        contents = None
+                    z.extract(member)
             except archives.ArchiveError as exc:
                 raise RecordError(record, "download", str(exc)) from exc
             return name, z.digest(member)
@@ -573,13 +599,14 @@ class ArchiveSource:
         files = [get(f"{record}.hea", "download")]
         fetched = {f"{record}.hea"}
         # Until nothing new is named: a multi-segment header names segment headers, which name signal files.
-        while todo := [n for n in _signal_names(records.header_files(root / record, record), record) if n not in fetched]:
+        while todo := [n for n in _signal_names(records.header_files(root / record, record, contents=contents), record)
+                       if n not in fetched]:
             for name in todo:
                 files.append(get(name, "signal"))
                 fetched.add(name)
         present = frozenset(a for a in annotators if z.has(self._member(f"{record}.{a}")))
-        files += [get(f"{record}.{a}", "annotations") for a in annotators if a in present]
-        return LocalRecord(record, root / record, present, "local", tuple(files))
+        files += [get(f"{record}.{a}", "annotations", keep=False) for a in annotators if a in present]
+        return LocalRecord(record, root / record, present, "local", tuple(files), contents=contents)
 
     def fetch_file(self, name: str, cache: Path | None = None,
                    policy: download.RetryPolicy = download.RetryPolicy()) -> Path:
@@ -765,9 +792,9 @@ def record_folder(folder: str, policy: download.RetryPolicy = download.RetryPoli
 
 
 def fetch_record(source: RecordSource, record: str, annotators: Sequence[str], cache: Path,
-                 policy: download.RetryPolicy, *, required: Sequence[str] = ()) -> LocalRecord:
+                 policy: download.RetryPolicy, *, required: Sequence[str] = (), in_memory: bool = False) -> LocalRecord:
     """``source.fetch`` that fails the record (stage ``annotations``) when a ``required`` annotation file is absent."""
-    local = source.fetch(record, tuple(dict.fromkeys([*annotators, *required])), cache, policy)
+    local = source.fetch(record, tuple(dict.fromkeys([*annotators, *required])), cache, policy, in_memory=in_memory)
     for a in required:
         if not local.has(a):
             raise RecordError(record, "annotations", f"no {record}.{a} in {source.description}")

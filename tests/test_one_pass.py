@@ -88,15 +88,17 @@ def test_challenge_recordings_are_read_out_of_the_zip_by_the_task_that_needs_the
     # The listing and the label table read two members, and nothing else is extracted.
     assert sorted(p.name for p in (tmp_path / "work").rglob("*") if p.is_file()) == ["RECORDS", "REFERENCE.csv"]
     ctx, source = replace(ctx, labels=label_source), listing.source
+    written = lambda: sorted(p.name for p in (tmp_path / "work").rglob("*") if p.is_file())  # noqa: E731
     for name in ("A00001", "A00004"):
         plan = plan_record(ctx, source, name)
         assert plan.ok and plan.rows is not None and plan.rows.template is None
         assert [d.split(":")[0] for _, d in plan.local.files] == ["crc32", "crc32"]
-        again = _two_passes(ctx, source, plan)
+        # One pass reads the members from memory: nothing written out, and the plan keeps no bytes.
+        assert not {f"{name}.hea", f"{name}.mat"} & set(written()) and plan.local.contents is None
+        again = _two_passes(ctx, source, plan)  # a second pass (a record above the limit) writes them out
         assert not again.failures
         _same_but_rounding(plan.rows.spectrogram, again.spectrogram)
-    names = sorted(p.name for p in (tmp_path / "work").rglob("*") if p.is_file())
-    assert names == ["A00001.hea", "A00001.mat", "A00004.hea", "A00004.mat", "RECORDS", "REFERENCE.csv"]
+    assert written() == ["A00001.hea", "A00001.mat", "A00004.hea", "A00004.mat", "RECORDS", "REFERENCE.csv"]
 
 
 def _zip(path: Path, members: dict[str, bytes]) -> None:
@@ -120,7 +122,10 @@ def test_a_damaged_member_fails_its_record_alone(mirror, tmp_path):
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
     source = sources.ArchiveSource(str(path), inner="db", work_dir=str(tmp_path / "work")).prepare().source
-    assert source.fetch("100").record == "100"
+    assert source.fetch("100").record == "100" and source.fetch("100", in_memory=True).contents
+    with pytest.raises(RecordError, match=r"db\.zip: cannot read 'db/101\.dat': Bad CRC-32") as err:
+        source.fetch("101", in_memory=True)
+    assert err.value.record == "101" and err.value.stage == "download"
     with pytest.raises(RecordError, match=r"db\.zip: cannot extract 'db/101\.dat': Bad CRC-32") as err:
         source.fetch("101")
     assert err.value.record == "101" and err.value.stage == "download"

@@ -205,6 +205,46 @@ def test_fast_reader_leaves_other_layouts_to_wfdb(tmp_path):
     assert records._fast_channel(records._load(tmp_path / "k", "k").segments[0], 1, 0, 10) is None
 
 
+def _held(folder, *names):
+    """The files ``names`` of ``folder`` in memory, as ``LocalRecord.contents`` holds an archive's members."""
+    return {n: (folder / n).read_bytes() for n in names}
+
+
+@pytest.mark.parametrize("fmt", ["16", "212"])
+def test_a_record_held_in_memory_reads_as_it_does_on_disk(tmp_path, fmt):
+    _write_digital(tmp_path, "f", fmt, 3)
+    _with_byte_offset(tmp_path, "f", 5)
+    contents = _held(tmp_path, "f.hea", "f.dat")
+    nowhere = tmp_path / "not-on-disk" / "f"  # every byte comes from ``contents``
+    h = records.read_header(nowhere, "f", contents=contents)
+    assert h == records.read_header(tmp_path / "f", "f")
+    mem = [records.read_signal(nowhere, h, records.Lead(c, h.sig_names[c], False), a, b, contents=contents)
+           for c in range(3) for a, b in RANGES]
+    for got, want in zip(mem, _read_all(tmp_path / "f", "f"), strict=True):
+        assert got.tobytes() == want.tobytes()
+    # Refused as on disk: a truncated signal file, an absent header.
+    short = {**contents, "f.dat": contents["f.dat"][:1000]}
+    with pytest.raises(RecordError, match=r"record f: signal: f\.dat is truncated: 1,000 bytes"):
+        records.read_header(nowhere, "f", contents=short)
+    with pytest.raises(RecordError, match=r"record f: signal: f\.dat is truncated"):
+        records.read_signal(nowhere, h, records.Lead(0, "s0", False), contents=short)
+    with pytest.raises(RecordError, match=r"record f: header: f\.hea: not found"):
+        records.read_header(nowhere, "f", contents={})
+
+
+def test_a_layout_only_wfdb_reads_is_read_from_memory_too(tmp_path):
+    d = np.arange(-50, 50).reshape(50, 2)
+    wfdb.wrsamp("s", fs=250, units=["mV"] * 2, sig_name=["a", "b"], e_d_signal=[d[:, 0], d[::2, 1]],
+                samps_per_frame=[2, 1], fmt=["16", "16"], adc_gain=[200.0, 200.0], baseline=[0, 0],
+                write_dir=str(tmp_path))
+    contents, nowhere = _held(tmp_path, "s.hea", "s.dat"), tmp_path / "not-on-disk" / "s"
+    h = records.read_header(nowhere, "s", contents=contents)
+    # several samples per frame: wfdb's reader, given a temporary copy of the files
+    np.testing.assert_array_equal(records.read_signal(nowhere, h, records.Lead(0, "a", False), contents=contents),
+                                  np.float32(d[:, 0] / 200))
+    assert records.header_files(nowhere, "s", contents=contents) == ("s.dat",)
+
+
 @pytest.mark.realdata
 @pytest.mark.parametrize("record", ["100", "114", "203", "232"])
 def test_fast_reader_on_mitdb_records(mirror, record, monkeypatch):
@@ -233,11 +273,11 @@ def test_a_header_changed_on_disk_is_read_anew(tmp_path):
 
 def test_each_parse_gives_its_own_record(tmp_path):
     write_record(tmp_path, "i")
-    first = records._parse(tmp_path / "i.hea", "i")
+    first = records._parse(records._Folder(tmp_path), "i.hea", "i")
     first.sig_name[0], first.fmt[1] = "changed", "16"
     first.file_name.append("x.dat")
     first.comments.append("a note")
-    again = records._parse(tmp_path / "i.hea", "i")
+    again = records._parse(records._Folder(tmp_path), "i.hea", "i")
     assert again is not first and again.sig_name == ["MLII", "V1"] and again.fmt == ["212", "212"]
     assert again.file_name == ["i.dat", "i.dat"] and "a note" not in again.comments
 

@@ -95,6 +95,10 @@ def test_every_recording_is_preprocessed(case):
     expected = _expected_windows(folder, names)
     assert f["n_segments"] == expected == int(table["n_segments"].values.sum())
     assert f["chunks_total"] == math.ceil(expected / CHUNK) and f["chunks_written"] == f["chunks_total"]
+    # The kill's quick count of committed chunks (a directory listing) agrees with the store's fingerprints.
+    held = scale.held_chunks(work / "full.zarr")
+    assert scale.committed_chunks(work / "full.zarr") == (sum(held), len(held)) == (f["chunks_total"],) * 2
+    assert scale.committed_chunks(work / "absent.zarr") is None
     assert result.table_bytes > 0 and result.table_read_s > 0 and result.group_read_s > 0
     assert f["summary_lines"] < 20
 
