@@ -622,13 +622,46 @@ def _poll(proc: subprocess.Popen, ready, timeout_s: float, what: str, interval_s
     raise ScaleError(f"the job did not {what} within {timeout_s:.0f} s")
 
 
-def wait_for_chunks(proc: subprocess.Popen, store_path: Path, share: float, timeout_s: float) -> bool:
-    """Poll the store until at least ``share`` of its chunks are committed; False if the job ended first."""
-    def ready() -> bool:
-        c = committed_chunks(store_path)
-        return c is not None and c[1] > 0 and c[0] >= share * c[1]
+def laid_out_for(store_path: Path) -> int | None:
+    """The number of records the store is laid out for (its ``n_records`` attribute; a job committing while it
+    reads lays out a growing prefix of its records); None before the store exists."""
+    try:
+        return int(json.loads((store_path / "zarr.json").read_text())["attributes"]["n_records"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # not there yet, or being rewritten as it is read
+        return None
 
-    return _poll(proc, ready, timeout_s, f"write {share:.0%} of its chunks", 0.002)
+
+def wait_for_chunks(proc: subprocess.Popen, store_path: Path, share: float, timeout_s: float,
+                    n_records: int | None = None) -> bool:
+    """Wait until at least ``share`` of the store's chunks are committed, and leave the job's process group stopped
+    (SIGSTOP) in that state; False if the job ended first. With ``n_records``, the chunks of the store laid out
+    for all of them (the last commit's layout, not an earlier one's).
+
+    The directory listing (``committed_chunks``) is quick but counts the chunks being written too (their
+    fingerprint cleared to "" is a file as well); once it says enough, the job is stopped where it stands and
+    the store's fingerprints read exactly (``held_chunks``): enough, and it stays stopped for the kill; not yet,
+    and it goes on (SIGCONT). So the kill lands at a state that was looked at, never after the job ran on.
+    """
+    deadline = time.monotonic() + timeout_s
+
+    def final() -> bool:
+        return n_records is None or laid_out_for(store_path) == n_records
+
+    def listed() -> bool:
+        c = committed_chunks(store_path)
+        return c is not None and c[1] > 0 and c[0] >= share * c[1] and final()
+
+    while _poll(proc, listed, max(deadline - time.monotonic(), 0.0), f"write {share:.0%} of its chunks", 0.002):
+        try:
+            os.killpg(proc.pid, signal.SIGSTOP)
+        except ProcessLookupError:  # it ended as it was looked at
+            return False
+        held = held_chunks(store_path)
+        if held and sum(held) >= share * len(held) and final():
+            return True
+        os.killpg(proc.pid, signal.SIGCONT)
+        time.sleep(0.002)  # a poll interval: the chunks being written commit in a few milliseconds
+    return False
 
 
 def fetched_records(request_log: Path, start: int) -> set[str]:
@@ -676,7 +709,7 @@ def run_resume(url: str, n_records: int, work: Path, workers: int, chunk_size: i
     proc = run.start()
     try:
         if kill_in == "write":
-            killed = wait_for_chunks(proc, run.out, kill_at, timeout_s)
+            killed = wait_for_chunks(proc, run.out, kill_at, timeout_s, n_records)
         else:
             # Half the records fetched, and a first chunk committed: the resume then has a commit to start from
             # (which one lands first is a race on a small tree; both are waited on, as states).

@@ -208,6 +208,10 @@ def plan_batch_size(n_records: int, n_workers: int) -> int:
     return int(min(64, max(1, n_records // (16 * max(n_workers, 1)))))
 
 
+#: A default commit waits this many times the last commit's duration after it (``_Commits.step``).
+COMMIT_SPACING = 4.0
+
+
 class _Commits:
     """The store written while the records are read: each time the records read from the start of the list (the
     prefix) grow by ``step_records``, they are laid out, their plan summaries and per-record table saved
@@ -228,12 +232,17 @@ class _Commits:
         self.seconds: Counter[str] = Counter()  # task-seconds per stage, both phases
         self.n_read = 0
         self.step_records = ctx.config.store.commit_records or max(-(-len(names) // 50), 200)
+        # The default also spaces commits by their cost (each rewrites the prefix's table and plans): a commit
+        # waits COMMIT_SPACING times the last one's duration, so commits take at most ~1/5 of the driver's time.
+        self.spacing = 0.0 if ctx.config.store.commit_records else COMMIT_SPACING
+        self.next_commit = 0.0  # perf_counter() before which no commit starts
         self.done = self.committed = 0  # records of the prefix; the prefix at the last commit
         self.prepared = False
         self.existing = 0 if request.overwrite else store.n_segments(request.out, request.storage_options)
         self.writes: dict[int, tuple[Any, str, list[str]]] = {}  # chunk -> (future, fingerprint, records)
         self.final_chunks = 0
         self.saved: list[str] = []  # the plans of the prefix, as stored
+        self.n_saved = 0  # how many of them this run has written to the store
 
     def read(self, names: Sequence[str], progress, then: Callable[[], None] = lambda: None) -> None:
         """``plan_records`` tasks over batches of ``names``; ``then`` after each batch. A task that dies fails its
@@ -267,8 +276,10 @@ class _Commits:
         """Commit once the prefix has grown by ``step_records``."""
         while self.done < len(self.names) and self.names[self.done] in self.plans:
             self.done += 1
-        if self.done - self.committed >= self.step_records:
+        if self.done - self.committed >= self.step_records and time.perf_counter() >= self.next_commit:
+            t = time.perf_counter()
             self.commit(final=False)
+            self.next_commit = time.perf_counter() + self.spacing * (time.perf_counter() - t)
 
     def commit(self, final: bool) -> preprocessing.StoreLayout | None:
         """Lay out the prefix (every record when ``final``), save its plans and table, submit its full chunks
@@ -288,7 +299,8 @@ class _Commits:
                                  req.storage_options)
         for r in prefix[len(self.saved):]:
             self.saved.append(self.plans[r].to_json())  # a commit's prefix extends the last one's
-        store.write_plans(req.out, self.saved[:len(prefix)], req.storage_options)
+        store.write_plans(req.out, self.saved[:len(prefix)], req.storage_options, start=self.n_saved)
+        self.n_saved = len(prefix)
         todo, fps = preprocessing.chunks_to_write(self.ctx, layout, self.plans, held)
         n_full = layout.n_chunks if final else layout.n_segments // layout.chunk_size
         todo = [k for k in todo if k < n_full and (k not in self.writes or self.writes[k][1] != fps[k])]

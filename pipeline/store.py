@@ -54,6 +54,7 @@ RECORDS = "records"  #: the group of the per-record table (schema v5)
 STATE_GROUP = "_state"
 FINGERPRINT = "chunk_fingerprint"
 PLAN = "record_plan"  #: ``_state/record_plan``: per record, the summary of its plan (JSON), for the next run
+PLAN_CHUNK = 4096  #: plans a chunk of ``_state/record_plan`` (~1 MB of JSON): a commit rewrites only its last chunks
 SEGMENT_COORDS = ("record", "anchor", "label", "symbol", "lead")
 LABEL = "label"  #: the per-segment class variable
 RR = "rr"  #: the per-segment RR features (beat stores, schema v3)
@@ -526,16 +527,24 @@ def consolidate(group) -> None:
         zarr.consolidate_metadata(group.store, zarr_format=3)  # the group's store is rooted at the store's path
 
 
-def write_plans(path: str, plans: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> None:
-    """Replace ``_state/record_plan``: one JSON summary of each record's plan, in store order (the driver writes
-    it before any chunk of a run, so a chunk's fingerprint always matches the plans it was written from)."""
+def write_plans(path: str, plans: Sequence[str], storage_options: Mapping[str, Any] | None = None, *,
+                start: int = 0) -> None:
+    """Save ``_state/record_plan``: one JSON summary of each record's plan, in store order (the driver writes
+    it before any chunk of a run, so a chunk's fingerprint always matches the plans it was written from).
+
+    The array is resized to ``len(plans)`` and ``plans[start:]`` written (a commit appends what it adds to the
+    last one's); it is never deleted, so a job killed while it writes keeps the plans saved before, and an
+    entry is whole or "" (each chunk is written atomically; ``read_plans`` stops at the first "").
+    """
     state = open_group(path, "r+", storage_options).require_group(STATE_GROUP)
-    if PLAN in state:
-        del state[PLAN]
-    arr = state.create_array(PLAN, shape=(len(plans),), chunks=(max(min(len(plans), 16384), 1),), dtype=str,
-                             fill_value="", dimension_names=["record"])
-    if plans:
-        arr[:] = np.asarray(plans, dtype=object)
+    arr = state.get(PLAN)
+    if arr is None:
+        arr = state.create_array(PLAN, shape=(len(plans),), chunks=(PLAN_CHUNK,), dtype=str, fill_value="",
+                                 dimension_names=["record"])
+    elif arr.shape != (len(plans),):
+        arr.resize((len(plans),))
+    if len(plans) > start:
+        arr[start:] = np.asarray(plans[start:], dtype=object)
 
 
 def read_plans(path: str, storage_options: Mapping[str, Any] | None = None,
@@ -551,7 +560,10 @@ def read_plans(path: str, storage_options: Mapping[str, Any] | None = None,
         plans = group.get(f"{STATE_GROUP}/{PLAN}")
         if plans is None:
             return [], []
-        return [str(x) for x in plans[:]], [str(x) for x in group[f"{STATE_GROUP}/{FINGERPRINT}"][:]]
+        texts = [str(x) for x in plans[:]]
+        if "" in texts:  # a job killed while it saved them: those before the gap are whole
+            texts = texts[:texts.index("")]
+        return texts, [str(x) for x in group[f"{STATE_GROUP}/{FINGERPRINT}"][:]]
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
         return [], []
 

@@ -258,3 +258,22 @@ def test_the_tree_keeps_segments_and_records_apart_and_a_slice_goes_to_netcdf(tm
     back = xr.open_dataset(tmp_path / "part.nc", engine="scipy")
     assert back.spectrogram.shape == (3, 3, 4) and back.attrs["config_fingerprint"] == raw_attrs["config_fingerprint"]
     assert store.decode_attrs(back.attrs)["label_source"] == {"kind": "beat-annotations"}
+
+
+def test_plans_are_appended_and_a_gap_left_by_a_kill_ends_them(tmp_path):
+    path = str(tmp_path / "s.zarr")
+    group = store.open_group(path, "w", None)
+    group.attrs.update(store.encode_attrs({"schema_version": store.store_schema()["schema_version"],
+                                           "config_fingerprint": "fp"}))
+    group.require_group(store.STATE_GROUP).create_array(store.FINGERPRINT, shape=(0,), chunks=(1,), dtype=str,
+                                                          fill_value="")
+    plans = [f'{{"record":"r{i}"}}' for i in range(store.PLAN_CHUNK + 10)]
+    store.write_plans(path, plans[:5])
+    store.write_plans(path, plans, start=5)  # a later commit appends what it adds
+    assert store.read_plans(path, None, "fp")[0] == plans
+    assert store.read_plans(path, None, "another configuration") == ([], [])
+    # Killed between the resize and the writing of the new entries: the plans before them are kept, whole.
+    store.open_group(path, "r+", None)[f"{store.STATE_GROUP}/{store.PLAN}"].resize((len(plans) + 3,))
+    assert store.read_plans(path, None, "fp")[0] == plans
+    store.write_plans(path, plans[:3])  # a new run's first commit: resized to its prefix, nothing deleted first
+    assert store.read_plans(path, None, "fp")[0] == plans[:3]
