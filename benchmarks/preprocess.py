@@ -176,14 +176,25 @@ def job_in_fresh_process(db: str, url: str, work: Path, workers: int, config: Pr
     """``job`` in a new Python process (its imports before the clock), as the CLI runs a job: the first local cluster
     of a process forks its workers, a later one spawns them (2-3 s more), so repeats in one process would differ.
     Returns ``job``'s figures and the process's peak RSS (the driver and the local scheduler)."""
+    import queue as queues
+
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_job_child, args=(queue, db, url, work, workers, config))
+    results = ctx.Queue()
+    proc = ctx.Process(target=_job_child, args=(results, db, url, work, workers, config))
     proc.start()
     try:
-        status, out = queue.get(timeout=3600)
+        while True:  # until the child answers, or dies without answering (killed, out of memory)
+            try:
+                status, out = results.get(timeout=5)
+                break
+            except queues.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"the job's process exited with status {proc.exitcode} and no result") from None
     finally:
-        proc.join()
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
     if status != "ok":
         raise RuntimeError(f"the job failed: {out}")
     return out

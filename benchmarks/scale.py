@@ -656,6 +656,10 @@ def wait_for_chunks(proc: subprocess.Popen, store_path: Path, share: float, time
             os.killpg(proc.pid, signal.SIGSTOP)
         except ProcessLookupError:  # it ended as it was looked at
             return False
+        if proc.poll() is not None:  # its leader exited (what is left of the group finishes): not a kill
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)
+            return False
         held = held_chunks(store_path)
         if held and sum(held) >= share * len(held) and final():
             return True

@@ -436,8 +436,9 @@ class RemoteSource:
             raise SourceError(f"{self.url}: {exc}") from exc
 
 
-#: An archive member larger than this is written out to be read, not held in memory (a day-long Holter record).
-MEMBER_IN_MEMORY_MAX = 64 * 2**20
+#: A record whose members together take more than this is written out to be read, not held in memory (a day-long
+#: Holter record, a multi-segment record of many files).
+RECORD_IN_MEMORY_MAX = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -566,8 +567,9 @@ class ArchiveSource:
     def _fetch_members(self, z: archives.ZipMembers, record: str, annotators: Sequence[str],
                        in_memory: bool) -> LocalRecord:
         """The record's members written out by this worker; ``in_memory``: its header and signal members read into
-        memory instead (``LocalRecord.contents``; written out all the same where one is larger than
-        ``MEMBER_IN_MEMORY_MAX``), its annotation members written out (``wfdb.rdann`` reads files). Each file's
+        memory instead (``LocalRecord.contents``; written out all the same where together they take more than
+        ``RECORD_IN_MEMORY_MAX``), its annotation members written out (``wfdb.rdann`` reads files, and the
+        header beside them for the annotations' rate). Each file's
         digest is its CRC-32 and size from the archive's directory (no hashing: the archive was checked whole,
         ``zipfile`` checks each CRC on read)."""
         try:
@@ -584,7 +586,8 @@ class ArchiveSource:
             if not z.has(member):
                 raise RecordError(record, stage, f"{name}: not found in {self.description}")
             try:
-                if keep and contents is not None and z.size(member) <= MEMBER_IN_MEMORY_MAX:
+                if keep and contents is not None and (sum(map(len, contents.values())) + z.size(member)
+                                                      <= RECORD_IN_MEMORY_MAX):
                     contents[posixpath.relpath(name, folder) if folder else name] = z.read(member)
                 else:
                     if keep and contents is not None:  # too large to hold: the record's files all go on disk
@@ -606,6 +609,13 @@ class ArchiveSource:
                 fetched.add(name)
         present = frozenset(a for a in annotators if z.has(self._member(f"{record}.{a}")))
         files += [get(f"{record}.{a}", "annotations", keep=False) for a in annotators if a in present]
+        if present and contents is not None:
+            # wfdb.rdann takes the annotations' rate from the header beside them where the file has none: without
+            # it the anchors of a lead with several samples per frame would not be moved to the lead's rate
+            try:
+                z.extract(self._member(f"{record}.hea"))
+            except archives.ArchiveError as exc:
+                raise RecordError(record, "download", str(exc)) from exc
         return LocalRecord(record, root / record, present, "local", tuple(files), contents=contents)
 
     def fetch_file(self, name: str, cache: Path | None = None,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecg_pipeline.pipeline import archives, extract, sources
+from ecg_pipeline.pipeline import archives, extract, records, sources
 from ecg_pipeline.pipeline.config import load_config
 from ecg_pipeline.pipeline.databases import get_database
 from ecg_pipeline.pipeline.errors import RecordError
@@ -149,3 +149,26 @@ def test_the_rows_of_a_plan_are_never_taken_for_a_store_of_another_spectrogram(m
     rows = extract.chunk_contents(source, [(plan, 0, 10)], other, ctx.cache(), ctx.policy, ctx.template_spec())
     assert not rows.failures and rows.spectrogram.shape == (10, other.n_freq, other.n_time)
     assert np.isfinite(rows.spectrogram).all()
+
+
+def test_a_record_in_memory_keeps_its_header_beside_its_annotations_and_a_large_one_is_written_out(
+        mirror, tmp_path, monkeypatch):
+    src = mirror / "mitdb" / "1.0.0"
+    members = {f"db/{r}.{e}": (src / f"{r}.{e}").read_bytes() for r in ("100", "101") for e in ("hea", "dat", "atr")}
+    members["db/RECORDS"] = b"100\n101\n"
+    _zip(tmp_path / "db.zip", members)
+    source = sources.ArchiveSource(str(tmp_path / "db.zip"), inner="db", work_dir=str(tmp_path / "work")).prepare().source
+    on_disk = lambda: sorted(p.name for p in (tmp_path / "work").rglob("10*") if p.is_file())  # noqa: E731
+    plain = source.fetch("100", in_memory=True)
+    assert set(plain.contents) == {"100.hea", "100.dat"} and on_disk() == []
+    # With annotations: the header is written beside them too (wfdb.rdann reads the annotations' rate there).
+    local = source.fetch("100", ("atr",), in_memory=True)
+    assert set(local.contents) == {"100.hea", "100.dat"} and on_disk() == ["100.atr", "100.hea"]
+    ann = records.read_annotations(local.base, "100", "atr", 360.0)
+    assert ann.sample.size > 2000
+    # Members that together take more than the limit are written out, those read before them included.
+    monkeypatch.setattr(sources, "RECORD_IN_MEMORY_MAX", len(members["db/101.hea"]) + 1000)
+    big = source.fetch("101", in_memory=True)
+    assert big.contents is None and {"101.hea", "101.dat"} <= set(on_disk())
+    header = records.read_header(big.base, "101")
+    assert records.read_signal(big.base, header, records.choose_lead(header, ("MLII",))).size == header.sig_len
