@@ -211,20 +211,18 @@ class ZipMembers:
         """The member's size from the archive's directory."""
         return self._info[name].file_size
 
-    def read(self, name: str) -> bytes:
-        """The member's bytes, read into memory (nothing written): its CRC-32 checked as ``extract`` checks it.
-
-        Raises
-        ------
-        KeyError
-            The archive has no such member.
-        ArchiveError
-            It cannot be read (a bad CRC, a truncated archive) or is larger than ``max_bytes``.
-        """
+    def _within_limit(self, name: str) -> zipfile.ZipInfo:
+        """The member's entry, refused (``ArchiveError``) where it declares more than ``max_bytes``."""
         info = self._info[name]
         if info.file_size > self.max_bytes:
             raise ArchiveError(f"{self.archive}: member {name!r} declares {info.file_size:,} bytes, over the limit "
                                f"of {self.max_bytes:,}; refused")
+        return info
+
+    def read(self, name: str) -> bytes:
+        """The member's bytes, read into memory (nothing written): its CRC-32 checked as ``extract`` checks it.
+        Raises as ``extract`` does."""
+        info = self._within_limit(name)
         try:
             with self._lock, self._zip.open(info) as src:
                 data = src.read(info.file_size + 1)  # one byte past the declared size: a member that lies is caught
@@ -252,9 +250,7 @@ class ZipMembers:
                 return target
         except FileNotFoundError:
             pass
-        if info.file_size > self.max_bytes:
-            raise ArchiveError(f"{self.archive}: member {name!r} declares {info.file_size:,} bytes, over the limit "
-                               f"of {self.max_bytes:,}; refused")
+        self._within_limit(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
         try:

@@ -579,16 +579,17 @@ class ArchiveSource:
         root = self._root(z)
         folder = posixpath.dirname(record)
         contents: dict[str, bytes] | None = {} if in_memory else None
+        held_bytes = 0
 
         def get(name: str, stage: str, keep: bool = True) -> tuple[str, str]:
-            nonlocal contents
+            nonlocal contents, held_bytes
             member = self._member(name)
             if not z.has(member):
                 raise RecordError(record, stage, f"{name}: not found in {self.description}")
             try:
-                if keep and contents is not None and (sum(map(len, contents.values())) + z.size(member)
-                                                      <= RECORD_IN_MEMORY_MAX):
+                if keep and contents is not None and held_bytes + z.size(member) <= RECORD_IN_MEMORY_MAX:
                     contents[posixpath.relpath(name, folder) if folder else name] = z.read(member)
+                    held_bytes += z.size(member)
                 else:
                     if keep and contents is not None:  # too large to hold: the record's files all go on disk
                         for held in list(contents):
