@@ -194,6 +194,19 @@ class ZipMembers:
             raise ArchiveError(f"{archive}: declares {declared:,} bytes, over the limit of {max_bytes:,}; refused")
         self._info = {i.filename: i for i in infos if not i.is_dir()}
         self._lock = threading.Lock()  # one read at a time through the shared file handle (a worker's threads)
+        self._pid = os.getpid()
+
+    def _handle(self) -> zipfile.ZipFile:
+        """The open archive, opened again in a forked child: parent and child would share one file offset, and each
+        one's reads land where the other left it (measured: "invalid distance too far back" from zlib, records
+        failing at random, when a driver that had read the archive forked its local workers). Call with the lock."""
+        if self._pid != os.getpid():
+            try:
+                self._zip = zipfile.ZipFile(self.archive)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise ArchiveError(f"{self.archive}: corrupt zip archive ({exc})") from None
+            self._pid = os.getpid()
+        return self._zip
 
     def names(self) -> list[str]:
         """The file members, in the archive's order."""
@@ -224,7 +237,7 @@ class ZipMembers:
         Raises as ``extract`` does."""
         info = self._within_limit(name)
         try:
-            with self._lock, self._zip.open(info) as src:
+            with self._lock, self._handle().open(info) as src:
                 data = src.read(info.file_size + 1)  # one byte past the declared size: a member that lies is caught
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise ArchiveError(f"{self.archive}: cannot read {name!r}: {exc}") from None
@@ -254,7 +267,7 @@ class ZipMembers:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
         try:
-            with self._lock, self._zip.open(info) as src, open(tmp, "wb") as dst:
+            with self._lock, self._handle().open(info) as src, open(tmp, "wb") as dst:
                 _copy_limited(src, dst, [self.max_bytes], self.archive, name)
             os.replace(tmp, target)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:

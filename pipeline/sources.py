@@ -45,7 +45,7 @@ import stat
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Mapping, Protocol, Sequence
+from typing import Callable, Iterator, Literal, Mapping, Protocol, Sequence
 
 import fsspec
 
@@ -164,6 +164,20 @@ def _signal_names(files: Sequence[str], record: str) -> list[str]:
         except ValueError as exc:
             raise RecordError(record, "header", str(exc)) from exc
     return out
+
+
+def _named_files(named: Callable[[], Sequence[str]], record: str) -> Iterator[str]:
+    """The files a record's header names (``named``: ``records.header_files`` of what is fetched so far), each once,
+    for the caller to fetch as they come: until nothing new is named, as a multi-segment header names segment
+    headers, which name signal files. A round that fetched no header ends it without parsing the header again
+    (one parse a recording, not two, for the usual single-segment record)."""
+    fetched = {f"{record}.hea"}
+    while todo := [n for n in _signal_names(named(), record) if n not in fetched]:
+        for name in todo:
+            yield name
+            fetched.add(name)
+        if not any(n.endswith(".hea") for n in todo):
+            return
 
 
 def list_folder(root: Path) -> list[str]:
@@ -366,12 +380,8 @@ class RemoteSource:
         try:
             got.append(self._get(fs, root, f"{record}.hea", local, record, policy))
             # Until nothing new is named: a multi-segment header names segment headers, which name signal files.
-            fetched = {f"{record}.hea"}
-            while todo := [n for n in _signal_names(records.header_files(local / record, record), record)
-                           if n not in fetched]:
-                for name in todo:
-                    got.append(self._get(fs, root, name, local, record, policy))
-                    fetched.add(name)
+            for name in _named_files(lambda: records.header_files(local / record, record), record):
+                got.append(self._get(fs, root, name, local, record, policy))
         except SourceNotFound as exc:
             raise RecordError(record, "download", str(exc)) from exc
         present = set()
@@ -601,13 +611,8 @@ class ArchiveSource:
             return name, z.digest(member)
 
         files = [get(f"{record}.hea", "download")]
-        fetched = {f"{record}.hea"}
-        # Until nothing new is named: a multi-segment header names segment headers, which name signal files.
-        while todo := [n for n in _signal_names(records.header_files(root / record, record, contents=contents), record)
-                       if n not in fetched]:
-            for name in todo:
-                files.append(get(name, "signal"))
-                fetched.add(name)
+        for name in _named_files(lambda: records.header_files(root / record, record, contents=contents), record):
+            files.append(get(name, "signal"))
         present = frozenset(a for a in annotators if z.has(self._member(f"{record}.{a}")))
         files += [get(f"{record}.{a}", "annotations", keep=False) for a in annotators if a in present]
         if present and contents is not None:

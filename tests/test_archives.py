@@ -100,3 +100,43 @@ def test_not_an_archive(tmp_path):
     p.write_bytes(b"hello")
     with pytest.raises(ArchiveError, match="not a zip or tar"):
         extract_archive(p, tmp_path / "out")
+
+
+def _read_all(members, names, out) -> None:
+    try:
+        out.put(all(members.read(n) == bytes([i % 251]) * 40_000 for i, n in enumerate(names)))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the test with it
+        out.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_zip_members_read_right_in_a_forked_child_while_the_parent_reads(tmp_path):
+    # A driver that had read the archive forked its local workers: parent and child shared one file offset, and
+    # records failed at random ("invalid distance too far back"). The child opens the archive again.
+    import multiprocessing
+    import os
+    import random
+
+    from ecg_pipeline.pipeline.archives import ZipMembers
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    archive = tmp_path / "a.zip"
+    names = [f"m{i:03d}.dat" for i in range(200)]
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for i, n in enumerate(names):
+            z.writestr(n, bytes([i % 251]) * 40_000)
+    members = ZipMembers(archive, tmp_path / "out")
+    assert members.read(names[0]) == bytes([0]) * 40_000  # the parent's handle is open before the fork
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    children = [ctx.Process(target=_read_all, args=(members, names, out)) for _ in range(2)]
+    for c in children:
+        c.start()
+    order = list(enumerate(names))
+    for _ in range(3):  # the parent reads too, meanwhile, in another order
+        random.Random(os.getpid()).shuffle(order)
+        assert all(members.read(n) == bytes([i % 251]) * 40_000 for i, n in order)
+    got = [out.get(timeout=60) for _ in children]
+    for c in children:
+        c.join(timeout=60)
+    assert got == [True, True]
