@@ -288,6 +288,23 @@ class _Commits:
         laid = self._lay_out(prefix)
         if not final and (laid.spec is None or laid.layout.n_segments < self.existing):
             return None
+        layout = laid.layout
+        held = self._save(prefix, laid)
+        n_full = layout.n_chunks if final else layout.n_segments // layout.chunk_size
+        self._submit_chunks(laid, held, n_full)
+        # Records wholly in submitted chunks need their plans no more: their chunk tasks hold them, and Dask
+        # frees each worker's segments once those are written (else the workers would keep every record's).
+        for r, end in zip(layout.records, layout.ends):
+            if end <= n_full * layout.chunk_size:
+                self.futures.pop(r, None)
+        self.committed = self.done
+        if final:
+            self.final_chunks = layout.n_chunks
+        return laid
+
+    def _save(self, prefix: Sequence[str], laid: preprocessing.StoreLayout) -> list[str]:
+        """The store laid out for ``prefix``, its per-record table and its plans saved (before any of its chunks are
+        written: a resume needs the plans of what is written); the chunk fingerprints the store holds."""
         req, layout = self.request, laid.layout
         attrs = self.store_attrs(self.ctx, self.version, req.source, laid.spec, self.listing.missing)
         held = store.prepare(req.out, layout, attrs, self.ctx.config.store.dtype, coords=laid.coords,
@@ -301,33 +318,33 @@ class _Commits:
             self.saved.append(self.plans[r].to_json())  # a commit's prefix extends the last one's
         store.write_plans(req.out, self.saved[:len(prefix)], req.storage_options, start=self.n_saved)
         self.n_saved = len(prefix)
+        return held
+
+    def _submit_chunks(self, laid: preprocessing.StoreLayout, held: Sequence[str], n_full: int) -> None:
+        """One ``write_chunk`` task per chunk below ``n_full`` whose fingerprint differs from ``held`` and from what
+        was submitted for it before, all in one graph (a submit each cost the driver ~50 ms: 20 chunks, 1.1 s)."""
+        req, layout = self.request, laid.layout
         todo, fps = preprocessing.chunks_to_write(self.ctx, layout, self.plans, held)
-        n_full = layout.n_chunks if final else layout.n_segments // layout.chunk_size
         todo = [k for k in todo if k < n_full and (k not in self.writes or self.writes[k][1] != fps[k])]
-        if todo:
-            [arrays] = self.client.scatter([store.chunk_writer(req.out, req.storage_options)], broadcast=True)
-        for k in todo:
-            if k in self.writes:  # its content changed since (rare): never two tasks on one chunk
-                wait(self.writes[k][0])
-            pieces = layout.chunk_parts(k)
-            gone = [layout.records[i] for i, _, _ in pieces if layout.records[i] not in self.futures]
-            if gone:  # plans let go after an earlier write of this chunk: read those records again
-                self.read(gone, lambda desc, total: NoProgress())
-            parts = [(*self.futures[layout.records[i]], lo, hi) for i, lo, hi in pieces]
-            fut = self.client.submit(preprocessing.write_chunk, self.ctx_f, self.src, arrays, k, parts,
-                                     layout.chunk_slice(k), fps[k], laid.spec, key=f"chunk-{k}-{os.urandom(4).hex()}",
-                                     retries=1, priority=1)  # before the plans queued ahead: commits land now
-            self.writes[k] = (fut, fps[k], [layout.records[i] for i, _, _ in pieces])
-        # Records wholly in submitted chunks need their plans no more: their chunk tasks hold them, and Dask
-        # frees each worker's segments once those are written (else the workers would keep every record's).
-        ends = layout.offsets + np.asarray(layout.n_segments_per_record, np.int64)
-        for r, end in zip(layout.records, ends):
-            if end <= n_full * layout.chunk_size:
-                self.futures.pop(r, None)
-        self.committed = self.done
-        if final:
-            self.final_chunks = layout.n_chunks
-        return laid
+        if not todo:
+            return
+        changed = [self.writes[k][0] for k in todo if k in self.writes]
+        if changed:  # their content changed since (rare): never two tasks on one chunk
+            wait(changed)
+        pieces = {k: layout.chunk_parts(k) for k in todo}
+        gone = list(dict.fromkeys(layout.records[i] for k in todo for i, _, _ in pieces[k]
+                                  if layout.records[i] not in self.futures))
+        if gone:  # plans let go after an earlier write of their chunk: read those records again
+            self.read(gone, lambda desc, total: NoProgress())
+        [arrays] = self.client.scatter([store.chunk_writer(req.out, req.storage_options)], broadcast=True)
+        n = len(todo)
+        parts = [[(*self.futures[layout.records[i]], lo, hi) for i, lo, hi in pieces[k]] for k in todo]
+        futures = self.client.map(preprocessing.write_chunk, [self.ctx_f] * n, [self.src] * n, [arrays] * n, todo,
+                                  parts, [layout.chunk_slice(k) for k in todo], [fps[k] for k in todo],
+                                  [laid.spec] * n, key=[f"chunk-{k}-{os.urandom(4).hex()}" for k in todo],
+                                  retries=1, priority=1)  # before the plans queued ahead: commits land now
+        for k, fut in zip(todo, futures):
+            self.writes[k] = (fut, fps[k], [layout.records[i] for i, _, _ in pieces[k]])
 
     def _lay_out(self, prefix: Sequence[str]) -> preprocessing.StoreLayout:
         """``preprocessing.lay_out`` of ``prefix``; a reused record that lands in a chunk to be written after all

@@ -18,6 +18,7 @@ record or a chunk becomes is here:
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,11 @@ class TaskContext:
     def cache(self) -> Path:
         """The download cache folder, resolved where the task runs (a worker's environment names its own)."""
         return download.cache_root(self.cache_dir)
+
+    @functools.cached_property
+    def config_fingerprint(self) -> str:
+        """``config.fingerprint`` of this job's task, computed once (every chunk's fingerprint starts with it)."""
+        return self.config.fingerprint(self.labels.task)
 
     def leads(self) -> tuple[str, ...]:
         return self.config.leads or self.db.leads
@@ -119,7 +125,7 @@ def stored_plans(ctx: TaskContext, names: Sequence[str]) -> dict[str, RecordPlan
     old = {p.record: p for p in map(RecordPlan.from_json, texts)}
     layout = store.Layout(tuple(old), tuple(p.n_segments for p in old.values()), 0, 0, ctx.config.store.chunk_size)
     complete = [k < len(held) and held[k] == chunk_fingerprint(ctx, layout, old, k) for k in range(layout.n_chunks)]
-    first, end = layout.offsets, layout.offsets + np.asarray(layout.n_segments_per_record, np.int64)
+    first, end = layout.offsets, layout.ends
     size = layout.chunk_size
     wanted = set(names)
     return {r: p for r, p, a, b in zip(old, old.values(), first, end)
@@ -214,7 +220,7 @@ def store_attrs(ctx: TaskContext, db_version: str, source: str, spec: spectrogra
 def chunk_fingerprint(ctx: TaskContext, layout: store.Layout, plans: Mapping[str, RecordPlan], k: int) -> str:
     """What chunk ``k`` holds once written: the configuration and its record pieces (each record's file digest)."""
     names = layout.records
-    return store.chunk_fingerprint(ctx.config.fingerprint(ctx.labels.task),
+    return store.chunk_fingerprint(ctx.config_fingerprint,
                                    [(names[i], plans[names[i]].digest, lo, hi) for i, lo, hi in layout.chunk_parts(k)])
 
 

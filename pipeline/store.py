@@ -33,6 +33,7 @@ gives the pipeline's flat view (segments and the table in one Dataset, the table
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -169,13 +170,28 @@ class Layout:
     n_rr: int = 0  #: RR features per segment (beat stores); 0: no ``rr`` variable
     template: bool = False  #: a ``template`` variable (beat stores with ``template.beats`` > 0)
 
+    @functools.cached_property
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        # Computed once (read-only): a commit asks every chunk's parts, and each used to sum all 100,000 records
+        ends = np.cumsum(np.asarray(self.n_segments_per_record, dtype=np.int64))
+        starts = ends - np.asarray(self.n_segments_per_record, dtype=np.int64)
+        starts.flags.writeable = ends.flags.writeable = False
+        return starts, ends
+
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.n_segments_per_record, dtype=np.int64)])[:-1]
+        """Each record's first segment (read-only)."""
+        return self._bounds[0]
+
+    @property
+    def ends(self) -> np.ndarray:
+        """Each record's end segment (read-only)."""
+        return self._bounds[1]
 
     @property
     def n_segments(self) -> int:
-        return int(sum(self.n_segments_per_record))
+        ends = self._bounds[1]
+        return int(ends[-1]) if ends.size else 0
 
     @property
     def n_chunks(self) -> int:
@@ -185,8 +201,7 @@ class Layout:
         """Pieces of records in chunk ``k``: ``(record index, first segment, end segment)`` of the record."""
         lo = k * self.chunk_size
         hi = min(lo + self.chunk_size, self.n_segments)
-        starts = self.offsets
-        ends = starts + np.asarray(self.n_segments_per_record, dtype=np.int64)
+        starts, ends = self._bounds
         parts = []
         for i in range(int(np.searchsorted(ends, lo, side="right")), len(starts)):
             if starts[i] >= hi:
