@@ -924,7 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=int, help="segments a chunk (default: the database's, 512)")
     ap.add_argument("--commit-records", type=int,
                     help="records read between two commits of the job (default: the job's, 1/50 of the records, "
-                         "at least 200)")
+                         "each commit at least 4 times its own duration after the last)")
     ap.add_argument("--kill-in", choices=("write", "plan"), default="write",
                     help="the resume case kills its job half way through the chunks written (write, the default) "
                          "or through the records fetched, in the plan phase (plan)")

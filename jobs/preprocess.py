@@ -231,7 +231,7 @@ class _Commits:
         self.futures: dict[str, Any] = {}  # record -> (future of its plan batch, index in it)
         self.seconds: Counter[str] = Counter()  # task-seconds per stage, both phases
         self.n_read = 0
-        self.step_records = ctx.config.store.commit_records or max(-(-len(names) // 50), 200)
+        self.step_records = ctx.config.store.commit_records or max(-(-len(names) // 50), 1)
         # The default also spaces commits by their cost (each rewrites the prefix's table and plans): a commit
         # waits COMMIT_SPACING times the last one's duration, so commits take at most ~1/5 of the driver's time.
         self.spacing = 0.0 if ctx.config.store.commit_records else COMMIT_SPACING
@@ -241,8 +241,7 @@ class _Commits:
         self.existing = 0 if request.overwrite else store.n_segments(request.out, request.storage_options)
         self.writes: dict[int, tuple[Any, str, list[str]]] = {}  # chunk -> (future, fingerprint, records)
         self.final_chunks = 0
-        self.saved: list[str] = []  # the plans of the prefix, as stored
-        self.n_saved = 0  # how many of them this run has written to the store
+        self.n_saved = 0  # how many plans of the prefix this run has written to the store
 
     def read(self, names: Sequence[str], progress, then: Callable[[], None] = lambda: None) -> None:
         """``plan_records`` tasks over batches of ``names``; ``then`` after each batch. A task that dies fails its
@@ -314,9 +313,9 @@ class _Commits:
         # "pending" until the end, so an interrupted store still opens (``require_complete=False``).
         store.write_record_table(req.out, record_table(record_outcomes(prefix, layout, self.plans, {}, final=False)),
                                  req.storage_options)
-        for r in prefix[len(self.saved):]:
-            self.saved.append(self.plans[r].to_json())  # a commit's prefix extends the last one's
-        store.write_plans(req.out, self.saved[:len(prefix)], req.storage_options, start=self.n_saved)
+        # A commit's prefix extends the last one's: only what it adds is saved (and nothing kept of it here)
+        store.write_plans(req.out, [self.plans[r].to_json() for r in prefix[self.n_saved:]], req.storage_options,
+                          start=self.n_saved)
         self.n_saved = len(prefix)
         return held
 

@@ -547,19 +547,21 @@ def write_plans(path: str, plans: Sequence[str], storage_options: Mapping[str, A
     """Save ``_state/record_plan``: one JSON summary of each record's plan, in store order (the driver writes
     it before any chunk of a run, so a chunk's fingerprint always matches the plans it was written from).
 
-    The array is resized to ``len(plans)`` and ``plans[start:]`` written (a commit appends what it adds to the
-    last one's); it is never deleted, so a job killed while it writes keeps the plans saved before, and an
-    entry is whole or "" (each chunk is written atomically; ``read_plans`` stops at the first "").
+    ``plans`` are the entries from index ``start`` on: the array is resized to ``start + len(plans)`` and they are
+    written (a commit appends what it adds to the last one's, and the driver keeps no copy of what is saved); it
+    is never deleted, so a job killed while it writes keeps the plans saved before, and an entry is whole or ""
+    (each chunk is written atomically; ``read_plans`` stops at the first "").
     """
     state = open_group(path, "r+", storage_options).require_group(STATE_GROUP)
     arr = state.get(PLAN)
+    n = start + len(plans)
     if arr is None:
-        arr = state.create_array(PLAN, shape=(len(plans),), chunks=(PLAN_CHUNK,), dtype=str, fill_value="",
+        arr = state.create_array(PLAN, shape=(n,), chunks=(PLAN_CHUNK,), dtype=str, fill_value="",
                                  dimension_names=["record"])
-    elif arr.shape != (len(plans),):
-        arr.resize((len(plans),))
-    if len(plans) > start:
-        arr[start:] = np.asarray(plans[start:], dtype=object)
+    elif arr.shape != (n,):
+        arr.resize((n,))
+    if plans:
+        arr[start:] = np.asarray(plans, dtype=object)
 
 
 def read_plans(path: str, storage_options: Mapping[str, Any] | None = None,

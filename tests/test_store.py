@@ -269,7 +269,7 @@ def test_plans_are_appended_and_a_gap_left_by_a_kill_ends_them(tmp_path):
                                                           fill_value="")
     plans = [f'{{"record":"r{i}"}}' for i in range(store.PLAN_CHUNK + 10)]
     store.write_plans(path, plans[:5])
-    store.write_plans(path, plans, start=5)  # a later commit appends what it adds
+    store.write_plans(path, plans[5:], start=5)  # a later commit appends what it adds
     assert store.read_plans(path, None, "fp")[0] == plans
     assert store.read_plans(path, None, "another configuration") == ([], [])
     # Killed between the resize and the writing of the new entries: the plans before them are kept, whole.
