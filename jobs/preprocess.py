@@ -242,6 +242,7 @@ class _Commits:
         self.writes: dict[int, tuple[Any, str, list[str]]] = {}  # chunk -> (future, fingerprint, records)
         self.final_chunks = 0
         self.n_saved = 0  # how many plans of the prefix this run has written to the store
+        self.unwritten: dict[int, list[str]] = {}  # chunk -> its records, held back (``_submit_chunks``)
 
     def read(self, names: Sequence[str], progress, then: Callable[[], None] = lambda: None) -> None:
         """``plan_records`` tasks over batches of ``names``; ``then`` after each batch. A task that dies fails its
@@ -287,10 +288,12 @@ class _Commits:
         laid = self._lay_out(prefix)
         if not final and (laid.spec is None or laid.layout.n_segments < self.existing):
             return None
-        layout = laid.layout
+        t, layout = time.perf_counter(), laid.layout
         held = self._save(prefix, laid)
         n_full = layout.n_chunks if final else layout.n_segments // layout.chunk_size
         self._submit_chunks(laid, held, n_full)
+        log.debug("commit: %d records, %d of %d chunks full, %.2f s", len(prefix), n_full, layout.n_chunks,
+                  time.perf_counter() - t)
         # Records wholly in submitted chunks need their plans no more: their chunk tasks hold them, and Dask
         # frees each worker's segments once those are written (else the workers would keep every record's).
         for r, end in zip(layout.records, layout.ends):
@@ -335,15 +338,23 @@ class _Commits:
                                   if layout.records[i] not in self.futures))
         if gone:  # plans let go after an earlier write of their chunk: read those records again
             self.read(gone, lambda desc, total: NoProgress())
+            # One that could not be read again (its task failed twice) holds its chunk back: the chunk is left as
+            # the store has it, its records are reported, and the next run writes it
+            lost = {k for k in todo if any(layout.records[i] not in self.futures for i, _, _ in pieces[k])}
+            self.unwritten.update({k: [layout.records[i] for i, _, _ in pieces[k]] for k in lost})
+            todo = [k for k in todo if k not in lost]
+            if not todo:
+                return
         [arrays] = self.client.scatter([store.chunk_writer(req.out, req.storage_options)], broadcast=True)
         n = len(todo)
         parts = [[(*self.futures[layout.records[i]], lo, hi) for i, lo, hi in pieces[k]] for k in todo]
         futures = self.client.map(preprocessing.write_chunk, [self.ctx_f] * n, [self.src] * n, [arrays] * n, todo,
                                   parts, [layout.chunk_slice(k) for k in todo], [fps[k] for k in todo],
                                   [laid.spec] * n, key=[f"chunk-{k}-{os.urandom(4).hex()}" for k in todo],
-                                  retries=1, priority=1)  # before the plans queued ahead: commits land now
+                                  retries=1, priority=1, pure=False)  # priority: before the plans queued ahead
         for k, fut in zip(todo, futures):
             self.writes[k] = (fut, fps[k], [layout.records[i] for i, _, _ in pieces[k]])
+            self.unwritten.pop(k, None)
 
     def _lay_out(self, prefix: Sequence[str]) -> preprocessing.StoreLayout:
         """``preprocessing.lay_out`` of ``prefix``; a reused record that lands in a chunk to be written after all
@@ -359,7 +370,8 @@ class _Commits:
 
     def wait(self, progress) -> tuple[int, int, dict[str, str]]:
         """Wait for the chunk writes of the final layout: chunks written, chunks left as they were, failures."""
-        failures: dict[str, str] = {}
+        failures = {r: f"write: chunk {k}: not written (a record of it could not be read again)"
+                    for k, recs in self.unwritten.items() if k < self.final_chunks for r in recs}
         written = 0
         bar = progress("spectrograms -> zarr", len(self.writes))
         by_future = {fut: (k, recs) for k, (fut, _, recs) in self.writes.items()}
@@ -375,4 +387,5 @@ class _Commits:
                     failures.setdefault(r, f"write: chunk {k}: {type(exc).__name__}: {exc}")
             bar.update(1)
         bar.close()
-        return written, self.final_chunks - len(self.writes), failures
+        held_back = sum(k < self.final_chunks and k not in self.writes for k in self.unwritten)
+        return written, self.final_chunks - len(self.writes) - held_back, failures

@@ -17,6 +17,7 @@ import stat
 import tarfile
 import threading
 import uuid
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -161,6 +162,27 @@ def find_records(root: str | Path) -> list[Path]:
     return sorted(p.with_suffix("") for p in root.rglob("*.hea") if p.is_file())
 
 
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+#: The open ``ZipMembers`` of this process, made safe in a forked child (``_after_fork``).
+_OPEN_ZIPS: "weakref.WeakSet[ZipMembers]" = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for members in list(_OPEN_ZIPS):
+        members._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 class ZipMembers:
     """A zip archive read member by member: into memory (``read``), or written out the first time a task needs it
     on disk (``extract``).
@@ -194,18 +216,25 @@ class ZipMembers:
             raise ArchiveError(f"{archive}: declares {declared:,} bytes, over the limit of {max_bytes:,}; refused")
         self._info = {i.filename: i for i in infos if not i.is_dir()}
         self._lock = threading.Lock()  # one read at a time through the shared file handle (a worker's threads)
-        self._pid = os.getpid()
+        self._identity = _file_identity(self.archive)
+        _OPEN_ZIPS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child (its only thread): a new lock (the parent's may have been held at the fork) and the
+        archive opened again on first use, since parent and child would share one file offset and each one's reads
+        land where the other left it (measured: zlib's "invalid distance too far back", records failing at random,
+        when a driver that had read the archive forked its local workers)."""
+        self._lock, self._zip = threading.Lock(), None
 
     def _handle(self) -> zipfile.ZipFile:
-        """The open archive, opened again in a forked child: parent and child would share one file offset, and each
-        one's reads land where the other left it (measured: "invalid distance too far back" from zlib, records
-        failing at random, when a driver that had read the archive forked its local workers). Call with the lock."""
-        if self._pid != os.getpid():
+        """The open archive (opened again after a fork, if it is still the same file). Call with the lock."""
+        if self._zip is None:
+            if _file_identity(self.archive) != self._identity:
+                raise ArchiveError(f"{self.archive}: the archive changed on disk while the job read it")
             try:
                 self._zip = zipfile.ZipFile(self.archive)
             except (zipfile.BadZipFile, OSError) as exc:
                 raise ArchiveError(f"{self.archive}: corrupt zip archive ({exc})") from None
-            self._pid = os.getpid()
         return self._zip
 
     def names(self) -> list[str]:

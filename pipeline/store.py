@@ -558,6 +558,8 @@ def write_plans(path: str, plans: Sequence[str], storage_options: Mapping[str, A
     if arr is None:
         arr = state.create_array(PLAN, shape=(n,), chunks=(PLAN_CHUNK,), dtype=str, fill_value="",
                                  dimension_names=["record"])
+    elif start > arr.shape[0]:
+        raise StoreError(f"{path}: plans from index {start} would leave a gap after the {arr.shape[0]} saved")
     elif arr.shape != (n,):
         arr.resize((n,))
     if plans:
