@@ -551,14 +551,43 @@ def read_records_group(store_path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def held_chunks(store_path: Path) -> list[bool] | None:
-    """Per chunk, whether the store holds it (a fingerprint is set); None while the store cannot be read yet."""
+def held_chunks(store_path: Path, reference: list[str] | None = None) -> list[bool] | None:
+    """Per chunk, whether the store holds it (a fingerprint is set; with ``reference``, the fingerprints of the
+    uninterrupted store, the one that chunk has there: a commit also writes the chunk being filled, whose
+    fingerprint changes as it fills); None while the store cannot be read yet."""
     from ecg_pipeline.pipeline import store
 
     try:
-        return [bool(h) for h in store.read_fingerprints(str(store_path))]
+        held = store.read_fingerprints(str(store_path))
     except Exception:  # noqa: BLE001 - not created yet, or a fingerprint being written as it is read
         return None
+    if reference is None:
+        return [bool(h) for h in held]
+    return [bool(h) and k < len(reference) and h == reference[k] for k, h in enumerate(held)]
+
+
+def records_kept(store_path: Path) -> int | None:
+    """Records a resume can take from a store as a kill left it (as ``preprocessing.stored_plans`` takes them): in
+    the last commit's per-record table, not failed, and all of whose chunks hold that commit's content (their
+    fingerprint set: written whole, or the chunk being filled as it was at that commit, whose rows a resume copies).
+    None where the store has no table yet."""
+    import xarray as xr
+    import zarr
+
+    held = held_chunks(store_path)
+    try:
+        table = xr.open_zarr(str(store_path), group="records").load()
+        size = zarr.open_array(str(store_path / "segments" / "spectrogram"), mode="r").chunks[0]
+    except Exception:  # noqa: BLE001 - killed before its first commit
+        return None
+    if held is None:
+        return 0
+    offset, count = table["offset"].values.astype(np.int64), table["n_segments"].values.astype(np.int64)
+    first, end = offset // size, -(-(offset + count) // size)  # the record's chunks: first to end
+    cum = np.concatenate([[0], np.cumsum(np.asarray(held, bool))])
+    held_of_them = cum[np.minimum(end, len(held))] - cum[np.minimum(first, len(held))]
+    failed = np.array([str(v) == "failed" for v in table["status"].values], dtype=bool)
+    return int(np.count_nonzero(~failed & (held_of_them == end - first)))
 
 
 def records_in_chunks(offsets: np.ndarray, counts: np.ndarray, chunk_size: int, chunks: np.ndarray) -> int:
@@ -632,10 +661,10 @@ def laid_out_for(store_path: Path) -> int | None:
 
 
 def wait_for_chunks(proc: subprocess.Popen, store_path: Path, share: float, timeout_s: float,
-                    n_records: int | None = None) -> bool:
+                    n_records: int | None = None, reference: list[str] | None = None) -> bool:
     """Wait until at least ``share`` of the store's chunks are committed, and leave the job's process group stopped
     (SIGSTOP) in that state; False if the job ended first. With ``n_records``, the chunks of the store laid out
-    for all of them (the last commit's layout, not an earlier one's).
+    for all of them (the last commit's layout, not an earlier one's). ``reference``: as ``held_chunks``'.
 
     The directory listing (``committed_chunks``) is quick but counts the chunks being written too (their
     fingerprint cleared to "" is a file as well); once it says enough, the job is stopped where it stands and
@@ -660,7 +689,7 @@ def wait_for_chunks(proc: subprocess.Popen, store_path: Path, share: float, time
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGCONT)
             return False
-        held = held_chunks(store_path)
+        held = held_chunks(store_path, reference)
         if held and sum(held) >= share * len(held) and final():
             return True
         os.killpg(proc.pid, signal.SIGCONT)
@@ -709,16 +738,19 @@ def run_resume(url: str, n_records: int, work: Path, workers: int, chunk_size: i
     run = ChildRun(url, work / "resumed.zarr", work / "cache-resume", work / "resume.json", work / "resume.log",
                    workers, chunk_size, commit_records)
     _, mark0 = count_requests(request_log)
+    from ecg_pipeline.pipeline import store
+
+    ref_fps = store.read_fingerprints(str(reference)) if reference is not None else None
     t0 = time.perf_counter()
     proc = run.start()
     try:
         if kill_in == "write":
-            killed = wait_for_chunks(proc, run.out, kill_at, timeout_s, n_records)
+            killed = wait_for_chunks(proc, run.out, kill_at, timeout_s, n_records, ref_fps)
         else:
             # Half the records fetched, and a first chunk committed: the resume then has a commit to start from
             # (which one lands first is a race on a small tree; both are waited on, as states).
             killed = (wait_for_fetches(proc, request_log, mark0, int(np.ceil(kill_at * n_records)), timeout_s)
-                      and wait_for_chunks(proc, run.out, 1e-9, timeout_s))
+                      and wait_for_chunks(proc, run.out, 1e-9, timeout_s, reference=ref_fps))
         if killed:
             os.killpg(proc.pid, signal.SIGKILL)
         kill_after_s = time.perf_counter() - t0
@@ -733,7 +765,8 @@ def run_resume(url: str, n_records: int, work: Path, workers: int, chunk_size: i
         log.warning("the job finished before it was %.0f %% through its %s phase: no resume to measure",
                     kill_at * 100, kill_in)
         return ResumeResult(killed=False, pgid=proc.pid, kill_in=kill_in)
-    held = held_chunks(run.out) or []  # none: killed before the store was laid out
+    held = held_chunks(run.out, ref_fps) or []  # none: killed before the store was laid out
+    kept_at_kill = records_kept(run.out)
     _, mark = count_requests(request_log)
     fetched = len(fetched_records(request_log, mark0))
     log.info("killed after %.1f s with %d of %d chunks written, %d records fetched", kill_after_s, sum(held),
@@ -745,6 +778,8 @@ def run_resume(url: str, n_records: int, work: Path, workers: int, chunk_size: i
     missing = np.ones(total, dtype=bool)
     missing[:len(held)] = ~np.asarray(held[:total], dtype=bool)
     needed = records_in_chunks(table["offset"].values, table["n_segments"].values, figures["chunk_size"], missing)
+    if kept_at_kill is not None:  # the rows of the chunk being filled are kept too: those records are done
+        needed = min(needed, int(figures["records"]) - kept_at_kill)
     written = int(figures["chunks_written"])
     records = int(figures["records"])
     result = ResumeResult(

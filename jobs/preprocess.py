@@ -291,7 +291,9 @@ class _Commits:
         t, layout = time.perf_counter(), laid.layout
         held = self._save(prefix, laid)
         n_full = layout.n_chunks if final else layout.n_segments // layout.chunk_size
-        self._submit_chunks(laid, held, n_full)
+        # The chunk being filled is written too (again at each commit until it is full): a kill then loses only
+        # what was read since the last commit, and a resume copies its rows from the store (``stale_reused``)
+        self._submit_chunks(laid, held, layout.n_chunks)
         log.debug("commit: %d records, %d of %d chunks full, %.2f s", len(prefix), n_full, layout.n_chunks,
                   time.perf_counter() - t)
         # Records wholly in submitted chunks need their plans no more: their chunk tasks hold them, and Dask
@@ -335,19 +337,19 @@ class _Commits:
             wait(changed)
         pieces = {k: layout.chunk_parts(k) for k in todo}
         gone = list(dict.fromkeys(layout.records[i] for k in todo for i, _, _ in pieces[k]
-                                  if layout.records[i] not in self.futures))
+                                  if self._plan_ref(layout.records[i]) is None))
         if gone:  # plans let go after an earlier write of their chunk: read those records again
             self.read(gone, lambda desc, total: NoProgress())
             # One that could not be read again (its task failed twice) holds its chunk back: the chunk is left as
             # the store has it, its records are reported, and the next run writes it
-            lost = {k for k in todo if any(layout.records[i] not in self.futures for i, _, _ in pieces[k])}
+            lost = {k for k in todo if any(self._plan_ref(layout.records[i]) is None for i, _, _ in pieces[k])}
             self.unwritten.update({k: [layout.records[i] for i, _, _ in pieces[k]] for k in lost})
             todo = [k for k in todo if k not in lost]
             if not todo:
                 return
         [arrays] = self.client.scatter([store.chunk_writer(req.out, req.storage_options)], broadcast=True)
         n = len(todo)
-        parts = [[(*self.futures[layout.records[i]], lo, hi) for i, lo, hi in pieces[k]] for k in todo]
+        parts = [[(*self._plan_ref(layout.records[i]), lo, hi) for i, lo, hi in pieces[k]] for k in todo]
         futures = self.client.map(preprocessing.write_chunk, [self.ctx_f] * n, [self.src] * n, [arrays] * n, todo,
                                   parts, [layout.chunk_slice(k) for k in todo], [fps[k] for k in todo],
                                   [laid.spec] * n, key=[f"chunk-{k}-{os.urandom(4).hex()}" for k in todo],
@@ -355,6 +357,14 @@ class _Commits:
         for k, fut in zip(todo, futures):
             self.writes[k] = (fut, fps[k], [layout.records[i] for i, _, _ in pieces[k]])
             self.unwritten.pop(k, None)
+
+    def _plan_ref(self, record: str) -> tuple[Any, Any] | None:
+        """How a chunk task gets the record's plan: ``(its plan batch's future, index)``; ``(None, plan)`` for a reused
+        record whose rows the store holds; None when its plan was let go (its chunk was written)."""
+        if record in self.futures:
+            return self.futures[record]
+        plan = self.plans.get(record)
+        return (None, plan) if plan is not None and plan.reused and plan.store_offset is not None else None
 
     def _lay_out(self, prefix: Sequence[str]) -> preprocessing.StoreLayout:
         """``preprocessing.lay_out`` of ``prefix``; a reused record that lands in a chunk to be written after all

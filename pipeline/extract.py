@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -83,6 +83,7 @@ class RecordPlan:
     n_kept: int | None = None  #: a summary's segment count (its arrays are left out)
     counts: dict[str, int] | None = None  #: a summary's segments per class
     reused: bool = False  #: read back from the store (``from_json``): the record was not read this run
+    store_offset: int | None = None  #: a reused plan's first segment in the store it was read from (its rows are there)
 
     @property
     def n_segments(self) -> int:
@@ -131,7 +132,8 @@ _NO_ANCHORS.flags.writeable = _NO_STRINGS.flags.writeable = False
 _NOWHERE = Path("")  #: a summary's files are not read where they were: only their digests are kept
 
 #: What a stored summary leaves out: arrays, where the files were on a worker, this run's figures.
-_NOT_STORED = frozenset({"anchor", "symbol", "label", "rr", "rows", "local", "seconds", "bytes_downloaded", "reused"})
+_NOT_STORED = frozenset({"anchor", "symbol", "label", "rr", "rows", "local", "seconds", "bytes_downloaded", "reused",
+                         "store_offset"})
 
 
 def plan_record(source: sources.RecordSource, record: str, labels: LabelSource, leads: Sequence[str],
@@ -229,12 +231,18 @@ class ChunkContents:
 def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPlan, int, int]],
                    spec: SpectrogramSpec, cache: Path,
                    policy: download.RetryPolicy,
-                   template_spec: "template.TemplateSpec | None" = None) -> ChunkContents:
+                   template_spec: "template.TemplateSpec | None" = None,
+                   stored: Callable[[slice], Mapping[str, np.ndarray]] | None = None,
+                   rr_width: int | None = None) -> ChunkContents:
     """Spectrograms of record pieces ``(plan, first, end)`` in order; a failed piece fails its record alone.
 
     With ``template_spec``, also each segment's template (``template.neighbour_template``) over its
     record's segments: the piece's spectrograms are computed with the neighbours a template needs
     (``template.with_context``), so a record split over chunks gets the templates the whole record gives.
+
+    ``stored`` (``store.read_rows`` of the store being written): the rows of a reused plan
+    (``RecordPlan.store_offset``) are taken from there, as an earlier commit wrote them, not computed again.
+    ``rr_width``: the store's RR features a segment (a chunk of reused pieces alone has no plan that says).
     """
     timer = Timer()
     n = sum(hi - lo for _, lo, hi in parts)
@@ -242,13 +250,24 @@ def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPla
     tmpl = np.full_like(out, np.nan) if template_spec is not None else None
     coords = {name: np.empty(n, dtype=object) for name in ("record", "label", "symbol", "lead")}
     coords["anchor"] = np.zeros(n, dtype=np.int64)
-    n_rr = next((p.rr.shape[1] for p, _, _ in parts if p.rr is not None), 0)
+    n_rr = rr_width if rr_width is not None else next((p.rr.shape[1] for p, _, _ in parts if p.rr is not None), 0)
     rr_rows = np.full((n, n_rr), np.nan, np.float32) if n_rr else None
     failures: dict[str, str] = {}
     pos = 0
     for plan, lo, hi in parts:
         rows = slice(pos, pos + hi - lo)
         pos += hi - lo
+        if plan.reused and plan.store_offset is not None and stored is not None:
+            with timer("reuse"):
+                got = stored(slice(plan.store_offset + lo, plan.store_offset + hi))
+            out[rows] = got["spectrogram"]
+            for name in coords:
+                coords[name][rows] = got[name]
+            if tmpl is not None:
+                tmpl[rows] = got["template"]
+            if rr_rows is not None:
+                rr_rows[rows] = got["rr"]
+            continue
         anchor = plan.anchor[lo:hi]
         if rr_rows is not None and plan.rr is not None:
             rr_rows[rows] = plan.rr[lo:hi]

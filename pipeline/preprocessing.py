@@ -128,8 +128,12 @@ def stored_plans(ctx: TaskContext, names: Sequence[str]) -> dict[str, RecordPlan
     first, end = layout.offsets, layout.ends
     size = layout.chunk_size
     wanted = set(names)
-    return {r: p for r, p, a, b in zip(old, old.values(), first, end)
-            if r in wanted and p.ok and p.local is not None and all(complete[a // size:-(-b // size)])}
+    reusable = {r: p for r, p, a, b in zip(old, old.values(), first, end)
+                if r in wanted and p.ok and p.local is not None and all(complete[a // size:-(-b // size)])}
+    for r, p, a in zip(old, old.values(), first):
+        if r in reusable:
+            p.store_offset = int(a)  # where its rows are: a chunk of it written again takes them from there
+    return reusable
 
 
 def unchanged(ctx: TaskContext, source: sources.RecordSource, plans: Sequence[RecordPlan]) -> list[str]:
@@ -139,9 +143,12 @@ def unchanged(ctx: TaskContext, source: sources.RecordSource, plans: Sequence[Re
 
 
 def stale_reused(layout: store.Layout, plans: Mapping[str, RecordPlan], chunks: Sequence[int]) -> list[str]:
-    """The reused records (``RecordPlan.reused``) with a piece in one of ``chunks``: they must be read after all."""
-    names = layout.records
-    return list(dict.fromkeys(names[i] for k in chunks for i, _, _ in layout.chunk_parts(k) if plans[names[i]].reused))
+    """The reused records (``RecordPlan.reused``) with a piece in one of ``chunks`` whose rows are no longer where
+    this layout puts them (a record before them changed its number of segments): they must be read after all.
+    The others' rows are copied from the store when their chunk is written again (``write_chunk``)."""
+    names, offsets = layout.records, layout.offsets
+    return list(dict.fromkeys(names[i] for k in chunks for i, _, _ in layout.chunk_parts(k)
+                              if plans[names[i]].reused and plans[names[i]].store_offset != offsets[i]))
 
 
 def chunks_to_write(ctx: TaskContext, layout: store.Layout, plans: Mapping[str, RecordPlan],
@@ -236,15 +243,20 @@ class ChunkResult:
 
 
 def write_chunk(ctx: TaskContext, source: sources.RecordSource, writer: store.ChunkWriter, k: int,
-                parts: list[tuple[list[RecordPlan], int, int, int]], segs: slice, fingerprint: str,
-                spec: spectrogram.SpectrogramSpec) -> ChunkResult:
+                parts: list[tuple[list[RecordPlan] | None, int | RecordPlan, int, int]], segs: slice,
+                fingerprint: str, spec: spectrogram.SpectrogramSpec) -> ChunkResult:
     """Phase 2 for one chunk (a task): its rows (``extract.chunk_contents``), written whole.
 
     ``parts``: ``(plan batch, index of the record's plan in it, first, end)`` per record piece: the
-    batches are the results of the ``plan_records`` tasks, so the chunk runs where they were fetched.
+    batches are the results of the ``plan_records`` tasks, so the chunk runs where they were fetched;
+    ``(None, reused plan, first, end)`` for a record whose rows the store holds (``RecordPlan.store_offset``):
+    they are read from it before the chunk is written again.
     """
-    pieces = [(batch[j], lo, hi) for batch, j, lo, hi in parts]
-    rows = extract.chunk_contents(source, pieces, spec, ctx.cache(), ctx.policy, ctx.template_spec())
+    pieces = [(batch[j] if batch is not None else j, lo, hi) for batch, j, lo, hi in parts]
+    rr = writer.arrays.get(store.RR)
+    rows = extract.chunk_contents(source, pieces, spec, ctx.cache(), ctx.policy, ctx.template_spec(),
+                                  stored=lambda rows: store.read_rows(writer, rows),
+                                  rr_width=rr.shape[1] if rr is not None else None)
     timer = Timer()
     with timer("write"):
         # A chunk with a failed piece is written (so the store stays readable) but keeps no

@@ -467,6 +467,17 @@ def chunk_writer(path: str, storage_options: Mapping[str, Any] | None = None) ->
     return ChunkWriter(arrays, group[f"{STATE_GROUP}/{FINGERPRINT}"])
 
 
+def read_rows(writer: ChunkWriter, rows: slice) -> dict[str, np.ndarray]:
+    """Segments ``rows`` as the store holds them: ``spectrogram`` (float32), the coordinates, ``rr`` and
+    ``template`` where the store has them. A chunk task reads the rows of records it reuses (written by an earlier
+    commit, maybe of a killed run) before it writes their chunk again whole."""
+    out = {name: np.asarray(arr[rows]) for name, arr in writer.arrays.items()}
+    for name in ("spectrogram", TEMPLATE, RR):
+        if name in out:
+            out[name] = out[name].astype(np.float32)  # float16 -> float32 -> float16 gives the same bits back
+    return out
+
+
 def write_chunk(
     target: "ChunkWriter | str",
     k: int,

@@ -202,6 +202,26 @@ def test_a_resume_reads_only_the_records_that_changed(client, tmp_path, served):
     assert a.attrs["segments_per_class"] == b.attrs["segments_per_class"]
 
 
+def test_rows_the_store_holds_are_copied_not_read_again(client, tmp_path):
+    """A store of the first records, its last chunk partly filled (as a killed job's last commit leaves it),
+    extended to the whole database: the chunk is written again whole, the first records' rows copied from the
+    store instead of reading those records again, and the store equals one made in one go."""
+    root = tmp_path / "src"
+    make_db(root, _good_records(), VERSION)
+    names = list(_good_records())
+    with HTTPMirror(root) as mirror:
+        part = _run(client, mirror.url, tmp_path / "s.zarr", records=tuple(names[:2]))
+        full = _run(client, mirror.url, tmp_path / "s.zarr")
+        clean = _run(client, mirror.url, tmp_path / "clean.zarr")
+    n_part = sum(o.n_segments for o in part.records)
+    assert part.ok and n_part % FAST["store"]["chunk_size"], "the first records must end inside a chunk"
+    assert full.ok and (full.records_read, full.records_reused) == (len(names) - 2, 2)
+    assert full.stage_s.get("reuse", 0) > 0  # the partly filled chunk took its first rows from the store
+    a, b = store.open_dataset(str(tmp_path / "s.zarr")), store.open_dataset(str(tmp_path / "clean.zarr"))
+    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    assert clean.ok and a.attrs["segments_per_class"] == b.attrs["segments_per_class"]
+
+
 def test_unknown_symbols_policies(client, tmp_path):
     root = tmp_path / "src"
     make_db(root, {"103": _good_records()["103"]}, VERSION)
