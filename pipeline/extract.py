@@ -253,20 +253,25 @@ def chunk_contents(source: sources.RecordSource, parts: Sequence[tuple[RecordPla
     n_rr = rr_width if rr_width is not None else next((p.rr.shape[1] for p, _, _ in parts if p.rr is not None), 0)
     rr_rows = np.full((n, n_rr), np.nan, np.float32) if n_rr else None
     failures: dict[str, str] = {}
+    kept = [(p.store_offset + lo, p.store_offset + hi) for p, lo, hi in parts
+            if p.reused and p.store_offset is not None] if stored is not None else []
+    if kept:  # one read of the stored span they cover, not one per record (a chunk holds hundreds of recordings)
+        with timer("reuse"):
+            first = min(a for a, _ in kept)
+            block = stored(slice(first, max(b for _, b in kept)))
     pos = 0
     for plan, lo, hi in parts:
         rows = slice(pos, pos + hi - lo)
         pos += hi - lo
-        if plan.reused and plan.store_offset is not None and stored is not None:
-            with timer("reuse"):
-                got = stored(slice(plan.store_offset + lo, plan.store_offset + hi))
-            out[rows] = got["spectrogram"]
+        if kept and plan.reused and plan.store_offset is not None:
+            held = slice(plan.store_offset + lo - first, plan.store_offset + hi - first)
+            out[rows] = block["spectrogram"][held]
             for name in coords:
-                coords[name][rows] = got[name]
+                coords[name][rows] = block[name][held]
             if tmpl is not None:
-                tmpl[rows] = got["template"]
+                tmpl[rows] = block["template"][held]
             if rr_rows is not None:
-                rr_rows[rows] = got["rr"]
+                rr_rows[rows] = block["rr"][held]
             continue
         anchor = plan.anchor[lo:hi]
         if rr_rows is not None and plan.rr is not None:

@@ -128,11 +128,11 @@ def stored_plans(ctx: TaskContext, names: Sequence[str]) -> dict[str, RecordPlan
     first, end = layout.offsets, layout.ends
     size = layout.chunk_size
     wanted = set(names)
-    reusable = {r: p for r, p, a, b in zip(old, old.values(), first, end)
-                if r in wanted and p.ok and p.local is not None and all(complete[a // size:-(-b // size)])}
-    for r, p, a in zip(old, old.values(), first):
-        if r in reusable:
+    reusable = {}
+    for r, p, a, b in zip(old, old.values(), first, end):
+        if r in wanted and p.ok and p.local is not None and all(complete[a // size:-(-b // size)]):
             p.store_offset = int(a)  # where its rows are: a chunk of it written again takes them from there
+            reusable[r] = p
     return reusable
 
 
