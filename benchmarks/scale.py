@@ -576,7 +576,8 @@ def records_kept(store_path: Path) -> int | None:
 
     held = held_chunks(store_path)
     try:
-        table = xr.open_zarr(str(store_path), group="records").load()
+        # consolidated=False: a killed job's store has no consolidated metadata yet (xarray warns, then reads it)
+        table = xr.open_zarr(str(store_path), group="records", consolidated=False).load()
         size = zarr.open_array(str(store_path / "segments" / "spectrogram"), mode="r").chunks[0]
     except Exception:  # noqa: BLE001 - killed before its first commit
         return None

@@ -239,7 +239,10 @@ class _Commits:
         self.done = self.committed = 0  # records of the prefix; the prefix at the last commit
         self.prepared = False
         self.existing = 0 if request.overwrite else store.n_segments(request.out, request.storage_options)
-        self.writes: dict[int, tuple[Any, str, list[str]]] = {}  # chunk -> (future, fingerprint, records)
+        self.writes: dict[int, tuple[Any, str, list[str]]] = {}  # chunk -> (future or None, fingerprint, records)
+        # chunk -> (written, failures) of its last write, taken as it finished: the driver then lets the task go
+        # (``_harvest``; the scheduler would keep every chunk task's spec, ~0.7 kB a record, to the end)
+        self.results: dict[int, tuple[bool, dict[str, str]]] = {}
         self.final_chunks = 0
         self.n_saved = 0  # how many plans of the prefix this run has written to the store
         self.unwritten: dict[int, list[str]] = {}  # chunk -> its records, held back (``_submit_chunks``)
@@ -269,6 +272,7 @@ class _Commits:
                 self.plans.update({r: RecordPlan(r, error=f"task: {type(exc).__name__}: {exc}") for r in batch})
             self.n_read += len(batch)
             bar.update(len(batch))
+            self._harvest()
             then()
         bar.close()
 
@@ -321,6 +325,8 @@ class _Commits:
         # A commit's prefix extends the last one's: only what it adds is saved (and nothing kept of it here)
         store.write_plans(req.out, [self.plans[r].to_json() for r in prefix[self.n_saved:]], req.storage_options,
                           start=self.n_saved)
+        for r in prefix[self.n_saved:]:  # saved: the driver keeps less of each (``RecordPlan.held``)
+            self.plans[r] = self.plans[r].held()
         self.n_saved = len(prefix)
         return held
 
@@ -332,7 +338,7 @@ class _Commits:
         todo = [k for k in todo if k < n_full and (k not in self.writes or self.writes[k][1] != fps[k])]
         if not todo:
             return
-        changed = [self.writes[k][0] for k in todo if k in self.writes]
+        changed = [self.writes[k][0] for k in todo if k in self.writes and self.writes[k][0] is not None]
         if changed:  # their content changed since (rare): never two tasks on one chunk
             wait(changed)
         pieces = {k: layout.chunk_parts(k) for k in todo}
@@ -357,6 +363,23 @@ class _Commits:
         for k, fut in zip(todo, futures):
             self.writes[k] = (fut, fps[k], [layout.records[i] for i, _, _ in pieces[k]])
             self.unwritten.pop(k, None)
+            self.results.pop(k, None)
+
+    def _harvest(self, block: bool = False, each: Callable[[], None] = lambda: None) -> None:
+        """Take the results of the chunk writes that have finished (all of them, waiting, with ``block``); ``each``
+        after each one."""
+        running = {fut: k for k, (fut, _, _) in self.writes.items() if fut is not None and (block or fut.done())}
+        for fut in as_completed(running) if block else running:
+            k = running[fut]
+            _, fp, recs = self.writes[k]
+            try:
+                res: preprocessing.ChunkResult = fut.result()
+                self.results[k] = (res.written, res.failures)
+                self.seconds.update(res.seconds)
+            except Exception as exc:  # noqa: BLE001 - its records fail, the other chunks go on
+                self.results[k] = (False, {r: f"write: chunk {k}: {type(exc).__name__}: {exc}" for r in recs})
+            self.writes[k] = (None, fp, recs)
+            each()
 
     def _plan_ref(self, record: str) -> tuple[Any, Any] | None:
         """How a chunk task gets the record's plan: ``(its plan batch's future, index)``; ``(None, plan)`` for a reused
@@ -382,20 +405,12 @@ class _Commits:
         """Wait for the chunk writes of the final layout: chunks written, chunks left as they were, failures."""
         failures = {r: f"write: chunk {k}: not written (a record of it could not be read again)"
                     for k, recs in self.unwritten.items() if k < self.final_chunks for r in recs}
-        written = 0
         bar = progress("spectrograms -> zarr", len(self.writes))
-        by_future = {fut: (k, recs) for k, (fut, _, recs) in self.writes.items()}
-        for fut in as_completed(by_future):
-            k, recs = by_future[fut]
-            try:
-                res: preprocessing.ChunkResult = fut.result()
-                written += res.written
-                failures.update(res.failures)
-                self.seconds.update(res.seconds)
-            except Exception as exc:  # noqa: BLE001
-                for r in recs:
-                    failures.setdefault(r, f"write: chunk {k}: {type(exc).__name__}: {exc}")
-            bar.update(1)
+        bar.update(sum(fut is None for fut, _, _ in self.writes.values()))
+        self._harvest(block=True, each=lambda: bar.update(1))
         bar.close()
+        for k in sorted(self.results):
+            failures.update({r: e for r, e in self.results[k][1].items() if r not in failures})
+        written = sum(w for w, _ in self.results.values())
         held_back = sum(k < self.final_chunks and k not in self.writes for k in self.unwritten)
         return written, self.final_chunks - len(self.writes) - held_back, failures

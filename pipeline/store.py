@@ -573,8 +573,9 @@ def write_plans(path: str, plans: Sequence[str], storage_options: Mapping[str, A
         raise StoreError(f"{path}: plans from index {start} would leave a gap after the {arr.shape[0]} saved")
     elif arr.shape != (n,):
         arr.resize((n,))
-    if plans:
-        arr[start:] = np.asarray(plans, dtype=object)
+    # A chunk of the array at a time: encoding the strings copies them, ~3 kB a plan (20 MB for 5,000 at once)
+    for i in range(0, len(plans), PLAN_CHUNK):
+        arr[start + i:start + i + PLAN_CHUNK] = np.asarray(plans[i:i + PLAN_CHUNK], dtype=object)
 
 
 def read_plans(path: str, storage_options: Mapping[str, Any] | None = None,
