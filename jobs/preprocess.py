@@ -262,7 +262,9 @@ class _Commits:
             futures[self.client.submit(preprocessing.summaries, heavy, key=f"plan-light-{key}")] = (b, heavy)
         bar = progress("download + plan", len(names))
         for fut in as_completed(futures):
-            batch, heavy = futures[fut]
+            # popped: the batch's plans (their segments) stay on the worker only while a record of it waits for
+            # its chunk (``self.futures``), not until the last batch is read (2 GB a worker at 100,000 records)
+            batch, heavy = futures.pop(fut)
             try:
                 got: preprocessing.PlanSummaries = fut.result()
                 self.seconds.update(got.seconds)

@@ -222,6 +222,64 @@ def test_rows_the_store_holds_are_copied_not_read_again(client, tmp_path):
     assert clean.ok and a.attrs["segments_per_class"] == b.attrs["segments_per_class"]
 
 
+def test_a_records_segments_leave_the_workers_once_its_chunks_are_written(client, tmp_path):
+    """While records are still being read, the plan batches (their segments) the workers hold are only those of
+    records whose chunks are not written yet: records of the committed prefix but its chunk being filled let theirs
+    go. A batch was kept to the end of the reading phase (2 GB a worker at 100,000 recordings). Checked at each
+    batch read, waiting (on the scheduler's state) for the chunk writes submitted so far and the releases."""
+    import time
+
+    names = [f"1{i:02d}" for i in range(12)]
+    root = tmp_path / "src"
+    make_db(root, {r: {"seconds": 20, "seed": i} for i, r in enumerate(names)}, VERSION)  # > 16 beats each
+    out = tmp_path / "s.zarr"
+
+    def held_plans(dask_scheduler) -> list[str]:
+        """The records whose plan batch a worker holds (keys ``plan-<first record>-<n>-<random>``), or None while a
+        chunk write runs."""
+        tasks = {str(k): ts.state for k, ts in dask_scheduler.tasks.items()}
+        if any(k.startswith("chunk-") and s not in ("memory", "erred", "released", "forgotten")
+               for k, s in tasks.items()):
+            return None
+        return [k.split("-")[1] for k, s in tasks.items()
+                if k.startswith("plan-") and not k.startswith("plan-light-") and s == "memory"]
+
+    def committed() -> int:
+        """Records of the last commit's prefix (rows of its per-record table)."""
+        try:
+            return xr.open_zarr(str(out), group="records", consolidated=False).sizes["record"]
+        except (FileNotFoundError, KeyError, ValueError):
+            return 0
+
+    checks: list[tuple[int, list[str]]] = []
+
+    class Bar:
+        def __init__(self, desc: str, total: int):
+            self.desc = desc
+
+        def update(self, n: int = 1) -> None:
+            if self.desc != "download + plan":
+                return
+            p = committed()  # the last commit's, before this batch's (``then`` runs after ``update``)
+            allowed = set(names[max(p - 2, 0):])  # the chunk being filled holds parts of 2 records at most
+            deadline = time.monotonic() + 20
+            while ((held := client.run_on_scheduler(held_plans)) is None or not set(held) <= allowed) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+            checks.append((p, held))
+            assert held is not None and set(held) <= allowed, (p, sorted(held or []))
+
+        def close(self) -> None:
+            pass
+
+    config = config_from_dict({**FAST, "store": {"chunk_size": 16, "commit_records": 1}})
+    with HTTPMirror(root) as mirror:
+        req = PreprocessRequest(db="mitdb", version=VERSION, source=mirror.url, out=str(out), config=config,
+                                cache_dir=str(tmp_path / "cache"))
+        report = run_preprocess(req, client, progress=Bar)
+    assert report.ok and report.records_read == len(names) and len(checks) == len(names)
+
+
 def test_unknown_symbols_policies(client, tmp_path):
     root = tmp_path / "src"
     make_db(root, {"103": _good_records()["103"]}, VERSION)
