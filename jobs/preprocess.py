@@ -45,7 +45,8 @@ from ..pipeline.extract import RecordPlan
 from ..pipeline.labels import LabelSource
 from ..pipeline.preprocessing import TaskContext
 # RecordOutcome: still importable from here, its home before pipeline/reports.py
-from ..pipeline.reports import PreprocessReport, RecordOutcome, record_outcomes, record_table  # noqa: F401
+from ..pipeline.reports import (PreprocessReport, RecordOutcome, record_columns, record_outcomes,  # noqa: F401
+                                record_table)
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,10 @@ class _Commits:
         self.final_chunks = 0
         self.n_saved = 0  # how many plans of the prefix this run has written to the store
         self.unwritten: dict[int, list[str]] = {}  # chunk -> its records, held back (``_submit_chunks``)
+        # Fingerprints of the chunks full at the last commit: their records and plans no longer change, so a
+        # commit computes only the rest (emptied when a record is read again: ``_reread``)
+        self.full_fps: list[str] = []
+        self.writes_fps: list[str] = []  # every chunk's fingerprint at the last ``_submit_chunks``
 
     def read(self, names: Sequence[str], progress, then: Callable[[], None] = lambda: None) -> None:
         """``plan_records`` tasks over batches of ``names``; ``then`` after each batch. A task that dies fails its
@@ -307,6 +312,7 @@ class _Commits:
         for r, end in zip(layout.records, layout.ends):
             if end <= n_full * layout.chunk_size:
                 self.futures.pop(r, None)
+        self.full_fps = self.writes_fps[:n_full]
         self.committed = self.done
         if final:
             self.final_chunks = layout.n_chunks
@@ -322,8 +328,8 @@ class _Commits:
                              storage_options=req.storage_options)
         self.prepared = True
         # "pending" until the end, so an interrupted store still opens (``require_complete=False``).
-        store.write_record_table(req.out, record_table(record_outcomes(prefix, layout, self.plans, {}, final=False)),
-                                 req.storage_options)
+        table = record_columns(prefix, layout, self.plans, {}, final=False)
+        store.write_record_table(req.out, table, req.storage_options)
         # A commit's prefix extends the last one's: only what it adds is saved (and nothing kept of it here)
         store.write_plans(req.out, [self.plans[r].to_json() for r in prefix[self.n_saved:]], req.storage_options,
                           start=self.n_saved)
@@ -336,7 +342,8 @@ class _Commits:
         """One ``write_chunk`` task per chunk below ``n_full`` whose fingerprint differs from ``held`` and from what
         was submitted for it before, all in one graph (a submit each cost the driver ~50 ms: 20 chunks, 1.1 s)."""
         req, layout = self.request, laid.layout
-        todo, fps = preprocessing.chunks_to_write(self.ctx, layout, self.plans, held)
+        todo, fps = preprocessing.chunks_to_write(self.ctx, layout, self.plans, held, self.full_fps)
+        self.writes_fps = fps
         todo = [k for k in todo if k < n_full and (k not in self.writes or self.writes[k][1] != fps[k])]
         if not todo:
             return
@@ -347,7 +354,7 @@ class _Commits:
         gone = list(dict.fromkeys(layout.records[i] for k in todo for i, _, _ in pieces[k]
                                   if self._plan_ref(layout.records[i]) is None))
         if gone:  # plans let go after an earlier write of their chunk: read those records again
-            self.read(gone, lambda desc, total: NoProgress())
+            self._reread(gone)
             # One that could not be read again (its task failed twice) holds its chunk back: the chunk is left as
             # the store has it, its records are reported, and the next run writes it
             lost = {k for k in todo if any(self._plan_ref(layout.records[i]) is None for i, _, _ in pieces[k])}
@@ -397,11 +404,17 @@ class _Commits:
         held = store.read_fingerprints(self.request.out, self.request.storage_options) if self.existing else []
         while True:
             laid = preprocessing.lay_out(self.ctx, prefix, self.plans)
-            todo = preprocessing.chunks_to_write(self.ctx, laid.layout, self.plans, held)[0]
+            todo = preprocessing.chunks_to_write(self.ctx, laid.layout, self.plans, held, self.full_fps)[0]
             stale = preprocessing.stale_reused(laid.layout, self.plans, todo)
             if not stale:
                 return laid
-            self.read(stale, lambda desc, total: NoProgress())
+            self._reread(stale)
+
+    def _reread(self, names: Sequence[str]) -> None:
+        """Read ``names`` again (their plans were let go, or their stored rows moved); the chunk fingerprints kept
+        from the last commit are computed again (a record read again may change)."""
+        self.full_fps = []
+        self.read(names, lambda desc, total: NoProgress())
 
     def wait(self, progress) -> tuple[int, int, dict[str, str]]:
         """Wait for the chunk writes of the final layout: chunks written, chunks left as they were, failures."""

@@ -152,9 +152,13 @@ def stale_reused(layout: store.Layout, plans: Mapping[str, RecordPlan], chunks: 
 
 
 def chunks_to_write(ctx: TaskContext, layout: store.Layout, plans: Mapping[str, RecordPlan],
-                    held: Sequence[str]) -> tuple[list[int], list[str]]:
-    """The chunks whose fingerprint differs from what the store holds, and the fingerprint of every chunk."""
-    fps = [chunk_fingerprint(ctx, layout, plans, k) for k in range(layout.n_chunks)]
+                    held: Sequence[str], known: Sequence[str] = ()) -> tuple[list[int], list[str]]:
+    """The chunks whose fingerprint differs from what the store holds, and the fingerprint of every chunk.
+
+    ``known``: the fingerprints of the first chunks, where the caller knows they have not changed (a job's chunks
+    that were full at its last commit): only the others are computed (0.7 s for 100,000 recordings)."""
+    known = list(known[:layout.n_chunks])
+    fps = known + [chunk_fingerprint(ctx, layout, plans, k) for k in range(len(known), layout.n_chunks)]
     return [k for k, fp in enumerate(fps) if k >= len(held) or held[k] != fp], fps
 
 

@@ -119,3 +119,22 @@ def test_a_held_summary_keeps_what_the_driver_needs_and_shares_the_rest():
     counts["N"] += 5  # a copy: the dict the held summaries share stays as it was
     assert held[3].class_counts() == {"N": 1}
     assert held[1].store_offset == 1 and held[1].reused
+
+
+def test_chunks_to_write_takes_the_fingerprints_it_is_given_for_the_first_chunks():
+    import numpy as np
+
+    from ecg_pipeline.pipeline import store
+    from ecg_pipeline.pipeline.extract import RecordPlan
+    from ecg_pipeline.pipeline.preprocessing import chunks_to_write
+
+    ctx = _ctx()
+    plans = {r: RecordPlan(r, ok=True, fs=360.0, digest=r * 8, anchor=np.arange(n))
+             for r, n in (("a", 10), ("b", 20), ("c", 7))}
+    layout = store.Layout(tuple(plans), tuple(p.n_segments for p in plans.values()), 2, 2, 16)
+    todo, fps = chunks_to_write(ctx, layout, plans, [])
+    assert todo == [0, 1, 2] and len(set(fps)) == 3  # 37 segments
+    assert chunks_to_write(ctx, layout, plans, fps) == ([], fps)  # the store holds them all
+    known = ["kept"]  # taken as given, not computed again
+    assert chunks_to_write(ctx, layout, plans, [], known) == ([0, 1, 2], ["kept", *fps[1:]])
+    assert chunks_to_write(ctx, layout, plans, [], fps + ["extra"])[1] == fps  # never more than the layout has

@@ -138,3 +138,24 @@ def test_many_failed_records_are_summarised_by_cause_not_listed_one_a_line():
     assert lines[1].split() == ["header", "70,000"] and lines[6].split() == ["signal", "30,000"]
     assert lines[2].split() == ["h0", "header:", "no", "such", "file"] and "... and 69,997 more" in lines[5]
     assert any(line.split()[:2] == ["no", "stage"] for line in lines)  # an error without a stage is its own cause
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_record_columns_equal_the_table_of_the_outcomes(final):
+    from ecg_pipeline.pipeline.extract import RecordPlan
+
+    plans = {"a": RecordPlan("a", ok=True, fs=360.0, sig_len=3600, lead="MLII", checksum="verified",
+                             anchor=np.arange(3), n_dropped_edge=2, quality="flat lead").held(),
+             "b": RecordPlan("b", error="download: gone"),
+             "c": RecordPlan("c", ok=True, fs=360.0, sig_len=7200, lead="V5", anchor=np.arange(5), n_unknown=1),
+             "d": RecordPlan("d", ok=True, fs=360.0, anchor=np.arange(0))}
+    names = list(plans)
+    layout = store.Layout(tuple(names), tuple(p.n_segments for p in plans.values()), 2, 2, 4)
+    failures = {"c": "write: chunk 1: disk full"}
+    want = reports.record_table(reports.record_outcomes(names, layout, plans, failures, final=final))
+    got = reports.record_columns(names, layout, plans, failures, final=final)
+    assert list(got) == list(want)
+    for column in want:
+        assert got[column].dtype == want[column].dtype and got[column].tolist() == want[column].tolist(), column
+    assert got["record_status"].tolist() == ["ok" if final else "pending", "failed", "failed",
+                                            "ok" if final else "pending"]
