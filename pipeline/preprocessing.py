@@ -125,15 +125,32 @@ def stored_plans(ctx: TaskContext, names: Sequence[str]) -> dict[str, RecordPlan
     old = {p.record: p for p in map(RecordPlan.from_json, texts)}
     layout = store.Layout(tuple(old), tuple(p.n_segments for p in old.values()), 0, 0, ctx.config.store.chunk_size)
     complete = [k < len(held) and held[k] == chunk_fingerprint(ctx, layout, old, k) for k in range(layout.n_chunks)]
+    # A job killed after a commit saved its plans but before it wrote the chunk being filled again leaves that
+    # chunk as the commit before wrote it: the records that commit had put in it are held all the same.
+    written = [k for k in range(min(len(held), layout.n_chunks)) if held[k]]
+    covered = {k: held_records(ctx, layout, old, k, held[k]) for k in written[-3:] if not complete[k]}
     first, end = layout.offsets, layout.ends
     size = layout.chunk_size
     wanted = set(names)
     reusable = {}
-    for r, p, a, b in zip(old, old.values(), first, end):
-        if r in wanted and p.ok and p.local is not None and all(complete[a // size:-(-b // size)]):
+    for i, (r, p, a, b) in enumerate(zip(old, old.values(), first, end)):
+        if r in wanted and p.ok and p.local is not None and \
+                all(complete[k] or i in covered.get(k, ()) for k in range(a // size, -(-b // size))):
             p.store_offset = int(a)  # where its rows are: a chunk of it written again takes them from there
             reusable[r] = p
     return reusable
+
+
+def held_records(ctx: TaskContext, layout: store.Layout, plans: Mapping[str, RecordPlan], k: int,
+                 fingerprint: str) -> set[int]:
+    """The records (indices in ``layout``) of chunk ``k``'s first pieces whose fingerprint is ``fingerprint``: those
+    an earlier commit put in the chunk and wrote, when it was being filled; empty when no run of them has it."""
+    names = layout.records
+    parts = [(names[i], plans[names[i]].digest, lo, hi) for i, lo, hi in layout.chunk_parts(k)]
+    for m in range(len(parts) - 1, 0, -1):
+        if store.chunk_fingerprint(ctx.config_fingerprint, parts[:m]) == fingerprint:
+            return {i for i, _, _ in layout.chunk_parts(k)[:m]}
+    return set()
 
 
 def unchanged(ctx: TaskContext, source: sources.RecordSource, plans: Sequence[RecordPlan]) -> list[str]:

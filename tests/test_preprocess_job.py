@@ -222,6 +222,32 @@ def test_rows_the_store_holds_are_copied_not_read_again(client, tmp_path):
     assert clean.ok and a.attrs["segments_per_class"] == b.attrs["segments_per_class"]
 
 
+def test_a_chunk_a_kill_left_as_the_commit_before_wrote_it_keeps_that_commits_records(client, tmp_path):
+    """A job killed after a commit saved the plans of a longer prefix but before it wrote the chunk being filled
+    again: the store holds that chunk as the commit before wrote it. A resume reuses the records that commit had
+    put in it (they were read again, ~4 % of a 10,000-recording tree) and equals a store made in one go."""
+    root = tmp_path / "src"
+    make_db(root, _good_records(), VERSION)
+    names = list(_good_records())
+    with HTTPMirror(root) as mirror:
+        part = _run(client, mirror.url, tmp_path / "s.zarr", records=tuple(names[:2]))
+        longer = _run(client, mirror.url, tmp_path / "longer.zarr", records=tuple(names[:3]))
+        assert part.ok and longer.ok
+        n_part = sum(o.n_segments for o in part.records)
+        assert n_part % FAST["store"]["chunk_size"], "the first records must end inside a chunk"
+        # The killed commit: the third record's plan saved after the first two, its chunk not written again
+        import zarr
+
+        third = str(zarr.open_array(str(tmp_path / "longer.zarr" / "_state" / "record_plan"), mode="r")[2])
+        store.write_plans(str(tmp_path / "s.zarr"), [third], start=2)
+        full = _run(client, mirror.url, tmp_path / "s.zarr")
+        clean = _run(client, mirror.url, tmp_path / "clean.zarr")
+    assert full.ok and (full.records_read, full.records_reused) == (len(names) - 2, 2)
+    a, b = store.open_dataset(str(tmp_path / "s.zarr")), store.open_dataset(str(tmp_path / "clean.zarr"))
+    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    assert clean.ok and a.attrs["segments_per_class"] == b.attrs["segments_per_class"]
+
+
 def test_a_records_segments_leave_the_workers_once_its_chunks_are_written(client, tmp_path):
     """While records are still being read, the plan batches (their segments) the workers hold are only those of
     records whose chunks are not written yet: records of the committed prefix but its chunk being filled let theirs
