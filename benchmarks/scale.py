@@ -382,11 +382,13 @@ class ChildRun:
     workers: int
     chunk_size: int | None
     commit_records: int | None = None
+    debug: bool = False  #: the job logs its commits (``ecg_pipeline.jobs.preprocess`` at DEBUG) to ``log``
 
     def command(self) -> list[str]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--url", self.url, "--out", str(self.out),
                "--cache", str(self.cache), "--result", str(self.result), "--workers", str(self.workers)]
         cmd += ["--chunk-size", str(self.chunk_size)] if self.chunk_size else []
+        cmd += ["--debug"] if self.debug else []
         return cmd + (["--commit-records", str(self.commit_records)] if self.commit_records else [])
 
     def start(self) -> subprocess.Popen:
@@ -568,26 +570,33 @@ def held_chunks(store_path: Path, reference: list[str] | None = None) -> list[bo
 
 def records_kept(store_path: Path) -> int | None:
     """Records a resume can take from a store as a kill left it (as ``preprocessing.stored_plans`` takes them): in
-    the last commit's per-record table, not failed, and all of whose chunks hold that commit's content (their
-    fingerprint set: written whole, or the chunk being filled as it was at that commit, whose rows a resume copies).
-    None where the store has no table yet."""
-    import xarray as xr
+    the last commit's saved plans (``_state/record_plan``, store order), not failed, and all of whose chunks hold
+    that commit's content (their fingerprint set: written whole, or the chunk being filled as it was at that
+    commit, whose rows a resume copies). None where the store has no plans yet. (Not the per-record table: a
+    commit rewrites it one time in four.)"""
     import zarr
+
+    from ecg_pipeline.pipeline import store
+    from ecg_pipeline.pipeline.extract import RecordPlan
 
     held = held_chunks(store_path)
     try:
-        # consolidated=False: a killed job's store has no consolidated metadata yet (xarray warns, then reads it)
-        table = xr.open_zarr(str(store_path), group="records", consolidated=False).load()
+        attrs = store.decode_attrs(zarr.open_group(str(store_path), mode="r").attrs)
+        texts, _ = store.read_plans(str(store_path), config_fingerprint=attrs.get("config_fingerprint"))
         size = zarr.open_array(str(store_path / "segments" / "spectrogram"), mode="r").chunks[0]
     except Exception:  # noqa: BLE001 - killed before its first commit
         return None
+    if not texts:
+        return None
     if held is None:
         return 0
-    offset, count = table["offset"].values.astype(np.int64), table["n_segments"].values.astype(np.int64)
+    plans = [RecordPlan.from_json(t) for t in texts]
+    count = np.array([p.n_segments for p in plans], dtype=np.int64)
+    offset = np.cumsum(count) - count
     first, end = offset // size, -(-(offset + count) // size)  # the record's chunks: first to end
     cum = np.concatenate([[0], np.cumsum(np.asarray(held, bool))])
     held_of_them = cum[np.minimum(end, len(held))] - cum[np.minimum(first, len(held))]
-    failed = np.array([str(v) == "failed" for v in table["status"].values], dtype=bool)
+    failed = np.array([not p.ok for p in plans], dtype=bool)
     return int(np.count_nonzero(~failed & (held_of_them == end - first)))
 
 
@@ -720,7 +729,7 @@ def wait_for_fetches(proc: subprocess.Popen, request_log: Path, start: int, n: i
 
 def run_resume(url: str, n_records: int, work: Path, workers: int, chunk_size: int | None, timeout_s: float,
                request_log: Path, reference: Path | None, kill_at: float = 0.5, kill_in: str = "write",
-               commit_records: int | None = None) -> ResumeResult:
+               commit_records: int | None = None, debug: bool = False) -> ResumeResult:
     """A job killed by SIGKILL (its whole process group) half way, then run again on the same store and cache.
 
     Parameters
@@ -737,7 +746,7 @@ def run_resume(url: str, n_records: int, work: Path, workers: int, chunk_size: i
     if kill_in not in ("write", "plan"):
         raise ValueError(f"kill_in: 'write' or 'plan', not {kill_in!r}")
     run = ChildRun(url, work / "resumed.zarr", work / "cache-resume", work / "resume.json", work / "resume.log",
-                   workers, chunk_size, commit_records)
+                   workers, chunk_size, commit_records, debug)
     _, mark0 = count_requests(request_log)
     from ecg_pipeline.pipeline import store
 
@@ -798,7 +807,7 @@ def run_resume(url: str, n_records: int, work: Path, workers: int, chunk_size: i
 
 def run_case(n: int, work: Path, archive: Path, workers: int = 2, resume: bool = True, chunk_size: int | None = None,
              timeout_s: float | None = None, originals: Path | None = None, kill_at: float = 0.5,
-             kill_in: str = "write", commit_records: int | None = None) -> CaseResult:
+             kill_in: str = "write", commit_records: int | None = None, debug: bool = False) -> CaseResult:
     """Build a tree of ``n`` recordings under ``work``, serve it, preprocess it in a child process and measure.
 
     Parameters
@@ -821,6 +830,8 @@ def run_case(n: int, work: Path, archive: Path, workers: int = 2, resume: bool =
         Where the Challenge 2017 recordings are (or will be) extracted; default ``work / "_originals"``.
     kill_at, kill_in
         When the resume case's first job is killed (``run_resume``).
+    debug
+        The jobs log each commit (its records, chunks and duration) to their logs (kept with ``--keep``).
 
     Returns
     -------
@@ -833,7 +844,7 @@ def run_case(n: int, work: Path, archive: Path, workers: int = 2, resume: bool =
     request_log = work / "http.log"
     with serve(tree.root, request_log) as url:
         full = ChildRun(url, work / "full.zarr", work / "cache", work / "full.json", work / "full.log", workers,
-                        chunk_size, commit_records)
+                        chunk_size, commit_records, debug)
         figures = full.run(timeout_s)
         log.info("%d recordings: job %.1f s", n, figures["job_s"])
         group_s = read_records_group(full.out)
@@ -842,7 +853,7 @@ def run_case(n: int, work: Path, archive: Path, workers: int = 2, resume: bool =
         result = CaseResult(n, tree.build_s, figures, dir_bytes(full.out / "records"), read_s, group_s, status_ok)
         if resume:
             result.resume = run_resume(url, n, work, workers, chunk_size, timeout_s, request_log, full.out, kill_at,
-                                       kill_in, commit_records)
+                                       kill_in, commit_records, debug)
     return result
 
 
@@ -939,15 +950,20 @@ def _child_args(argv: Sequence[str]) -> ChildRun:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--chunk-size", type=int)
     p.add_argument("--commit-records", type=int)
+    p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
-    return ChildRun(a.url, a.out, a.cache, a.result, Path(os.devnull), a.workers, a.chunk_size, a.commit_records)
+    return ChildRun(a.url, a.out, a.cache, a.result, Path(os.devnull), a.workers, a.chunk_size, a.commit_records,
+                    a.debug)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--child" in argv:  # hidden: the job itself, in its own process
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        return child_main(_child_args(argv))
+        run = _child_args(argv)
+        if run.debug:
+            logging.getLogger("ecg_pipeline.jobs.preprocess").setLevel(logging.DEBUG)
+        return child_main(run)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, nargs="+", default=[1000], metavar="N",
                     help="tree sizes to measure, in recordings (default: 1000)")
@@ -965,7 +981,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the resume case kills its job half way through the chunks written (write, the default) "
                          "or through the records fetched, in the plan phase (plan)")
     ap.add_argument("--timeout", type=float, help="limit of each job in seconds (default: 600 + 0.05 a recording)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="log progress; the jobs log each commit to their logs in the work folder (see --keep)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     archive = args.mirror / SOURCE_DB / "1.0.0" / "training2017.zip"
@@ -982,7 +999,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case = work / f"n{n}"
             results.append(run_case(n, case, archive, args.workers, args.resume, args.chunk_size, args.timeout,
                                     originals=work / "_originals", kill_in=args.kill_in,
-                                    commit_records=args.commit_records))
+                                    commit_records=args.commit_records, debug=args.verbose))
             print(case_text(results[-1], args.workers), "\n", flush=True)
             if not args.keep:  # the next tree needs the space; the extracted originals are kept for it
                 shutil.rmtree(case, ignore_errors=True)

@@ -145,11 +145,12 @@ def held_records(ctx: TaskContext, layout: store.Layout, plans: Mapping[str, Rec
                  fingerprint: str) -> set[int]:
     """The records (indices in ``layout``) of chunk ``k``'s first pieces whose fingerprint is ``fingerprint``: those
     an earlier commit put in the chunk and wrote, when it was being filled; empty when no run of them has it."""
-    names = layout.records
-    parts = [(names[i], plans[names[i]].digest, lo, hi) for i, lo, hi in layout.chunk_parts(k)]
+    names, pieces = layout.records, layout.chunk_parts(k)
+    parts = [(names[i], plans[names[i]].digest, lo, hi) for i, lo, hi in pieces]
+    fps = store.prefix_fingerprints(ctx.config_fingerprint, parts)
     for m in range(len(parts) - 1, 0, -1):
-        if store.chunk_fingerprint(ctx.config_fingerprint, parts[:m]) == fingerprint:
-            return {i for i, _, _ in layout.chunk_parts(k)[:m]}
+        if fps[m - 1] == fingerprint:
+            return {i for i, _, _ in pieces[:m]}
     return set()
 
 

@@ -285,7 +285,7 @@ class ScoresWriter:
         self._save_state(group)
         attrs.update(complete=False, updated=store.now(), n_segments=self.n, n_records=len(self.rows),
                      chunk_size=chunk_size)
-        group.attrs.update(store.encode_attrs(attrs))
+        group.update_attributes(store.encode_attrs(attrs))  # one metadata write, not one a key
         self.group = group
         self.seg = group[store.SEGMENTS]  #: the per-segment arrays
 
@@ -345,14 +345,14 @@ class ScoresWriter:
         self._write_table(self.group)
         self.n = n_new
         self._save_state(self.group)  # the commit point
-        self.group.attrs.update(n_segments=self.n, n_records=len(self.rows), updated=store.now())
+        self.group.update_attributes({"n_segments": self.n, "n_records": len(self.rows), "updated": store.now()})
 
     def _save_state(self, group) -> None:
         """Record ``n`` and the table rows in one (atomic) metadata write."""
         rows = [{k: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v) for k, v in row.items()}
                 for row in self.rows.values()]
         state = group.require_group(STATE_GROUP)
-        state.attrs.update(n_segments=self.n, rows=json.dumps(rows))
+        state.update_attributes({"n_segments": self.n, "rows": json.dumps(rows)})
 
     def _write_table(self, group) -> None:
         rows = list(self.rows.values())
@@ -395,7 +395,7 @@ class ScoresWriter:
     def finish(self, attrs: Mapping[str, Any]) -> None:
         """Set the end-of-job attributes (``complete``, class counts, reference metrics), then consolidate the
         metadata (``store.consolidate``)."""
-        self.group.attrs.update(store.encode_attrs({**attrs, "updated": store.now()}))
+        self.group.update_attributes(store.encode_attrs({**attrs, "updated": store.now()}))
         store.consolidate(self.group)
 
 

@@ -277,3 +277,12 @@ def test_plans_are_appended_and_a_gap_left_by_a_kill_ends_them(tmp_path):
     assert store.read_plans(path, None, "fp")[0] == plans
     store.write_plans(path, plans[:3])  # a new run's first commit: resized to its prefix, nothing deleted first
     assert store.read_plans(path, None, "fp")[0] == plans[:3]
+
+
+def test_prefix_fingerprints_are_the_fingerprints_of_each_prefix():
+    # names with characters JSON escapes, an empty digest: the running hash must encode as chunk_fingerprint does
+    parts = [("S1", "d1", 0, 5), ('S"2', "d2", 5, 9), ("S\u00e93", "", 9, 12), ("S4", "d4", 12, 512)]
+    got = store.prefix_fingerprints("cfg-1", parts)
+    assert got == [store.chunk_fingerprint("cfg-1", parts[:m]) for m in range(1, len(parts) + 1)]
+    assert len(set(got)) == len(parts) and store.prefix_fingerprints("cfg-1", []) == []
+    assert store.prefix_fingerprints("cfg-2", parts[:1]) != got[:1]
