@@ -203,10 +203,12 @@ def _reusable(client: Client, ctx: TaskContext, ctx_f, src, names: Sequence[str]
     return {r: stored[r] for r in same}
 
 
-def plan_batch_size(n_records: int, n_workers: int) -> int:
+def plan_batch_size(n_records: int, n_workers: int, commit_step: int | None = None) -> int:
     """Records per plan task: one for a few long records (MIT-BIH: 48), up to 64 when there are thousands,
-    keeping at least 16 tasks per worker for balance."""
-    return int(min(64, max(1, n_records // (16 * max(n_workers, 1)))))
+    keeping at least 16 tasks per worker for balance; at most a quarter of ``commit_step``: the prefix a commit
+    saves grows a batch at a time, and a kill loses the batches in flight (10,000 recordings: 50, not 64)."""
+    size = min(64, max(1, n_records // (16 * max(n_workers, 1))))
+    return int(size if commit_step is None else max(1, min(size, commit_step // 4)))
 
 
 #: A default commit waits this many times the last commit's duration after it (``_Commits.step``).
@@ -260,7 +262,7 @@ class _Commits:
         records alone. The driver gets the plans' summaries; each record's plan batch stays on its worker, and
         the chunk tasks that take it run there."""
         names = list(names)
-        size = plan_batch_size(len(names), len(self.client.nthreads()))
+        size = plan_batch_size(len(names), len(self.client.nthreads()), self.step_records)
         futures = {}
         for i in range(0, len(names), size):
             b = names[i:i + size]

@@ -14,7 +14,7 @@ import pytest
 import xarray as xr
 
 from helpers import Faults, HTTPMirror, make_db, write_record, write_sums
-from ecg_pipeline.jobs.preprocess import PreprocessRequest, run_preprocess
+from ecg_pipeline.jobs.preprocess import PreprocessRequest, plan_batch_size, run_preprocess
 from ecg_pipeline.pipeline import store
 from ecg_pipeline.pipeline.config import config_from_dict
 
@@ -406,3 +406,10 @@ def test_print_config_is_loadable(tmp_path):
     from ecg_pipeline.pipeline.config import PreprocessConfig, load_config
 
     assert load_config(tmp_path / "c.yaml") == PreprocessConfig()
+
+
+def test_plan_batches_are_at_most_a_quarter_of_the_commit_step():
+    assert plan_batch_size(48, 2) == 1 and plan_batch_size(100_000, 2) == 64  # a few long records; thousands
+    assert plan_batch_size(10_000, 2, commit_step=200) == 50  # a kill loses the batches in flight
+    assert plan_batch_size(100_000, 2, commit_step=2_000) == 64
+    assert plan_batch_size(300, 2, commit_step=1) == 1 and plan_batch_size(300, 2, commit_step=None) == 9
