@@ -45,8 +45,7 @@ from ..pipeline.extract import RecordPlan
 from ..pipeline.labels import LabelSource
 from ..pipeline.preprocessing import TaskContext
 # RecordOutcome: still importable from here, its home before pipeline/reports.py
-from ..pipeline.reports import (PreprocessReport, RecordOutcome, record_columns, record_outcomes,  # noqa: F401
-                                record_table)
+from ..pipeline.reports import PreprocessReport, RecordOutcome, RecordTable, record_columns  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +132,12 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
     ctx = TaskContext(db, label_source, request.cache_dir, config, request.out, request.storage_options)
     with _phase(phase, "plan"):
         [src, ctx_f] = client.scatter([listing.source, ctx], broadcast=True)
+        # The driver keeps only the listing's notes: the prepared source may hold a digest for every file
+        # (~0.5 kB a record), which only the workers need.
+        missing, listing_error = listing.missing, listing.listing_error
+        del listing
         reused = {} if request.overwrite else _reusable(client, ctx, ctx_f, src, names, progress)
-        commits = _Commits(client, ctx, ctx_f, src, request, preprocessing.store_attrs, version, listing, names,
+        commits = _Commits(client, ctx, ctx_f, src, request, preprocessing.store_attrs, version, missing, names,
                            {**reused, **{r: RecordPlan(r, error=e) for r, e in unlabelled.items()}})
         commits.read([n for n in names if n not in unlabelled and n not in reused], progress, then=commits.step)
     with _phase(phase, "write"):
@@ -143,16 +146,17 @@ def _run_preprocess(request: PreprocessRequest, client: Client,
     layout, plans = laid.layout, commits.plans
 
     # The per-record table and the final attributes (driver only: one writer).
-    outcomes = record_outcomes(names, layout, plans, failures, final=True)
-    store.write_record_table(request.out, record_table(outcomes), request.storage_options)
-    per_class = preprocessing.segments_per_class(plans, outcomes, label_source.classes)
+    outcomes = RecordTable(record_columns(names, layout, plans, failures, final=True))
+    store.write_record_table(request.out, outcomes.columns, request.storage_options)
+    ok = outcomes.column("status") == "ok"
+    per_class = preprocessing.segments_per_class(plans, outcomes.column("record")[ok], label_source.classes)
     store.finish(request.out, {"complete": written + skipped == layout.n_chunks,
                                "segments_per_class": per_class,
-                               "n_failed_records": sum(o.status != "ok" for o in outcomes)}, request.storage_options)
+                               "n_failed_records": int((~ok).sum())}, request.storage_options)
     return PreprocessReport(
         out=request.out, database=db.name, version=version, records=outcomes, segments_per_class=per_class,
         chunks_total=layout.n_chunks, chunks_written=written, chunks_skipped=skipped,
-        missing_source_files=listing.missing, listing_error=listing.listing_error, wall_s=time.perf_counter() - t0,
+        missing_source_files=missing, listing_error=listing_error, wall_s=time.perf_counter() - t0,
         phase_s=phase, stage_s=dict(commits.seconds), bytes_downloaded=sum(p.bytes_downloaded for p in plans.values()),
         records_read=commits.n_read, records_reused=sum(p.reused for p in plans.values()),
     )
@@ -229,9 +233,9 @@ class _Commits:
     """
 
     def __init__(self, client: Client, ctx: TaskContext, ctx_f, src, request: PreprocessRequest, store_attrs,
-                 version: str, listing: sources.Listing, names: tuple[str, ...], known: dict[str, RecordPlan]):
+                 version: str, missing: tuple[str, ...], names: tuple[str, ...], known: dict[str, RecordPlan]):
         self.client, self.ctx, self.ctx_f, self.src, self.request = client, ctx, ctx_f, src, request
-        self.store_attrs, self.version, self.listing, self.names = store_attrs, version, listing, names
+        self.store_attrs, self.version, self.missing, self.names = store_attrs, version, missing, names
         self.plans: dict[str, RecordPlan] = dict(known)
         self.futures: dict[str, Any] = {}  # record -> (future of its plan batch, index in it)
         self.seconds: Counter[str] = Counter()  # task-seconds per stage, both phases
@@ -330,7 +334,7 @@ class _Commits:
         """The store laid out for ``prefix``, its per-record table and its plans saved (before any of its chunks are
         written: a resume needs the plans of what is written); the chunk fingerprints the store holds."""
         req, layout = self.request, laid.layout
-        attrs = self.store_attrs(self.ctx, self.version, req.source, laid.spec, self.listing.missing)
+        attrs = self.store_attrs(self.ctx, self.version, req.source, laid.spec, self.missing)
         held = store.prepare(req.out, layout, attrs, self.ctx.config.store.dtype, coords=laid.coords,
                              compressor=self.ctx.config.store.compressor, overwrite=req.overwrite and not self.prepared,
                              storage_options=req.storage_options)

@@ -206,10 +206,10 @@ class StoreConfig(_Config):
         "memory). Does not change what the store holds.")
     commit_records: int | None = Field(
         None, ge=1, description="Records read between two commits of the store while a job runs (their plans "
-        "and chunks saved, so a killed job resumes from there; the per-record table one commit in 4): null takes 1/50 of the records "
-        "(at least 1: a few long records get their chunks written while the next are read), and waits after a "
-        "commit 4 times as long as it took (a kill loses a few % of the reading; "
-        "commits take at most ~1/5 of the driver's time). Does not change what the store holds.")
+        "and chunks saved, so a killed job resumes from there; the per-record table one commit in 4): null takes "
+        "1/50 of the records (at least 1: a few long records get their chunks written while the next are read), "
+        "and waits after a commit 4 times as long as it took (a kill loses a few % of the reading; commits take "
+        "at most ~1/5 of the driver's time). Does not change what the store holds.")
 
 
 class DownloadConfig(_Config):

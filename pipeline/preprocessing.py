@@ -22,7 +22,7 @@ import functools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,7 +31,6 @@ from .config import PreprocessConfig
 from .databases import Database
 from .extract import RecordPlan
 from .labels import LABEL_MAPS, LabelSource
-from .reports import RecordOutcome
 from .tasks import get_task
 from .timing import Timer
 
@@ -288,12 +287,11 @@ def write_chunk(ctx: TaskContext, source: sources.RecordSource, writer: store.Ch
     return ChunkResult(k, not rows.failures, rows.failures, {**rows.seconds, **timer.seconds}, segs.stop - segs.start)
 
 
-def segments_per_class(plans: Mapping[str, RecordPlan], outcomes: Sequence[RecordOutcome],
+def segments_per_class(plans: Mapping[str, RecordPlan], written: Iterable[str],
                        classes: Sequence[str]) -> dict[str, int]:
-    """Segments per class of the records written: a record whose chunk failed (a full disk) is not counted,
-    whatever it planned."""
+    """Segments per class of the records ``written`` (status "ok"): a record whose chunk failed (a full disk) is
+    not counted, whatever it planned."""
     per_class: Counter[str] = Counter()
-    for o in outcomes:
-        if o.status == "ok":
-            per_class.update(plans[o.record].class_counts())
+    for r in written:
+        per_class.update(plans[r].class_counts())
     return {c: int(per_class.get(c, 0)) for c in classes}

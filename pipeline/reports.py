@@ -4,7 +4,8 @@
   spectrogram store's per-record table (the ``records`` group of ``schemas/store-v5.json``;
   ``tests/test_store.py`` checks that they are the same set).
   ``record_outcomes`` makes the rows from the records' plans, ``record_table`` the table's
-  columns from the rows;
+  columns from the rows, ``record_columns`` the columns from the plans (no row objects);
+  ``RecordTable`` holds the columns and gives the rows on access;
 * ``PreprocessReport``: what a preprocess run did; ``text()`` is its end-of-job summary,
   ``to_dict()`` the ``--report`` JSON;
 * ``store_text`` (``spectrogram_store_text``, ``scores_store_text``): the summary of a store
@@ -109,6 +110,43 @@ def record_table(rows: Sequence[RecordOutcome]) -> dict[str, np.ndarray]:
     return table
 
 
+class RecordTable(Sequence[RecordOutcome]):
+    """The per-record table held as its columns (``record_id``, ``record_<field>``, as ``record_table`` makes them):
+    a sequence of ``RecordOutcome`` rows, each made when it is asked for. What a preprocess report keeps of each of
+    100,000 recordings: a few numbers and shared strings (~0.1 kB), where a row object takes ~0.3 kB."""
+
+    def __init__(self, columns: Mapping[str, np.ndarray]):
+        self.columns = dict(columns)
+        n = len(self.columns["record_id"])
+        if any(len(c) != n for c in self.columns.values()):
+            raise ValueError("record table columns of different lengths")
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[RecordOutcome]) -> RecordTable:
+        return rows if isinstance(rows, RecordTable) else cls(record_table(rows))
+
+    def __len__(self) -> int:
+        return len(self.columns["record_id"])
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        values = {f: self.columns[f"record_{f}"][i] for f in _ROW_FIELDS}
+        return RecordOutcome(record=self.columns["record_id"][i],
+                             **{k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()})
+
+    def column(self, name: str) -> np.ndarray:
+        """A field of every row (``"record"`` or a ``RecordOutcome`` field)."""
+        return self.columns["record_id" if name == "record" else f"record_{name}"]
+
+    def rows(self, mask: np.ndarray) -> list[RecordOutcome]:
+        """The rows where ``mask`` is true."""
+        return [self[int(i)] for i in np.flatnonzero(mask)]
+
+
+_ROW_FIELDS = tuple(f.name for f in dataclasses.fields(RecordOutcome) if f.name != "record")
+
+
 @dataclass
 class PreprocessReport:
     """What a run did: per-record outcomes, class counts, timings."""
@@ -116,7 +154,7 @@ class PreprocessReport:
     out: str
     database: str
     version: str
-    records: list[RecordOutcome]
+    records: RecordTable  #: one row a record (a list of ``RecordOutcome`` is taken and turned into a table)
     segments_per_class: dict[str, int]
     chunks_total: int
     chunks_written: int
@@ -130,34 +168,46 @@ class PreprocessReport:
     records_read: int = 0  #: records read this run (planned, and their segments computed)
     records_reused: int = 0  #: records of a resumed store whose plan was reused: files and chunks unchanged
 
+    def __post_init__(self) -> None:
+        self.records = RecordTable.from_rows(self.records)
+
+    @property
+    def _ok(self) -> np.ndarray:
+        return self.records.column("status") == "ok"
+
     @property
     def failed(self) -> list[RecordOutcome]:
-        return [r for r in self.records if r.status != "ok"]
+        return self.records.rows(~self._ok)
 
     @property
     def n_segments(self) -> int:
-        return sum(r.n_segments for r in self.records if r.status == "ok")  # written, not planned
+        return int(self.records.column("n_segments")[self._ok].sum())  # written, not planned
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return bool(self._ok.all())
 
     def text(self) -> str:
         """The end-of-job summary that ``ecg-pipeline preprocess`` prints."""
-        ok = [r for r in self.records if r.status == "ok"]  # every count below is of written records
+        ok, col = self._ok, self.records.column  # every count below is of written records
+
+        def total(name: str) -> int:
+            return int(col(name)[ok].sum())
+
+        failed = np.flatnonzero(~ok)
         lines = [
             "",
             f"{self.database} {self.version} -> {self.out}",
-            f"  records     {len(ok)} done, {len(self.failed)} failed, {len(self.records)} total"
+            f"  records     {int(ok.sum())} done, {len(failed)} failed, {len(self.records)} total"
             + (f" ({self.records_reused:,} unchanged since the last run, {self.records_read:,} read)"
                if self.records_reused else ""),
             f"  segments    {self.n_segments:,}   chunks written {self.chunks_written}, "
             f"already there {self.chunks_skipped}, of {self.chunks_total}",
             "  per class   " + "   ".join(f"{c} {n:,}" for c, n in self.segments_per_class.items()),
-            f"  dropped     {sum(r.n_dropped_edge for r in ok):,} at record edges, "
-            f"{sum(r.n_dropped_invalid for r in ok):,} over invalid samples, "
-            f"{sum(r.n_dropped_unknown for r in ok):,} unknown symbols "
-            f"({sum(r.n_unknown for r in ok):,} unknown in all)",
+            f"  dropped     {total('n_dropped_edge'):,} at record edges, "
+            f"{total('n_dropped_invalid'):,} over invalid samples, "
+            f"{total('n_dropped_unknown'):,} unknown symbols "
+            f"({total('n_unknown'):,} unknown in all)",
             f"  downloaded  {self.bytes_downloaded / 1e6:,.1f} MB",
             f"  wall time   {self.wall_s:.1f} s  ("
             + ", ".join(f"{k} {v:.1f} s" for k, v in self.phase_s.items()) + ")",
@@ -165,19 +215,21 @@ class PreprocessReport:
         if self.missing_source_files:
             lines.append(f"  note: the source lacks {len(self.missing_source_files)} file(s) listed in SHA256SUMS.txt: "
                          f"{', '.join(self.missing_source_files)} (no record that succeeded needed them)")
-        flagged = [r for r in ok if r.quality]
-        if flagged:
+        flagged = np.flatnonzero(ok & (col("quality") != ""))
+        if len(flagged):
             lines.append(f"  quality     {len(flagged)} record(s) with a doubt (record_quality in the store):")
-            lines += [f"    {r.record:>8}  {r.quality}" for r in flagged[:20]]
+            lines += [f"    {col('record')[i]:>8}  {col('quality')[i]}" for i in flagged[:20]]
             if len(flagged) > 20:
                 lines.append(f"    ... and {len(flagged) - 20} more")
-        lines += failure_lines([(r.record, r.error) for r in self.failed],
+        lines += failure_lines(list(zip(col("record")[failed], col("error")[failed])),
                                f"every one: `ecg-pipeline inspect {self.out}` or --report")
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as JSON-ready values (``--report``): every field, then ``n_segments`` and ``ok``."""
-        d = dataclasses.asdict(self)
+        """The report as JSON-ready values (``--report``): every field (``records`` a list of rows), then
+        ``n_segments`` and ``ok``."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["records"] = [dataclasses.asdict(r) for r in self.records]
         d["n_segments"] = self.n_segments
         d["ok"] = self.ok
         return d

@@ -32,7 +32,6 @@ gives the pipeline's flat view (segments and the table in one Dataset, the table
 
 from __future__ import annotations
 
-import asyncio
 import datetime as _dt
 import functools
 import hashlib
@@ -42,7 +41,6 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import zarr
-import zarr.core.sync
 
 from .. import schemas
 from .errors import StoreError
@@ -220,21 +218,33 @@ class Layout:
 
 def chunk_fingerprint(config_fingerprint: str, parts: Sequence[tuple[str, str, int, int]]) -> str:
     """Identity of a chunk's content: the config plus ``(record, record digest, first, end)`` pieces."""
-    blob = json.dumps([config_fingerprint, [list(p) for p in parts]]).encode()
-    return hashlib.sha256(blob).hexdigest()
+    h = _fingerprint_head(config_fingerprint)
+    for j, p in enumerate(parts):
+        h.update(_fingerprint_piece(j, p))
+    h.update(b"]]")
+    return h.hexdigest()
 
 
 def prefix_fingerprints(config_fingerprint: str, parts: Sequence[tuple[str, str, int, int]]) -> list[str]:
     """``chunk_fingerprint`` of each prefix of ``parts`` (``parts[:1]``, ``parts[:2]``, ...) in one pass over them."""
-    # the JSON ``chunk_fingerprint`` hashes, grown a piece at a time, each prefix closed on a copy of the hash
-    h = hashlib.sha256(f"[{json.dumps(config_fingerprint)}, [".encode())
+    h = _fingerprint_head(config_fingerprint)
     out = []
     for j, p in enumerate(parts):
-        h.update(((", " if j else "") + json.dumps(list(p))).encode())
+        h.update(_fingerprint_piece(j, p))
         closed = h.copy()
         closed.update(b"]]")
         out.append(closed.hexdigest())
     return out
+
+
+# The hashed text is ``json.dumps([config_fingerprint, [list(p) for p in parts]])``, written a piece at a time so
+# that every prefix can be closed on a copy of the hash; stores written before keep resuming.
+def _fingerprint_head(config_fingerprint: str):
+    return hashlib.sha256(f"[{json.dumps(config_fingerprint)}, [".encode())
+
+
+def _fingerprint_piece(j: int, part: tuple[str, str, int, int]) -> bytes:
+    return ((", " if j else "") + json.dumps(list(part))).encode()
 
 
 def open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None):
@@ -300,12 +310,6 @@ def create_array(group, name: str, spec: Mapping[str, Any], shape: tuple[int, ..
 
     ``coordinates`` names variables xarray should read as this array's coordinates.
     """
-    return group.create_array(name, **_array_options(spec, shape, chunks, dtype, compressor, coordinates))
-
-
-def _array_options(spec: Mapping[str, Any], shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str,
-                   compressor: str = "blosc-lz4", coordinates: Sequence[str] = ()) -> dict[str, Any]:
-    """``create_array``'s keywords for zarr's ``create_array`` (of a group or an async group)."""
     attrs = dict(spec.get("attrs", {}))
     if coordinates:
         attrs["coordinates"] = " ".join(coordinates)
@@ -314,8 +318,8 @@ def _array_options(spec: Mapping[str, Any], shape: tuple[int, ...], chunks: tupl
     else:
         codec = COMPRESSORS[compressor]()
         compressors = [codec] if codec is not None else None
-    return dict(shape=shape, compressors=compressors, chunks=chunks, dtype=_zarr_dtype(dtype), fill_value=_fill(dtype),
-                dimension_names=spec["dims"], attributes=attrs, overwrite=True)
+    return group.create_array(name, shape=shape, compressors=compressors, chunks=chunks, dtype=_zarr_dtype(dtype),
+                              fill_value=_fill(dtype), dimension_names=spec["dims"], attributes=attrs, overwrite=True)
 
 
 def _dim_sizes(layout: Layout) -> dict[str, int]:
@@ -534,25 +538,14 @@ def write_record_table(path: str, table: Mapping[str, np.ndarray], storage_optio
     ``record_id`` and ``record_<name>`` for every variable of the group."""
     group = open_group(path, "r+", storage_options).require_group(RECORDS)
     n = len(table["record_id"])
-    columns = {}
     for name, spec in group_variables(RECORDS).items():
         column = flat_name(name)
         values = np.asarray(table[column], dtype=object if spec["dtype"][0] == "str" else spec["dtype"][0])
         if values.shape != (n,):
             raise StoreError(f"record table column {column} has shape {values.shape}, expected ({n},)")
-        columns[name] = (spec, values)
-
-    async def write(name: str, spec: Mapping[str, Any], values: np.ndarray) -> None:
-        arr = await group._async_group.create_array(name, **_array_options(spec, (n,), (max(n, 1),), spec["dtype"][0]))
+        arr = create_array(group, name, spec, (n,), (max(n, 1),), spec["dtype"][0])
         if n:
-            await arr.setitem(slice(None), values)
-
-    async def write_all() -> None:
-        await asyncio.gather(*(write(name, spec, values) for name, (spec, values) in columns.items()))
-
-    # All columns at once, on zarr's event loop: one at a time took ~30 round trips to it (a commit rewrites the
-    # table; 0.15 s of each at 5,000 records idle, several times that while the workers share the cores)
-    zarr.core.sync.sync(write_all())
+            arr[:] = values
 
 
 def finish(path: str, attrs: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> None:

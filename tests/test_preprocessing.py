@@ -79,7 +79,8 @@ def test_store_attrs_match_the_schema_and_segments_count_written_records_only():
              "b": RecordPlan("b", ok=True, fs=360.0, anchor=np.arange(2), label=np.array(["V", "V"], object))}
     layout = store.Layout(("a", "b"), (3, 2), 2, 2, 4)
     outcomes = record_outcomes(["a", "b"], layout, plans, {"b": "write: chunk 0: disk full"}, final=True)
-    assert segments_per_class(plans, outcomes, ["N", "S", "V"]) == {"N": 2, "S": 0, "V": 1}
+    written = [o.record for o in outcomes if o.status == "ok"]
+    assert written == ["a"] and segments_per_class(plans, written, ["N", "S", "V"]) == {"N": 2, "S": 0, "V": 1}
 
 
 def test_a_held_summary_keeps_what_the_driver_needs_and_shares_the_rest():

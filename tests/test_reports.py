@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -159,3 +160,19 @@ def test_record_columns_equal_the_table_of_the_outcomes(final):
         assert got[column].dtype == want[column].dtype and got[column].tolist() == want[column].tolist(), column
     assert got["record_status"].tolist() == ["ok" if final else "pending", "failed", "failed",
                                             "ok" if final else "pending"]
+
+
+def test_a_record_table_gives_back_the_rows_it_was_made_of():
+    rows = [_row("100", quality="flat line", n=1000), _row("101", n=239, offset=1000),
+            _row("104", status="failed", error="lead: none of the leads", n=0, offset=1239)]
+    table = reports.RecordTable.from_rows(rows)
+    assert len(table) == 3 and list(table) == rows and table[-1] == rows[2] and table[1:] == rows[1:]
+    assert all(type(v) in (str, int, float) for v in dataclasses.asdict(table[0]).values())  # no numpy scalars
+    assert table.rows(table.column("status") != "ok") == [rows[2]] and reports.RecordTable.from_rows(table) is table
+    # a report keeps the table, never a list of rows; one made from rows says the same as one made from columns
+    report, of_columns = _report(rows), _report(reports.RecordTable(reports.record_table(rows)))
+    assert isinstance(report.records, reports.RecordTable) and report.text() == of_columns.text()
+    assert report.failed == [rows[2]] and report.n_segments == 1239 and not report.ok
+    assert _report([]).ok and _report([]).n_segments == 0 and "0 done, 0 failed, 0 total" in _report([]).text()
+    with pytest.raises(ValueError, match="different lengths"):
+        reports.RecordTable({"record_id": np.array(["a"], object), "record_status": np.array([], object)})

@@ -1,3 +1,6 @@
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -286,3 +289,7 @@ def test_prefix_fingerprints_are_the_fingerprints_of_each_prefix():
     assert got == [store.chunk_fingerprint("cfg-1", parts[:m]) for m in range(1, len(parts) + 1)]
     assert len(set(got)) == len(parts) and store.prefix_fingerprints("cfg-1", []) == []
     assert store.prefix_fingerprints("cfg-2", parts[:1]) != got[:1]
+    # the text hashed before the pieces were hashed one at a time: stores written then must keep resuming
+    for m in range(len(parts) + 1):
+        blob = json.dumps(["cfg-1", [list(p) for p in parts[:m]]]).encode()
+        assert store.chunk_fingerprint("cfg-1", parts[:m]) == hashlib.sha256(blob).hexdigest()
