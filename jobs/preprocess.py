@@ -381,9 +381,10 @@ class _Commits:
                 return
         [arrays] = self.client.scatter([store.chunk_writer(req.out, req.storage_options)], broadcast=True)
         n = len(todo)
-        parts = [[(*self._plan_ref(layout.records[i]), lo, hi) for i, lo, hi in pieces[k]] for k in todo]
+        batches, parts = zip(*(preprocessing.chunk_parts([(self._plan_ref(layout.records[i]), lo, hi)
+                                                          for i, lo, hi in pieces[k]]) for k in todo))
         futures = self.client.map(preprocessing.write_chunk, [self.ctx_f] * n, [self.src] * n, [arrays] * n, todo,
-                                  parts, [layout.chunk_slice(k) for k in todo], [fps[k] for k in todo],
+                                  batches, parts, [layout.chunk_slice(k) for k in todo], [fps[k] for k in todo],
                                   [laid.spec] * n, key=[f"chunk-{k}-{os.urandom(4).hex()}" for k in todo],
                                   retries=1, priority=1, pure=False)  # priority: before the plans queued ahead
         for k, fut in zip(todo, futures):

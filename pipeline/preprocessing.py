@@ -263,17 +263,39 @@ class ChunkResult:
     n_segments: int
 
 
+def chunk_parts(refs: Sequence[tuple[tuple[Any, Any], int, int]]) -> tuple[list[Any], list[tuple[int, Any, int, int]]]:
+    """``write_chunk``'s ``batches`` and ``parts`` from each record piece's ``((plan batch, index in it), first,
+    end)``, ``((None, reused plan), first, end)`` for a reused record: each batch named once, and the pieces
+    giving its place in ``batches`` (-1 for a reused record).
+
+    Dask makes task objects of every tuple that holds a future, and its scheduler keeps a task's arguments in its
+    logs: a tuple a record piece, for each of the many writes of a chunk being filled, grew the driver by ~1 kB a
+    record. The pieces hold no future, so Dask passes them as they are."""
+    batches: list[Any] = []
+    where: dict[int, int] = {}
+    parts = []
+    for (batch, j), lo, hi in refs:
+        if batch is None:
+            parts.append((-1, j, lo, hi))
+            continue
+        b = where.setdefault(id(batch), len(batches))
+        if b == len(batches):
+            batches.append(batch)
+        parts.append((b, j, lo, hi))
+    return batches, parts
+
+
 def write_chunk(ctx: TaskContext, source: sources.RecordSource, writer: store.ChunkWriter, k: int,
-                parts: list[tuple[list[RecordPlan] | None, int | RecordPlan, int, int]], segs: slice,
-                fingerprint: str, spec: spectrogram.SpectrogramSpec) -> ChunkResult:
+                batches: Sequence[list[RecordPlan]], parts: Sequence[tuple[int, int | RecordPlan, int, int]],
+                segs: slice, fingerprint: str, spec: spectrogram.SpectrogramSpec) -> ChunkResult:
     """Phase 2 for one chunk (a task): its rows (``extract.chunk_contents``), written whole.
 
-    ``parts``: ``(plan batch, index of the record's plan in it, first, end)`` per record piece: the
-    batches are the results of the ``plan_records`` tasks, so the chunk runs where they were fetched;
-    ``(None, reused plan, first, end)`` for a record whose rows the store holds (``RecordPlan.store_offset``):
-    they are read from it before the chunk is written again.
+    ``batches``: the plan batches its records come from (results of the ``plan_records`` tasks, so the chunk runs
+    where they were fetched); ``parts``: ``(batch's place in batches, index of the record's plan in it, first,
+    end)`` per record piece (``chunk_parts``); ``(-1, reused plan, first, end)`` for a record whose rows the store
+    holds (``RecordPlan.store_offset``): they are read from it before the chunk is written again.
     """
-    pieces = [(batch[j] if batch is not None else j, lo, hi) for batch, j, lo, hi in parts]
+    pieces = [(batches[b][j] if b >= 0 else j, lo, hi) for b, j, lo, hi in parts]
     rr = writer.arrays.get(store.RR)
     rows = extract.chunk_contents(source, pieces, spec, ctx.cache(), ctx.policy, ctx.template_spec(),
                                   stored=lambda rows: store.read_rows(writer, rows),

@@ -139,3 +139,19 @@ def test_chunks_to_write_takes_the_fingerprints_it_is_given_for_the_first_chunks
     known = ["kept"]  # taken as given, not computed again
     assert chunks_to_write(ctx, layout, plans, [], known) == ([0, 1, 2], ["kept", *fps[1:]])
     assert chunks_to_write(ctx, layout, plans, [], fps + ["extra"])[1] == fps  # never more than the layout has
+
+
+def test_chunk_parts_name_each_plan_batch_once_and_keep_the_pieces_order():
+    from ecg_pipeline.pipeline.extract import RecordPlan
+    from ecg_pipeline.pipeline.preprocessing import chunk_parts
+
+    a, b = ["plan a0", "plan a1"], ["plan b0"]  # stand-ins for two plan batches' futures
+    reused = RecordPlan("r", ok=True, reused=True, store_offset=7)
+    refs = [((a, 1), 0, 3), ((b, 0), 0, 5), ((None, reused), 2, 4), ((a, 0), 0, 1)]
+    batches, parts = chunk_parts(refs)
+    assert batches == [a, b] and batches[0] is a
+    assert parts == [(0, 1, 0, 3), (1, 0, 0, 5), (-1, reused, 2, 4), (0, 0, 0, 1)]
+    # what write_chunk makes of them: each piece's plan, first and end, in order
+    assert [(batches[i][j] if i >= 0 else j, lo, hi) for i, j, lo, hi in parts] == \
+        [("plan a1", 0, 3), ("plan b0", 0, 5), (reused, 2, 4), ("plan a0", 0, 1)]
+    assert chunk_parts([]) == ([], [])
